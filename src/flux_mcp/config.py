@@ -1,0 +1,133 @@
+"""Settings, read once from the environment (and a `.env` in the working directory)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from .errors import ConfigError
+
+DEFAULT_WAIT_SECONDS = 45.0
+MAX_WAIT_SECONDS = 600.0
+DEFAULT_PREVIEW_BUDGET = 600_000
+"""Bytes of preview image data per tool result, before base64 (x4/3): stays under Claude
+Desktop's 1 MB tool-result limit with room for the text and structured content."""
+
+
+class ProviderSettings(BaseModel):
+    """One provider's key, base URL and optional extras."""
+
+    model_config = ConfigDict(frozen=True)
+
+    api_key: SecretStr | None = None
+    base_url: str = ""
+    extra: dict[str, str] = {}
+
+
+class Settings(BaseModel):
+    """Everything flux-mcp reads from its environment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    providers: dict[str, ProviderSettings]
+    default_provider: str | None = None
+    home: Path
+    allowed_dirs: tuple[Path, ...] | None = None
+    """Set by FLUX_MCP_ALLOWED_DIRS; None means: the client's roots, else the working directory."""
+    cwd: Path
+    wait_seconds: float = DEFAULT_WAIT_SECONDS
+    auth_token: SecretStr | None = None
+    preview: Literal["auto", "off", "full"] = "auto"
+    preview_budget: int = DEFAULT_PREVIEW_BUDGET
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, cwd: Path | None = None) -> Settings:
+        """Builds settings from `env` (default: os.environ over the working directory's `.env`)."""
+        from .providers import PROVIDER_CLASSES
+
+        cwd = (cwd or Path.cwd()).resolve()
+        if env is None:
+            env = {**_dotenv(cwd / ".env"), **os.environ}
+        providers: dict[str, ProviderSettings] = {}
+        for cls_ in PROVIDER_CLASSES:
+            key = env.get(cls_.key_env, "").strip() if cls_.key_env else ""
+            base = env.get(cls_.base_url_env, "").strip() if cls_.base_url_env else ""
+            base = base or (cls_.default_base_url or "")
+            if base and not base.startswith(("http://", "https://")):
+                raise ConfigError(f"{cls_.base_url_env} must start with http:// or https:// (got {base!r}).")
+            extra = {name: env[var].strip() for name, var in cls_.extra_env.items() if env.get(var, "").strip()}
+            providers[cls_.id] = ProviderSettings(api_key=SecretStr(key) if key else None, base_url=base, extra=extra)
+
+        default = env.get("FLUX_MCP_PROVIDER", "").strip().lower() or None
+        if default is not None and default not in providers:
+            raise ConfigError(f"FLUX_MCP_PROVIDER={default!r} is not a provider; choose one of {', '.join(providers)}.")
+
+        home_raw = env.get("FLUX_MCP_HOME", "").strip()
+        if home_raw:
+            home = Path(home_raw).expanduser()
+            home = home if home.is_absolute() else cwd / home
+        else:
+            import platformdirs
+
+            home = Path(platformdirs.user_data_dir("flux-mcp", appauthor=False))
+
+        allowed_raw = env.get("FLUX_MCP_ALLOWED_DIRS", "").strip()
+        allowed = None
+        if allowed_raw:
+            allowed = tuple(
+                (p if p.is_absolute() else cwd / p)
+                for p in (Path(part).expanduser() for part in allowed_raw.split(os.pathsep) if part.strip())
+            )
+
+        wait = _number(env, "FLUX_MCP_WAIT_SECONDS", DEFAULT_WAIT_SECONDS, 0, MAX_WAIT_SECONDS)
+        token = env.get("FLUX_MCP_AUTH_TOKEN", "").strip()
+        preview = env.get("FLUX_MCP_PREVIEW", "auto").strip().lower() or "auto"
+        if preview not in ("auto", "off", "full"):
+            raise ConfigError(f"FLUX_MCP_PREVIEW must be auto, off or full (got {preview!r}).")
+        budget = int(_number(env, "FLUX_MCP_PREVIEW_BYTES", DEFAULT_PREVIEW_BUDGET, 10_000, 50_000_000))
+        return cls(
+            providers=providers,
+            default_provider=default,
+            home=home.resolve(),
+            allowed_dirs=allowed,
+            cwd=cwd,
+            wait_seconds=wait,
+            auth_token=SecretStr(token) if token else None,
+            preview=preview,  # type: ignore[arg-type]
+            preview_budget=budget,
+            log_level=env.get("FLUX_MCP_LOG_LEVEL", "INFO").strip().upper() or "INFO",
+        )
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for the redactor."""
+        values = [p.api_key.get_secret_value() for p in self.providers.values() if p.api_key]
+        values += [v for p in self.providers.values() for k, v in p.extra.items() if "token" in k or "key" in k]
+        if self.auth_token:
+            values.append(self.auth_token.get_secret_value())
+        return values
+
+
+def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number (got {raw!r}).") from None
+    if not (low <= value <= high):
+        raise ConfigError(f"{name} must be between {low:g} and {high:g} (got {raw}).")
+    return value
+
+
+def _dotenv(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}

@@ -1,0 +1,143 @@
+"""Which local files the tools may read and write, decided after resolving symlinks."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from .errors import PathNotAllowed
+
+MAX_INPUT_BYTES = 50 * 1024 * 1024
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def usable_folders(candidates: Sequence[Path], home: Path) -> list[Path]:
+    """The allowed folders: candidates that exist and are neither the filesystem root nor the home folder.
+
+    Clients often start servers in `/` or `~`; allowing those would open every file of the user, so
+    such a folder is dropped (the data folder stays allowed), until FLUX_MCP_ALLOWED_DIRS is set.
+    """
+    user_home = Path.home().resolve()
+    out: list[Path] = []
+    for c in candidates:
+        try:
+            r = c.expanduser().resolve()
+        except OSError:
+            continue
+        if r == Path(r.anchor) or r == user_home or not r.is_dir():
+            continue
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def to_local_path(raw: str) -> Path:
+    """Turns a user-given path (POSIX, `~`, `file://`, or a Windows drive path) into a Path."""
+    text = raw.strip()
+    if "\x00" in text or any(ord(ch) < 32 for ch in text):
+        raise PathNotAllowed("The path contains control characters; give a plain file path.")
+    if text.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        parsed = urlparse(text)
+        text = unquote(parsed.path)
+        if os.name == "nt" and text.startswith("/") and _WINDOWS_DRIVE.match(text[1:]):
+            text = text[1:]
+    if _WINDOWS_DRIVE.match(text) and os.name != "nt":
+        # A Windows client talking to a POSIX server: keep the parts, they cannot be inside any folder here.
+        return Path(PurePosixPath(*PureWindowsPath(text).parts))
+    return Path(text).expanduser()
+
+
+class PathPolicy:
+    """Checks reads and writes against the allowed folders (plus the data folder for its own files)."""
+
+    def __init__(self, folders: Sequence[Path], home: Path):
+        self.folders = list(folders)
+        self.home = home.resolve()
+
+    @property
+    def base(self) -> Path:
+        """Where relative paths resolve: the first allowed folder, else the data folder."""
+        return self.folders[0] if self.folders else self.home
+
+    def _roots(self) -> list[Path]:
+        return [*self.folders, self.home]
+
+    def _inside(self, path: Path) -> bool:
+        return any(path == root or path.is_relative_to(root) for root in self._roots())
+
+    def describe(self) -> str:
+        return ", ".join(str(p) for p in self._roots())
+
+    def absolute(self, raw: str) -> Path:
+        path = to_local_path(raw)
+        return path if path.is_absolute() else self.base / path
+
+    def check_read(self, raw: str) -> Path:
+        """The resolved path of an existing regular file inside the allowed folders."""
+        path = self.absolute(raw)
+        try:
+            resolved = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise PathNotAllowed(f"No such file: {path}. Give a path inside {self.describe()}.") from None
+        if not self._inside(resolved):
+            raise PathNotAllowed(
+                f"{path} is outside the allowed folders ({self.describe()}). Move the file there, or add its "
+                "folder to FLUX_MCP_ALLOWED_DIRS."
+            )
+        if str(resolved).startswith(("/proc/", "/sys/", "/dev/")):
+            raise PathNotAllowed(f"{path} is a system file, not an image.")
+        st = resolved.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise PathNotAllowed(f"{path} is not a regular file.")
+        return resolved
+
+    def read_bytes(self, raw: str, limit: int = MAX_INPUT_BYTES) -> tuple[Path, bytes]:
+        """Reads an allowed file, checking its size on the opened file (no swap between check and read)."""
+        resolved = self.check_read(raw)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(resolved, flags)
+        except OSError as exc:
+            raise PathNotAllowed(f"Cannot open {resolved}: {exc.strerror}.") from None
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise PathNotAllowed(f"{resolved} is not a regular file.")
+            if st.st_size > limit:
+                raise PathNotAllowed(f"{resolved} is {st.st_size} bytes; the limit is {limit} bytes.")
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise PathNotAllowed(f"{resolved} is over the {limit}-byte limit.")
+        return resolved, data
+
+    def check_write(self, raw: str) -> Path:
+        """The absolute target of a write inside the allowed folders (the file itself need not exist)."""
+        path = self.absolute(raw)
+        parent = path.parent
+        # Resolve the deepest existing ancestor: symlinks there must stay inside the allowed folders.
+        probe = parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        resolved_parent = probe.resolve() / parent.relative_to(probe)
+        target = resolved_parent / path.name
+        if ".." in target.parts or not self._inside(target):
+            raise PathNotAllowed(
+                f"{path} is outside the allowed folders ({self.describe()}). Use a path inside them, or add the "
+                "folder to FLUX_MCP_ALLOWED_DIRS."
+            )
+        if target.is_symlink():
+            raise PathNotAllowed(f"{target} is a symbolic link; this server does not write through links.")
+        return target
+
+    def display(self, path: Path | str) -> str:
+        """The path relative to the first allowed folder when inside it, else absolute."""
+        p = Path(path)
+        for root in self.folders:
+            if p.is_relative_to(root):
+                return str(p.relative_to(root))
+        return str(p)

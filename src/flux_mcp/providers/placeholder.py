@@ -1,0 +1,103 @@
+"""The offline provider: draws a deterministic placeholder image from prompt, seed and size.
+
+Useful with no key at all: layout mock-ups, trying the server out, tests. Its results say plainly
+that they are placeholders and which variable to set for real FLUX images.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import io
+import textwrap
+import uuid
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
+
+NOTE = (
+    "This is a PLACEHOLDER image drawn offline, not a FLUX generation. For real images set one of "
+    "ATLASCLOUD_API_KEY, SEGMIND_API_KEY, ACEDATACLOUD_API_TOKEN, IMAGEPIPELINE_API_KEY or "
+    "APPYPIE_SUBSCRIPTION_KEY in the server's environment."
+)
+
+
+class Placeholder(Provider):
+    id = "placeholder"
+    label = "Offline placeholder (no key needed)"
+    key_env = None
+    base_url_env = None
+    default_base_url = None
+    models = (
+        ModelInfo(
+            "placeholder",
+            frozenset({"generate", "edit"}),
+            "Deterministic placeholder art: the same prompt, seed and size give the same image.",
+            size=Range(16, 4096),
+            steps=Range(1, 100),
+            guidance=Range(0, 30),
+            max_images=4,
+            price_usd=0.0,
+        ),
+    )
+    default_model = "placeholder"
+    default_edit_model = "placeholder"
+    accepts_data_uri = True
+    allow_unknown_models = False
+
+    async def submit(self, req: ImageRequest) -> Submitted:
+        seed = req.seed if req.seed is not None else 0
+        outputs = [
+            OutputRef(data=draw(req.prompt, seed + i, req.width, req.height, edit=req.kind == "edit"),
+                      mime_type="image/png")
+            for i in range(req.num_images)
+        ]
+        return Submitted(native_id=uuid.uuid4().hex, state=JobState(status="succeeded", outputs=outputs, cost_usd=0.0))
+
+
+def draw(prompt: str, seed: int, width: int, height: int, *, edit: bool = False) -> bytes:
+    """A PNG whose colours and shapes follow from (prompt, seed), labelled as a placeholder."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
+    hue = digest[0] / 255
+    top = _rgb(hue, 0.55, 0.85)
+    bottom = _rgb((hue + 0.12 + digest[1] / 1020) % 1, 0.65, 0.35)
+    im = Image.new("RGB", (width, height))
+    grad = Image.linear_gradient("L").resize((width, height))
+    im.paste(Image.composite(Image.new("RGB", im.size, bottom), Image.new("RGB", im.size, top), grad))
+    d = ImageDraw.Draw(im, "RGBA")
+    for i in range(6):
+        b = digest[2 + i * 4 : 6 + i * 4]
+        cx, cy = b[0] / 255 * width, b[1] / 255 * height
+        r = (0.08 + b[2] / 255 * 0.25) * min(width, height)
+        color = (*_rgb((hue + b[3] / 255 * 0.5) % 1, 0.5, 0.9), 70)
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+    scale = max(min(width, height) / 1024, 0.05)
+    font = _font(max(int(44 * scale), 8))
+    small = _font(max(int(28 * scale), 7))
+    margin = int(48 * scale) + 4
+    label = "PLACEHOLDER EDIT" if edit else "PLACEHOLDER"
+    d.text((margin, margin), label, fill=(255, 255, 255, 235), font=font)
+    d.text((margin, margin + int(60 * scale) + 6), f"{width}x{height}  seed {seed}", fill=(255, 255, 255, 200),
+           font=small)
+    chars = max(int((width - 2 * margin) / max(16 * scale, 4)), 10)
+    lines = textwrap.wrap(prompt, width=chars)[:8]
+    y = height - margin - len(lines) * (int(36 * scale) + 4)
+    for line in lines:
+        d.text((margin, y), line, fill=(255, 255, 255, 230), font=small)
+        y += int(36 * scale) + 4
+    buf = io.BytesIO()
+    im.save(buf, "PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()

@@ -1,0 +1,108 @@
+"""Turning a prediction into what the model reads: a short text, previews that fit, resource links."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from pathlib import Path
+
+from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
+
+from .config import Settings
+from .media import make_preview
+from .models import PENDING
+from .paths import PathPolicy
+from .service import Outcome
+
+log = logging.getLogger("flux_mcp.render")
+_TEXT_RESERVE = 40_000
+"""Bytes of the result budget kept for text and structured content."""
+
+
+def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *, action: str) -> CallToolResult:
+    record = outcome.record
+    result = record.result()
+    lines: list[str] = []
+    who = f"{record.provider} ({record.model})"
+    if record.status == "succeeded" and any(i.path for i in record.images):
+        n = len(record.images)
+        lines.append(f"{action} {n} image{'s' if n != 1 else ''} with {who}. prediction_id: {record.id}")
+        for i, img in enumerate(record.images, 1):
+            if img.path:
+                where = paths.display(img.path)
+                lines.append(f"Image {i}: {where} ({img.width}x{img.height}, {img.mime_type})")
+                if where != img.path:
+                    lines.append(f"  absolute path: {img.path}")
+            else:
+                lines.append(f"Image {i}: not downloaded")
+            if img.url and not img.url.startswith("data:"):
+                lines.append(f"  provider URL (expires): {img.url}")
+        if record.error:
+            lines.append(f"Note: {record.error}")
+        lines.append("Use the local path in code; provider URLs expire.")
+    elif record.status == "succeeded":
+        lines.append(f"The job {record.id} on {who} finished, but its images could not be saved locally: "
+                     f"{record.error}")
+        for i, img in enumerate(record.images, 1):
+            if img.url:
+                lines.append(f"Image {i} URL (expires): {img.url}")
+        lines.append(f'Call check_prediction with prediction_id="{record.id}" to retry the download.')
+    elif record.status in PENDING:
+        waited = f" after {outcome.waited:.0f} s" if outcome.waited >= 1 else ""
+        lines.append(f"Still {record.status} on {who}{waited}. prediction_id: {record.id}")
+        lines.append(f'The job keeps running; nothing needs to be resubmitted. Call check_prediction with '
+                     f'prediction_id="{record.id}" (wait_seconds up to 600) to get the images.')
+    elif record.status == "failed":
+        lines.append(f"The job {record.id} on {who} failed: {record.error or 'no reason given'}.")
+        lines.append("Adjust the prompt or parameters and call the tool again (this is a new, paid job), or "
+                     "try another provider.")
+    else:
+        lines.append(f"The job {record.id} on {who} was canceled: {record.error or 'no reason given'}.")
+    if record.cost_usd is not None and record.cost_usd > 0:
+        lines.append(f"Cost: ${record.cost_usd:.4f}")
+    if record.remaining_credits is not None:
+        lines.append(f"Remaining credits: {record.remaining_credits:g}")
+    lines.extend(outcome.notes)
+
+    content: list = [TextContent(type="text", text="\n".join(lines))]
+    finished = [img for img in record.images if img.path]
+    content.extend(_previews([Path(i.path) for i in finished if i.path], settings))
+    for i, img in enumerate(record.images):
+        if img.path:
+            content.append(ResourceLink(type="resource_link", uri=f"flux://images/{record.id}/{i}",
+                                        name=Path(img.path).name, mime_type=img.mime_type,
+                                        description=f"Image {i + 1} of prediction {record.id}"))
+    failed = record.status in ("failed", "canceled")
+    return CallToolResult(content=content, structured_content=result.model_dump(mode="json"), is_error=failed)
+
+
+def _previews(paths: list[Path], settings: Settings) -> list[ImageContent]:
+    if settings.preview == "off" or not paths:
+        return []
+    out: list[ImageContent] = []
+    if settings.preview == "full":
+        budget = None
+    else:
+        # The budget is for the whole result: base64 adds a third, text and structure need the rest.
+        total = max(settings.preview_budget - _TEXT_RESERVE, 20_000)
+        budget = max(total // len(paths), 8_000)
+    for path in paths:
+        try:
+            if budget is None:
+                data, mime = path.read_bytes(), _mime_of(path)
+            else:
+                data, mime = make_preview(path, budget)
+        except Exception as exc:  # a preview is a convenience: never fail the result for it
+            log.warning("no preview for %s: %s", path, exc)
+            continue
+        out.append(ImageContent(type="image", data=base64.b64encode(data).decode(), mime_type=mime))
+    return out
+
+
+def _mime_of(path: Path) -> str:
+    return {"jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}.get(
+        path.suffix.lower().lstrip("."), "image/png")
+
+
+def error_result(message: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)

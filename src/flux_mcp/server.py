@@ -1,0 +1,341 @@
+"""The MCP wiring: `build_server()` and the four thin tools."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import httpx2
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import Field
+
+from . import __version__
+from .config import MAX_WAIT_SECONDS, Settings
+from .errors import FluxError
+from .http import RetryPolicy
+from .journal import Journal
+from .models import PredictionResult, UploadResult
+from .paths import PathPolicy, usable_folders
+from .redact import Redactor
+from .render import error_result, prediction_result
+from .service import FluxService, JobParams
+
+log = logging.getLogger("flux_mcp.server")
+
+INSTRUCTIONS = """\
+Generate and edit images with FLUX models. generate_image makes new images from a prompt;
+edit_image changes an existing image (URL, local path or data: URI) following a prompt.
+Finished images are saved locally: use the path from the result in code (pass save_to to put
+the file straight into the project, e.g. "public/hero.png"). A job still running when the call
+returns is not lost: call check_prediction with its prediction_id. Never call generate_image
+again for the same request just because it is pending: each call is a new paid job."""
+
+_ROOTS_TTL = 30.0
+
+
+@dataclass
+class AppState:
+    """Process-wide resources, built once by the lifespan."""
+
+    settings: Settings
+    service: FluxService
+    roots_cache: dict[int, tuple[float, list[Path]]] = field(default_factory=dict)
+
+
+# --- argument types, described for the model -------------------------------------------------------
+
+Prompt = Annotated[str, Field(min_length=1, max_length=4000,
+                              description="What the image should show: subject, style, composition, lighting, text.")]
+ProviderArg = Annotated[str | None, Field(
+    default=None, max_length=40,
+    description="Provider id (atlascloud, segmind, acedatacloud, imagepipeline, appypie, placeholder). "
+                "Omit to use the server's default.")]
+ModelArg = Annotated[str | None, Field(default=None, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
+                                       description="Model id on that provider; omit for its default FLUX model.")]
+Side = Annotated[int, Field(ge=16, le=8192, description="Pixels. Most FLUX models take 256-1536; default 1024.")]
+WaitArg = Annotated[float | None, Field(
+    default=None, ge=0, le=MAX_WAIT_SECONDS,
+    description="Seconds to wait for the result before returning a pending prediction (default 45).")]
+SaveTo = Annotated[str | None, Field(
+    default=None, max_length=1024,
+    description="Also write the image(s) here: a file (.png/.jpg/.webp picks the format) or a folder, relative "
+                "to the project folder. E.g. 'public/images/hero.webp'.")]
+Overwrite = Annotated[bool, Field(default=False, description="Replace an existing save_to file.")]
+Seed = Annotated[int | None, Field(default=None, ge=0, le=2_147_483_647,
+                                   description="Same seed + prompt gives the same image; omit for random.")]
+Steps = Annotated[int | None, Field(default=None, ge=1, le=100,
+                                    description="Inference steps, where the model has the setting; omit for default.")]
+Guidance = Annotated[float | None, Field(default=None, ge=0, le=50,
+                                         description="Prompt adherence, where the model has it; omit for default.")]
+
+PredictionOut = Annotated[CallToolResult, PredictionResult]
+UploadOut = Annotated[CallToolResult, UploadResult]
+
+
+def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
+                 retry: RetryPolicy | None = None) -> MCPServer[AppState]:
+    """Builds a server; nothing is opened until its lifespan starts. `http_client` lets tests inject a
+    client over `httpx2.MockTransport`."""
+
+    # One state per server, shared by every lifespan entry (SSE enters it once per connection).
+    live: list[AppState] = []
+    users = 0
+    lock = anyio.Lock()
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
+        nonlocal users
+        async with lock:
+            if not live:
+                live.append(_open_state(settings, http_client, retry))
+            users += 1
+        try:
+            yield live[0]
+        finally:
+            async with lock:
+                users -= 1
+                if users == 0:
+                    await _close_state(live.pop(), own_client=http_client is None)
+
+    server: MCPServer[AppState] = MCPServer(
+        "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS,
+        lifespan=lifespan, log_level=settings.log_level if settings.log_level in
+        ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
+    )
+
+    job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
+                                      open_world_hint=True)
+
+    @server.tool(title="Generate image", annotations=ToolAnnotations(title="Generate image", **_hints(job_annotations)))
+    async def generate_image(
+        prompt: Prompt,
+        ctx: Context[AppState, Any],
+        provider: ProviderArg = None,
+        model: ModelArg = None,
+        width: Side = 1024,
+        height: Side = 1024,
+        num_images: Annotated[int, Field(ge=1, le=8, description="How many images (most providers: 1-4).")] = 1,
+        seed: Seed = None,
+        steps: Steps = None,
+        guidance_scale: Guidance = None,
+        wait_seconds: WaitArg = None,
+        save_to: SaveTo = None,
+        overwrite: Overwrite = False,
+    ) -> PredictionOut:
+        """Generate new images from a text prompt with a FLUX model.
+
+        Waits for the result up to wait_seconds, then returns the images: a preview you can look at,
+        the local file path (use it in code) and the provider URL. If the job is still running it
+        returns status "processing" and a prediction_id: call check_prediction with it later instead
+        of calling generate_image again (every call is a new paid job).
+        """
+        params = JobParams(prompt=prompt, provider=provider, model=model, width=width, height=height,
+                           num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                           wait_seconds=wait_seconds, save_to=save_to, overwrite=overwrite)
+        return await _run_job(ctx, "generate", params, action="Generated")
+
+    @server.tool(title="Edit image", annotations=ToolAnnotations(title="Edit image", **_hints(job_annotations)))
+    async def edit_image(
+        prompt: Annotated[str, Field(min_length=1, max_length=4000,
+                                     description="The change to make, e.g. 'make the sky a sunset'.")],
+        image: Annotated[str, Field(min_length=1, max_length=20_000_000,
+                                    description="The image to edit: an http(s) URL, a local file path, or a "
+                                                "data: URI.")],
+        ctx: Context[AppState, Any],
+        provider: ProviderArg = None,
+        model: ModelArg = None,
+        width: Side = 1024,
+        height: Side = 1024,
+        seed: Seed = None,
+        steps: Steps = None,
+        guidance_scale: Guidance = None,
+        wait_seconds: WaitArg = None,
+        save_to: SaveTo = None,
+        overwrite: Overwrite = False,
+    ) -> PredictionOut:
+        """Edit an existing image following a text instruction (FLUX Kontext or image-to-image).
+
+        Local files are uploaded to the provider (or sent inline) for you. Returns like
+        generate_image: preview, local path, URL; or a pending prediction_id for check_prediction.
+        """
+        params = JobParams(prompt=prompt, provider=provider, model=model, width=width, height=height,
+                           seed=seed, steps=steps, guidance_scale=guidance_scale, wait_seconds=wait_seconds,
+                           save_to=save_to, overwrite=overwrite, image=image)
+        return await _run_job(ctx, "edit", params, action="Edited")
+
+    @server.tool(title="Upload image", annotations=ToolAnnotations(
+        title="Upload image", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+        open_world_hint=True))
+    async def upload_media(
+        path: Annotated[str, Field(min_length=1, max_length=4096,
+                                   description="Local image file (PNG, JPEG, WebP, GIF) inside the project.")],
+        ctx: Context[AppState, Any],
+        provider: ProviderArg = None,
+    ) -> UploadOut:
+        """Upload a local image to the provider's storage and return its URL (for edit_image's `image`).
+
+        edit_image already accepts local paths, so this is only needed to reuse one URL many times.
+        """
+        state = _state(ctx)
+        try:
+            paths = await _path_policy(ctx, state)
+            result = await state.service.upload(path, provider, paths)
+        except FluxError as exc:
+            return error_result(str(exc))
+        text = (f"Uploaded {paths.display(result.path)} to {result.provider}"
+                f"{' (reused the earlier upload)' if result.reused else ''}.\nURL: {result.url}\n"
+                "Pass this URL as `image` to edit_image. Provider storage is temporary.")
+        return CallToolResult(content=[TextContent(type="text", text=text)],
+                              structured_content=result.model_dump(mode="json"))
+
+    @server.tool(title="Check prediction", annotations=ToolAnnotations(
+        title="Check prediction", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+        open_world_hint=True))
+    async def check_prediction(
+        prediction_id: Annotated[str, Field(min_length=3, max_length=230,
+                                            description="The prediction_id from generate_image or edit_image.")],
+        ctx: Context[AppState, Any],
+        wait_seconds: Annotated[float, Field(ge=0, le=MAX_WAIT_SECONDS,
+                                             description="Seconds to wait if still running (0 = just look).")]
+        = 0,
+    ) -> PredictionOut:
+        """Get the status and images of an earlier generate_image or edit_image call.
+
+        Works for any prediction_id this server returned, also after a restart. Set wait_seconds to
+        wait for a running job instead of polling in a loop.
+        """
+        state = _state(ctx)
+        try:
+            paths = await _path_policy(ctx, state)
+            outcome = await state.service.check(prediction_id, wait_seconds, paths, _progress(ctx))
+        except FluxError as exc:
+            return error_result(str(exc))
+        return prediction_result(outcome, paths, state.settings, action="Finished")
+
+    @server.resource("flux://providers", name="providers", mime_type="application/json",
+                     description="Each provider: configured or not (and the variable to set), models, capabilities.")
+    async def providers_resource() -> str:
+        service = live[0].service
+        return json.dumps({"default": service.default_provider_id(),
+                           "providers": [p.describe() for p in service.providers.values()]}, indent=2)
+
+    @server.resource("flux://predictions/{prediction_id}", name="prediction", mime_type="application/json",
+                     description="A prediction made by this server, as JSON (status, images, error).")
+    async def prediction_resource(prediction_id: str) -> str:
+        record = live[0].service.journal.get(prediction_id)
+        if record is None:
+            raise ValueError(f"No prediction {prediction_id!r}.")
+        return record.result().model_dump_json(indent=2)
+
+    @server.resource("flux://images/{prediction_id}/{index}", name="image", mime_type="image/png",
+                     description="A finished image of a prediction, full resolution.")
+    async def image_resource(prediction_id: str, index: str) -> bytes:
+        record = live[0].service.journal.get(prediction_id)
+        if record is None or not index.isdigit() or int(index) >= len(record.images):
+            raise ValueError(f"No image {index} for prediction {prediction_id!r}.")
+        path = record.images[int(index)].path
+        if not path or not Path(path).is_file():
+            raise ValueError("That image is not on disk; call check_prediction to fetch it again.")
+        return Path(path).read_bytes()
+
+    return server
+
+
+def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None,
+                retry: RetryPolicy | None) -> AppState:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    journal = Journal(settings.home / "journal.sqlite3")
+    client = http_client or httpx2.AsyncClient(
+        timeout=httpx2.Timeout(30.0, connect=10.0), limits=httpx2.Limits(max_connections=200),
+        follow_redirects=False, trust_env=False,
+    )
+    service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry)
+    return AppState(settings, service)
+
+
+async def _close_state(state: AppState, *, own_client: bool) -> None:
+    if own_client:
+        await state.service.client.aclose()
+    state.service.journal.close()
+
+
+def _hints(a: ToolAnnotations) -> dict[str, Any]:
+    return {"read_only_hint": a.read_only_hint, "destructive_hint": a.destructive_hint,
+            "idempotent_hint": a.idempotent_hint, "open_world_hint": a.open_world_hint}
+
+
+async def _run_job(ctx: Context[AppState, Any], kind: str, params: JobParams, *, action: str) -> CallToolResult:
+    state = _state(ctx)
+    try:
+        paths = await _path_policy(ctx, state)
+        outcome = await state.service.run(kind, params, paths, _progress(ctx))
+    except FluxError as exc:
+        return error_result(str(exc))
+    return prediction_result(outcome, paths, state.settings, action=action)
+
+
+def _state(ctx: Context[AppState, Any]) -> AppState:
+    return ctx.request_context.lifespan_context
+
+
+def _progress(ctx: Context[AppState, Any]):
+    async def report(progress: float, total: float | None, message: str) -> None:
+        try:
+            await ctx.report_progress(progress, total, message)
+        except Exception as exc:  # a client that went away must not break the wait
+            log.debug("progress not sent: %s", exc)
+
+    return report
+
+
+async def _path_policy(ctx: Context[AppState, Any], state: AppState) -> PathPolicy:
+    """Allowed folders: FLUX_MCP_ALLOWED_DIRS when set, else the client's roots, else the working directory."""
+    settings = state.settings
+    roots = await _client_roots(ctx, state)
+    if settings.allowed_dirs:
+        allowed = usable_folders(settings.allowed_dirs, settings.home)
+        # Relative paths land in the client's workspace when that is inside an allowed folder.
+        inside = [r for r in roots if any(r == a or r.is_relative_to(a) for a in allowed)]
+        return PathPolicy(inside[:1] + [a for a in allowed if a not in inside[:1]], settings.home)
+    return PathPolicy(usable_folders(roots or [settings.cwd], settings.home), settings.home)
+
+
+async def _client_roots(ctx: Context[AppState, Any], state: AppState) -> list[Path]:
+    caps = ctx.client_capabilities
+    if caps is None or caps.roots is None:
+        return []
+    version = ctx.protocol_version or ""
+    if version >= "2026-07-28":
+        return []  # roots are a handshake-era feature; modern clients send none
+    session = ctx.session
+    key = id(session)
+    cached = state.roots_cache.get(key)
+    if cached and time.monotonic() - cached[0] < _ROOTS_TTL:
+        return cached[1]
+    try:
+        with anyio.fail_after(5), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            listed = await session.list_roots()
+    except Exception as exc:
+        log.info("client offered roots but roots/list failed: %s", exc)
+        return []
+    from .paths import to_local_path
+
+    roots = []
+    for root in listed.roots:
+        uri = str(root.uri)
+        if uri.startswith("file://"):
+            roots.append(to_local_path(uri))
+    state.roots_cache[key] = (time.monotonic(), roots)
+    if len(state.roots_cache) > 256:
+        state.roots_cache.pop(next(iter(state.roots_cache)))
+    return roots

@@ -1,0 +1,426 @@
+"""The domain logic behind the four tools, free of MCP wiring: submit once, journal, wait, keep the images."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import anyio
+import httpx2
+
+from .config import Settings
+from .errors import (
+    ConfigError,
+    DownloadFailed,
+    FluxError,
+    InvalidInput,
+    PathNotAllowed,
+    ProviderError,
+    ProviderUnavailable,
+    UnknownPrediction,
+    UnsupportedOperation,
+)
+from .http import ProviderHttp, RetryPolicy
+from .journal import Journal, Record
+from .media import FORMATS, Downloader, ImageStore, convert, decode_data_uri, inspect_image, to_data_uri
+from .models import FINAL, ImageOutput, UploadResult
+from .paths import PathPolicy
+from .providers import PROVIDER_CLASSES, ImageRequest, JobState, Provider
+from .providers.placeholder import NOTE as PLACEHOLDER_NOTE
+from .redact import Redactor
+from .waiting import PollSchedule
+
+log = logging.getLogger("flux_mcp.service")
+
+ProgressFn = Callable[[float, float | None, str], Awaitable[None]]
+UPLOAD_REUSE_SECONDS = 3600.0
+"""Uploaded files are temporary on the providers; a cached upload URL is reused for an hour."""
+_PREDICTION_ID = re.compile(r"^[a-z]{2,20}:[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+_PROGRESS_EVERY = 5.0
+
+
+@dataclass
+class JobParams:
+    """What generate_image and edit_image were asked, after type validation."""
+
+    prompt: str
+    provider: str | None = None
+    model: str | None = None
+    width: int = 1024
+    height: int = 1024
+    num_images: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    wait_seconds: float | None = None
+    save_to: str | None = None
+    overwrite: bool = False
+    image: str | None = None
+
+
+@dataclass
+class Outcome:
+    """A prediction as the tools present it."""
+
+    record: Record
+    notes: list[str] = field(default_factory=list)
+    waited: float = 0.0
+
+
+class FluxService:
+    """Holds the providers, the journal and the image store; one per server process."""
+
+    def __init__(self, settings: Settings, client: httpx2.AsyncClient, journal: Journal, *,
+                 redactor: Redactor | None = None, retry: RetryPolicy | None = None):
+        self.settings = settings
+        self.client = client
+        self.journal = journal
+        self.redactor = redactor or Redactor(settings.secrets())
+        self.providers: dict[str, Provider] = {}
+        for cls in PROVIDER_CLASSES:
+            http = ProviderHttp(client, cls.id, self.redactor, key_env=cls.key_env, retry=retry)
+            self.providers[cls.id] = cls(settings.providers[cls.id], http)
+        self.downloader = Downloader(client)
+        self.store = ImageStore(settings.home)
+
+    # --- choosing a provider ------------------------------------------------------------------
+
+    @staticmethod
+    def default_for(settings: Settings) -> str:
+        """FLUX_MCP_PROVIDER, else the first provider with a key, else the offline placeholder."""
+        if settings.default_provider:
+            return settings.default_provider
+        for cls in PROVIDER_CLASSES:
+            if cls.key_env and settings.providers[cls.id].api_key is not None:
+                return cls.id
+        return "placeholder"
+
+    def default_provider_id(self) -> str:
+        return self.default_for(self.settings)
+
+    def configured(self) -> list[str]:
+        return [pid for pid, p in self.providers.items() if p.configured]
+
+    def provider(self, name: str | None, *, need: str | None = None) -> Provider:
+        pid = (name or self.default_provider_id()).strip().lower()
+        provider = self.providers.get(pid)
+        if provider is None:
+            raise InvalidInput(f"Unknown provider {pid!r}. Choose one of: {', '.join(self.providers)}.")
+        if not provider.configured:
+            others = [p for p in self.configured() if p != pid]
+            raise ConfigError(
+                f"{provider.label} is not configured: set {provider.key_env} in the MCP server's environment "
+                f"(env block of the client config) and restart it. Configured now: {', '.join(others)}."
+            )
+        able = {"edit": lambda p: p.can_edit, "upload": lambda p: p.can_upload}.get(need or "")
+        if able is not None and not able(provider):
+            can = [p for p in self.configured() if able(self.providers[p]) and p != "placeholder"]
+            hint = (f"Configured providers that can: {', '.join(can)}." if can else
+                    "No configured provider can; set a key for one of: "
+                    + ", ".join(f"{p.id} ({p.key_env})" for p in self.providers.values()
+                                if able(p) and p.key_env))
+            raise UnsupportedOperation(f"{provider.label} cannot {need} images. {hint}")
+        return provider
+
+    # --- generate / edit ----------------------------------------------------------------------
+
+    async def run(self, kind: str, params: JobParams, paths: PathPolicy,
+                  progress: ProgressFn | None = None) -> Outcome:
+        provider = self.provider(params.provider, need="edit" if kind == "edit" else None)
+        model = params.model or (provider.default_edit_model if kind == "edit" else provider.default_model)
+        assert model is not None
+        req = ImageRequest(kind=kind, prompt=params.prompt, model=model, width=params.width, height=params.height,  # type: ignore[arg-type]
+                           num_images=params.num_images, seed=params.seed, steps=params.steps,
+                           guidance_scale=params.guidance_scale, image=params.image)
+        provider.prepare(req)
+        save_targets = self._save_targets(paths, params.save_to, req.num_images, params.overwrite, req.prompt)
+        if kind == "edit":
+            req.image = await self._image_input(provider, params.image or "", paths)
+
+        submitted = await provider.submit(req)
+        now = time.time()
+        state = submitted.state
+        record = Record(
+            id=f"{provider.id}:{submitted.native_id}", provider=provider.id, native_id=submitted.native_id,
+            model=req.model, kind=kind, status=state.status if state else "starting",
+            request={"prompt": req.prompt, "width": req.width, "height": req.height, "num_images": req.num_images,
+                     "seed": req.seed, "steps": req.steps, "guidance_scale": req.guidance_scale,
+                     "image": _short_input(params.image), "save_to": [str(t) for t in save_targets] or None,
+                     "overwrite": params.overwrite},
+            cost_usd=provider.price(req), created_at=submitted.submitted_at, updated_at=now,
+        )
+        self.journal.add(record)
+        log.info("submitted %s (%s, %s)", record.id, provider.id, req.model)
+        wait = self.settings.wait_seconds if params.wait_seconds is None else params.wait_seconds
+        return await self._finish(record, provider, state, wait, paths, progress)
+
+    async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
+                    progress: ProgressFn | None = None) -> Outcome:
+        pid = prediction_id.strip()
+        if not _PREDICTION_ID.match(pid) or ".." in pid:
+            raise InvalidInput(
+                f"{prediction_id!r} is not a prediction id. Ids look like 'atlascloud:pred_abc123', as returned "
+                "by generate_image or edit_image."
+            )
+        record = self.journal.get(pid)
+        if record is None:
+            raise UnknownPrediction(
+                f"No prediction {pid!r} was made by this server (its journal is in {self.settings.home}). Check "
+                "the id, or start a new job with generate_image."
+            )
+        provider = self.providers.get(record.provider)
+        if provider is None:
+            return Outcome(record, notes=[f"Provider {record.provider!r} is no longer known to this server."])
+        if record.status in FINAL and not _missing_files(record):
+            return Outcome(record)
+        if not provider.configured:
+            return Outcome(record, notes=[f"Set {provider.key_env} to check on this job again."])
+        return await self._finish(record, provider, None, wait_seconds, paths, progress)
+
+    async def _finish(self, record: Record, provider: Provider, state: JobState | None, wait: float,
+                      paths: PathPolicy, progress: ProgressFn | None) -> Outcome:
+        outcome = Outcome(record)
+        if record.status in FINAL and state is None:
+            await self._materialize(record, provider, None, paths, outcome)
+            return outcome
+        if state is None:
+            state = await self._wait(record, provider, wait, progress, outcome)
+        if state is None or state.status not in FINAL:
+            if state is not None and state.status != record.status:
+                record.status = state.status
+                self.journal.update(record)
+            return outcome
+        record.status = state.status
+        record.completed_at = record.completed_at or time.time()
+        record.error = state.error
+        if state.cost_usd is not None:
+            record.cost_usd = state.cost_usd
+        if state.remaining_credits is not None:
+            record.remaining_credits = state.remaining_credits
+        if state.status == "succeeded":
+            record.outputs = [o.url for o in state.outputs]
+        self.journal.update(record)
+        if state.status == "succeeded":
+            await self._materialize(record, provider, state, paths, outcome)
+        if record.provider == "placeholder":
+            outcome.notes.append(PLACEHOLDER_NOTE)
+        return outcome
+
+    async def _wait(self, record: Record, provider: Provider, wait: float, progress: ProgressFn | None,
+                    outcome: Outcome) -> JobState | None:
+        """Polls until the job is final or `wait` seconds pass; returns the last state seen (None: none)."""
+        schedule = PollSchedule(expected=self.journal.typical_duration(record.provider, record.model))
+        start = time.monotonic()
+        deadline = start + wait
+        state: JobState | None = None
+        poll_error: str | None = None
+        last_progress = 0.0
+        while True:
+            now = time.monotonic()
+            delay = schedule.next_delay(time.time() - record.created_at)
+            if now + delay > deadline:
+                break
+            # Sleep in slices so progress notifications keep flowing (and keep client timeouts alive).
+            wake = now + delay
+            while (remaining := wake - time.monotonic()) > 0:
+                await anyio.sleep(min(remaining, _PROGRESS_EVERY))
+                if progress and time.monotonic() - last_progress >= _PROGRESS_EVERY - 0.01:
+                    last_progress = time.monotonic()
+                    await progress(round(time.monotonic() - start, 1), wait, f"{record.provider}: "
+                                   f"{(state.status if state else record.status)} ({time.monotonic() - start:.0f}s)")
+            try:
+                state = await provider.poll(record.native_id, record.created_at)
+                poll_error = None
+            except ProviderUnavailable as exc:
+                poll_error = f"The last status check failed: {exc}"
+                log.warning("poll %s: %s", record.id, exc)
+                continue
+            if state.status in FINAL:
+                break
+            if progress:
+                last_progress = time.monotonic()
+                await progress(round(time.monotonic() - start, 1), wait,
+                               f"{record.provider}: {state.status} ({time.monotonic() - start:.0f}s)")
+        outcome.waited = time.monotonic() - start
+        if poll_error:
+            outcome.notes.append(poll_error)
+        return state
+
+    async def _materialize(self, record: Record, provider: Provider, state: JobState | None, paths: PathPolicy,
+                           outcome: Outcome) -> None:
+        """Keeps a local copy of every output (and the save_to copies); a failed download keeps the URL."""
+        host = urlsplit(provider.settings.base_url).hostname
+        trusted = frozenset({host.lower()}) if host else frozenset()
+        targets = [Path(t) for t in (record.request.get("save_to") or [])]
+        images: list[ImageOutput] = []
+        problems: list[str] = []
+        count = len(state.outputs) if state else len(record.outputs)
+        for i in range(count):
+            ref = state.outputs[i] if state else None
+            url = ref.url if ref else record.outputs[i]
+            kept = self.store.existing(record.id, i)
+            try:
+                if ref and ref.data is not None:
+                    data = ref.data
+                elif kept is not None:
+                    data = kept.read_bytes()
+                else:
+                    data = await self._download(url, trusted)
+                info = inspect_image(data)
+            except DownloadFailed as exc:
+                problems.append(f"image {i + 1}: {exc}")
+                images.append(ImageOutput(url=url))
+                continue
+            provenance = {"prompt": record.request.get("prompt", ""), "model": record.model,
+                          "provider": record.provider, "prediction_id": record.id,
+                          "seed": str(record.request.get("seed")), "software": "flux-mcp"}
+            stored = self.store.keep(record.id, i, data, info, provenance)
+            path = stored
+            mime = info.mime_type
+            if i < len(targets):
+                try:
+                    path, mime = self._save_copy(targets[i], data, info, provenance, paths,
+                                                 bool(record.request.get("overwrite")))
+                except FluxError as exc:
+                    problems.append(f"image {i + 1} was not written to {targets[i]}: {exc}")
+            images.append(ImageOutput(url=url, path=str(path), mime_type=mime, width=info.width, height=info.height))
+        record.images = images
+        if problems:
+            record.error = self.redactor.scrub(
+                "; ".join(problems) + ". The job succeeded; call check_prediction again to retry the download "
+                "while the provider URL is valid."
+            )
+        elif record.status == "succeeded":
+            record.error = None
+        if record.status == "succeeded" and not images:
+            record.status = "failed"
+            record.error = record.error or f"{provider.label} reported success but returned no image."
+        self.journal.update(record)
+
+    async def _download(self, url: str | None, trusted: frozenset[str]) -> bytes:
+        if not url:
+            raise DownloadFailed("the provider gave neither a URL nor the image data")
+        if url.startswith("data:"):
+            return decode_data_uri(url)
+        return await self.downloader.fetch(url, trusted)
+
+    # --- files --------------------------------------------------------------------------------
+
+    def _save_targets(self, paths: PathPolicy, save_to: str | None, count: int, overwrite: bool,
+                      prompt: str) -> list[Path]:
+        """Decides (and checks, before anything is paid for) where each image will be written."""
+        if not save_to:
+            return []
+        raw = save_to.strip()
+        is_folder = raw.endswith(("/", "\\")) or paths.absolute(raw).is_dir() or not Path(raw).suffix
+        if is_folder:
+            folder = paths.check_write(str(Path(raw) / "x.png")).parent
+            stem = _slug(prompt)
+            targets = [folder / f"{stem}{'' if i == 0 else f'-{i + 1}'}.png" for i in range(count)]
+            if not overwrite:
+                # In a folder the server picks the names, so it picks free ones.
+                targets = [_free_name(t, taken=set(targets[:i])) for i, t in enumerate(targets)]
+        else:
+            first = paths.check_write(raw)
+            ext = first.suffix.lower().lstrip(".")
+            if ext not in FORMATS:
+                raise InvalidInput(f"save_to must end in .png, .jpg, .jpeg or .webp (got {first.name!r}).")
+            targets = [first if i == 0 else first.with_name(f"{first.stem}-{i + 1}{first.suffix}")
+                       for i in range(count)]
+        for t in targets:
+            paths.check_write(str(t))
+            if t.exists() and not overwrite:
+                raise PathNotAllowed(f"{paths.display(t)} already exists. Pass overwrite=true to replace it, or "
+                                     "choose another save_to.")
+            if t.exists() and not t.is_file():
+                raise PathNotAllowed(f"{t} exists and is not a regular file.")
+        return targets
+
+    def _save_copy(self, target: Path, data: bytes, info, provenance: dict[str, str], paths: PathPolicy,
+                   overwrite: bool) -> tuple[Path, str]:
+        from .media import atomic_write
+
+        checked = paths.check_write(str(target))
+        ext = checked.suffix.lower().lstrip(".") or "png"
+        payload = convert(data, info, ext, provenance)
+        atomic_write(checked, payload, overwrite=overwrite)
+        return checked, FORMATS[ext][1]
+
+    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy) -> str:
+        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI."""
+        text = image.strip()
+        if text.startswith(("http://", "https://")):
+            return text
+        if text.startswith("data:"):
+            data = decode_data_uri(text)
+            name = "image"
+        else:
+            resolved, data = paths.read_bytes(text)
+            name = resolved.name
+        try:
+            info = inspect_image(data)
+        except DownloadFailed as exc:
+            raise InvalidInput(f"`image` is not a usable image: {exc}.") from None
+        if provider.can_upload:
+            url, _ = await self._upload_bytes(provider, data, f"{Path(name).stem}.{info.ext}", info.mime_type)
+            return url
+        if provider.accepts_data_uri:
+            return to_data_uri(data, info.mime_type)
+        raise UnsupportedOperation(
+            f"{provider.label} takes input images only as public http(s) URLs and has no upload API here. Pass a "
+            "public URL as `image`, or use a provider that accepts local files: "
+            + ", ".join(p.id for p in self.providers.values() if (p.can_upload or p.accepts_data_uri) and p.can_edit
+                        and p.configured and p.id != "placeholder") + "."
+        )
+
+    async def _upload_bytes(self, provider: Provider, data: bytes, filename: str, mime: str) -> tuple[str, bool]:
+        digest = hashlib.sha256(data).hexdigest()
+        cached = self.journal.upload_url(digest, provider.id, UPLOAD_REUSE_SECONDS)
+        if cached:
+            return cached, True
+        url = await provider.upload(data, filename, mime)
+        self.journal.add_upload(digest, provider.id, url)
+        return url, False
+
+    async def upload(self, path: str, provider_name: str | None, paths: PathPolicy) -> UploadResult:
+        provider = self.provider(provider_name, need="upload")
+        resolved, data = paths.read_bytes(path)
+        try:
+            info = inspect_image(data)
+        except DownloadFailed as exc:
+            raise InvalidInput(f"{resolved.name} is not an image this server uploads: {exc}.") from None
+        url, reused = await self._upload_bytes(provider, data, resolved.name, info.mime_type)
+        return UploadResult(provider=provider.id, url=url, path=str(resolved), mime_type=info.mime_type,
+                            size_bytes=len(data), reused=reused)
+
+
+def _missing_files(record: Record) -> bool:
+    return record.status == "succeeded" and any(i.path is None or not Path(i.path).is_file() for i in record.images)
+
+
+def _short_input(image: str | None) -> str | None:
+    if image is None:
+        return None
+    return image if not image.startswith("data:") else f"data: URI ({len(image)} chars)"
+
+
+def _slug(text: str) -> str:
+    words = re.findall(r"[a-z0-9]+", text.lower())[:6]
+    return "-".join(words)[:60] or "image"
+
+
+def _free_name(target: Path, taken: set[Path]) -> Path:
+    candidate, n = target, 2
+    while candidate.exists() or candidate in taken:
+        candidate = target.with_name(f"{target.stem}-{n}{target.suffix}")
+        n += 1
+    return candidate
+
+
+__all__ = ["FluxService", "JobParams", "Outcome", "ProgressFn", "ProviderError"]

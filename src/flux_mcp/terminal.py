@@ -1,0 +1,75 @@
+"""`flux-mcp generate`: the generate_image tool from a terminal, through an in-process MCP client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import anyio
+
+from .config import Settings
+
+
+def generate(settings: Settings, args: argparse.Namespace) -> int:
+    return anyio.run(_generate, settings, args)
+
+
+async def _generate(settings: Settings, args: argparse.Namespace) -> int:
+    from mcp import Client
+
+    from .server import build_server
+
+    arguments = {
+        "prompt": args.prompt, "provider": args.provider, "model": args.model, "width": args.width,
+        "height": args.height, "num_images": args.num_images, "seed": args.seed, "steps": args.steps,
+        "guidance_scale": args.guidance_scale, "save_to": args.save_to, "overwrite": args.overwrite,
+        "wait_seconds": args.wait_seconds if args.wait_seconds is not None else 600,
+    }
+    arguments = {k: v for k, v in arguments.items() if v is not None}
+    bar = _Progress(sys.stderr)
+    async with Client(build_server(settings)) as client:
+        result = await client.call_tool("generate_image", arguments, progress_callback=bar.update)
+    bar.done()
+    text = "\n".join(block.text for block in result.content if getattr(block, "type", "") == "text")
+    structured = result.structured_content or {}
+    if args.json:
+        print(json.dumps(structured, indent=2))
+    else:
+        print(text, file=sys.stderr)
+        for image in structured.get("images", []):
+            if image.get("path"):
+                print(image["path"])
+    if result.is_error:
+        return 1
+    return 0 if structured.get("status") == "succeeded" else 3
+
+
+class _Progress:
+    """A one-line progress display on a terminal; plain lines otherwise."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.start = time.monotonic()
+        self.shown = False
+        self.stream.write("waiting for the provider...\n" if not self.tty else "waiting for the provider...")
+        self.stream.flush()
+
+    async def update(self, progress: float, total: float | None, message: str | None) -> None:
+        elapsed = time.monotonic() - self.start
+        if self.tty:
+            width = 24
+            frac = min(progress / total, 1.0) if total else 0.0
+            bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+            self.stream.write(f"\r[{bar}] {elapsed:5.0f}s {message or ''}\033[K")
+        else:
+            self.stream.write(f"{elapsed:.0f}s {message or ''}\n")
+        self.stream.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()

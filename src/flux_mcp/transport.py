@@ -1,0 +1,83 @@
+"""The HTTP transports (SSE, streamable HTTP): Host/Origin checks, bearer token, body size cap."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .config import Settings
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""Large enough for an edit_image call carrying a data: URI, small enough to refuse abuse early."""
+_LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localhost", "[::1]"]
+_LOOPBACK_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+
+
+def security_settings(host: str, port: int, extra_hosts: list[str] | None = None) -> TransportSecuritySettings:
+    """DNS-rebinding protection: only the bound address (and loopback names) as Host, only local Origins."""
+    hosts = list(_LOOPBACK_HOSTS)
+    if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
+        hosts += [f"{host}:{port}", host]
+    hosts += extra_hosts or []
+    origins = list(_LOOPBACK_ORIGINS) + [f"http://{h}" for h in extra_hosts or []] + \
+        [f"https://{h}" for h in extra_hosts or []]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                     allowed_origins=origins)
+
+
+class BearerTokenMiddleware:
+    """Requires `Authorization: Bearer <FLUX_MCP_AUTH_TOKEN>` on every HTTP request (constant-time check)."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        supplied = b""
+        for name, value in scope.get("headers", []):
+            if name.lower() == b"authorization":
+                scheme, _, credential = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    supplied = credential.strip()
+                break
+        if not hmac.compare_digest(supplied, self.token):
+            body = json.dumps({"error": "unauthorized",
+                               "error_description": "Send 'Authorization: Bearer <FLUX_MCP_AUTH_TOKEN>'."}).encode()
+            await send({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="flux-mcp"'),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def http_app(settings: Settings, transport: str, host: str, port: int, **server_kwargs: Any) -> ASGIApp:
+    """The ASGI app for `transport`, with the security layers in front of it."""
+    from .server import build_server
+
+    server = build_server(settings, **server_kwargs)
+    security = security_settings(host, port)
+    if transport == "sse":
+        app: ASGIApp = server.sse_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES, host=host)
+    else:
+        app = server.streamable_http_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES,
+                                         host=host)
+    if settings.auth_token is not None:
+        app = BearerTokenMiddleware(app, settings.auth_token.get_secret_value())
+    return app
+
+
+def serve_http(settings: Settings, transport: str, host: str, port: int) -> None:
+    import uvicorn
+
+    app = http_app(settings, transport, host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False,
+                            log_config=None, lifespan="on", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
