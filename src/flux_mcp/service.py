@@ -181,16 +181,17 @@ class FluxService:
             return Outcome(record)
         if not provider.configured:
             return Outcome(record, notes=[f"Set {provider.key_env} to check on this job again."])
-        return await self._finish(record, provider, None, wait_seconds, paths, progress)
+        return await self._finish(record, provider, None, wait_seconds, paths, progress, checking=True)
 
     async def _finish(self, record: Record, provider: Provider, state: JobState | None, wait: float,
-                      paths: PathPolicy, progress: ProgressFn | None) -> Outcome:
+                      paths: PathPolicy, progress: ProgressFn | None, *, checking: bool = False) -> Outcome:
         outcome = Outcome(record)
         if record.status in FINAL and state is None:
             await self._materialize(record, provider, None, paths, outcome)
             return outcome
         if state is None:
-            state = await self._wait(record, provider, wait, progress, outcome)
+            # A check looks at once; a fresh submit gives the job a moment first.
+            state = await self._wait(record, provider, wait, progress, outcome, poll_now=checking)
         if state is None or state.status not in FINAL:
             if state is not None and state.status != record.status:
                 record.status = state.status
@@ -213,7 +214,7 @@ class FluxService:
         return outcome
 
     async def _wait(self, record: Record, provider: Provider, wait: float, progress: ProgressFn | None,
-                    outcome: Outcome) -> JobState | None:
+                    outcome: Outcome, *, poll_now: bool) -> JobState | None:
         """Polls until the job is final or `wait` seconds pass; returns the last state seen (None: none)."""
         schedule = PollSchedule(expected=self.journal.typical_duration(record.provider, record.model))
         start = time.monotonic()
@@ -221,11 +222,13 @@ class FluxService:
         state: JobState | None = None
         poll_error: str | None = None
         last_progress = 0.0
+        first = poll_now
         while True:
             now = time.monotonic()
-            delay = schedule.next_delay(time.time() - record.created_at)
-            if now + delay > deadline:
+            delay = 0.0 if first else schedule.next_delay(time.time() - record.created_at)
+            if not first and now + delay > deadline:
                 break
+            first = False
             # Sleep in slices so progress notifications keep flowing (and keep client timeouts alive).
             wake = now + delay
             while (remaining := wake - time.monotonic()) > 0:

@@ -1,0 +1,65 @@
+"""Shared fixtures: settings over temp folders, fakes behind MockTransport, in-memory MCP clients."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from mcp import Client
+
+from flux_mcp.config import Settings
+from flux_mcp.http import RetryPolicy
+from flux_mcp.server import build_server
+from tests.fakes.wire import Fake
+
+ATLAS_KEY = "atlas-canary-7f3c9e1b2d4a6f80c5e7"
+"""A unique canary: no test output, log, file or journal may ever contain it (or a long part of it)."""
+
+FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05, max_retry_after=0.05, deadline=10)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "project"
+    ws.mkdir()
+    return ws
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "flux-home"
+
+
+@pytest.fixture
+def make_settings(workspace: Path, home: Path) -> Callable[..., Settings]:
+    def make(**env: str) -> Settings:
+        base = {"FLUX_MCP_HOME": str(home)}
+        return Settings.from_env({**base, **env}, cwd=workspace)
+
+    return make
+
+
+@contextlib.asynccontextmanager
+async def connect(settings: Settings, fake: Fake | None = None, **client_kw: Any) -> AsyncIterator[Client]:
+    """An MCP client connected in memory to a fresh server whose provider calls go to `fake`."""
+    http = httpx2.AsyncClient(transport=httpx2.MockTransport(fake.handle)) if fake else None
+    server = build_server(settings, http_client=http, retry=FAST_RETRY)
+    try:
+        async with Client(server, **client_kw) as client:
+            yield client
+    finally:
+        if http is not None:
+            await http.aclose()
+
+
+def text_of(result: Any) -> str:
+    return "\n".join(b.text for b in result.content if getattr(b, "type", "") == "text")

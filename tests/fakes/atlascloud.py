@@ -1,0 +1,180 @@
+"""A wire-level fake of the Atlas Cloud media API, following shared/providers/API-NOTES.md section 1.
+
+What it reproduces:
+* `Authorization: Bearer <key>` on every call; 401 `{code, message}` otherwise.
+* `POST /api/v1/model/generateImage` with a flat body or an `{"input": {...}}` body (merged, top level
+  wins); validates model, `num_images` 1-4, `strength` 0-1, `size` "W*H"; answers the
+  `{code: 200, data: {id, status: "created"}}` envelope (or the documented variants: top-level `id`,
+  `predictionId`). Every accepted job is appended to `ledger` (what a user would pay for).
+* `GET /api/v1/model/prediction/{id}` (and `/model/getResult?predictionId=`): `created` ->
+  `processing` -> `completed` as polls arrive; outputs as URL strings or objects; a failed task is
+  HTTP 500 with `{code: 500, message, data: {status: "failed", error}}`; a "completed" task can have
+  empty outputs with `has_nsfw_contents: [true]`; unknown ids are 404.
+* `POST /api/v1/model/uploadMedia` multipart `file` -> `{code: 200, message: "success", data: {type,
+  download_url, filename, size}}`.
+* Result and upload files are served from the fake's own host (`/files/...`, `/uploads/...`).
+
+Knobs (set by tests): `polls_to_complete`, `hold` (jobs stay processing until `finish(id)`),
+`outcome` ("ok", "fail", "nsfw"), `output_style` ("strings", "objects", "base64"), `id_style`,
+`submit_errors` (queue of (status, body, headers) answered instead of accepting a job).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+
+from .wire import json_response, png_bytes
+
+KNOWN_MODELS = {
+    "black-forest-labs/flux-schnell", "black-forest-labs/flux-dev", "black-forest-labs/flux-dev-lora",
+    "black-forest-labs/flux-kontext-dev", "black-forest-labs/flux-kontext-dev-lora", "wavespeed-ai/flux-schnell",
+}
+NEEDS_IMAGE = {"black-forest-labs/flux-kontext-dev", "black-forest-labs/flux-kontext-dev-lora"}
+
+
+@dataclass
+class Job:
+    id: str
+    body: dict[str, Any]
+    polls: int = 0
+    done: bool = False
+    outcome: str = "ok"
+
+
+@dataclass
+class AtlasFake:
+    key: str
+    polls_to_complete: int = 1
+    hold: bool = False
+    outcome: str = "ok"
+    output_style: str = "strings"
+    id_style: str = "data.id"
+    price: float | None = 0.003
+    submit_errors: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
+    poll_errors: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+    jobs: dict[str, Job] = field(default_factory=dict)
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+    image_size: tuple[int, int] = (64, 64)
+
+    def finish(self, job_id: str) -> None:
+        self.jobs[job_id].done = True
+
+    async def handle(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        self.requests.append(f"{request.method} {path}")
+        if request.method == "GET" and path.startswith(("/files/", "/uploads/")):
+            return self._file(path)
+        if request.headers.get("authorization") != f"Bearer {self.key}":
+            return json_response(401, {"code": 401, "message": "Unauthorized: invalid or expired API key"})
+        if request.method == "POST" and path == "/api/v1/model/generateImage":
+            return self._submit(request)
+        m = re.fullmatch(r"/api/v1/model/prediction/([^/]+)/?", path)
+        if request.method == "GET" and m:
+            return self._poll(m.group(1), request)
+        if request.method == "GET" and path == "/api/v1/model/getResult":
+            return self._poll(request.url.params.get("predictionId", ""), request)
+        if request.method == "POST" and path == "/api/v1/model/uploadMedia":
+            return self._upload(request)
+        return json_response(404, {"code": 404, "message": "not found"})
+
+    def _submit(self, request: httpx2.Request) -> httpx2.Response:
+        if self.submit_errors:
+            status, body, headers = self.submit_errors.pop(0)
+            return httpx2.Response(status, json=body, headers=headers) if not isinstance(body, str) else \
+                httpx2.Response(status, text=body, headers=headers)
+        try:
+            raw = json.loads(request.content)
+        except ValueError:
+            return json_response(400, {"code": 400, "message": "invalid JSON body"})
+        body = {**raw.get("input", {}), **{k: v for k, v in raw.items() if k != "input"}}
+        model = body.get("model")
+        if model not in KNOWN_MODELS:
+            return json_response(400, {"code": 400, "message": f"model {model} not found"})
+        if not isinstance(body.get("prompt"), str) or not body["prompt"]:
+            return json_response(400, {"code": 400, "message": "prompt is required"})
+        n = body.get("num_images", 1)
+        if not isinstance(n, int) or not 1 <= n <= 4:
+            return json_response(400, {"code": 400, "message": "num_images must be between 1 and 4"})
+        if "strength" in body and not 0 <= body["strength"] <= 1:
+            return json_response(400, {"code": 400, "message": "strength must be between 0 and 1"})
+        if "size" in body and not re.fullmatch(r"\d+\*\d+", str(body["size"])):
+            return json_response(400, {"code": 400, "message": "size must look like 1024*1024"})
+        if model in NEEDS_IMAGE and not body.get("image"):
+            return json_response(400, {"code": 400, "message": "image is required for this model"})
+        job = Job(id=f"pred_{uuid.uuid4().hex[:16]}", body=body, outcome=self.outcome)
+        self.jobs[job.id] = job
+        self.ledger.append(body)
+        if self.id_style == "id":
+            return json_response(200, {"id": job.id, "status": "processing", "model": model})
+        if self.id_style == "predictionId":
+            return json_response(200, {"code": 200, "data": {"predictionId": job.id, "status": "created"}})
+        return json_response(200, {"code": 200, "data": {"id": job.id, "status": "created"}})
+
+    def _poll(self, job_id: str, request: httpx2.Request) -> httpx2.Response:
+        if self.poll_errors:
+            status, body, headers = self.poll_errors.pop(0)
+            return httpx2.Response(status, json=body, headers=headers) if not isinstance(body, str) else \
+                httpx2.Response(status, text=body, headers=headers)
+        job = self.jobs.get(job_id)
+        if job is None:
+            return json_response(404, {"code": 404, "message": f"prediction {job_id} not found"})
+        job.polls += 1
+        if not self.hold and job.polls >= self.polls_to_complete:
+            job.done = True
+        if not job.done:
+            status = "created" if job.polls == 0 else "processing"
+            return json_response(200, {"code": 200, "data": {"id": job.id, "status": status, "outputs": []}})
+        if job.outcome == "fail":
+            return json_response(500, {"code": 500, "message": "task failed",
+                                       "data": {"id": job.id, "status": "failed",
+                                                "error": "NSFW content detected in prompt"}})
+        if job.outcome == "nsfw":
+            return json_response(200, {"code": 200, "data": {"id": job.id, "status": "completed", "outputs": [],
+                                                             "has_nsfw_contents": [True]}})
+        base = f"{request.url.scheme}://{request.url.netloc.decode()}"
+        n = job.body.get("num_images", 1)
+        outputs: list[Any]
+        if self.output_style == "base64":
+            outputs = [base64.b64encode(png_bytes(*self.image_size)).decode() for _ in range(n)]
+        else:
+            outputs = [f"{base}/files/{job.id}-{i}.png" for i in range(n)]
+            if self.output_style == "objects":
+                outputs = [{"url": u} for u in outputs]
+        data = {"id": job.id, "status": "completed", "outputs": outputs, "model": job.body["model"],
+                "has_nsfw_contents": [False] * n, "created_at": "2026-01-01T00:00:00Z",
+                "completed_at": "2026-01-01T00:00:02Z", "metrics": {"predict_time": 1.2}}
+        if self.price is not None:
+            data["price"] = self.price * n
+        return json_response(200, {"code": 200, "data": data})
+
+    def _upload(self, request: httpx2.Request) -> httpx2.Response:
+        ctype = request.headers.get("content-type", "")
+        if "multipart/form-data" not in ctype:
+            return json_response(400, {"code": 400, "message": "multipart/form-data required"})
+        m = re.search(rb'name="file"; filename="([^"]+)"\r\nContent-Type: ([^\r]+)\r\n\r\n(.*)\r\n--',
+                      request.content, re.S)
+        if not m:
+            return json_response(400, {"code": 400, "message": "file part missing"})
+        name = f"{uuid.uuid4().hex[:8]}-{m.group(1).decode()}"
+        self.uploads[name] = m.group(3)
+        base = f"{request.url.scheme}://{request.url.netloc.decode()}"
+        return json_response(200, {"code": 200, "message": "success", "data": {
+            "type": "image", "download_url": f"{base}/uploads/{name}", "filename": m.group(1).decode(),
+            "size": len(m.group(3))}})
+
+    def _file(self, path: str) -> httpx2.Response:
+        if path.startswith("/uploads/"):
+            data = self.uploads.get(path.removeprefix("/uploads/"))
+            if data is None:
+                return httpx2.Response(404, text="no such upload")
+            return httpx2.Response(200, content=data, headers={"content-type": "image/png"})
+        return httpx2.Response(200, content=png_bytes(*self.image_size), headers={"content-type": "image/png"})
