@@ -1,0 +1,65 @@
+"""The terminal commands, run as a new user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.subprocess_helpers import child_env, flux_command
+
+pytestmark = pytest.mark.subprocess
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(flux_command(*args), env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_generate_with_no_key_leaves_a_real_placeholder_image(home, workspace):
+    proc = run(["generate", "a cozy cabin in the woods", "--width", "640", "--height", "384", "-o",
+                "assets/cabin.png"], child_env(home), workspace)
+    assert proc.returncode == 0, proc.stderr
+    target = workspace / "assets" / "cabin.png"
+    assert proc.stdout.strip() == str(target)
+    with Image.open(target) as im:
+        assert im.size == (640, 384) and im.format == "PNG"
+        assert im.info["provider"] == "placeholder" and im.info["prompt"] == "a cozy cabin in the woods"
+    assert "PLACEHOLDER" in proc.stderr and "ATLASCLOUD_API_KEY" in proc.stderr
+
+
+def test_generate_json_prints_the_structured_result(home, workspace):
+    proc = run(["generate", "x", "-n", "2", "--seed", "5", "--json"], child_env(home), workspace)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["status"] == "succeeded" and len(data["images"]) == 2
+    assert all(Path(i["path"]).is_file() for i in data["images"])
+
+
+def test_generate_bad_argument_fails_with_a_clear_message(home, workspace):
+    proc = run(["generate", "x", "--provider", "placeholder", "--width", "5"], child_env(home), workspace)
+    assert proc.returncode == 1 and "width" in proc.stderr
+
+
+def test_providers_lists_every_provider_and_what_to_set(home, workspace):
+    proc = run(["providers"], child_env(home, SEGMIND_API_KEY="seg-canary-0123456789abcdef"), workspace)
+    assert proc.returncode == 0, proc.stderr
+    for pid in ("atlascloud", "segmind", "acedatacloud", "imagepipeline", "appypie", "placeholder"):
+        assert pid in proc.stdout
+    assert "set ATLASCLOUD_API_KEY" in proc.stdout and "configured (default)" in proc.stdout
+    assert "seg-canary" not in proc.stdout + proc.stderr
+
+
+def test_providers_json_marks_the_default(home, workspace):
+    proc = run(["providers", "--json"], child_env(home), workspace)
+    data = json.loads(proc.stdout)
+    assert data["default"] == "placeholder"
+    assert {p["id"]: p["configured"] for p in data["providers"]}["atlascloud"] is False
+
+
+def test_version_and_bad_settings(home, workspace):
+    assert run(["--version"], child_env(home), workspace).stdout.startswith("flux-mcp ")
+    bad = run(["providers"], child_env(home, FLUX_MCP_WAIT_SECONDS="soon"), workspace)
+    assert bad.returncode == 2 and "FLUX_MCP_WAIT_SECONDS must be a number" in bad.stderr
