@@ -28,6 +28,7 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 100_000_000
 """Beyond this an image is refused as a likely decompression bomb."""
 MAX_PREVIEW_SIDE = 8000
+PREVIEW_START_SIDE = 1568
 MAX_REDIRECTS = 5
 DOWNLOAD_DEADLINE = 120.0
 
@@ -306,7 +307,8 @@ def make_preview(path: Path, budget: int) -> tuple[bytes, str]:
         if len(data) <= budget and fits_side and im.format in ("PNG", "JPEG", "WEBP"):
             return data, _PIL_MIME[im.format]
         rgb = im.convert("RGB") if im.mode != "RGB" else im
-        side = min(max(rgb.size), 1536 if not fits_side else max(rgb.size), MAX_PREVIEW_SIDE)
+        # Vision models downscale past ~1568 px anyway; start there and shrink until the bytes fit.
+        side = min(max(rgb.size), PREVIEW_START_SIDE)
         quality = 85
         while True:
             scaled = rgb.copy()

@@ -6,7 +6,7 @@ import os
 import re
 import stat
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 from .errors import PathNotAllowed
 
@@ -46,9 +46,14 @@ def to_local_path(raw: str) -> Path:
         text = unquote(parsed.path)
         if os.name == "nt" and text.startswith("/") and _WINDOWS_DRIVE.match(text[1:]):
             text = text[1:]
-    if _WINDOWS_DRIVE.match(text) and os.name != "nt":
-        # A Windows client talking to a POSIX server: keep the parts, they cannot be inside any folder here.
-        return Path(PurePosixPath(*PureWindowsPath(text).parts))
+    if os.name != "nt":
+        if _WINDOWS_DRIVE.match(text) or text.startswith("\\\\"):
+            raise PathNotAllowed(
+                f"{raw!r} is a Windows path, but this server runs on {os.uname().sysname}: give a path inside "
+                "the allowed folders, or a path relative to the project."
+            )
+        # A client on Windows may send relative paths with backslashes.
+        text = text.replace("\\", "/")
     return Path(text).expanduser()
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx2
 
-from .wire import json_response, png_bytes
+from .wire import json_response, noise_png, png_bytes
 
 KNOWN_MODELS = {
     "black-forest-labs/flux-schnell", "black-forest-labs/flux-dev", "black-forest-labs/flux-dev-lora",
@@ -64,6 +64,8 @@ class AtlasFake:
     uploads: dict[str, bytes] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
     image_size: tuple[int, int] = (64, 64)
+    noisy_images: bool = False
+    """Serve incompressible images (realistic byte sizes) instead of flat colour."""
 
     def finish(self, job_id: str) -> None:
         self.jobs[job_id].done = True
@@ -177,4 +179,5 @@ class AtlasFake:
             if data is None:
                 return httpx2.Response(404, text="no such upload")
             return httpx2.Response(200, content=data, headers={"content-type": "image/png"})
-        return httpx2.Response(200, content=png_bytes(*self.image_size), headers={"content-type": "image/png"})
+        data = noise_png(*self.image_size) if self.noisy_images else png_bytes(*self.image_size)
+        return httpx2.Response(200, content=data, headers={"content-type": "image/png"})

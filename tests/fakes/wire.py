@@ -32,6 +32,16 @@ def png_bytes(width: int = 64, height: int = 64, color: tuple[int, int, int] = (
     return buf.getvalue()
 
 
+def noise_png(width: int, height: int, seed: int = 1) -> bytes:
+    """An incompressible PNG (random pixels): the byte size of a real photo-like result, or more."""
+    import random
+
+    rng = random.Random(seed)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3)).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
 def jpeg_bytes(width: int = 64, height: int = 64, color: tuple[int, int, int] = (40, 120, 200)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buf, "JPEG", quality=90)

@@ -1,0 +1,136 @@
+"""Results a coding assistant can use: previews within client limits, files in the workspace, resources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mcp_types import ListRootsResult, Root
+from PIL import Image
+
+from flux_mcp.errors import PathNotAllowed
+from flux_mcp.paths import PathPolicy
+from tests.conftest import ATLAS_KEY, connect, text_of
+from tests.fakes.atlascloud import AtlasFake
+
+pytestmark = pytest.mark.anyio
+BASE = "http://atlas.test"
+
+
+@pytest.fixture
+def fake() -> AtlasFake:
+    return AtlasFake(key=ATLAS_KEY)
+
+
+@pytest.fixture
+def settings(make_settings):
+    return make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=BASE)
+
+
+async def test_2048_result_fits_claude_desktop_limit_and_full_image_stays_on_disk(settings, fake):
+    fake.image_size, fake.noisy_images = (2048, 2048), True
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("generate_image", {"prompt": "p", "width": 1024, "height": 1024})
+    wire = result.model_dump_json(by_alias=True, exclude_none=True)
+    assert len(wire.encode()) < 1_000_000
+    previews = [b for b in result.content if b.type == "image"]
+    assert len(previews) == 1 and previews[0].mime_type == "image/jpeg"
+    image = result.structured_content["images"][0]
+    assert (image["width"], image["height"]) == (2048, 2048)
+    assert Path(image["path"]).stat().st_size > 5_000_000 and image["path"] in text_of(result)
+
+
+async def test_several_large_images_share_the_budget(settings, fake):
+    fake.image_size, fake.noisy_images = (1024, 1024), True
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("generate_image", {"prompt": "p", "num_images": 4})
+    assert len([b for b in result.content if b.type == "image"]) == 4
+    assert len(result.model_dump_json(by_alias=True).encode()) < 1_000_000
+
+
+async def test_previews_off_leaves_paths_and_urls_in_the_text(make_settings, fake):
+    settings = make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=BASE, FLUX_MCP_PREVIEW="off")
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("generate_image", {"prompt": "p"})
+    assert not [b for b in result.content if b.type == "image"]
+    image = result.structured_content["images"][0]
+    assert image["path"] in text_of(result) and image["url"] in text_of(result)
+
+
+async def test_save_to_webp_in_the_workspace_carries_its_provenance(settings, fake, workspace):
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("generate_image", {"prompt": "a hero banner, teal", "seed": 42,
+                                                           "save_to": "assets/hero.webp"})
+    target = workspace / "assets" / "hero.webp"
+    pid = result.structured_content["prediction_id"]
+    with Image.open(target) as im:
+        assert im.format == "WEBP"
+        xmp = im.info.get("xmp", b"")
+        exif = im.getexif()
+    xmp = xmp.decode() if isinstance(xmp, bytes) else xmp
+    assert "a hero banner, teal" in xmp and pid in xmp and "atlascloud" in xmp and "<flux:seed>42<" in xmp
+    assert exif[0x010E] == "a hero banner, teal"
+    assert "assets/hero.webp" in text_of(result)
+
+
+async def test_save_to_jpg_converts_and_keeps_provenance(settings, fake, workspace):
+    async with connect(settings, fake) as client:
+        await client.call_tool("generate_image", {"prompt": "night city", "save_to": "out/city.jpg"})
+    with Image.open(workspace / "out" / "city.jpg") as im:
+        assert im.format == "JPEG" and "night city" in im.info["xmp"].decode()
+
+
+async def test_save_to_outside_the_workspace_is_refused_before_paying(settings, fake, tmp_path):
+    async with connect(settings, fake) as client:
+        escape = await client.call_tool("generate_image", {"prompt": "p", "save_to": "../elsewhere/x.png"})
+        absolute = await client.call_tool("generate_image", {"prompt": "p", "save_to": str(tmp_path / "x.png")})
+        bad_ext = await client.call_tool("generate_image", {"prompt": "p", "save_to": "x.gif"})
+    assert escape.is_error and "outside the allowed folders" in text_of(escape)
+    assert absolute.is_error and "outside the allowed folders" in text_of(absolute)
+    assert bad_ext.is_error and ".png, .jpg, .jpeg or .webp" in text_of(bad_ext)
+    assert fake.ledger == []
+
+
+async def test_relative_save_to_lands_in_the_clients_root(settings, fake, tmp_path):
+    project = tmp_path / "client-root"
+    project.mkdir()
+
+    async def roots(_ctx):
+        return ListRootsResult(roots=[Root(uri=project.as_uri(), name="project")])
+
+    async with connect(settings, fake, mode="legacy", list_roots_callback=roots) as client:
+        result = await client.call_tool("generate_image", {"prompt": "p", "save_to": "public/logo.png"})
+    assert result.structured_content["images"][0]["path"] == str(project / "public" / "logo.png")
+    assert (project / "public" / "logo.png").is_file()
+
+
+async def test_prediction_and_image_resources(settings, fake):
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("generate_image", {"prompt": "p"})
+        pid = result.structured_content["prediction_id"]
+        links = [b for b in result.content if b.type == "resource_link"]
+        prediction = await client.read_resource(f"flux://predictions/{pid}")
+        image = await client.read_resource(links[0].uri)
+        providers = await client.read_resource("flux://providers")
+    assert json.loads(prediction.contents[0].text) == result.structured_content
+    assert image.contents[0].blob and links[0].uri == f"flux://images/{pid}/0"
+    listed = json.loads(providers.contents[0].text)
+    assert listed["default"] == "atlascloud"
+    assert {p["id"] for p in listed["providers"]} >= {"atlascloud", "segmind", "placeholder"}
+
+
+def test_windows_drive_paths_are_understood_and_checked(tmp_path):
+    policy = PathPolicy([tmp_path], tmp_path / "home")
+    with pytest.raises(PathNotAllowed, match="is a Windows path"):
+        policy.check_write(r"C:\Users\me\project\hero.png")
+    assert policy.check_write("public\\img\\hero.png") == tmp_path / "public" / "img" / "hero.png"
+    with pytest.raises(PathNotAllowed, match="outside the allowed folders"):
+        policy.check_write("..\\..\\etc\\x.png")
+
+
+def test_home_and_root_are_never_allowed_folders(tmp_path):
+    from flux_mcp.paths import usable_folders
+
+    assert usable_folders([Path("/"), Path.home()], tmp_path) == []
+    assert usable_folders([tmp_path], tmp_path / "h") == [tmp_path.resolve()]
