@@ -13,6 +13,7 @@ from mcp import Client
 
 from flux_mcp.config import Settings
 from flux_mcp.http import RetryPolicy
+from flux_mcp.media import DownloadLimits
 from flux_mcp.server import build_server
 from tests.fakes.wire import Fake
 
@@ -49,10 +50,11 @@ def make_settings(workspace: Path, home: Path) -> Callable[..., Settings]:
 
 
 @contextlib.asynccontextmanager
-async def connect(settings: Settings, fake: Fake | None = None, **client_kw: Any) -> AsyncIterator[Client]:
+async def connect(settings: Settings, fake: Fake | None = None, *, retry: RetryPolicy = FAST_RETRY,
+                  downloads: DownloadLimits | None = None, **client_kw: Any) -> AsyncIterator[Client]:
     """An MCP client connected in memory to a fresh server whose provider calls go to `fake`."""
     http = httpx2.AsyncClient(transport=httpx2.MockTransport(fake.handle)) if fake else None
-    server = build_server(settings, http_client=http, retry=FAST_RETRY)
+    server = build_server(settings, http_client=http, retry=retry, downloads=downloads)
     try:
         async with Client(server, **client_kw) as client:
             yield client

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -60,7 +61,10 @@ class ImageInfo:
 def inspect_image(data: bytes) -> ImageInfo:
     """Checks by content (not name) that `data` is a PNG, JPEG, WebP or GIF within the pixel limit."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            im = Image.open(io.BytesIO(data))
+        with im:
             fmt = im.format or ""
             width, height = im.size
             if fmt not in _PIL_MIME:
@@ -73,7 +77,7 @@ def inspect_image(data: bytes) -> ImageInfo:
     except Image.DecompressionBombError:
         raise DownloadFailed(f"the image is over the {MAX_PIXELS}-pixel limit (decompression bomb)") from None
     except Exception as exc:
-        raise DownloadFailed(f"the data is not a readable image ({type(exc).__name__})") from None
+        raise DownloadFailed(f"the data is not an image this server can read ({type(exc).__name__})") from None
     return ImageInfo(_PIL_MIME[fmt], width, height)
 
 
@@ -89,6 +93,16 @@ def decode_data_uri(uri: str) -> bytes:
 
 def to_data_uri(data: bytes, mime_type: str) -> str:
     return f"data:{mime_type};base64,{base64.b64encode(data).decode()}"
+
+
+@dataclass(frozen=True)
+class DownloadLimits:
+    """Bounds on fetching one result image."""
+
+    max_bytes: int = MAX_IMAGE_BYTES
+    deadline: float = DOWNLOAD_DEADLINE
+    """Overall seconds for one attempt, every redirect and the whole body included."""
+    attempts: int = 3
 
 
 class Downloader:

@@ -16,13 +16,14 @@ import anyio
 import httpx2
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from . import __version__
 from .config import MAX_WAIT_SECONDS, Settings
 from .errors import FluxError
 from .http import RetryPolicy
 from .journal import Journal
+from .media import DownloadLimits, Downloader
 from .models import PredictionResult, UploadResult
 from .paths import PathPolicy, usable_folders
 from .redact import Redactor
@@ -53,8 +54,18 @@ class AppState:
 
 # --- argument types, described for the model -------------------------------------------------------
 
+def _no_control_chars(value: str) -> str:
+    bad = sorted({f"U+{ord(c):04X}" for c in value if (ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) < 0xA0})
+    if bad:
+        raise ValueError(f"must not contain control characters (found {', '.join(bad[:5])}); use plain text")
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
 Prompt = Annotated[str, Field(min_length=1, max_length=4000,
-                              description="What the image should show: subject, style, composition, lighting, text.")]
+                              description="What the image should show: subject, style, composition, lighting, text."),
+                   AfterValidator(_no_control_chars)]
 ProviderArg = Annotated[str | None, Field(
     default=None, max_length=40,
     description="Provider id (atlascloud, segmind, acedatacloud, imagepipeline, appypie, placeholder). "
@@ -82,9 +93,9 @@ UploadOut = Annotated[CallToolResult, UploadResult]
 
 
 def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
-                 retry: RetryPolicy | None = None) -> MCPServer[AppState]:
+                 retry: RetryPolicy | None = None, downloads: DownloadLimits | None = None) -> MCPServer[AppState]:
     """Builds a server; nothing is opened until its lifespan starts. `http_client` lets tests inject a
-    client over `httpx2.MockTransport`."""
+    client over `httpx2.MockTransport`; `retry` and `downloads` tune the network limits."""
 
     # One state per server, shared by every lifespan entry (SSE enters it once per connection).
     live: list[AppState] = []
@@ -96,7 +107,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         nonlocal users
         async with lock:
             if not live:
-                live.append(_open_state(settings, http_client, retry))
+                live.append(_open_state(settings, http_client, retry, downloads))
             users += 1
         try:
             yield live[0]
@@ -146,7 +157,8 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     @server.tool(title="Edit image", annotations=ToolAnnotations(title="Edit image", **_hints(job_annotations)))
     async def edit_image(
         prompt: Annotated[str, Field(min_length=1, max_length=4000,
-                                     description="The change to make, e.g. 'make the sky a sunset'.")],
+                                     description="The change to make, e.g. 'make the sky a sunset'."),
+                          AfterValidator(_no_control_chars)],
         image: Annotated[str, Field(min_length=1, max_length=20_000_000,
                                     description="The image to edit: an http(s) URL, a local file path, or a "
                                                 "data: URI.")],
@@ -250,15 +262,18 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     return server
 
 
-def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None,
-                retry: RetryPolicy | None) -> AppState:
+def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
+                downloads: DownloadLimits | None) -> AppState:
     settings.home.mkdir(parents=True, exist_ok=True)
     journal = Journal(settings.home / "journal.sqlite3")
     client = http_client or httpx2.AsyncClient(
         timeout=httpx2.Timeout(30.0, connect=10.0), limits=httpx2.Limits(max_connections=200),
         follow_redirects=False, trust_env=False,
     )
-    service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry)
+    limits = downloads or DownloadLimits()
+    downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
+    service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry,
+                          downloader=downloader)
     return AppState(settings, service)
 
 

@@ -77,7 +77,8 @@ class FluxService:
     """Holds the providers, the journal and the image store; one per server process."""
 
     def __init__(self, settings: Settings, client: httpx2.AsyncClient, journal: Journal, *,
-                 redactor: Redactor | None = None, retry: RetryPolicy | None = None):
+                 redactor: Redactor | None = None, retry: RetryPolicy | None = None,
+                 downloader: Downloader | None = None):
         self.settings = settings
         self.client = client
         self.journal = journal
@@ -86,7 +87,7 @@ class FluxService:
         for cls in PROVIDER_CLASSES:
             http = ProviderHttp(client, cls.id, self.redactor, key_env=cls.key_env, retry=retry)
             self.providers[cls.id] = cls(settings.providers[cls.id], http)
-        self.downloader = Downloader(client)
+        self.downloader = downloader or Downloader(client)
         self.store = ImageStore(settings.home)
 
     # --- choosing a provider ------------------------------------------------------------------
@@ -244,6 +245,11 @@ class FluxService:
                 poll_error = f"The last status check failed: {exc}"
                 log.warning("poll %s: %s", record.id, exc)
                 continue
+            except ProviderError as exc:
+                # Not transient (e.g. the key was revoked): stop waiting, keep the job and its id.
+                poll_error = f"The status check failed: {exc}"
+                log.warning("poll %s: %s", record.id, exc)
+                break
             if state.status in FINAL:
                 break
             if progress:

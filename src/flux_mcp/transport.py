@@ -17,8 +17,15 @@ _LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localh
 _LOOPBACK_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
 
 
-def security_settings(host: str, port: int, extra_hosts: list[str] | None = None) -> TransportSecuritySettings:
-    """DNS-rebinding protection: only the bound address (and loopback names) as Host, only local Origins."""
+def security_settings(host: str, port: int, extra_hosts: list[str] | None = None, *,
+                      token_required: bool = False) -> TransportSecuritySettings:
+    """DNS-rebinding protection: only the bound address (and loopback names) as Host, only local Origins.
+
+    A server bound to a public address must have a bearer token; there a rebinding page cannot know the
+    token, and clients reach the server under names this process cannot list, so Host is not checked.
+    """
+    if token_required and host not in ("127.0.0.1", "localhost", "::1"):
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
     hosts = list(_LOOPBACK_HOSTS)
     if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
         hosts += [f"{host}:{port}", host]
@@ -63,7 +70,7 @@ def http_app(settings: Settings, transport: str, host: str, port: int, **server_
     from .server import build_server
 
     server = build_server(settings, **server_kwargs)
-    security = security_settings(host, port)
+    security = security_settings(host, port, token_required=settings.auth_token is not None)
     if transport == "sse":
         app: ASGIApp = server.sse_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES, host=host)
     else:

@@ -22,8 +22,10 @@ Knobs (set by tests): `polls_to_complete`, `hold` (jobs stay processing until `f
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +48,7 @@ class Job:
     polls: int = 0
     done: bool = False
     outcome: str = "ok"
+    created: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -64,6 +67,10 @@ class AtlasFake:
     uploads: dict[str, bytes] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
     image_size: tuple[int, int] = (64, 64)
+    duration: float | None = None
+    """When set, a job completes this many seconds after submit (wall clock), whatever the poll count."""
+    file_mode: str = "ok"
+    """How result files are served: ok, 404, redirect_loop, redirect:<url>, not_image, huge, slow, bomb."""
     noisy_images: bool = False
     """Serve incompressible images (realistic byte sizes) instead of flat colour."""
 
@@ -130,7 +137,9 @@ class AtlasFake:
         if job is None:
             return json_response(404, {"code": 404, "message": f"prediction {job_id} not found"})
         job.polls += 1
-        if not self.hold and job.polls >= self.polls_to_complete:
+        if self.duration is not None:
+            job.done = job.done or time.monotonic() - job.created >= self.duration
+        elif not self.hold and job.polls >= self.polls_to_complete:
             job.done = True
         if not job.done:
             status = "created" if job.polls == 0 else "processing"
@@ -174,6 +183,22 @@ class AtlasFake:
             "size": len(m.group(3))}})
 
     def _file(self, path: str) -> httpx2.Response:
+        mode = self.file_mode
+        if path.startswith("/files/") and mode != "ok":
+            if mode == "404":
+                return httpx2.Response(404, text="expired")
+            if mode == "redirect_loop":
+                return httpx2.Response(302, headers={"location": path})
+            if mode.startswith("redirect:"):
+                return httpx2.Response(302, headers={"location": mode.removeprefix("redirect:")})
+            if mode == "not_image":
+                return httpx2.Response(200, text="<html>not an image</html>", headers={"content-type": "image/png"})
+            if mode == "huge":
+                return httpx2.Response(200, content=_endless(), headers={"content-type": "image/png"})
+            if mode == "slow":
+                return httpx2.Response(200, content=_slow_drip(png_bytes()), headers={"content-type": "image/png"})
+            if mode == "bomb":
+                return httpx2.Response(200, content=_bomb(), headers={"content-type": "image/png"})
         if path.startswith("/uploads/"):
             data = self.uploads.get(path.removeprefix("/uploads/"))
             if data is None:
@@ -181,3 +206,28 @@ class AtlasFake:
             return httpx2.Response(200, content=data, headers={"content-type": "image/png"})
         data = noise_png(*self.image_size) if self.noisy_images else png_bytes(*self.image_size)
         return httpx2.Response(200, content=data, headers={"content-type": "image/png"})
+
+
+async def _endless():
+    """An image body that never ends (a byte cap must stop it)."""
+    chunk = png_bytes()[:8] + b"\0" * (1024 * 1024 - 8)
+    while True:
+        yield chunk
+
+
+async def _slow_drip(data: bytes):
+    """A body that arrives one byte every 0.2 s (an overall deadline must stop it)."""
+    import anyio
+
+    for i in range(len(data)):
+        await anyio.sleep(0.2)
+        yield data[i : i + 1]
+
+
+def _bomb() -> bytes:
+    """A tiny PNG that decodes to 12000 x 12000 pixels."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, "PNG", optimize=True)
+    return buf.getvalue()

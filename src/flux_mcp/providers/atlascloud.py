@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..errors import InsufficientCredits, ProviderRejected, ProviderUnavailable
+from ..errors import InsufficientCredits, ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
 from ..http import parse_json
 from ..models import Status
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
@@ -86,12 +86,18 @@ class AtlasCloud(Provider):
         url = f"{self.base_url}/api/v1/model/generateImage"
         response = await self.http.submit("POST", url, headers=self._headers(), json=self.body(req))
         payload = parse_json(response)
-        if response.status_code >= 400 or not isinstance(payload, dict):
+        if response.status_code >= 300:
             raise self._error(response, submit=True)
-        data = payload.get("data") if isinstance(payload.get("data"), dict) else payload
-        native = data.get("id") or payload.get("id") or data.get("predictionId") or payload.get("predictionId")
+        data = payload.get("data") if isinstance(payload, dict) and isinstance(payload.get("data"), dict) else payload
+        native = None
+        if isinstance(data, dict):
+            native = data.get("id") or payload.get("id") or data.get("predictionId") or payload.get("predictionId")
         if not isinstance(native, str) or not native:
-            raise self._error(response, submit=True, why="the answer has no prediction id")
+            raise SubmitOutcomeUnknown(
+                f"Atlas Cloud accepted the request (HTTP {response.status_code}) but its answer has no readable "
+                "prediction id, so this server cannot follow the job. It may have been created and charged: check "
+                "the Atlas Cloud dashboard's history before asking again."
+            )
         state = self._state(data) if data.get("status") else None
         if state is not None and state.status in ("starting", "processing"):
             state = None
@@ -102,11 +108,13 @@ class AtlasCloud(Provider):
         response = await self.http.fetch("GET", url, headers=self._headers())
         payload = parse_json(response)
         data = payload.get("data") if isinstance(payload, dict) and isinstance(payload.get("data"), dict) else payload
-        if isinstance(data, dict) and str(data.get("status", "")).lower() in _STATUS:
+        if isinstance(data, dict) and isinstance(data.get("status"), str):
             # A failed task comes back as HTTP 5xx with its verdict in the body: the verdict wins.
             return self._state(data)
         if response.status_code in (400, 404) and time.time() - submitted_at < _WARMUP_GRACE:
             return JobState(status="starting")
+        if response.status_code < 300:
+            raise ProviderUnavailable("Atlas Cloud's status answer could not be read; the job is kept, check again.")
         raise self._error(response)
 
     async def upload(self, data: bytes, filename: str, mime_type: str) -> str:
@@ -148,9 +156,7 @@ class AtlasCloud(Provider):
                             cost_usd=cost)
         return JobState(status=status)
 
-    def _error(self, response: Any, *, submit: bool = False, why: str | None = None) -> Exception:
-        if why:
-            return ProviderUnavailable(f"Atlas Cloud answered HTTP {response.status_code} but {why}.")
+    def _error(self, response: Any, *, submit: bool = False) -> Exception:
         detail = self.http.message_of(response).lower()
         if response.status_code < 500 and ("insufficient" in detail or "balance" in detail):
             return InsufficientCredits(
