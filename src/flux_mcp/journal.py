@@ -119,10 +119,11 @@ class Journal:
         rec.updated_at = time.time()
         with self._lock:
             self._db.execute(
-                "UPDATE predictions SET status=?, images=?, outputs=?, error=?, cost_usd=?, remaining_credits=?,"
-                " updated_at=?, completed_at=? WHERE id=?",
+                "UPDATE predictions SET status=?, request=?, images=?, outputs=?, error=?, cost_usd=?,"
+                " remaining_credits=?, updated_at=?, completed_at=? WHERE id=?",
                 (
-                    rec.status, _dump_images(rec.images), json.dumps(rec.outputs), rec.error, rec.cost_usd,
+                    rec.status, json.dumps(rec.request), _dump_images(rec.images), json.dumps(rec.outputs),
+                    rec.error, rec.cost_usd,
                     rec.remaining_credits, rec.updated_at, rec.completed_at, rec.id,
                 ),
             )

@@ -207,6 +207,8 @@ class FluxService:
             record.remaining_credits = state.remaining_credits
         if state.status == "succeeded":
             record.outputs = [o.url for o in state.outputs]
+            # A success can carry a note (e.g. 2 of 3 images made); it must survive re-downloads.
+            record.request["provider_note"] = state.error
         self.journal.update(record)
         if state.status == "succeeded":
             await self._materialize(record, provider, state, paths, outcome)
@@ -300,13 +302,14 @@ class FluxService:
                     problems.append(f"image {i + 1} was not written to {targets[i]}: {exc}")
             images.append(ImageOutput(url=url, path=str(path), mime_type=mime, width=info.width, height=info.height))
         record.images = images
+        note = record.request.get("provider_note")
         if problems:
             record.error = self.redactor.scrub(
-                "; ".join(problems) + ". The job succeeded; call check_prediction again to retry the download "
-                "while the provider URL is valid."
+                "; ".join(([note] if note else []) + problems) + ". The job succeeded; call check_prediction "
+                "again to retry the download while the provider URL is valid."
             )
         elif record.status == "succeeded":
-            record.error = None
+            record.error = note
         if record.status == "succeeded" and not images:
             record.status = "failed"
             record.error = record.error or f"{provider.label} reported success but returned no image."
