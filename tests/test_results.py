@@ -134,3 +134,26 @@ def test_home_and_root_are_never_allowed_folders(tmp_path):
 
     assert usable_folders([Path("/"), Path.home()], tmp_path) == []
     assert usable_folders([tmp_path], tmp_path / "h") == [tmp_path.resolve()]
+
+
+async def test_full_previews_put_the_original_image_inline(make_settings, fake):
+    settings = make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=BASE, FLUX_MCP_PREVIEW="full")
+    fake.image_size = (300, 200)
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("generate_image", {"prompt": "p"})
+    [preview] = [b for b in result.content if b.type == "image"]
+    import base64
+
+    assert base64.b64decode(preview.data) == Path(result.structured_content["images"][0]["path"]).read_bytes()
+
+
+def test_preview_of_a_very_wide_image_stays_under_8000_px(tmp_path):
+    from flux_mcp.media import make_preview
+
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (9000, 40), (10, 200, 30)).save(wide)
+    data, mime = make_preview(wide, 500_000)
+    import io
+
+    with Image.open(io.BytesIO(data)) as im:
+        assert max(im.size) <= 8000 and mime == "image/jpeg"

@@ -89,7 +89,8 @@ def _previews(paths: list[Path], settings: Settings) -> list[ImageContent]:
     for path in paths:
         try:
             if budget is None:
-                data, mime = path.read_bytes(), _mime_of(path)
+                # Full resolution, except past 8000 px a side, which breaks client sessions.
+                data, mime = make_preview(path, len(path.read_bytes()) + 1)
             else:
                 data, mime = make_preview(path, budget)
         except Exception as exc:  # a preview is a convenience: never fail the result for it
@@ -97,11 +98,6 @@ def _previews(paths: list[Path], settings: Settings) -> list[ImageContent]:
             continue
         out.append(ImageContent(type="image", data=base64.b64encode(data).decode(), mime_type=mime))
     return out
-
-
-def _mime_of(path: Path) -> str:
-    return {"jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}.get(
-        path.suffix.lower().lstrip("."), "image/png")
 
 
 def error_result(message: str) -> CallToolResult:
