@@ -126,7 +126,8 @@ class FluxService:
                     "No configured provider can; set a key for one of: "
                     + ", ".join(f"{p.id} ({p.key_env})" for p in self.providers.values()
                                 if able(p) and p.key_env))
-            raise UnsupportedOperation(f"{provider.label} cannot {need} images. {hint}")
+            own = provider.upload_hint() if need == "upload" else None
+            raise UnsupportedOperation(f"{provider.label} cannot {need} images. {own + ' ' if own else ''}{hint}")
         return provider
 
     # --- generate / edit ----------------------------------------------------------------------

@@ -122,7 +122,8 @@ class Provider:
     models: ClassVar[tuple[ModelInfo, ...]]
     default_model: ClassVar[str]
     default_edit_model: ClassVar[str | None] = None
-    can_upload: ClassVar[bool] = False
+    can_upload: bool = False
+    """Whether upload() works (a subclass may make this a property of its settings)."""
     accepts_data_uri: ClassVar[bool] = False
     """Whether edits may carry the input image inline as a data: URI."""
     allow_unknown_models: ClassVar[bool] = True
@@ -193,6 +194,10 @@ class Provider:
     async def poll(self, native_id: str, submitted_at: float) -> JobState:
         """Asks for the job's state. Safe to repeat."""
         raise UnsupportedOperation(f"{self.id} has no status endpoint; its answers are final when they arrive.")
+
+    def upload_hint(self) -> str | None:
+        """What to set so that this provider can upload, when settings (not the API) are what is missing."""
+        return None
 
     async def upload(self, data: bytes, filename: str, mime_type: str) -> str:
         """Puts a file on the provider's storage and returns its URL."""
