@@ -67,8 +67,12 @@ class RawStdio:
                 return message
 
     def close(self) -> str:
+        if not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
         if self.proc.poll() is None:
-            self.proc.stdin.close()
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

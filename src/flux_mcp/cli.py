@@ -98,7 +98,9 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
     if transport == "stdio":
         log.info("flux-mcp %s serving stdio; default provider %s; data folder %s", __version__, default,
                  settings.home)
-        build_server(settings).run("stdio")
+        from .stdio import run_stdio
+
+        run_stdio(build_server(settings))
         return 0
     if not _is_loopback(host) and settings.auth_token is None:
         print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN; set a token (clients then "

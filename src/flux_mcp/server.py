@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import anyio
 import httpx2
 from mcp.server.mcpserver import Context, MCPServer
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp_types import CallToolResult, EmptyResult, SetLevelRequestParams, TextContent, ToolAnnotations
 from pydantic import AfterValidator, Field
 
 from . import __version__
@@ -122,6 +122,11 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         lifespan=lifespan, log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
     )
+
+    # Handshake-era clients send logging/setLevel, which MCPServer has no handler for (-32601). This server
+    # sends no log notifications, so the level is simply accepted; 2026-07-28 requests still get -32601.
+    # add_request_handler on the low-level server is the SDK's documented route for re-providing this method.
+    server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, _accept_log_level)
 
     job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True)
@@ -281,6 +286,10 @@ async def _close_state(state: AppState, *, own_client: bool) -> None:
     if own_client:
         await state.service.client.aclose()
     state.service.journal.close()
+
+
+async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyResult:
+    return EmptyResult()
 
 
 def _hints(a: ToolAnnotations) -> dict[str, Any]:

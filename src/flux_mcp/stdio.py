@@ -1,0 +1,147 @@
+"""MCP over stdio for clients of every protocol era, including those that probe first.
+
+The SDK's dual-era loop fixes a connection's era from the client's first request, once. Clients in
+the field (Claude Code 2.1.280, Copilot CLI 1.0.85; anthropics/claude-code#96183) open with a
+2026-07-28 `server/discover` probe and then send the legacy `initialize` handshake on the same
+connection, which that rule refuses with -32022. Here a `server/discover` that arrives before the
+era is decided is answered on its own, statelessly, and does not decide it: the first other request
+does (`initialize` opens the handshake era, a request carrying the 2026-07-28 `_meta` envelope the
+modern one), exactly as the SDK would have without the probe.
+
+A line that is not a JSON-RPC message gets JSON-RPC 2.0's answer (-32700 or -32600, id null) instead
+of silence, so a client waiting on it learns why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+from mcp.server.connection import Connection
+from mcp.server.lowlevel.server import Server
+from mcp.server.mcpserver import MCPServer
+from mcp.server.runner import modern_error_data, serve_dual_era_loop, serve_one
+from mcp.server.stdio import stdio_server
+from mcp.shared.exceptions import MCPError, NoBackChannelError
+from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request
+from mcp.shared.message import SessionMessage
+from mcp.shared.transport_context import TransportContext
+from mcp_types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError, JSONRPCRequest, JSONRPCResponse
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from mcp.shared._stream_protocols import ReadStream, WriteStream
+    from mcp.shared.message import MessageMetadata
+    from mcp_types import RequestId
+
+log = logging.getLogger("flux_mcp.stdio")
+
+DISCOVER = "server/discover"
+Inbound = SessionMessage | Exception
+"""What the stdio reader yields: a message, or the error of a line that is none."""
+
+
+def run_stdio(server: MCPServer[Any]) -> None:
+    """Serves `server` over this process's stdin/stdout until the client closes stdin."""
+    anyio.run(serve_stdio, server)
+
+
+async def serve_stdio(server: MCPServer[Any]) -> None:
+    async with stdio_server() as (read_stream, write_stream):
+        await serve_streams(_lowlevel(server), read_stream, write_stream)
+
+
+async def serve_streams(server: Server[Any], read_stream: ReadStream[Inbound],
+                        write_stream: WriteStream[SessionMessage]) -> None:
+    """One client connection over a duplex stream pair: early discovery probes answered here, the rest
+    served by the SDK's dual-era loop (which owns and closes `write_stream`)."""
+    async with server.lifespan(server) as state:
+        relay_send, relay_receive = anyio.create_memory_object_stream[Inbound](0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_answer_probes_then_relay, server, state, read_stream, write_stream, relay_send)
+            await serve_dual_era_loop(server, relay_receive, write_stream, lifespan_state=state,
+                                      init_options=server.create_initialization_options())
+            tg.cancel_scope.cancel()
+
+
+async def _answer_probes_then_relay(server: Server[Any], state: Any, read_stream: ReadStream[Inbound],
+                                    write_stream: WriteStream[SessionMessage],
+                                    relay: MemoryObjectSendStream[Inbound]) -> None:
+    deciding = True
+    try:
+        async with read_stream, relay:
+            async for item in read_stream:
+                if isinstance(item, Exception):  # the stdio reader could not parse the line
+                    await write_stream.send(SessionMessage(_unreadable(item)))
+                    continue
+                request = _request_of(item)
+                if deciding and request is not None and request.method == DISCOVER:
+                    await write_stream.send(SessionMessage(await _discover(server, state, request)))
+                    continue
+                if request is not None:
+                    deciding = False  # this request decides the era; the SDK loop sees it first
+                await relay.send(item)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        log.debug("stdio connection closed while relaying")
+
+
+def _unreadable(exc: Exception) -> JSONRPCError:
+    bad_json = isinstance(exc, ValidationError) and any(e["type"] == "json_invalid" for e in exc.errors())
+    error = ErrorData(code=PARSE_ERROR, message="Parse error") if bad_json else \
+        ErrorData(code=INVALID_REQUEST, message="Invalid Request: not a JSON-RPC 2.0 message")
+    return JSONRPCError(jsonrpc="2.0", id=None, error=error)
+
+
+def _request_of(item: Inbound) -> JSONRPCRequest | None:
+    if isinstance(item, SessionMessage) and isinstance(item.message, JSONRPCRequest):
+        return item.message
+    return None
+
+
+async def _discover(server: Server[Any], state: Any,
+                    request: JSONRPCRequest) -> JSONRPCResponse | JSONRPCError:
+    """Answers one discovery probe the way the 2026-07-28 loop would, without opening a connection era."""
+    params = request.params
+    route = classify_inbound_request({"method": request.method, "params": params})
+    try:
+        if isinstance(route, InboundLadderRejection):
+            raise MCPError(code=route.code, message=route.message, data=route.data)
+        connection = Connection.from_envelope(route.protocol_version, route.client_info,
+                                              route.client_capabilities)
+        result = await serve_one(server, _ProbeContext(request.id), request.method, params,
+                                 connection=connection, lifespan_state=state)
+    except Exception as exc:  # noqa: BLE001 - mapped to the wire exactly as the modern loop maps it
+        return JSONRPCError(jsonrpc="2.0", id=request.id, error=modern_error_data(exc))
+    return JSONRPCResponse(jsonrpc="2.0", id=request.id, result=result)
+
+
+@dataclass
+class _ProbeContext:
+    """The dispatch context of a discovery probe: nothing to send back but the answer itself."""
+
+    request_id: RequestId
+    message_metadata: MessageMetadata = None
+    transport: TransportContext = field(default_factory=lambda: TransportContext(kind="jsonrpc",
+                                                                                  can_send_request=False))
+    cancel_requested: anyio.Event = field(default_factory=anyio.Event)
+    can_send_request: bool = False
+
+    async def send_raw_request(self, method: str, params: Mapping[str, Any] | None,
+                               opts: Any = None) -> dict[str, Any]:
+        raise NoBackChannelError(method)
+
+    async def notify(self, method: str, params: Mapping[str, Any] | None, opts: Any = None) -> None:
+        log.debug("dropped %s sent while answering a discovery probe", method)
+
+    async def progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
+        return None
+
+
+def _lowlevel(server: MCPServer[Any]) -> Server[Any]:
+    # The SDK's own in-memory client reaches the low-level server the same way (a public accessor is
+    # an open TODO there); the dual-era loop and the single-request driver take only that type.
+    return server._lowlevel_server
