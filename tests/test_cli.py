@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -63,3 +64,18 @@ def test_version_and_bad_settings(home, workspace):
     assert run(["--version"], child_env(home), workspace).stdout.startswith("flux-mcp ")
     bad = run(["providers"], child_env(home, FLUX_MCP_WAIT_SECONDS="soon"), workspace)
     assert bad.returncode == 2 and "FLUX_MCP_WAIT_SECONDS must be a number" in bad.stderr
+
+
+def test_generate_shows_progress_lines_while_it_waits(home, workspace):
+    from tests.conftest import ATLAS_KEY
+    from tests.fakes.atlascloud import AtlasFake
+    from tests.fakes.wire import serve_on_loopback
+
+    fake = AtlasFake(key=ATLAS_KEY, duration=6.0)
+    with serve_on_loopback(fake) as url:
+        proc = run(["generate", "a slow job", "-o", "slow.png"],
+                   child_env(home, ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=url), workspace)
+    assert proc.returncode == 0, proc.stderr
+    progress = [ln for ln in proc.stderr.splitlines() if re.match(r"^\d+s atlascloud: (starting|processing)", ln)]
+    assert len(progress) >= 1
+    assert proc.stdout.strip() == str(workspace / "slow.png")
