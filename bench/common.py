@@ -1,0 +1,248 @@
+"""What every figure shares: statistics, the flux-mcp and floor commands, the fake in its own process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import httpx2
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+KEY = "bench-key-not-a-secret"
+"""The API key the fake accepts: the bench never holds a real one."""
+TOKENS_PER_BYTE = 0.25
+"""A token estimate for JSON and English text (about 4 bytes a token); stated wherever it is used."""
+
+
+# --- statistics -------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), linear between closest ranks."""
+    if not values:
+        return math.nan
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def p50(values: Sequence[float]) -> float:
+    return percentile(values, 50)
+
+
+def p95(values: Sequence[float]) -> float:
+    return percentile(values, 95)
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def secs(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def kb(n: float) -> str:
+    return f"{n / 1000:.1f} kB" if n < 1_000_000 else f"{n / 1_000_000:.2f} MB"
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+
+# --- processes ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listened on 127.0.0.1:{port} within {limit:g} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def flux_command() -> list[str]:
+    """`flux-mcp` from the running interpreter's environment (the console script users launch)."""
+    script = Path(sys.executable).parent / "flux-mcp"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "flux_mcp"]
+
+
+def floor_command(*args: str) -> list[str]:
+    """The floor: a minimal server on the same `mcp` SDK with one trivial tool."""
+    return [sys.executable, str(BENCH / "floor_server.py"), *args]
+
+
+def base_env(home: Path) -> dict[str, str]:
+    """A clean child environment: no provider keys, nothing from the caller but what Python needs."""
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("PATH", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH", "SYSTEMROOT")
+    }
+    return {**keep, "HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+
+def flux_env(home: Path, fake_url: str, **extra: str) -> dict[str, str]:
+    """flux-mcp pointed at the fake, its data folder and workspace in `home`."""
+    (home / "workspace").mkdir(parents=True, exist_ok=True)
+    return {
+        **base_env(home),
+        "FLUX_MCP_HOME": str(home / "flux-home"),
+        "ATLASCLOUD_API_KEY": KEY,
+        "ATLASCLOUD_BASE_URL": fake_url,
+        "FLUX_MCP_ALLOWED_DIRS": str(home / "workspace"),
+        "FLUX_MCP_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
+def peak_rss_kb(pid: int) -> tuple[int, int]:
+    """(current RSS, peak RSS) of a process in kB, from /proc (Linux)."""
+    fields: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = int(value.split()[0])
+    return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far, from /proc (Linux)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return math.nan
+
+
+@contextlib.contextmanager
+def http_server(
+    cmd: list[str], env: dict[str, str], cwd: Path, log: Path
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Runs an HTTP MCP server command (with `--port` appended); yields (base URL, process)."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port(port, proc)
+            yield f"http://127.0.0.1:{port}", proc
+        finally:
+            stop(proc)
+
+
+# --- the fake, in its own process ---------------------------------------------------------------------
+
+
+@dataclass
+class FakeJob:
+    """What the fake knows of one job (monotonic clock, comparable across processes on Linux)."""
+
+    id: str
+    model: str
+    submitted: float
+    complete_at: float | None
+    polls: int
+    done_seen_at: float | None
+
+
+class FakeProcess:
+    """The time-based Atlas Cloud fake (bench/fake.py) on a loopback port, and its control endpoints."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self._log = None
+
+    def __enter__(self) -> Self:
+        port = free_port()
+        env = {
+            **base_env(self.workdir),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        }
+        self._log = open(self.workdir / "fake.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.fake", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_port(port, self.proc)
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+        if self._log is not None:
+            self._log.close()
+
+    def jobs(self) -> dict[str, FakeJob]:
+        data = httpx2.get(f"{self.url}/_bench/jobs", timeout=30).json()
+        return {k: FakeJob(id=k, **v) for k, v in data["jobs"].items()}
+
+    def serve_image(
+        self, fmt: str = "png", width: int = 64, height: int = 64, content: str = "flat"
+    ) -> dict[str, Any]:
+        response = httpx2.post(
+            f"{self.url}/_bench/image",
+            json={"format": fmt, "width": width, "height": height, "content": content},
+            timeout=60,
+        )
+        response.raise_for_status()
+        return response.json()
+
+
+def job_prompt(duration: float | None, label: str = "bench job") -> str:
+    """A prompt the fake reads its job's length from (no length: done at the first status request)."""
+    return label if duration is None else f"{label} [duration={duration:.4f}]"
+
+
+def dump(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=float) + "\n")

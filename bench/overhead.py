@@ -1,0 +1,129 @@
+"""Call overhead: what flux-mcp adds to a call, against the floor measured in the same rounds.
+
+Per transport, every round times (in a shuffled order):
+* `check_prediction` on a finished job (answered from the journal: no provider request);
+* `generate_image` against the zero-latency fake (done at its first status request), 64x64 result;
+* the floor: one raw HTTP request to the fake (a status request) + one MCP round trip of the floor
+  server's trivial `ping` tool — the issue's floor for both calls;
+* the protocol floor of a generation: the three raw requests Atlas Cloud needs for one image
+  (submit, status, download) + `ping`. A generation cannot be cheaper than this; it is shown beside
+  the issue's one-request floor, which it exceeds by construction.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+from . import sessions
+from .common import KEY, FakeProcess, flux_env, p50, p95
+from .raw import text_of
+
+GOAL_MS = 2.0
+MODEL = "black-forest-labs/flux-schnell"
+
+
+def _timed(fn: Any) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def run(workdir: Path, fake: FakeProcess, *, rounds: int, warmup: int) -> dict[str, Any]:
+    home = workdir / "overhead"
+    env = flux_env(home, fake.url)
+    cwd = home / "workspace"
+    logs = home
+    fake.serve_image("png", 64, 64, "flat")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    rng = random.Random(6)
+    results: dict[str, Any] = {"rounds": rounds, "warmup": warmup}
+    with httpx2.Client(timeout=30, trust_env=False, headers=auth) as http:
+
+        def submit() -> str:
+            r = http.post(f"{fake.url}/api/v1/model/generateImage", json={"model": MODEL, "prompt": "raw"})
+            return str(r.json()["data"]["id"])
+
+        raw_job = submit()
+        http.get(f"{fake.url}/api/v1/model/prediction/{raw_job}")
+
+        def raw_one() -> None:
+            http.get(f"{fake.url}/api/v1/model/prediction/{raw_job}").raise_for_status()
+
+        def raw_three() -> None:
+            job = submit()
+            data = http.get(f"{fake.url}/api/v1/model/prediction/{job}").json()["data"]
+            http.get(data["outputs"][0]).raise_for_status()
+
+        for transport in sessions.TRANSPORTS:
+            errors = 0
+            with (
+                sessions.flux(transport, env, cwd, logs) as flux,
+                sessions.floor(transport, home, cwd, logs) as floor,
+            ):
+                first: dict[str, Any] = {}
+                for _ in range(warmup):  # the journal learns this model's (zero) duration, code paths warm up
+                    first = flux.call("generate_image", {"prompt": "bench overhead warm-up"})
+                    floor.call("ping", {})
+                    raw_one()
+                    raw_three()
+                pid = first["structuredContent"]["prediction_id"]
+                samples: dict[str, list[float]] = {
+                    k: [] for k in ("check", "generate", "ping", "raw1", "raw3")
+                }
+                ops = {
+                    "check": partial(flux.call, "check_prediction", {"prediction_id": pid}),
+                    "generate": partial(flux.call, "generate_image", {"prompt": "bench overhead"}),
+                    "ping": partial(floor.call, "ping", {}),
+                    "raw1": raw_one,
+                    "raw3": raw_three,
+                }
+                for _ in range(rounds):
+                    order = list(ops)
+                    rng.shuffle(order)
+                    for name in order:
+                        seconds, value = _timed(ops[name])
+                        samples[name].append(seconds)
+                        if name in ("check", "generate") and (
+                            value.get("isError") or value["structuredContent"]["status"] != "succeeded"
+                        ):
+                            errors += 1
+                typical = flux.call("check_prediction", {"prediction_id": pid})
+            floor1 = [a + b for a, b in zip(samples["raw1"], samples["ping"], strict=True)]
+            floor3 = [a + b for a, b in zip(samples["raw3"], samples["ping"], strict=True)]
+            summary: dict[str, Any] = {
+                "errors": errors,
+                "samples_s": samples,
+                "floor_p50": p50(floor1),
+                "floor_p95": p95(floor1),
+                "floor3_p50": p50(floor3),
+                "floor3_p95": p95(floor3),
+                "ping_p50": p50(samples["ping"]),
+                "raw1_p50": p50(samples["raw1"]),
+                "raw3_p50": p50(samples["raw3"]),
+            }
+            for op in ("check", "generate"):
+                diff = p50(samples[op]) - p50(floor1)
+                summary[op] = {
+                    "p50": p50(samples[op]),
+                    "p95": p95(samples[op]),
+                    "minus_floor_p50": diff,
+                    "minus_floor3_p50": p50(samples[op]) - p50(floor3),
+                    "met": diff * 1000 <= GOAL_MS and errors == 0,
+                }
+            results[transport] = summary
+            if transport == "stdio":
+                results["typical_result"] = {
+                    "text": text_of(typical),
+                    "structured": typical["structuredContent"],
+                    "content_types": [b["type"] for b in typical["content"]],
+                }
+    results["goal"] = (
+        f"p50 within {GOAL_MS:g} ms of the floor (one raw HTTP request + one trivial MCP round trip)"
+    )
+    return results

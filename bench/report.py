@@ -1,0 +1,218 @@
+"""The results as markdown: one summary table (the README's), then each figure in detail."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import kb, ms, secs, verdict
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.0%}" if abs(x) < 10 else f"{x:+.1f}x"
+
+
+def summary(r: dict[str, Any]) -> list[str]:
+    rows = [
+        "| figure | flux-mcp | baseline, same run | flux vs baseline | goal | |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    if c := r.get("cold_start"):
+        rows.append(
+            f"| cold start: spawn to first `tools/list` (stdio, median of {c['rounds']}) | {secs(c['flux_p50'])} "
+            f"| floor (bare `mcp` server): {secs(c['floor_p50'])} | {c['ratio_p50']:.2f}x (best runs: "
+            f"{c['ratio_min']:.2f}x) | <= 1.10x | {verdict(c['met'])} |"
+        )
+    if o := r.get("overhead"):
+        for op, label in (
+            ("check", "`check_prediction`, finished job"),
+            ("generate", "`generate_image`, zero-latency fake"),
+        ):
+            for transport, short in (("stdio", "stdio"), ("streamable-http", "HTTP")):
+                s = o[transport]
+                x = s[op]
+                extra = (
+                    f" (3-request floor {ms(s['floor3_p50'])}: {x['minus_floor3_p50'] * 1000:+.1f} ms)"
+                    if op == "generate"
+                    else ""
+                )
+                rows.append(
+                    f"| call overhead: {label}, {short}, p50 / p95 | {ms(x['p50'])} / {ms(x['p95'])} "
+                    f"| 1 raw request + `ping`: {ms(s['floor_p50'])} / {ms(s['floor_p95'])} "
+                    f"| {x['minus_floor_p50'] * 1000:+.1f} ms{extra} | <= +2 ms | {verdict(x['met'])} |"
+                )
+    if c := r.get("completion"):
+        for row in c["rows"]:
+            if row["phase"] != "measured" or row["variant"] != "exact":
+                continue
+            f, b = row["flux"], row["baseline"]
+            rows.append(
+                f"| completion detection: {row['length_s']:g} s jobs, p50 delay (status requests per job) "
+                f"| {secs(f['delay_p50'])} ({f['requests_mean']:.1f}) "
+                f"| fixed 2 s polling: {secs(b['delay_p50'])} ({b['requests_mean']:.1f}) "
+                f"| {f['delay_p50'] / b['delay_p50']:.2f}x delay, {f['requests_mean'] / b['requests_mean']:.2f}x "
+                f"requests | <= {secs(row['goal_delay_s'])}, requests <= baseline | {verdict(row['met'])} |"
+            )
+    if c := r.get("concurrency"):
+        fl = c["floor"]
+        rows.append(
+            f"| concurrency: {c['calls']} simultaneous `generate_image`, {c['job_s']:g} s jobs, one HTTP server "
+            f"| {secs(c['wall_s'])} wall, {c['errors']} errors, peak RSS {c['rss_peak_kb'] / 1024:.0f} MB, "
+            f"{c['server_cpu_per_call_ms']:.1f} ms server CPU per call "
+            f"| one job: {secs(c['job_s'])}; one call alone: {secs(c['single_p50'])}; floor ({c['calls']} "
+            f"sleeping calls, bare `mcp` server): {secs(fl['wall_s'])}, {fl['server_cpu_per_call_ms']:.1f} ms CPU "
+            f"per call | {c['ratio_to_job']:.2f}x the job ({c['ratio_to_floor']:.2f}x the floor) "
+            f"| <= 1.25x the job, 0 errors | {verdict(c['met'])} |"
+        )
+    if p := r.get("preview"):
+        for row in p["rows"]:
+            rows.append(
+                f"| preview: {row['side']}² {row['format'].upper()} ({kb(row['source_bytes'])}) "
+                f"| {ms(row['preview_p50_s'])}, {kb(row['preview_bytes'])} ({row['preview_dims'][0]}); "
+                f"result {kb(row['result_bytes'])} | one decode + one JPEG encode: {ms(row['baseline_p50_s'])} "
+                f"| {row['ratio']:.2f}x | reported; under the budget | {verdict(row['under_budget'])} |"
+            )
+    if x := r.get("context"):
+        flux, atlas = x["flux"], x["atlascloud"]
+        ft = flux["tools_list"]
+        if "tools_list" in atlas:
+            at = atlas["tools_list"]
+            other = f"atlascloud-mcp {atlas.get('version')}: {kb(at['bytes'])} (~{at['tokens_est']} tokens, {at['tools']} tools)"
+            ratio = f"{x['tools_list_ratio']:.2f}x"
+        else:
+            other, ratio = f"atlascloud-mcp: {atlas.get('skipped')}", "n/a"
+        rows.append(
+            f"| context cost: `tools/list` | {kb(ft['bytes'])} (~{ft['tokens_est']} tokens, {ft['tools']} tools) "
+            f"| {other} | {ratio} | reported | |"
+        )
+        if res := flux.get("result"):
+            rows.append(
+                f"| context cost: finished result (text; `structuredContent`) | {res['text_bytes']} B "
+                f"(~{res['text_tokens_est']} tokens); {res['structured_bytes']} B (~{res['structured_tokens_est']} "
+                f"tokens) | atlascloud-mcp: not measured (API base URL hard-coded) | n/a | reported | |"
+            )
+    return rows
+
+
+def details(r: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    if c := r.get("completion"):
+        out += [
+            "",
+            "### Completion detection, every run",
+            "",
+            (
+                f"Baseline: {c['baseline']}. Delay: the answer reaching the client minus the job's completion at the "
+                f"fake. Goal: {c['goal']}. `jitter` jobs last D x U(0.9, 1.1); the goal is judged on `exact`. "
+                "`first jobs` are the warm-up, with no history for the model. Exact 20 s and 60 s jobs end on a "
+                "multiple of the baseline's 2 s period, so there its delay is only a round trip: a coincidence real "
+                "jobs do not have (the `jitter` rows show its usual ~1 s)."
+            ),
+            "",
+            (
+                "| jobs | phase | n | flux p50 / p95 delay | flux requests mean (max) | 2 s polling p50 / p95 delay "
+                "| 2 s polling requests mean | delay goal | met |"
+            ),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in c["rows"]:
+            f, b = row["flux"], row["baseline"]
+            phase = "measured" if row["phase"] == "measured" else "first jobs"
+            met = verdict(row["met"]) if row["phase"] == "measured" else "n/a"
+            out.append(
+                f"| {row['variant']} {row['length_s']:g} s | {phase} | {f['n']} | {secs(f['delay_p50'])} / "
+                f"{secs(f['delay_p95'])} | {f['requests_mean']:.2f} ({f['requests_max']}) | {secs(b['delay_p50'])} / "
+                f"{secs(b['delay_p95'])} | {b['requests_mean']:.2f} | {secs(row['goal_delay_s'])} | {met} |"
+            )
+    if lr := r.get("long_run"):
+        out += [
+            "",
+            f"### Completion detection, long run (simulated: {lr['jobs']} jobs in a row, last {lr['tail']})",
+            "",
+            (
+                f"The real `PollSchedule` on a simulated clock, the journal's rule (median of the last 20 recorded "
+                f"durations) and its bias (recorded when the answer arrives, {lr['rtt_s'] * 1000:g} ms round trip); "
+                f"lengths D x U(0.9, 1.1). `previous` is the schedule before this suite (first learned check at "
+                "1.03 x expected + 50 ms): its estimate grows without bound."
+            ),
+            "",
+            (
+                "| jobs | flux-mcp p50 delay (requests) | estimate / true | previous p50 delay (requests) | "
+                "estimate / true | fixed 2 s p50 delay (requests) |"
+            ),
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in lr["rows"]:
+            f, pv, fx = row["flux-mcp"], row["previous"], row["fixed"]
+            out.append(
+                f"| {row['length_s']:g} s | {secs(f['delay_p50'])} ({f['requests_mean']:.1f}) | "
+                f"{f['estimate_ratio']:.2f} | {secs(pv['delay_p50'])} ({pv['requests_mean']:.1f}) | "
+                f"{pv['estimate_ratio']:.2f} | {secs(fx['delay_p50'])} ({fx['requests_mean']:.1f}) |"
+            )
+    if o := r.get("overhead"):
+        out += [
+            "",
+            "### Call overhead, components (p50)",
+            "",
+            (
+                "| transport | raw status request | raw submit + status + download | `ping` round trip | "
+                "`check_prediction` | `generate_image` | errors |"
+            ),
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for transport in ("stdio", "streamable-http"):
+            s = o[transport]
+            out.append(
+                f"| {transport} | {ms(s['raw1_p50'])} | {ms(s['raw3_p50'])} | {ms(s['ping_p50'])} | "
+                f"{ms(s['check']['p50'])} | {ms(s['generate']['p50'])} | {s['errors']} |"
+            )
+    if p := r.get("preview"):
+        out += [
+            "",
+            "### Preview",
+            "",
+            (
+                "| image | source | preview | preview bytes (base64) | whole result | budget | make preview | "
+                "baseline | `generate_image` end to end |"
+            ),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in p["rows"]:
+            out.append(
+                f"| {row['side']}² {row['format']} | {kb(row['source_bytes'])} | {row['preview_dims'][0]} | "
+                f"{kb(row['preview_bytes'])} ({kb(row['preview_b64_bytes'])}) | {kb(row['result_bytes'])} | "
+                f"{kb(row['budget_bytes'])} preview, {kb(p['result_limit'])} result | {ms(row['preview_p50_s'])} | "
+                f"{ms(row['baseline_p50_s'])} | {ms(row['end_to_end_p50_s'])} |"
+            )
+    if c := r.get("concurrency"):
+        out += [
+            "",
+            "### Concurrency",
+            "",
+            (
+                f"{c['calls']} sessions (one connection each) opened first, then released at once; 64x64 results. "
+                f"Per-call p50 {secs(c['call_p50'])}, slowest {secs(c['call_max'])}. Server CPU during the burst: "
+                f"{c['server_cpu_s']:.2f} s ({c['server_cpu_per_call_ms']:.1f} ms a call; the floor: "
+                f"{c['floor']['server_cpu_per_call_ms']:.1f} ms). Server RSS: {c['rss_idle_kb'] / 1024:.0f} MB idle with "
+                f"the sessions open, {c['rss_peak_kb'] / 1024:.0f} MB peak (floor: {c['floor']['rss_peak_kb'] / 1024:.0f} MB)."
+            ),
+        ]
+    if x := r.get("context"):
+        out += ["", "### Context cost", "", f"Tokens estimated at {x['token_estimate']}."]
+        if res := x["flux"].get("result"):
+            out += ["", "A typical finished result's text:", "", "```", res["text"], "```"]
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    env = r["environment"]
+    head = [
+        f"# flux-mcp benchmarks ({'quick' if r['quick'] else 'full'} run)",
+        "",
+        (
+            f"`{r['command']}` — {env['date']}, {env['cpus']} CPUs, load {env['load']}, Python {env['python']}, "
+            f"mcp {env['mcp']}, flux-mcp {env['flux_mcp']} ({env.get('commit') or 'no commit'}); "
+            f"{r['seconds']:.0f} s."
+        ),
+        "",
+    ]
+    return "\n".join(head + summary(r) + details(r)) + "\n"

@@ -1,0 +1,147 @@
+"""The benchmark suite's one entry point: `python -m bench.run [--quick]` (or `python bench/run.py`).
+
+Runs every figure against the time-based Atlas Cloud fake on 127.0.0.1, each beside a baseline
+measured in the same run, prints the summary table and writes bench/results/latest.md and .json.
+Nothing is sent anywhere but 127.0.0.1 (atlascloud-mcp is fetched from npm once, for its tool list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python bench/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "bench"
+
+from bench import cold_start, completion, concurrency, context, overhead, preview, report, simulate
+from bench.common import BENCH, ROOT, FakeProcess, dump
+
+FIGURES = ("cold_start", "overhead", "concurrency", "completion", "long_run", "preview", "context")
+FULL = {
+    "cold_rounds": 20,
+    "overhead_rounds": 200,
+    "overhead_warmup": 10,
+    "calls": 100,
+    "lengths": [1.0, 5.0, 20.0, 60.0],
+    "warmups": 5,
+    "samples": 20,
+    "spread": 3.0,
+    "preview_repeats": 10,
+}
+QUICK = {
+    "cold_rounds": 8,
+    "overhead_rounds": 50,
+    "overhead_warmup": 5,
+    "calls": 100,
+    "lengths": [1.0, 5.0, 20.0],
+    "warmups": 3,
+    "samples": 6,
+    "spread": 2.0,
+    "preview_repeats": 3,
+}
+
+
+def _environment() -> dict[str, Any]:
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpus": os.cpu_count(),
+        "load": " ".join(f"{x:.2f}" for x in load),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mcp": version("mcp"),
+        "flux_mcp": version("flux-mcp"),
+        "commit": commit,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run (about 2 minutes): fewer samples, no 60 s jobs"
+    )
+    parser.add_argument("--only", nargs="+", choices=FIGURES, help="run only these figures")
+    parser.add_argument(
+        "--no-npm", action="store_true", help="do not install atlascloud-mcp from npm if missing"
+    )
+    parser.add_argument("--out", type=Path, default=BENCH / "results", help="where latest.md/.json go")
+    args = parser.parse_args(argv)
+    p = QUICK if args.quick else FULL
+    wanted = set(args.only or FIGURES)
+    command = "python -m bench.run" + (" --quick" if args.quick else "")
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "command": command,
+        "quick": args.quick,
+        "parameters": p,
+        "environment": _environment(),
+    }
+
+    def step(name: str) -> bool:
+        if name in wanted:
+            print(f"[{time.monotonic() - started:5.0f} s] {name} ...", file=sys.stderr, flush=True)
+        return name in wanted
+
+    with tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
+        workdir = Path(tmp)
+        with FakeProcess(workdir) as fake:
+            if step("cold_start"):
+                results["cold_start"] = cold_start.run(workdir, fake.url, rounds=p["cold_rounds"])
+            if step("overhead"):
+                results["overhead"] = overhead.run(
+                    workdir, fake, rounds=p["overhead_rounds"], warmup=p["overhead_warmup"]
+                )
+            if step("concurrency"):
+                results["concurrency"] = concurrency.run(workdir, fake, calls=p["calls"])
+            if step("completion"):
+                results["completion"] = completion.run(
+                    workdir,
+                    fake,
+                    lengths=p["lengths"],
+                    warmups=p["warmups"],
+                    samples=p["samples"],
+                    spread=p["spread"],
+                )
+            if step("long_run"):
+                results["long_run"] = simulate.run(p["lengths"])
+            if step("preview"):
+                results["preview"] = preview.run(repeats=p["preview_repeats"])
+            if step("context"):
+                typical = (results.get("overhead") or {}).get("typical_result")
+                results["context"] = context.run(workdir, fake.url, typical, install=not args.no_npm)
+    results["seconds"] = time.monotonic() - started
+    text = report.markdown(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.md").write_text(text)
+    dump(args.out / "latest.json", results)
+    print(text)
+    print(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
