@@ -43,6 +43,33 @@ MAX_API_BYTES = 64 * 1024 * 1024
 _NOT_SENT = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.UnsupportedProtocol)
 
 
+class LazyClient:
+    """The process-wide HTTP client, created on first use: a server that only lists its tools starts
+    without loading the TLS stack and CA bundle."""
+
+    def __init__(self) -> None:
+        self._client: httpx2.AsyncClient | None = None
+
+    def get(self) -> httpx2.AsyncClient:
+        if self._client is None:
+            self._client = httpx2.AsyncClient(
+                timeout=httpx2.Timeout(30.0, connect=10.0),
+                # A small pool: httpcore scans every pooled connection per request, and providers
+                # rate-limit wide fan-outs anyway; extra requests queue for a free connection.
+                limits=httpx2.Limits(max_connections=48, max_keepalive_connections=24),
+                follow_redirects=False, trust_env=False,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+def resolve(client: httpx2.AsyncClient | LazyClient) -> httpx2.AsyncClient:
+    return client.get() if isinstance(client, LazyClient) else client
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How safe (GET-like) requests are retried."""
@@ -61,7 +88,7 @@ class ProviderHttp:
 
     def __init__(
         self,
-        client: httpx2.AsyncClient,
+        client: httpx2.AsyncClient | LazyClient,
         provider_id: str,
         redactor: Redactor,
         *,
@@ -123,9 +150,10 @@ class ProviderHttp:
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx2.Response:
         headers = {"User-Agent": USER_AGENT, **kwargs.pop("headers", {})}
-        request = self.client.build_request(method, url, headers=headers, **kwargs)
+        client = resolve(self.client)
+        request = client.build_request(method, url, headers=headers, **kwargs)
         with anyio.fail_after(self.retry.deadline):
-            response = await self.client.send(request, stream=True, follow_redirects=False)
+            response = await client.send(request, stream=True, follow_redirects=False)
             try:
                 chunks: list[bytes] = []
                 size = 0

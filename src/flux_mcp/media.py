@@ -1,84 +1,39 @@
-"""Finished images: download them safely, keep them on disk, write copies, make previews."""
+"""Finished images: download them safely and keep them on disk (atomically, with provenance)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
-import io
 import ipaddress
 import logging
 import os
 import re
 import socket
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import anyio
 import httpx2
-from PIL import Image, ImageFile, PngImagePlugin
 
 from .errors import DownloadFailed, InvalidInput, PathNotAllowed
+from .http import LazyClient, resolve
+from .images import FORMATS, MAX_PIXELS, ImageInfo, convert, embed_provenance, inspect_image, make_preview
+
+__all__ = ["FORMATS", "MAX_PIXELS", "Downloader", "DownloadLimits", "ImageInfo", "ImageStore", "atomic_write",
+           "convert", "decode_data_uri", "embed_provenance", "inspect_image", "make_preview", "to_data_uri"]
 
 log = logging.getLogger("flux_mcp.media")
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
-MAX_PIXELS = 100_000_000
-"""Beyond this an image is refused as a likely decompression bomb."""
-MAX_PREVIEW_SIDE = 8000
-PREVIEW_START_SIDE = 1568
 MAX_REDIRECTS = 5
 DOWNLOAD_DEADLINE = 120.0
 
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-FORMATS = {"png": ("PNG", "image/png"), "jpg": ("JPEG", "image/jpeg"), "jpeg": ("JPEG", "image/jpeg"),
-           "webp": ("WEBP", "image/webp")}
-_PIL_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
-_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 _DATA_URI = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[a-z0-9=.-]+)*;base64,(.*)$", re.I | re.S)
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What the bytes really are, read from their content."""
-
-    mime_type: str
-    width: int
-    height: int
-
-    @property
-    def ext(self) -> str:
-        return _EXT.get(self.mime_type, "img")
-
-
-def inspect_image(data: bytes) -> ImageInfo:
-    """Checks by content (not name) that `data` is a PNG, JPEG, WebP or GIF within the pixel limit."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
-            im = Image.open(io.BytesIO(data))
-        with im:
-            fmt = im.format or ""
-            width, height = im.size
-            if fmt not in _PIL_MIME:
-                raise DownloadFailed(f"the data is a {fmt or 'unknown'} file, not a PNG, JPEG, WebP or GIF image")
-            if width * height > MAX_PIXELS:
-                raise DownloadFailed(f"the image is {width}x{height}, over the {MAX_PIXELS}-pixel limit")
-            im.verify()
-    except DownloadFailed:
-        raise
-    except Image.DecompressionBombError:
-        raise DownloadFailed(f"the image is over the {MAX_PIXELS}-pixel limit (decompression bomb)") from None
-    except Exception as exc:
-        raise DownloadFailed(f"the data is not an image this server can read ({type(exc).__name__})") from None
-    return ImageInfo(_PIL_MIME[fmt], width, height)
 
 
 def decode_data_uri(uri: str) -> bytes:
@@ -109,7 +64,7 @@ class Downloader:
     """Fetches result images: http(s) only, public addresses only (except the provider's own host),
     every redirect re-checked, the body streamed under a byte cap and an overall deadline."""
 
-    def __init__(self, client: httpx2.AsyncClient, *, max_bytes: int = MAX_IMAGE_BYTES,
+    def __init__(self, client: httpx2.AsyncClient | LazyClient, *, max_bytes: int = MAX_IMAGE_BYTES,
                  deadline: float = DOWNLOAD_DEADLINE, attempts: int = 3):
         self.client = client
         self.max_bytes = max_bytes
@@ -136,8 +91,9 @@ class Downloader:
         current = url
         for _ in range(MAX_REDIRECTS + 1):
             await check_public_url(current, trusted)
-            request = self.client.build_request("GET", current, headers={"User-Agent": "flux-mcp"})
-            response = await self.client.send(request, stream=True, follow_redirects=False)
+            client = resolve(self.client)
+            request = client.build_request("GET", current, headers={"User-Agent": "flux-mcp"})
+            response = await client.send(request, stream=True, follow_redirects=False)
             try:
                 if response.is_redirect:
                     location = response.headers.get("location")
@@ -252,87 +208,3 @@ def atomic_write(target: Path, data: bytes, *, overwrite: bool) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def convert(data: bytes, info: ImageInfo, ext: str, provenance: dict[str, str]) -> bytes:
-    """Re-encodes to the format named by `ext` (png, jpg, webp) when needed, keeping provenance."""
-    pil_format, mime = FORMATS[ext]
-    if mime == info.mime_type:
-        return embed_provenance(data, info, provenance)
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        if pil_format == "JPEG" and im.mode not in ("RGB", "L"):
-            im = im.convert("RGB")
-        buf = io.BytesIO()
-        _save_with_provenance(im, buf, pil_format, provenance)
-        return buf.getvalue()
-
-
-def embed_provenance(data: bytes, info: ImageInfo, provenance: dict[str, str]) -> bytes:
-    """Adds prompt, model, provider, seed and prediction id to the file's own metadata."""
-    if not provenance or info.mime_type not in ("image/png", "image/jpeg", "image/webp"):
-        return data
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        buf = io.BytesIO()
-        fmt = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}[info.mime_type]
-        _save_with_provenance(im, buf, fmt, provenance, lossless_hint=True)
-        return buf.getvalue()
-
-
-def _save_with_provenance(im: Image.Image, buf: io.BytesIO, fmt: str, provenance: dict[str, str],
-                          *, lossless_hint: bool = False) -> None:
-    if fmt == "PNG":
-        meta = PngImagePlugin.PngInfo()
-        for k, v in provenance.items():
-            meta.add_itxt(k, v)
-        im.save(buf, "PNG", pnginfo=meta, optimize=False)
-        return
-    exif = Image.Exif()
-    exif[0x010E] = provenance.get("prompt", "")[:2000]  # ImageDescription
-    exif[0x0131] = "flux-mcp"  # Software
-    exif[0x9286] = "; ".join(f"{k}={v}" for k, v in provenance.items() if k != "prompt")[:2000]  # UserComment
-    xmp = _xmp(provenance)
-    quality = 95 if lossless_hint else 92
-    if fmt == "JPEG":
-        im.save(buf, "JPEG", quality=quality, exif=exif.tobytes(), xmp=xmp)
-    else:
-        im.save(buf, "WEBP", quality=quality, exif=exif.tobytes(), xmp=xmp)
-
-
-def _xmp(provenance: dict[str, str]) -> bytes:
-    from xml.sax.saxutils import escape
-
-    fields = "".join(f"<flux:{k}>{escape(v)}</flux:{k}>" for k, v in provenance.items() if re.fullmatch(r"[a-z_]+", k))
-    return (
-        '<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
-        '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-        '<rdf:Description rdf:about="" xmlns:flux="https://github.com/flux-mcp/ns/1.0/">'
-        f"{fields}</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end=\"w\"?>"
-    ).encode()
-
-
-def make_preview(path: Path, budget: int) -> tuple[bytes, str]:
-    """A JPEG (or the original, when it already fits) no larger than `budget` bytes and 8000 px a side."""
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        fits_side = max(im.size) <= MAX_PREVIEW_SIDE
-        if len(data) <= budget and fits_side and im.format in ("PNG", "JPEG", "WEBP"):
-            return data, _PIL_MIME[im.format]
-        rgb = im.convert("RGB") if im.mode != "RGB" else im
-        # Vision models downscale past ~1568 px anyway; start there and shrink until the bytes fit.
-        side = min(max(rgb.size), PREVIEW_START_SIDE)
-        quality = 85
-        while True:
-            scaled = rgb.copy()
-            scaled.thumbnail((side, side), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            scaled.save(buf, "JPEG", quality=quality, optimize=True)
-            out = buf.getvalue()
-            if len(out) <= budget or side <= 64:
-                return out, "image/jpeg"
-            if quality > 70:
-                quality -= 10
-            else:
-                side = int(side * 0.75)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ from pydantic import AfterValidator, Field
 from . import __version__
 from .config import MAX_WAIT_SECONDS, Settings
 from .errors import FluxError
-from .http import RetryPolicy
+from .http import LazyClient, RetryPolicy
 from .journal import Journal
 from .media import DownloadLimits, Downloader
 from .models import PredictionResult, UploadResult
@@ -236,7 +237,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
             outcome = await state.service.check(prediction_id, wait_seconds, paths, _progress(ctx))
         except FluxError as exc:
             return error_result(str(exc))
-        return prediction_result(outcome, paths, state.settings, action="Finished")
+        return await _render(outcome, paths, state.settings, "Finished")
 
     @server.resource("flux://providers", name="providers", mime_type="application/json",
                      description="Each provider: configured or not (and the variable to set), models, capabilities.")
@@ -271,10 +272,7 @@ def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retr
                 downloads: DownloadLimits | None) -> AppState:
     settings.home.mkdir(parents=True, exist_ok=True)
     journal = Journal(settings.home / "journal.sqlite3")
-    client = http_client or httpx2.AsyncClient(
-        timeout=httpx2.Timeout(30.0, connect=10.0), limits=httpx2.Limits(max_connections=200),
-        follow_redirects=False, trust_env=False,
-    )
+    client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
     limits = downloads or DownloadLimits()
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
     service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry,
@@ -304,7 +302,13 @@ async def _run_job(ctx: Context[AppState, Any], kind: str, params: JobParams, *,
         outcome = await state.service.run(kind, params, paths, _progress(ctx))
     except FluxError as exc:
         return error_result(str(exc))
-    return prediction_result(outcome, paths, state.settings, action=action)
+    return await _render(outcome, paths, state.settings, action)
+
+
+async def _render(outcome: Any, paths: PathPolicy, settings: Settings, action: str) -> CallToolResult:
+    # Previews decode and encode images: CPU work that must not stall the other calls on the event loop.
+    return await anyio.to_thread.run_sync(functools.partial(prediction_result, outcome, paths, settings,
+                                                            action=action))
 
 
 def _state(ctx: Context[AppState, Any]) -> AppState:

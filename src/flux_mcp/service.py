@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -26,7 +27,7 @@ from .errors import (
     UnknownPrediction,
     UnsupportedOperation,
 )
-from .http import ProviderHttp, RetryPolicy
+from .http import LazyClient, ProviderHttp, RetryPolicy
 from .journal import Journal, Record
 from .media import FORMATS, Downloader, ImageStore, convert, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, ImageOutput, UploadResult
@@ -71,12 +72,14 @@ class Outcome:
     record: Record
     notes: list[str] = field(default_factory=list)
     waited: float = 0.0
+    seen_at: float | None = None
+    """When the status request that found the job final was sent."""
 
 
 class FluxService:
     """Holds the providers, the journal and the image store; one per server process."""
 
-    def __init__(self, settings: Settings, client: httpx2.AsyncClient, journal: Journal, *,
+    def __init__(self, settings: Settings, client: httpx2.AsyncClient | LazyClient, journal: Journal, *,
                  redactor: Redactor | None = None, retry: RetryPolicy | None = None,
                  downloader: Downloader | None = None):
         self.settings = settings
@@ -200,7 +203,7 @@ class FluxService:
                 self.journal.update(record)
             return outcome
         record.status = state.status
-        record.completed_at = record.completed_at or time.time()
+        record.completed_at = record.completed_at or outcome.seen_at or time.time()
         record.error = state.error
         if state.cost_usd is not None:
             record.cost_usd = state.cost_usd
@@ -242,6 +245,7 @@ class FluxService:
                     await progress(round(time.monotonic() - start, 1), wait, f"{record.provider}: "
                                    f"{(state.status if state else record.status)} ({time.monotonic() - start:.0f}s)")
             try:
+                asked = time.time()
                 state = await provider.poll(record.native_id, record.created_at)
                 poll_error = None
             except ProviderUnavailable as exc:
@@ -254,6 +258,9 @@ class FluxService:
                 log.warning("poll %s: %s", record.id, exc)
                 break
             if state.status in FINAL:
+                # The job was done by the time it was asked about: the journal learns that moment, not the
+                # moment the answer arrived (which would add a round trip to every learned duration).
+                outcome.seen_at = asked
                 break
             if progress:
                 last_progress = time.monotonic()
@@ -270,13 +277,14 @@ class FluxService:
         host = urlsplit(provider.settings.base_url).hostname
         trusted = frozenset({host.lower()}) if host else frozenset()
         targets = [Path(t) for t in (record.request.get("save_to") or [])]
-        images: list[ImageOutput] = []
-        problems: list[str] = []
         count = len(state.outputs) if state else len(record.outputs)
-        for i in range(count):
+        slots: list[tuple[ImageOutput, str | None]] = [(ImageOutput(), None)] * count
+        overwrite = bool(record.request.get("overwrite"))
+
+        async def one(i: int) -> None:
             ref = state.outputs[i] if state else None
             url = ref.url if ref else record.outputs[i]
-            kept = self.store.existing(record.id, i)
+            kept = self.store.existing(record.id, i) if state is None else None
             try:
                 if ref and ref.data is not None:
                     data = ref.data
@@ -284,24 +292,18 @@ class FluxService:
                     data = kept.read_bytes()
                 else:
                     data = await self._download(url, trusted)
-                info = inspect_image(data)
+                # Decoding, labelling and writing images is CPU and disk work: keep it off the event loop.
+                slots[i] = await anyio.to_thread.run_sync(
+                    functools.partial(self._keep_one, record, i, data, url, kept,
+                                      targets[i] if i < len(targets) else None, paths, overwrite))
             except DownloadFailed as exc:
-                problems.append(f"image {i + 1}: {exc}")
-                images.append(ImageOutput(url=url))
-                continue
-            provenance = {"prompt": record.request.get("prompt", ""), "model": record.model,
-                          "provider": record.provider, "prediction_id": record.id,
-                          "seed": str(record.request.get("seed")), "software": "flux-mcp"}
-            stored = self.store.keep(record.id, i, data, info, provenance)
-            path = stored
-            mime = info.mime_type
-            if i < len(targets):
-                try:
-                    path, mime = self._save_copy(targets[i], data, info, provenance, paths,
-                                                 bool(record.request.get("overwrite")))
-                except FluxError as exc:
-                    problems.append(f"image {i + 1} was not written to {targets[i]}: {exc}")
-            images.append(ImageOutput(url=url, path=str(path), mime_type=mime, width=info.width, height=info.height))
+                slots[i] = (ImageOutput(url=url), f"image {i + 1}: {exc}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(count):
+                tg.start_soon(one, i)
+        images = [image for image, _ in slots]
+        problems = [problem for _, problem in slots if problem]
         record.images = images
         note = record.request.get("provider_note")
         if problems:
@@ -315,6 +317,22 @@ class FluxService:
             record.status = "failed"
             record.error = record.error or f"{provider.label} reported success but returned no image."
         self.journal.update(record)
+
+    def _keep_one(self, record: Record, i: int, data: bytes, url: str | None, kept: Path | None,
+                  target: Path | None, paths: PathPolicy, overwrite: bool) -> tuple[ImageOutput, str | None]:
+        """Checks one image, keeps it in the data folder and writes its save_to copy (runs in a thread)."""
+        info = inspect_image(data)
+        provenance = {"prompt": record.request.get("prompt", ""), "model": record.model,
+                      "provider": record.provider, "prediction_id": record.id,
+                      "seed": str(record.request.get("seed")), "software": "flux-mcp"}
+        path = kept or self.store.keep(record.id, i, data, info, provenance)
+        mime, problem = info.mime_type, None
+        if target is not None:
+            try:
+                path, mime = self._save_copy(target, data, info, provenance, paths, overwrite)
+            except FluxError as exc:
+                problem = f"image {i + 1} was not written to {target}: {exc}"
+        return ImageOutput(url=url, path=str(path), mime_type=mime, width=info.width, height=info.height), problem
 
     async def _download(self, url: str | None, trusted: frozenset[str]) -> bytes:
         if not url:
