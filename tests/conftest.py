@@ -15,10 +15,13 @@ from flux_mcp.config import Settings
 from flux_mcp.http import RetryPolicy
 from flux_mcp.media import DownloadLimits
 from flux_mcp.server import build_server
+from tests.fakes.atlascloud import AtlasFake
 from tests.fakes.wire import Fake
 
 ATLAS_KEY = "atlas-canary-7f3c9e1b2d4a6f80c5e7"
 """A unique canary: no test output, log, file or journal may ever contain it (or a long part of it)."""
+
+ATLAS_BASE = "http://atlas.test"
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05, max_retry_after=0.05, deadline=10)
 
@@ -47,6 +50,17 @@ def make_settings(workspace: Path, home: Path) -> Callable[..., Settings]:
         return Settings.from_env({**base, **env}, cwd=workspace)
 
     return make
+
+
+@pytest.fixture
+def fake() -> AtlasFake:
+    """The reference provider's fake (Atlas Cloud); provider test files override `fake` and `settings`."""
+    return AtlasFake(key=ATLAS_KEY)
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=ATLAS_BASE)
 
 
 @contextlib.asynccontextmanager

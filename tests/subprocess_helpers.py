@@ -33,7 +33,7 @@ def http_server(transport: str, env: dict[str, str], cwd: Path, *extra: str) -> 
     proc = subprocess.Popen(flux_command("serve", "--transport", transport, "--port", str(port), *extra),
                             env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_for_port(port, proc)
+        wait_for_port(port, proc)
         yield f"http://127.0.0.1:{port}", proc
     finally:
         proc.terminate()
@@ -45,7 +45,8 @@ def http_server(transport: str, env: dict[str, str], cwd: Path, *extra: str) -> 
         log.close()
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, limit: float = 30.0) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, limit: float = 30.0) -> None:
+    """Returns once something listens on 127.0.0.1:`port`; raises if `proc` exits first or time runs out."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -13,22 +13,12 @@ import pytest
 
 from flux_mcp.http import RetryPolicy
 from flux_mcp.media import DownloadLimits
-from tests.conftest import ATLAS_KEY, connect, text_of
+from tests.conftest import ATLAS_BASE, ATLAS_KEY, connect, text_of
 from tests.fakes.atlascloud import AtlasFake
 from tests.fakes.wire import png_bytes
 
 pytestmark = pytest.mark.anyio
-BASE = "http://atlas.test"
-
-
-@pytest.fixture
-def fake() -> AtlasFake:
-    return AtlasFake(key=ATLAS_KEY)
-
-
-@pytest.fixture
-def settings(make_settings):
-    return make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=BASE)
+BASE = ATLAS_BASE
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -177,7 +167,7 @@ async def test_bad_result_files_keep_the_url_and_id_and_leave_no_file(settings, 
 async def test_output_url_on_a_private_address_is_not_fetched(settings, fake):
     class PrivateOutputs(AtlasFake):
         def _poll(self, job_id, request):
-            response = super()._poll(job_id, request)
+            super()._poll(job_id, request)  # counts the poll; the answer is replaced
             return httpx2.Response(200, json={"code": 200, "data": {
                 "id": job_id, "status": "completed", "outputs": ["http://10.0.0.5/internal.png"]}})
 

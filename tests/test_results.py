@@ -11,21 +11,10 @@ from PIL import Image
 
 from flux_mcp.errors import PathNotAllowed
 from flux_mcp.paths import PathPolicy
-from tests.conftest import ATLAS_KEY, connect, text_of
-from tests.fakes.atlascloud import AtlasFake
+from tests.conftest import ATLAS_BASE, ATLAS_KEY, connect, text_of
 
 pytestmark = pytest.mark.anyio
-BASE = "http://atlas.test"
-
-
-@pytest.fixture
-def fake() -> AtlasFake:
-    return AtlasFake(key=ATLAS_KEY)
-
-
-@pytest.fixture
-def settings(make_settings):
-    return make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=BASE)
+BASE = ATLAS_BASE
 
 
 async def test_2048_result_fits_claude_desktop_limit_and_full_image_stays_on_disk(settings, fake):

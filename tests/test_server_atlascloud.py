@@ -10,22 +10,11 @@ import anyio
 import pytest
 from PIL import Image
 
-from tests.conftest import ATLAS_KEY, connect, text_of
-from tests.fakes.atlascloud import AtlasFake
+from tests.conftest import ATLAS_BASE, ATLAS_KEY, connect, text_of
 from tests.fakes.wire import png_bytes
 
 pytestmark = pytest.mark.anyio
-BASE = "http://atlas.test"
-
-
-@pytest.fixture
-def fake() -> AtlasFake:
-    return AtlasFake(key=ATLAS_KEY)
-
-
-@pytest.fixture
-def settings(make_settings):
-    return make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=BASE)
+BASE = ATLAS_BASE
 
 
 async def test_generate_image_returns_file_preview_and_structured_result(settings, fake, home):
