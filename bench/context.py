@@ -104,7 +104,7 @@ def run(workdir: Path, fake_url: str, typical: dict[str, Any] | None, *, install
         atlas["version"] = _installed_version()
         env = {
             **base_env(home),
-            "ATLASCLOUD_API_KEY": "bench-key-not-a-secret",
+            "ATLASCLOUD_API_KEY": "bench key, not a secret",
             "HTTPS_PROXY": "http://127.0.0.1:9",
             "HTTP_PROXY": "http://127.0.0.1:9",
             "https_proxy": "http://127.0.0.1:9",
