@@ -146,3 +146,17 @@ def test_preview_of_a_very_wide_image_stays_under_8000_px(tmp_path):
 
     with Image.open(io.BytesIO(data)) as im:
         assert max(im.size) <= 8000 and mime == "image/jpeg"
+
+
+async def test_a_deleted_save_to_copy_is_rewritten_from_the_kept_image_with_its_provenance_once(settings, fake,
+                                                                                              workspace):
+    async with connect(settings, fake) as client:
+        first = await client.call_tool("generate_image", {"prompt": "p", "save_to": "img/a.png"})
+        target = workspace / "img" / "a.png"
+        original = target.read_bytes()
+        target.unlink()
+        downloads = sum(r.startswith("GET /files/") for r in fake.requests)
+        again = await client.call_tool("check_prediction", {"prediction_id": first.structured_content["prediction_id"]})
+    assert again.structured_content["images"][0]["path"] == str(target)
+    assert target.read_bytes() == original and original.count(b"iTXtprediction_id") == 1
+    assert sum(r.startswith("GET /files/") for r in fake.requests) == downloads  # nothing fetched again

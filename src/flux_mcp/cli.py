@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import sys
@@ -102,7 +101,9 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
 
         run_stdio(build_server(settings))
         return 0
-    if not _is_loopback(host) and settings.auth_token is None:
+    from .transport import is_loopback
+
+    if not is_loopback(host) and settings.auth_token is None:
         print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN; set a token (clients then "
               "send 'Authorization: Bearer <token>') or bind 127.0.0.1.", file=sys.stderr)
         return 2
@@ -112,15 +113,6 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
              transport, host, port, "/sse" if transport == "sse" else "/mcp", default, settings.home)
     serve_http(settings, transport, host, port)
     return 0
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _providers(settings: Settings, *, as_json: bool) -> int:

@@ -99,11 +99,15 @@ def embed_provenance(data: bytes, info: ImageInfo, provenance: dict[str, str]) -
     return data
 
 
-def convert(data: bytes, info: ImageInfo, ext: str, provenance: dict[str, str]) -> bytes:
-    """The image in the format named by `ext` (png, jpg, webp), re-encoded only when it differs."""
+def convert(data: bytes, info: ImageInfo, ext: str, provenance: dict[str, str], *, labelled: bool = False) -> bytes:
+    """The image in the format named by `ext` (png, jpg, webp), re-encoded only when it differs.
+
+    `labelled` data already carries `provenance` (the data folder's copy): kept as it is when no
+    re-encoding is needed, so the metadata is not written twice.
+    """
     pil_format, mime = FORMATS[ext]
     if mime == info.mime_type:
-        return embed_provenance(data, info, provenance)
+        return data if labelled else embed_provenance(data, info, provenance)
     with _pil().open(io.BytesIO(data)) as im:
         im.load()
         if pil_format == "JPEG" and im.mode not in ("RGB", "L"):

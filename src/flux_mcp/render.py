@@ -90,7 +90,8 @@ def _previews(paths: list[Path], settings: Settings) -> list[ImageContent]:
         try:
             if budget is None:
                 # Full resolution, except past 8000 px a side, which breaks client sessions.
-                data, mime = make_preview(path, len(path.read_bytes()) + 1)
+                original = path.read_bytes()
+                data, mime = make_preview(path, len(original) + 1, original)
             else:
                 data, mime = make_preview(path, budget)
         except Exception as exc:  # a preview is a convenience: never fail the result for it

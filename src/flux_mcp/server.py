@@ -132,7 +132,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True)
 
-    @server.tool(title="Generate image", annotations=ToolAnnotations(title="Generate image", **_hints(job_annotations)))
+    @server.tool(title="Generate image", annotations=job_annotations.model_copy(update={"title": "Generate image"}))
     async def generate_image(
         prompt: Prompt,
         ctx: Context[AppState, Any],
@@ -160,7 +160,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
                            wait_seconds=wait_seconds, save_to=save_to, overwrite=overwrite)
         return await _run_job(ctx, "generate", params, action="Generated")
 
-    @server.tool(title="Edit image", annotations=ToolAnnotations(title="Edit image", **_hints(job_annotations)))
+    @server.tool(title="Edit image", annotations=job_annotations.model_copy(update={"title": "Edit image"}))
     async def edit_image(
         prompt: Annotated[str, Field(min_length=1, max_length=4000,
                                      description="The change to make, e.g. 'make the sky a sunset'."),
@@ -288,11 +288,6 @@ async def _close_state(state: AppState, *, own_client: bool) -> None:
 
 async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyResult:
     return EmptyResult()
-
-
-def _hints(a: ToolAnnotations) -> dict[str, Any]:
-    return {"read_only_hint": a.read_only_hint, "destructive_hint": a.destructive_hint,
-            "idempotent_hint": a.idempotent_hint, "open_world_hint": a.open_world_hint}
 
 
 async def _run_job(ctx: Context[AppState, Any], kind: str, params: JobParams, *, action: str) -> CallToolResult:

@@ -329,7 +329,8 @@ class FluxService:
         mime, problem = info.mime_type, None
         if target is not None:
             try:
-                path, mime = self._save_copy(target, data, info, provenance, paths, overwrite)
+                path, mime = self._save_copy(target, data, info, provenance, paths, overwrite,
+                                             labelled=kept is not None)
             except FluxError as exc:
                 problem = f"image {i + 1} was not written to {target}: {exc}"
         return ImageOutput(url=url, path=str(path), mime_type=mime, width=info.width, height=info.height), problem
@@ -374,12 +375,12 @@ class FluxService:
         return targets
 
     def _save_copy(self, target: Path, data: bytes, info, provenance: dict[str, str], paths: PathPolicy,
-                   overwrite: bool) -> tuple[Path, str]:
+                   overwrite: bool, *, labelled: bool = False) -> tuple[Path, str]:
         from .media import atomic_write
 
         checked = paths.check_write(str(target))
         ext = checked.suffix.lower().lstrip(".") or "png"
-        payload = convert(data, info, ext, provenance)
+        payload = convert(data, info, ext, provenance, labelled=labelled)
         atomic_write(checked, payload, overwrite=overwrite)
         return checked, FORMATS[ext][1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from typing import Any
 
@@ -17,6 +18,16 @@ _LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localh
 _LOOPBACK_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def security_settings(host: str, port: int, extra_hosts: list[str] | None = None, *,
                       token_required: bool = False) -> TransportSecuritySettings:
     """DNS-rebinding protection: only the bound address (and loopback names) as Host, only local Origins.
@@ -24,7 +35,7 @@ def security_settings(host: str, port: int, extra_hosts: list[str] | None = None
     A server bound to a public address must have a bearer token; there a rebinding page cannot know the
     token, and clients reach the server under names this process cannot list, so Host is not checked.
     """
-    if token_required and host not in ("127.0.0.1", "localhost", "::1"):
+    if token_required and not is_loopback(host):
         return TransportSecuritySettings(enable_dns_rebinding_protection=False)
     hosts = list(_LOOPBACK_HOSTS)
     if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
