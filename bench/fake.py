@@ -3,7 +3,8 @@
 `TimedAtlasFake` is `tests/fakes/atlascloud.AtlasFake` (same wire protocol, same validation) plus:
 
 * a job whose prompt carries `[duration=SECONDS]` completes that many seconds after its submit
-  arrived; any other job is complete at its first status request (the zero-latency fake);
+  arrived; any other job is complete at its first status request, or at once when the submit asks
+  for sync mode (the zero-latency fake); a sync-mode submit is answered when its job completes;
 * model ids starting with `bench/` are accepted, so each job length gets a model of its own to
   learn;
 * it records, per job, when it was submitted, when it completed, how many status requests asked
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import httpx2
 from PIL import Image, ImageDraw, ImageFilter
 from tests.fakes import atlascloud
-from tests.fakes.atlascloud import AtlasFake
+from tests.fakes.atlascloud import AtlasFake, Job
 from tests.fakes.wire import json_response
 
 _DURATION = re.compile(r"\[duration=([0-9.]+)\]")
@@ -133,6 +134,24 @@ class TimedAtlasFake(AtlasFake):
             if job.done and timing.done_seen_at is None:
                 timing.done_seen_at = now
         return super()._poll(job_id, request)
+
+    async def _sync_wait(self, job: Job) -> None:
+        """Sync mode on the clock: the held submit answers when the job completes."""
+        import anyio
+
+        timing = self.timings[job.id]
+        if timing.complete_at is None:
+            timing.complete_at = time.monotonic()  # the zero-latency fake: done as soon as it is asked
+        remaining = timing.complete_at - time.monotonic()
+        if remaining > 0:
+            await anyio.sleep(min(remaining, self.sync_timeout))
+        now = time.monotonic()
+        job.done = now >= timing.complete_at
+        if job.done and timing.done_seen_at is None:
+            timing.done_seen_at = now
+
+    def image_bytes(self) -> bytes:
+        return self.image
 
     def _file(self, path: str) -> httpx2.Response:
         if path.startswith("/files/"):

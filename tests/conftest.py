@@ -63,6 +63,12 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=ATLAS_BASE)
 
 
+@pytest.fixture
+def polled_settings(make_settings: Callable[..., Settings]) -> Settings:
+    """Atlas Cloud without sync mode: every job is polled and its images downloaded from their URLs."""
+    return make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=ATLAS_BASE, ATLASCLOUD_SYNC_MODE="off")
+
+
 @contextlib.asynccontextmanager
 async def connect(settings: Settings, fake: Fake | None = None, *, retry: RetryPolicy = FAST_RETRY,
                   downloads: DownloadLimits | None = None, **client_kw: Any) -> AsyncIterator[Client]:

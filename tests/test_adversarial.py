@@ -112,9 +112,9 @@ async def test_unknown_status_word_is_not_guessed(settings, fake):
     assert "unknown status 'exploded'" in text_of(result)
 
 
-async def test_revoked_key_while_waiting_stops_the_wait_and_keeps_the_id(settings, fake):
+async def test_revoked_key_while_waiting_stops_the_wait_and_keeps_the_id(polled_settings, fake):
     fake.poll_errors.append((401, {"code": 401, "message": f"bad key {ATLAS_KEY}"}, {}))
-    async with connect(settings, fake) as client:
+    async with connect(polled_settings, fake) as client:
         result = await client.call_tool("generate_image", {"prompt": "p"})
     assert "refused the API key in ATLASCLOUD_API_KEY" in text_of(result)
     assert result.structured_content["prediction_id"] in text_of(result)
@@ -146,10 +146,10 @@ async def test_job_that_never_finishes_comes_back_pending(settings, fake):
         ("redirect:file:///etc/passwd", "only http(s) image URLs"),
     ],
 )
-async def test_bad_result_files_keep_the_url_and_id_and_leave_no_file(settings, fake, home, mode, expected):
+async def test_bad_result_files_keep_the_url_and_id_and_leave_no_file(polled_settings, fake, home, mode, expected):
     fake.file_mode = mode
     limits = DownloadLimits(max_bytes=2_000_000, deadline=0.5, attempts=1)
-    async with connect(settings, fake, downloads=limits) as client:
+    async with connect(polled_settings, fake, downloads=limits) as client:
         result = await client.call_tool("generate_image", {"prompt": "p"})
         data = result.structured_content
         assert data["status"] == "succeeded" and data["images"][0]["path"] is None
@@ -164,7 +164,7 @@ async def test_bad_result_files_keep_the_url_and_id_and_leave_no_file(settings, 
     assert len(fake.ledger) == 1
 
 
-async def test_output_url_on_a_private_address_is_not_fetched(settings, fake):
+async def test_output_url_on_a_private_address_is_not_fetched(polled_settings, fake):
     class PrivateOutputs(AtlasFake):
         def _poll(self, job_id, request):
             super()._poll(job_id, request)  # counts the poll; the answer is replaced
@@ -172,7 +172,7 @@ async def test_output_url_on_a_private_address_is_not_fetched(settings, fake):
                 "id": job_id, "status": "completed", "outputs": ["http://10.0.0.5/internal.png"]}})
 
     private = PrivateOutputs(key=ATLAS_KEY)
-    async with connect(settings, private) as client:
+    async with connect(polled_settings, private) as client:
         result = await client.call_tool("generate_image", {"prompt": "p"})
     assert "non-public address" in result.structured_content["error"]
     assert not any("10.0.0.5" in r for r in private.requests)

@@ -39,7 +39,8 @@ async def test_several_large_images_share_the_budget(settings, fake):
 
 
 async def test_previews_off_leaves_paths_and_urls_in_the_text(make_settings, fake):
-    settings = make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=BASE, FLUX_MCP_PREVIEW="off")
+    settings = make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=BASE, FLUX_MCP_PREVIEW="off",
+                             ATLASCLOUD_SYNC_MODE="off")
     async with connect(settings, fake) as client:
         result = await client.call_tool("generate_image", {"prompt": "p"})
     assert not [b for b in result.content if b.type == "image"]

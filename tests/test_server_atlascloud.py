@@ -25,7 +25,6 @@ async def test_generate_image_returns_file_preview_and_structured_result(setting
     assert data["provider"] == "atlascloud" and data["model"] == "black-forest-labs/flux-schnell"
     assert data["status"] == "succeeded" and data["prediction_id"].startswith("atlascloud:pred_")
     [image] = data["images"]
-    assert image["url"].startswith(f"{BASE}/files/")
     path = Path(image["path"])
     assert path.is_file() and path.is_relative_to(home)
     assert (image["width"], image["height"], image["mime_type"]) == (64, 64, "image/png")
@@ -35,9 +34,19 @@ async def test_generate_image_returns_file_preview_and_structured_result(setting
     assert len(previews) == 1
     with Image.open(io.BytesIO(base64.b64decode(previews[0].data))) as im:
         assert im.size == (64, 64)
-    assert str(path) in text_of(result) and image["url"] in text_of(result)
+    assert str(path) in text_of(result)
     assert fake.ledger[0]["size"] == "1024*1024" and fake.ledger[0]["prompt"] == "a lighthouse at dusk"
     assert len(fake.ledger) == 1
+
+
+async def test_polled_generation_keeps_the_provider_url_too(polled_settings, fake, home):
+    async with connect(polled_settings, fake) as client:
+        result = await client.call_tool("generate_image", {"prompt": "a lighthouse at dusk"})
+    [image] = result.structured_content["images"]
+    assert image["url"].startswith(f"{BASE}/files/") and image["url"] in text_of(result)
+    assert Path(image["path"]).is_file() and str(image["path"]) in text_of(result)
+    assert fake.ledger[0]["enable_base64_output"] is False and "enable_sync_mode" not in fake.ledger[0]
+    assert [r.split()[0] for r in fake.requests] == ["POST", "GET", "GET"]
 
 
 async def test_generate_sends_model_specific_fields_only(settings, fake):
@@ -118,7 +127,8 @@ async def test_check_prediction_answers_after_a_restart(settings, fake):
     assert len(fake.ledger) == 1
 
 
-async def test_progress_notifications_flow_while_waiting(settings, fake):
+async def test_progress_notifications_flow_while_waiting(polled_settings, fake):
+    settings = polled_settings
     fake.polls_to_complete = 3
     seen: list[tuple[float, float | None, str | None]] = []
 

@@ -40,6 +40,8 @@ log = logging.getLogger("flux_mcp.http")
 
 USER_AGENT = "flux-mcp"
 MAX_API_BYTES = 64 * 1024 * 1024
+HELD_REQUESTS = 128
+"""At most this many submits are held open at once (synchronous modes); more jobs are polled instead."""
 _NOT_SENT = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.UnsupportedProtocol)
 
 
@@ -54,9 +56,9 @@ class LazyClient:
         if self._client is None:
             self._client = httpx2.AsyncClient(
                 timeout=httpx2.Timeout(30.0, connect=10.0),
-                # A small pool: httpcore scans every pooled connection per request, and providers
-                # rate-limit wide fan-outs anyway; extra requests queue for a free connection.
-                limits=httpx2.Limits(max_connections=48, max_keepalive_connections=24),
+                # Room for HELD_REQUESTS submits held open by synchronous modes plus the usual traffic;
+                # few idle connections are kept (httpcore scans the pool on every request).
+                limits=httpx2.Limits(max_connections=HELD_REQUESTS + 32, max_keepalive_connections=24),
                 follow_redirects=False, trust_env=False,
             )
         return self._client
@@ -101,10 +103,16 @@ class ProviderHttp:
         self.key_env = key_env
         self.retry = retry or RetryPolicy()
 
-    async def submit(self, method: str, url: str, **kwargs: Any) -> httpx2.Response:
-        """Sends a job-creating request once. Raises on any failure; never resends."""
+    async def submit(self, method: str, url: str, *, held: float | None = None, **kwargs: Any) -> httpx2.Response:
+        """Sends a job-creating request once. Raises on any failure; never resends.
+
+        `held`: the provider keeps this request open until the job is done (a synchronous mode), so
+        its answer may take up to this many seconds instead of the usual deadline.
+        """
+        if held is not None:
+            kwargs["timeout"] = httpx2.Timeout(held, connect=10.0)
         try:
-            return await self._send(method, url, **kwargs)
+            return await self._send(method, url, deadline=held, **kwargs)
         except _NOT_SENT as exc:
             raise ProviderUnavailable(
                 f"Could not reach {self.provider_id} ({type(exc).__name__}); the request was not sent, "
@@ -148,11 +156,11 @@ class ProviderHttp:
         delay = min(self.retry.base_delay * (2**attempt), self.retry.max_delay)
         return delay * (0.75 + random.random() / 2)
 
-    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx2.Response:
+    async def _send(self, method: str, url: str, *, deadline: float | None = None, **kwargs: Any) -> httpx2.Response:
         headers = {"User-Agent": USER_AGENT, **kwargs.pop("headers", {})}
         client = resolve(self.client)
         request = client.build_request(method, url, headers=headers, **kwargs)
-        with anyio.fail_after(self.retry.deadline):
+        with anyio.fail_after(max(deadline or 0.0, self.retry.deadline)):
             response = await client.send(request, stream=True, follow_redirects=False)
             try:
                 chunks: list[bytes] = []

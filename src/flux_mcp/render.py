@@ -39,7 +39,8 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
                 lines.append(f"  provider URL (expires): {img.url}")
         if record.error:
             lines.append(f"Note: {record.error}")
-        lines.append("Use the local path in code; provider URLs expire.")
+        urls = any(img.url and not img.url.startswith("data:") for img in record.images)
+        lines.append("Use the local path in code; provider URLs expire." if urls else "Use the local path in code.")
     elif record.status == "succeeded":
         lines.append(f"The job {record.id} on {who} finished, but its images could not be saved locally: "
                      f"{record.error}")

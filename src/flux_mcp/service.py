@@ -27,12 +27,12 @@ from .errors import (
     UnknownPrediction,
     UnsupportedOperation,
 )
-from .http import LazyClient, ProviderHttp, RetryPolicy
+from .http import HELD_REQUESTS, LazyClient, ProviderHttp, RetryPolicy
 from .journal import Journal, Record
 from .media import FORMATS, Downloader, ImageStore, convert, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, ImageOutput, UploadResult
 from .paths import PathPolicy
-from .providers import PROVIDER_CLASSES, ImageRequest, JobState, Provider
+from .providers import PROVIDER_CLASSES, ImageRequest, JobState, Provider, Submitted
 from .providers.placeholder import NOTE as PLACEHOLDER_NOTE
 from .redact import Redactor
 from .waiting import PollSchedule
@@ -44,6 +44,10 @@ UPLOAD_REUSE_SECONDS = 3600.0
 """Uploaded files are temporary on the providers; a cached upload URL is reused for an hour."""
 _PREDICTION_ID = re.compile(r"^[a-z]{2,20}:[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 _PROGRESS_EVERY = 5.0
+INLINE_LONGEST = 10.0
+"""Submits are held open (sync mode) only for models whose jobs typically end within this many seconds."""
+INLINE_MIN_WAIT = 15.0
+"""...and only when the call may wait at least this long (a short wait wants the id back at once)."""
 
 
 @dataclass
@@ -92,6 +96,8 @@ class FluxService:
             self.providers[cls.id] = cls(settings.providers[cls.id], http)
         self.downloader = downloader or Downloader(client)
         self.store = ImageStore(settings.home)
+        self._held = 0
+        """Submits held open right now (sync mode)."""
 
     # --- choosing a provider ------------------------------------------------------------------
 
@@ -148,7 +154,10 @@ class FluxService:
         if kind == "edit":
             req.image = await self._image_input(provider, params.image or "", paths)
 
-        submitted = await provider.submit(req)
+        wait = self.settings.wait_seconds if params.wait_seconds is None else params.wait_seconds
+        req.inline = self._inline(provider, req.model, wait)
+        sent = time.time()
+        submitted = await self._submit(provider, req, progress, wait)
         now = time.time()
         state = submitted.state
         record = Record(
@@ -158,12 +167,55 @@ class FluxService:
                      "seed": req.seed, "steps": req.steps, "guidance_scale": req.guidance_scale,
                      "image": _short_input(params.image), "save_to": [str(t) for t in save_targets] or None,
                      "overwrite": params.overwrite},
-            cost_usd=provider.price(req), created_at=submitted.submitted_at, updated_at=now,
+            # The job's clock starts when the request leaves: a held submit's answer comes only at its end.
+            cost_usd=provider.price(req), created_at=min(sent, submitted.submitted_at), updated_at=now,
         )
         self.journal.add(record)
-        log.info("submitted %s (%s, %s)", record.id, provider.id, req.model)
-        wait = self.settings.wait_seconds if params.wait_seconds is None else params.wait_seconds
+        log.info("submitted %s (%s, %s%s)", record.id, provider.id, req.model, ", held" if req.inline else "")
         return await self._finish(record, provider, state, wait, paths, progress)
+
+    def _inline(self, provider: Provider, model: str, wait: float) -> bool:
+        """Whether to hold the submit open until the images come back in its answer (one request, and
+        the job is noticed the moment it ends): for models documented to allow it whose jobs are short
+        next to the call's wait, while the pool has room for another held request."""
+        if self._held >= HELD_REQUESTS or wait < INLINE_MIN_WAIT or not provider.answers_inline(model):
+            return False
+        expected = self.journal.typical_duration(provider.id, model)
+        return expected is None or (expected <= INLINE_LONGEST and 3 * expected <= wait)
+
+    async def _submit(self, provider: Provider, req: ImageRequest, progress: ProgressFn | None,
+                      wait: float) -> Submitted:
+        """Sends the paid request. Shielded from cancellation: once it is out, its answer (the job's id)
+        is awaited and journaled even if the call is cancelled meanwhile."""
+        with anyio.CancelScope(shield=True):
+            if not req.inline:
+                return await provider.submit(req)
+            self._held += 1
+            try:
+                if progress is None:
+                    return await provider.submit(req)
+                answer: Submitted | Exception
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._held_progress, provider.id, progress, wait)
+                    try:
+                        answer = await provider.submit(req)
+                    except Exception as exc:  # raised below, bare (not wrapped in an exception group)
+                        answer = exc
+                    tg.cancel_scope.cancel()
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer
+            finally:
+                self._held -= 1
+
+    @staticmethod
+    async def _held_progress(provider_id: str, progress: ProgressFn, wait: float) -> None:
+        """Progress notifications while a held submit is open (they keep client timeouts alive)."""
+        start = time.monotonic()
+        while True:
+            await anyio.sleep(_PROGRESS_EVERY)
+            elapsed = time.monotonic() - start
+            await progress(round(elapsed, 1), wait, f"{provider_id}: processing ({elapsed:.0f}s)")
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
                     progress: ProgressFn | None = None) -> Outcome:
@@ -192,6 +244,12 @@ class FluxService:
                       paths: PathPolicy, progress: ProgressFn | None, *, checking: bool = False) -> Outcome:
         outcome = Outcome(record)
         if record.status in FINAL and state is None:
+            if record.status == "succeeded" and None in record.outputs:
+                # Images that came inline have no URL to fetch again: the provider is asked for them anew.
+                state = await provider.poll(record.native_id, record.created_at)
+                if state.status == "succeeded":
+                    await self._materialize(record, provider, state, paths, outcome)
+                    return outcome
             await self._materialize(record, provider, None, paths, outcome)
             return outcome
         if state is None:
@@ -215,7 +273,9 @@ class FluxService:
             record.request["provider_note"] = state.error
         self.journal.update(record)
         if state.status == "succeeded":
-            await self._materialize(record, provider, state, paths, outcome)
+            # Images that came inline exist only in memory until written: a cancelled call still writes them.
+            with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):
+                await self._materialize(record, provider, state, paths, outcome)
         if record.provider == "placeholder":
             outcome.notes.append(PLACEHOLDER_NOTE)
         return outcome
@@ -299,9 +359,12 @@ class FluxService:
             except DownloadFailed as exc:
                 slots[i] = (ImageOutput(url=url), f"image {i + 1}: {exc}")
 
-        async with anyio.create_task_group() as tg:
-            for i in range(count):
-                tg.start_soon(one, i)
+        if count == 1:
+            await one(0)
+        else:
+            async with anyio.create_task_group() as tg:
+                for i in range(count):
+                    tg.start_soon(one, i)
         images = [image for image, _ in slots]
         problems = [problem for _, problem in slots if problem]
         record.images = images

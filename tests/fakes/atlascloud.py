@@ -6,6 +6,11 @@ What it reproduces:
   wins); validates model, `num_images` 1-4, `strength` 0-1, `size` "W*H"; answers the
   `{code: 200, data: {id, status: "created"}}` envelope (or the documented variants: top-level `id`,
   `predictionId`). Every accepted job is appended to `ledger` (what a user would pay for).
+* `enable_sync_mode: true` holds the submit's answer until the job is done (at most `sync_timeout`
+  seconds, after which it answers the job still `processing`, as WaveSpeed's sync mode does) and then
+  answers what a poll would: `completed` with outputs, or the HTTP 500 failure body.
+  `enable_base64_output: true` makes outputs base64 strings (raw, or `data:` URIs with
+  `base64_style="data_uri"`: the docs do not say which) instead of URLs.
 * `GET /api/v1/model/prediction/{id}` (and `/model/getResult?predictionId=`): `created` ->
   `processing` -> `completed` as polls arrive; outputs as URL strings or objects; a failed task is
   HTTP 500 with `{code: 500, message, data: {status: "failed", error}}`; a "completed" task can have
@@ -14,7 +19,8 @@ What it reproduces:
   download_url, filename, size}}`.
 * Result and upload files are served from the fake's own host (`/files/...`, `/uploads/...`).
 
-Knobs (set by tests): `polls_to_complete`, `hold` (jobs stay processing until `finish(id)`),
+Knobs (set by tests): `polls_to_complete`, `hold` (jobs stay processing until `finish(id)`; a held
+submit then answers `processing` at once),
 `outcome` ("ok", "fail", "nsfw"), `output_style` ("strings", "objects", "base64"), `id_style`,
 `submit_errors` (queue of (status, body, headers) answered instead of accepting a job).
 """
@@ -73,6 +79,10 @@ class AtlasFake:
     """How result files are served: ok, 404, redirect_loop, redirect:<url>, not_image, huge, slow, bomb."""
     noisy_images: bool = False
     """Serve incompressible images (realistic byte sizes) instead of flat colour."""
+    sync_timeout: float = 60.0
+    """The longest a sync-mode submit is held before it answers with the job still processing."""
+    base64_style: str = "raw"
+    """How base64 outputs look: "raw" or "data_uri"."""
 
     def finish(self, job_id: str) -> None:
         self.jobs[job_id].done = True
@@ -85,7 +95,14 @@ class AtlasFake:
         if request.headers.get("authorization") != f"Bearer {self.key}":
             return json_response(401, {"code": 401, "message": "Unauthorized: invalid or expired API key"})
         if request.method == "POST" and path == "/api/v1/model/generateImage":
-            return self._submit(request)
+            before = len(self.ledger)
+            response = self._submit(request)
+            if len(self.ledger) > before:  # a job was accepted (not an injected answer)
+                job = next(reversed(self.jobs.values()))
+                if job.body.get("enable_sync_mode") is True:
+                    await self._sync_wait(job)
+                    return self._answer(job, request)
+            return response
         m = re.fullmatch(r"/api/v1/model/prediction/([^/]+)/?", path)
         if request.method == "GET" and m:
             return self._poll(m.group(1), request)
@@ -141,6 +158,24 @@ class AtlasFake:
             job.done = job.done or time.monotonic() - job.created >= self.duration
         elif not self.hold and job.polls >= self.polls_to_complete:
             job.done = True
+        return self._answer(job, request)
+
+    async def _sync_wait(self, job: Job) -> None:
+        """Sync mode: the answer waits for the job (up to `sync_timeout`)."""
+        import anyio
+
+        if self.duration is not None:
+            remaining = job.created + self.duration - time.monotonic()
+            await anyio.sleep(max(0.0, min(remaining, self.sync_timeout)))
+            job.done = job.done or time.monotonic() - job.created >= self.duration
+        elif not self.hold:
+            job.done = True
+
+    def image_bytes(self) -> bytes:
+        return noise_png(*self.image_size) if self.noisy_images else png_bytes(*self.image_size)
+
+    def _answer(self, job: Job, request: httpx2.Request) -> httpx2.Response:
+        """The job as a status request (or a sync-mode submit) sees it now."""
         if not job.done:
             status = "created" if job.polls == 0 else "processing"
             return json_response(200, {"code": 200, "data": {"id": job.id, "status": status, "outputs": []}})
@@ -154,8 +189,9 @@ class AtlasFake:
         base = f"{request.url.scheme}://{request.url.netloc.decode()}"
         n = job.body.get("num_images", 1)
         outputs: list[Any]
-        if self.output_style == "base64":
-            outputs = [base64.b64encode(png_bytes(*self.image_size)).decode() for _ in range(n)]
+        if self.output_style == "base64" or job.body.get("enable_base64_output") is True:
+            prefix = "data:image/png;base64," if self.base64_style == "data_uri" else ""
+            outputs = [prefix + base64.b64encode(self.image_bytes()).decode() for _ in range(n)]
         else:
             outputs = [f"{base}/files/{job.id}-{i}.png" for i in range(n)]
             if self.output_style == "objects":
@@ -204,8 +240,7 @@ class AtlasFake:
             if data is None:
                 return httpx2.Response(404, text="no such upload")
             return httpx2.Response(200, content=data, headers={"content-type": "image/png"})
-        data = noise_png(*self.image_size) if self.noisy_images else png_bytes(*self.image_size)
-        return httpx2.Response(200, content=data, headers={"content-type": "image/png"})
+        return httpx2.Response(200, content=self.image_bytes(), headers={"content-type": "image/png"})
 
 
 async def _endless():

@@ -24,6 +24,10 @@ _SIZE = Range(256, 1536)
 """Atlas does not document size limits; these are the WaveSpeed FLUX schema bounds its models derive from."""
 _WARMUP_GRACE = 30.0
 """A new prediction can answer 400/404 for a short while after submit (ComfyUI client's grace period)."""
+HELD_SECONDS = 300.0
+"""How long a sync-mode submit may stay open. Far beyond any schnell job: giving up on a held submit
+would lose the job's id (it may be charged), so only a dead connection ends it early."""
+_OFF = ("off", "false", "0", "no")
 
 
 class AtlasCloud(Provider):
@@ -32,10 +36,12 @@ class AtlasCloud(Provider):
     key_env = "ATLASCLOUD_API_KEY"
     base_url_env = "ATLASCLOUD_BASE_URL"
     default_base_url = "https://api.atlascloud.ai"
+    extra_env = {"sync_mode": "ATLASCLOUD_SYNC_MODE"}
+    """`off` turns off sync mode (submits held open until the image is in the answer); default `auto`."""
     models = (
         ModelInfo("black-forest-labs/flux-schnell", frozenset({"generate", "edit"}),
                   "FLUX.1 [schnell]: fastest, 1-4 steps; edits as image-to-image with `image`.",
-                  size=_SIZE, max_images=4, price_usd=0.003),
+                  size=_SIZE, max_images=4, price_usd=0.003, answers_inline=True),
         ModelInfo("black-forest-labs/flux-dev", frozenset({"generate", "edit"}),
                   "FLUX.1 [dev]: higher quality; image-to-image with `image`.",
                   size=_SIZE, steps=Range(1, 50), guidance=Range(0, 20), max_images=4, price_usd=0.012),
@@ -61,6 +67,10 @@ class AtlasCloud(Provider):
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key()}", "Accept": "application/json"}
 
+    def answers_inline(self, model: str) -> bool:
+        # enable_sync_mode is documented for flux-schnell only (API-NOTES 1.3); ATLASCLOUD_SYNC_MODE=off opts out.
+        return super().answers_inline(model) and self.settings.extra.get("sync_mode", "auto").lower() not in _OFF
+
     def body(self, req: ImageRequest) -> dict[str, Any]:
         """The flat request body: only the fields the model's schema has."""
         info = self.model_info(req.model)
@@ -70,8 +80,11 @@ class AtlasCloud(Provider):
             "size": f"{req.width}*{req.height}",
             "num_images": req.num_images,
             "seed": req.seed if req.seed is not None else -1,
-            "enable_base64_output": False,
+            # Inline: the answer carries the images themselves, so no download from a second host follows.
+            "enable_base64_output": req.inline,
         }
+        if req.inline:
+            body["enable_sync_mode"] = True
         if info is None or info.steps is not None:
             if req.steps is not None:
                 body["num_inference_steps"] = req.steps
@@ -84,23 +97,31 @@ class AtlasCloud(Provider):
 
     async def submit(self, req: ImageRequest) -> Submitted:
         url = f"{self.base_url}/api/v1/model/generateImage"
-        response = await self.http.submit("POST", url, headers=self._headers(), json=self.body(req))
+        response = await self.http.submit("POST", url, headers=self._headers(), json=self.body(req),
+                                          held=HELD_SECONDS if req.inline else None)
         payload = parse_json(response)
-        if response.status_code >= 300:
-            raise self._error(response, submit=True)
         data = payload.get("data") if isinstance(payload, dict) and isinstance(payload.get("data"), dict) else payload
         native = None
         if isinstance(data, dict):
             native = data.get("id") or payload.get("id") or data.get("predictionId") or payload.get("predictionId")
+        if response.status_code >= 300:
+            # A held submit whose job then failed answers like a failed poll: HTTP 5xx, the verdict in the body.
+            verdict = _STATUS.get(str(data.get("status", "")).lower()) if isinstance(data, dict) else None
+            if req.inline and isinstance(native, str) and native and verdict in ("failed", "canceled"):
+                return Submitted(native_id=native, state=self._state(data))
+            raise self._error(response, submit=True)
         if not isinstance(native, str) or not native:
             raise SubmitOutcomeUnknown(
                 f"Atlas Cloud accepted the request (HTTP {response.status_code}) but its answer has no readable "
                 "prediction id, so this server cannot follow the job. It may have been created and charged: check "
                 "the Atlas Cloud dashboard's history before asking again."
             )
-        state = self._state(data) if data.get("status") else None
+        try:
+            state = self._state(data) if data.get("status") else None
+        except ProviderUnavailable:
+            state = None  # an unknown status word must not lose the id: polling will tell
         if state is not None and state.status in ("starting", "processing"):
-            state = None
+            state = None  # not done (a sync-mode wait can end early on Atlas's side): poll
         return Submitted(native_id=native, state=state)
 
     async def poll(self, native_id: str, submitted_at: float) -> JobState:
@@ -184,9 +205,14 @@ def _outputs(raw: Any) -> list[OutputRef]:
         if value.startswith(("http://", "https://")):
             out.append(OutputRef(url=value))
         else:
+            from ..errors import InvalidInput
             from ..media import decode_data_uri
 
-            out.append(OutputRef(data=decode_data_uri(value)))
+            try:
+                out.append(OutputRef(data=decode_data_uri(value)))
+            except InvalidInput:
+                raise ProviderUnavailable("Atlas Cloud sent an image that is not valid base64; the job is kept, "
+                                          "check again.") from None
     return out
 
 

@@ -60,6 +60,9 @@ class ModelInfo:
     requires_image: bool = False
     price_usd: float | None = None
     """Documented price per image, reported as cost when the provider gives none."""
+    answers_inline: bool = False
+    """The provider documents a mode where the submit request itself is answered with the finished
+    images (Atlas Cloud's `enable_sync_mode` + `enable_base64_output`): one request instead of three."""
 
 
 @dataclass
@@ -77,6 +80,9 @@ class ImageRequest:
     guidance_scale: float | None = None
     image: str | None = None
     """For edits: an http(s) URL or a data: URI the provider accepts."""
+    inline: bool = False
+    """Ask for the finished images in the submit's own answer (only where `answers_inline` allows it);
+    the service decides, the adapter falls back to a job id when the provider answers early anyway."""
 
 
 @dataclass
@@ -180,6 +186,11 @@ class Provider:
             raise InvalidInput("edit_image needs `image`: an http(s) URL, a local file path, or a data: URI.")
         return req
 
+    def answers_inline(self, model: str) -> bool:
+        """Whether a submit for `model` may be held open until the images come back in its answer."""
+        info = self.model_info(model)
+        return info is not None and info.answers_inline
+
     def max_images(self, info: ModelInfo) -> int:
         return info.max_images
 
@@ -188,7 +199,8 @@ class Provider:
         return info.price_usd * req.num_images if info and info.price_usd is not None else None
 
     async def submit(self, req: ImageRequest) -> Submitted:
-        """Sends the one request that creates the (paid) job. Never retried."""
+        """Sends the one request that creates the (paid) job. Never retried. With `req.inline` the
+        answer may already hold the final state; without, it normally holds only the job id."""
         raise NotImplementedError
 
     async def poll(self, native_id: str, submitted_at: float) -> JobState:
