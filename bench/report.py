@@ -54,15 +54,18 @@ def summary(r: dict[str, Any]) -> list[str]:
             )
     if c := r.get("concurrency"):
         fl = c["floor"]
-        rows.append(
-            f"| concurrency: {c['calls']} simultaneous `generate_image`, {c['job_s']:g} s jobs, one HTTP server "
-            f"| {secs(c['wall_s'])} wall, {c['errors']} errors, peak RSS {c['rss_peak_kb'] / 1024:.0f} MB, "
-            f"{c['server_cpu_per_call_ms']:.1f} ms server CPU per call "
-            f"| one job: {secs(c['job_s'])}; one call alone: {secs(c['single_p50'])}; floor ({c['calls']} "
-            f"sleeping calls, bare `mcp` server): {secs(fl['wall_s'])}, {fl['server_cpu_per_call_ms']:.1f} ms CPU "
-            f"per call | {c['ratio_to_job']:.2f}x the job ({c['ratio_to_floor']:.2f}x the floor) "
-            f"| <= 1.25x the job, 0 errors | {verdict(c['met'])} |"
-        )
+        for x, how in ((c, "default (held submits)"), (c.get("polled"), "sync mode off (polled)")):
+            if not x:
+                continue
+            rows.append(
+                f"| concurrency: {c['calls']} simultaneous `generate_image`, {c['job_s']:g} s jobs, one HTTP "
+                f"server, {how} | {secs(x['wall_s'])} wall, {x['errors']} errors, peak RSS "
+                f"{x['rss_peak_kb'] / 1024:.0f} MB, {x['server_cpu_per_call_ms']:.1f} ms server CPU per call "
+                f"| one job: {secs(c['job_s'])}; one call alone: {secs(x['single_p50'])}; floor ({c['calls']} "
+                f"sleeping calls, bare `mcp` server): {secs(fl['wall_s'])}, {fl['server_cpu_per_call_ms']:.1f} ms "
+                f"CPU per call | {x['ratio_to_job']:.2f}x the job ({x['ratio_to_floor']:.2f}x the floor) "
+                f"| <= 1.25x the job, 0 errors | {verdict(x['met'])} |"
+            )
     if p := r.get("preview"):
         for row in p["rows"]:
             rows.append(
@@ -188,14 +191,18 @@ def details(r: dict[str, Any]) -> list[str]:
             "",
             "### Concurrency",
             "",
-            (
-                f"{c['calls']} sessions (one connection each) opened first, then released at once; 64x64 results. "
-                f"Per-call p50 {secs(c['call_p50'])}, slowest {secs(c['call_max'])}. Server CPU during the burst: "
-                f"{c['server_cpu_s']:.2f} s ({c['server_cpu_per_call_ms']:.1f} ms a call; the floor: "
-                f"{c['floor']['server_cpu_per_call_ms']:.1f} ms). Server RSS: {c['rss_idle_kb'] / 1024:.0f} MB idle with "
-                f"the sessions open, {c['rss_peak_kb'] / 1024:.0f} MB peak (floor: {c['floor']['rss_peak_kb'] / 1024:.0f} MB)."
-            ),
+            f"{c['calls']} sessions (one connection each) opened first, then released at once; 64x64 results.",
         ]
+        for x, how in ((c, "Default (held submits)"), (c.get("polled"), "Sync mode off (polled)")):
+            if x:
+                out += [
+                    "",
+                    f"{how}: per-call p50 {secs(x['call_p50'])}, slowest {secs(x['call_max'])}. Server CPU during "
+                    f"the burst: {x['server_cpu_s']:.2f} s ({x['server_cpu_per_call_ms']:.1f} ms a call; the floor: "
+                    f"{c['floor']['server_cpu_per_call_ms']:.1f} ms). Server RSS: {x['rss_idle_kb'] / 1024:.0f} MB "
+                    f"idle with the sessions open, {x['rss_peak_kb'] / 1024:.0f} MB peak (floor: "
+                    f"{c['floor']['rss_peak_kb'] / 1024:.0f} MB).",
+                ]
     if x := r.get("context"):
         out += ["", "### Context cost", "", f"Tokens estimated at {x['token_estimate']}."]
         if res := x["flux"].get("result"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,21 @@ async def test_previews_off_leaves_paths_and_urls_in_the_text(make_settings, fak
     assert not [b for b in result.content if b.type == "image"]
     image = result.structured_content["images"][0]
     assert image["path"] in text_of(result) and image["url"] in text_of(result)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+async def test_written_images_are_ordinary_files_and_leave_no_temp_files(settings, fake, workspace, home):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("generate_image", {"prompt": "p", "save_to": "art/new/dir/"})
+    [image] = result.structured_content["images"]
+    kept = list((home / "images").rglob("*"))
+    for path in [Path(image["path"]), *[k for k in kept if k.is_file()]]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert Path(image["path"]).is_relative_to(workspace / "art" / "new" / "dir")
+    leftovers = [p.name for p in [*workspace.rglob("*"), *kept] if p.name.endswith(".part")]
+    assert leftovers == []
 
 
 async def test_save_to_webp_in_the_workspace_carries_its_provenance(settings, fake, workspace):
@@ -161,3 +177,16 @@ async def test_a_deleted_save_to_copy_is_rewritten_from_the_kept_image_with_its_
     assert again.structured_content["images"][0]["path"] == str(target)
     assert target.read_bytes() == original and original.count(b"iTXtprediction_id") == 1
     assert sum(r.startswith("GET /files/") for r in fake.requests) == downloads  # nothing fetched again
+
+
+def test_written_files_are_complete_at_once_and_flushed_in_the_background(tmp_path):
+    from flux_mcp.media import atomic_write, flush_pending
+
+    files = {tmp_path / "deep" / f"f{i}.bin": os.urandom(1000 + i) for i in range(50)}
+    for path, data in files.items():
+        atomic_write(path, data, overwrite=False)
+        assert path.read_bytes() == data  # complete the moment the call returns, before any flush
+    assert flush_pending(timeout=30)
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == sorted(p.name for p in files)
+    with pytest.raises(PathNotAllowed):
+        atomic_write(next(iter(files)), b"other", overwrite=False)

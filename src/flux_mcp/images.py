@@ -33,6 +33,24 @@ _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gi
 _XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"
 
 
+LIGHT_BYTES = 256 * 1024
+"""Image work on fewer bytes than this, with no decoding or encoding, costs less than a thread hand-off."""
+
+
+def light_work(data: bytes, target_ext: str | None = None) -> bool:
+    """Whether checking, labelling and writing `data` (as a `target_ext` file) is light: little data, and
+    kept in its own format (PNG and JPEG are labelled by inserting chunks; WebP would be re-encoded)."""
+    if len(data) > LIGHT_BYTES:
+        return False
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        own = "PNG"
+    elif data.startswith(b"\xff\xd8\xff"):
+        own = "JPEG"
+    else:
+        return False
+    return target_ext is None or FORMATS.get(target_ext.lower(), ("",))[0] == own
+
+
 @cache
 def _pil() -> ModuleType:
     from PIL import Image, ImageFile

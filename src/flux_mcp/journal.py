@@ -19,6 +19,11 @@ from typing import Any
 
 from .models import ImageOutput, PredictionResult
 
+RECENT = 20
+"""A model's typical duration is the median of its last this-many successful jobs."""
+_RECENT_TTL = 60.0
+"""Seconds the remembered durations are trusted before the file is read again."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
     id TEXT PRIMARY KEY,
@@ -89,6 +94,8 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
+        self._recent: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
+        """(provider, model) -> (when read, [(prediction id, duration)] newest first)."""
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -103,6 +110,7 @@ class Journal:
             self._db.close()
 
     def add(self, rec: Record) -> None:
+        self._finished(rec)
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO predictions (id, provider, native_id, model, kind, status, request, images,"
@@ -117,6 +125,7 @@ class Journal:
 
     def update(self, rec: Record) -> None:
         rec.updated_at = time.time()
+        self._finished(rec)
         with self._lock:
             self._db.execute(
                 "UPDATE predictions SET status=?, request=?, images=?, outputs=?, error=?, cost_usd=?,"
@@ -144,16 +153,34 @@ class Journal:
             created_at=row[12], updated_at=row[13], completed_at=row[14],
         )
 
-    def typical_duration(self, provider: str, model: str, *, last: int = 20) -> float | None:
-        """Median seconds from submit to completion of this model's recent successful jobs."""
+    def typical_duration(self, provider: str, model: str) -> float | None:
+        """Median seconds from submit to completion of this model's last RECENT successful jobs.
+
+        The durations are read once and then kept up to date as this journal records finished jobs
+        (re-read after a minute, for jobs that other processes sharing the file finished)."""
+        key = (provider, model)
         with self._lock:
-            rows = self._db.execute(
-                "SELECT completed_at - created_at FROM predictions WHERE provider=? AND model=? AND"
-                " status='succeeded' AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT ?",
-                (provider, model, last),
-            ).fetchall()
-        durations = [r[0] for r in rows if r[0] is not None and r[0] >= 0]
+            cached = self._recent.get(key)
+            if cached is None or time.monotonic() - cached[0] >= _RECENT_TTL:
+                rows = self._db.execute(
+                    "SELECT id, completed_at - created_at FROM predictions WHERE provider=? AND model=? AND"
+                    " status='succeeded' AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT ?",
+                    (provider, model, RECENT),
+                ).fetchall()
+                cached = (time.monotonic(), [(r[0], r[1]) for r in rows if r[1] is not None and r[1] >= 0])
+                self._recent[key] = cached
+            durations = [d for _, d in cached[1]]
         return statistics.median(durations) if len(durations) >= 2 else None
+
+    def _finished(self, rec: Record) -> None:
+        """Adds a newly finished job's duration to the remembered ones (once, however often it is written)."""
+        if rec.status != "succeeded" or rec.completed_at is None or rec.completed_at < rec.created_at:
+            return
+        with self._lock:
+            cached = self._recent.get((rec.provider, rec.model))
+            if cached is not None and all(rid != rec.id for rid, _ in cached[1]):
+                cached[1].insert(0, (rec.id, rec.completed_at - rec.created_at))
+                del cached[1][RECENT:]
 
     def upload_url(self, sha256: str, provider: str, max_age: float) -> str | None:
         with self._lock:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
+import contextlib
 import hashlib
 import ipaddress
 import logging
 import os
+import queue
 import re
+import secrets
 import socket
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -23,7 +27,8 @@ from .http import LazyClient, resolve
 from .images import FORMATS, MAX_PIXELS, ImageInfo, convert, embed_provenance, inspect_image, make_preview
 
 __all__ = ["FORMATS", "MAX_PIXELS", "Downloader", "DownloadLimits", "ImageInfo", "ImageStore", "atomic_write",
-           "convert", "decode_data_uri", "embed_provenance", "inspect_image", "make_preview", "to_data_uri"]
+           "convert", "decode_data_uri", "embed_provenance", "flush_pending", "inspect_image", "make_preview",
+           "to_data_uri"]
 
 log = logging.getLogger("flux_mcp.media")
 
@@ -31,8 +36,6 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_REDIRECTS = 5
 DOWNLOAD_DEADLINE = 120.0
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 _DATA_URI = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[a-z0-9=.-]+)*;base64,(.*)$", re.I | re.S)
 
 
@@ -173,25 +176,33 @@ class ImageStore:
         return None
 
     def keep(self, prediction_id: str, index: int, data: bytes, info: ImageInfo,
-             provenance: dict[str, str]) -> Path:
-        """Writes the image into the data folder (atomically), with its provenance in the file."""
+             provenance: dict[str, str]) -> tuple[Path, bytes]:
+        """Writes the image into the data folder (atomically), with its provenance in the file; returns
+        where, and the bytes written."""
         target = self.path_for(prediction_id, index, info.ext)
-        target.parent.mkdir(parents=True, exist_ok=True)
         payload = embed_provenance(data, info, provenance)
         atomic_write(target, payload, overwrite=True)
-        return target
+        return target, payload
 
 
 def atomic_write(target: Path, data: bytes, *, overwrite: bool) -> None:
-    """Writes via a temp file in the same folder and a rename, so no partial file is ever left."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".flux-", suffix=".part", dir=target.parent)
+    """Writes via a temp file in the same folder and a rename, so no partial file is ever left.
+
+    The complete file is in place when this returns (a crash of this process cannot lose or truncate
+    it); the flush to stable storage (fsync of the file and its folder) follows on a background
+    thread, milliseconds later, so the caller does not wait for the disk — the same bargain as the
+    journal's WAL with synchronous=NORMAL. `flush_pending()` waits for it (the server does at exit).
+    """
+    tmp = target.parent / f".flux-{secrets.token_hex(8)}.part"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; images are ordinary user files
+        fd = os.open(tmp, flags, 0o666)  # the umask applies: images are ordinary user files
+    except FileNotFoundError:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
+    try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         if overwrite:
             os.replace(tmp, target)
         else:
@@ -205,6 +216,63 @@ def atomic_write(target: Path, data: bytes, *, overwrite: bool) -> None:
                 if target.exists():
                     raise PathNotAllowed(f"{target} already exists; choose another file name.") from None
                 os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
+            else:
+                os.unlink(tmp)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+    _FLUSHER.add(target)
+
+
+class _Flusher:
+    """One background thread that fsyncs written files (and their folders) in the order they came."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Path | threading.Event] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def add(self, path: Path) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="flux-mcp-fsync", daemon=True)
+                self._thread.start()
+        self._queue.put(path)
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        """Blocks until everything queued so far is on stable storage (False on timeout)."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            for path, flags in ((item, os.O_RDONLY), (item.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))):
+                try:
+                    fd = os.open(path, flags)
+                except OSError:
+                    continue  # replaced or removed meanwhile: nothing of ours left to flush
+                try:
+                    os.fsync(fd)
+                except OSError as exc:  # e.g. a folder on a filesystem that cannot fsync directories
+                    log.debug("fsync %s: %s", path, exc)
+                finally:
+                    os.close(fd)
+
+
+_FLUSHER = _Flusher()
+
+
+def flush_pending(timeout: float = 30.0) -> bool:
+    """Waits until every file written so far is on stable storage."""
+    return _FLUSHER.wait(timeout)
+
+
+atexit.register(flush_pending)

@@ -9,14 +9,16 @@ from pathlib import Path
 from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
 
 from .config import Settings
+from .images import MAX_PREVIEW_SIDE
 from .media import make_preview
-from .models import PENDING
+from .models import PENDING, ImageOutput
 from .paths import PathPolicy
 from .service import Outcome
 
 log = logging.getLogger("flux_mcp.render")
 _TEXT_RESERVE = 40_000
 """Bytes of the result budget kept for text and structured content."""
+_SHOWN_AS_IS = ("image/png", "image/jpeg", "image/webp")
 
 
 def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *, action: str) -> CallToolResult:
@@ -66,8 +68,7 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
     lines.extend(outcome.notes)
 
     content: list = [TextContent(type="text", text="\n".join(lines))]
-    finished = [img for img in record.images if img.path]
-    content.extend(_previews([Path(i.path) for i in finished if i.path], settings))
+    content.extend(_previews([img for img in record.images if img.path], outcome.kept, settings))
     for i, img in enumerate(record.images):
         if img.path:
             content.append(ResourceLink(type="resource_link", uri=f"flux://images/{record.id}/{i}",
@@ -77,28 +78,52 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
     return CallToolResult(content=content, structured_content=result.model_dump(mode="json"), is_error=failed)
 
 
-def _previews(paths: list[Path], settings: Settings) -> list[ImageContent]:
-    if settings.preview == "off" or not paths:
+def _budget(count: int, settings: Settings) -> int | None:
+    """Bytes each of `count` previews may take (None: full resolution)."""
+    if settings.preview == "full":
+        return None
+    # The budget is for the whole result: base64 adds a third, text and structure need the rest.
+    total = max(settings.preview_budget - _TEXT_RESERVE, 20_000)
+    return max(total // count, 8_000)
+
+
+def _fits(image: ImageOutput, data: bytes | None, budget: int | None) -> bool:
+    """Whether `data` (the bytes at `image.path`) can be shown as it is."""
+    return (data is not None and image.mime_type in _SHOWN_AS_IS
+            and (budget is None or len(data) <= budget)
+            and max(image.width or 0, image.height or 0) <= MAX_PREVIEW_SIDE)
+
+
+def needs_image_work(outcome: Outcome, settings: Settings) -> bool:
+    """Whether rendering `outcome` decodes or encodes images (a preview must be shrunk or converted) or
+    reads files: work for a thread. Otherwise rendering is a few string operations, done in place."""
+    images = [i for i in outcome.record.images if i.path]
+    if settings.preview == "off" or not images:
+        return False
+    budget = _budget(len(images), settings)
+    return not all(_fits(i, outcome.kept.get(i.path or ""), budget) for i in images)
+
+
+def _previews(images: list[ImageOutput], kept: dict[str, bytes], settings: Settings) -> list[ImageContent]:
+    if settings.preview == "off" or not images:
         return []
     out: list[ImageContent] = []
-    if settings.preview == "full":
-        budget = None
-    else:
-        # The budget is for the whole result: base64 adds a third, text and structure need the rest.
-        total = max(settings.preview_budget - _TEXT_RESERVE, 20_000)
-        budget = max(total // len(paths), 8_000)
-    for path in paths:
+    budget = _budget(len(images), settings)
+    for image in images:
+        path, data = Path(image.path or ""), kept.get(image.path or "")
         try:
-            if budget is None:
+            if data is not None and _fits(image, data, budget):
+                preview, mime = data, str(image.mime_type)  # the image as written: shown as it is
+            elif budget is None:
                 # Full resolution, except past 8000 px a side, which breaks client sessions.
-                original = path.read_bytes()
-                data, mime = make_preview(path, len(original) + 1, original)
+                original = path.read_bytes() if data is None else data
+                preview, mime = make_preview(path, len(original) + 1, original)
             else:
-                data, mime = make_preview(path, budget)
+                preview, mime = make_preview(path, budget, data)
         except Exception as exc:  # a preview is a convenience: never fail the result for it
             log.warning("no preview for %s: %s", path, exc)
             continue
-        out.append(ImageContent(type="image", data=base64.b64encode(data).decode(), mime_type=mime))
+        out.append(ImageContent(type="image", data=base64.b64encode(preview).decode(), mime_type=mime))
     return out
 
 

@@ -24,11 +24,11 @@ from .config import MAX_WAIT_SECONDS, Settings
 from .errors import FluxError
 from .http import LazyClient, RetryPolicy
 from .journal import Journal
-from .media import DownloadLimits, Downloader
+from .media import DownloadLimits, Downloader, flush_pending
 from .models import PredictionResult, UploadResult
 from .paths import PathPolicy, usable_folders
 from .redact import Redactor
-from .render import error_result, prediction_result
+from .render import error_result, needs_image_work, prediction_result
 from .service import FluxService, JobParams
 
 log = logging.getLogger("flux_mcp.server")
@@ -42,6 +42,8 @@ returns is not lost: call check_prediction with its prediction_id. Never call ge
 again for the same request just because it is pending: each call is a new paid job."""
 
 _ROOTS_TTL = 30.0
+_POLICY_TTL = 5.0
+"""Seconds before the allowed folders are resolved again (a folder created or removed is seen by then)."""
 
 
 @dataclass
@@ -51,6 +53,8 @@ class AppState:
     settings: Settings
     service: FluxService
     roots_cache: dict[int, tuple[float, list[Path]]] = field(default_factory=dict)
+    policies: dict[tuple[Path, ...], tuple[float, PathPolicy]] = field(default_factory=dict)
+    """The folder policy built from each set of roots (resolving folders costs syscalls on every call)."""
 
 
 # --- argument types, described for the model -------------------------------------------------------
@@ -284,6 +288,7 @@ async def _close_state(state: AppState, *, own_client: bool) -> None:
     if own_client:
         await state.service.client.aclose()
     state.service.journal.close()
+    await anyio.to_thread.run_sync(flush_pending)  # every image written is on stable storage before exit
 
 
 async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyResult:
@@ -301,9 +306,11 @@ async def _run_job(ctx: Context[AppState, Any], kind: str, params: JobParams, *,
 
 
 async def _render(outcome: Any, paths: PathPolicy, settings: Settings, action: str) -> CallToolResult:
-    # Previews decode and encode images: CPU work that must not stall the other calls on the event loop.
-    return await anyio.to_thread.run_sync(functools.partial(prediction_result, outcome, paths, settings,
-                                                            action=action))
+    render = functools.partial(prediction_result, outcome, paths, settings, action=action)
+    if needs_image_work(outcome, settings):
+        # Shrinking previews decodes and encodes images: CPU work that must not stall the other calls.
+        return await anyio.to_thread.run_sync(render)
+    return render()
 
 
 def _state(ctx: Context[AppState, Any]) -> AppState:
@@ -324,6 +331,18 @@ async def _path_policy(ctx: Context[AppState, Any], state: AppState) -> PathPoli
     """Allowed folders: FLUX_MCP_ALLOWED_DIRS when set, else the client's roots, else the working directory."""
     settings = state.settings
     roots = await _client_roots(ctx, state)
+    key = tuple(roots)
+    cached = state.policies.get(key)
+    if cached and time.monotonic() - cached[0] < _POLICY_TTL:
+        return cached[1]
+    policy = _build_policy(settings, roots)
+    state.policies[key] = (time.monotonic(), policy)
+    if len(state.policies) > 256:
+        state.policies.pop(next(iter(state.policies)))
+    return policy
+
+
+def _build_policy(settings: Settings, roots: list[Path]) -> PathPolicy:
     if settings.allowed_dirs:
         allowed = usable_folders(settings.allowed_dirs, settings.home)
         # Relative paths land in the client's workspace when that is inside an allowed folder.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -29,6 +30,7 @@ from .errors import (
 )
 from .http import HELD_REQUESTS, LazyClient, ProviderHttp, RetryPolicy
 from .journal import Journal, Record
+from .images import light_work
 from .media import FORMATS, Downloader, ImageStore, convert, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, ImageOutput, UploadResult
 from .paths import PathPolicy
@@ -78,6 +80,8 @@ class Outcome:
     waited: float = 0.0
     seen_at: float | None = None
     """When the status request that found the job final was sent."""
+    kept: dict[str, bytes] = field(default_factory=dict)
+    """The bytes just written at each image's path (previews are made from them, not read back)."""
 
 
 class FluxService:
@@ -170,9 +174,13 @@ class FluxService:
             # The job's clock starts when the request leaves: a held submit's answer comes only at its end.
             cost_usd=provider.price(req), created_at=min(sent, submitted.submitted_at), updated_at=now,
         )
+        settled = False
+        if state is not None and state.status in FINAL:
+            self._settle(record, state, now)  # the answer was final: one journal write records the job and it
+            settled = True
         self.journal.add(record)
         log.info("submitted %s (%s, %s%s)", record.id, provider.id, req.model, ", held" if req.inline else "")
-        return await self._finish(record, provider, state, wait, paths, progress)
+        return await self._finish(record, provider, state, wait, paths, progress, settled=settled)
 
     def _inline(self, provider: Provider, model: str, wait: float) -> bool:
         """Whether to hold the submit open until the images come back in its answer (one request, and
@@ -191,31 +199,13 @@ class FluxService:
             if not req.inline:
                 return await provider.submit(req)
             self._held += 1
+            ticking = _HeldProgress(provider.id, progress, wait) if progress else None
             try:
-                if progress is None:
-                    return await provider.submit(req)
-                answer: Submitted | Exception
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._held_progress, provider.id, progress, wait)
-                    try:
-                        answer = await provider.submit(req)
-                    except Exception as exc:  # raised below, bare (not wrapped in an exception group)
-                        answer = exc
-                    tg.cancel_scope.cancel()
-                if isinstance(answer, Exception):
-                    raise answer
-                return answer
+                return await provider.submit(req)
             finally:
                 self._held -= 1
-
-    @staticmethod
-    async def _held_progress(provider_id: str, progress: ProgressFn, wait: float) -> None:
-        """Progress notifications while a held submit is open (they keep client timeouts alive)."""
-        start = time.monotonic()
-        while True:
-            await anyio.sleep(_PROGRESS_EVERY)
-            elapsed = time.monotonic() - start
-            await progress(round(elapsed, 1), wait, f"{provider_id}: processing ({elapsed:.0f}s)")
+                if ticking:
+                    ticking.stop()
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
                     progress: ProgressFn | None = None) -> Outcome:
@@ -241,7 +231,10 @@ class FluxService:
         return await self._finish(record, provider, None, wait_seconds, paths, progress, checking=True)
 
     async def _finish(self, record: Record, provider: Provider, state: JobState | None, wait: float,
-                      paths: PathPolicy, progress: ProgressFn | None, *, checking: bool = False) -> Outcome:
+                      paths: PathPolicy, progress: ProgressFn | None, *, checking: bool = False,
+                      settled: bool = False) -> Outcome:
+        """Waits (if needed), journals the final state and keeps the images. `settled`: the record already
+        holds `state` and was journaled with it."""
         outcome = Outcome(record)
         if record.status in FINAL and state is None:
             if record.status == "succeeded" and None in record.outputs:
@@ -260,8 +253,22 @@ class FluxService:
                 record.status = state.status
                 self.journal.update(record)
             return outcome
+        if not settled:
+            self._settle(record, state, outcome.seen_at)
+            self.journal.update(record)
+        if state.status == "succeeded":
+            # Images that came inline exist only in memory until written: a cancelled call still writes them.
+            with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):
+                await self._materialize(record, provider, state, paths, outcome)
+        if record.provider == "placeholder":
+            outcome.notes.append(PLACEHOLDER_NOTE)
+        return outcome
+
+    @staticmethod
+    def _settle(record: Record, state: JobState, seen_at: float | None) -> None:
+        """Writes a final state into the record (the caller journals it, before any download)."""
         record.status = state.status
-        record.completed_at = record.completed_at or outcome.seen_at or time.time()
+        record.completed_at = record.completed_at or seen_at or time.time()
         record.error = state.error
         if state.cost_usd is not None:
             record.cost_usd = state.cost_usd
@@ -271,14 +278,6 @@ class FluxService:
             record.outputs = [o.url for o in state.outputs]
             # A success can carry a note (e.g. 2 of 3 images made); it must survive re-downloads.
             record.request["provider_note"] = state.error
-        self.journal.update(record)
-        if state.status == "succeeded":
-            # Images that came inline exist only in memory until written: a cancelled call still writes them.
-            with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):
-                await self._materialize(record, provider, state, paths, outcome)
-        if record.provider == "placeholder":
-            outcome.notes.append(PLACEHOLDER_NOTE)
-        return outcome
 
     async def _wait(self, record: Record, provider: Provider, wait: float, progress: ProgressFn | None,
                     outcome: Outcome, *, poll_now: bool) -> JobState | None:
@@ -345,6 +344,7 @@ class FluxService:
             ref = state.outputs[i] if state else None
             url = ref.url if ref else record.outputs[i]
             kept = self.store.existing(record.id, i) if state is None else None
+            target = targets[i] if i < len(targets) else None
             try:
                 if ref and ref.data is not None:
                     data = ref.data
@@ -352,10 +352,15 @@ class FluxService:
                     data = kept.read_bytes()
                 else:
                     data = await self._download(url, trusted)
-                # Decoding, labelling and writing images is CPU and disk work: keep it off the event loop.
-                slots[i] = await anyio.to_thread.run_sync(
-                    functools.partial(self._keep_one, record, i, data, url, kept,
-                                      targets[i] if i < len(targets) else None, paths, overwrite))
+                keep = functools.partial(self._keep_one, record, i, data, url, kept, target, paths, overwrite)
+                if kept is None and light_work(data, target.suffix.lstrip(".") if target else None):
+                    image, problem, written = keep()
+                else:
+                    # Decoding, re-encoding or much data: CPU and disk work kept off the event loop.
+                    image, problem, written = await anyio.to_thread.run_sync(keep)
+                slots[i] = (image, problem)
+                if image.path and written is not None:
+                    outcome.kept[image.path] = written
             except DownloadFailed as exc:
                 slots[i] = (ImageOutput(url=url), f"image {i + 1}: {exc}")
 
@@ -382,21 +387,27 @@ class FluxService:
         self.journal.update(record)
 
     def _keep_one(self, record: Record, i: int, data: bytes, url: str | None, kept: Path | None,
-                  target: Path | None, paths: PathPolicy, overwrite: bool) -> tuple[ImageOutput, str | None]:
-        """Checks one image, keeps it in the data folder and writes its save_to copy (runs in a thread)."""
+                  target: Path | None, paths: PathPolicy, overwrite: bool
+                  ) -> tuple[ImageOutput, str | None, bytes | None]:
+        """Checks one image, keeps it in the data folder and writes its save_to copy. Returns the image,
+        a problem with its save_to copy if any, and the bytes now at the image's path (None: not read)."""
         info = inspect_image(data)
         provenance = {"prompt": record.request.get("prompt", ""), "model": record.model,
                       "provider": record.provider, "prediction_id": record.id,
                       "seed": str(record.request.get("seed")), "software": "flux-mcp"}
-        path = kept or self.store.keep(record.id, i, data, info, provenance)
+        if kept is None:
+            path, written = self.store.keep(record.id, i, data, info, provenance)
+        else:
+            path, written = kept, data
         mime, problem = info.mime_type, None
         if target is not None:
             try:
-                path, mime = self._save_copy(target, data, info, provenance, paths, overwrite,
-                                             labelled=kept is not None)
+                path, mime, written = self._save_copy(target, data, info, provenance, paths, overwrite,
+                                                      labelled=kept is not None)
             except FluxError as exc:
                 problem = f"image {i + 1} was not written to {target}: {exc}"
-        return ImageOutput(url=url, path=str(path), mime_type=mime, width=info.width, height=info.height), problem
+        image = ImageOutput(url=url, path=str(path), mime_type=mime, width=info.width, height=info.height)
+        return image, problem, written
 
     async def _download(self, url: str | None, trusted: frozenset[str]) -> bytes:
         if not url:
@@ -438,14 +449,14 @@ class FluxService:
         return targets
 
     def _save_copy(self, target: Path, data: bytes, info, provenance: dict[str, str], paths: PathPolicy,
-                   overwrite: bool, *, labelled: bool = False) -> tuple[Path, str]:
+                   overwrite: bool, *, labelled: bool = False) -> tuple[Path, str, bytes]:
         from .media import atomic_write
 
         checked = paths.check_write(str(target))
         ext = checked.suffix.lower().lstrip(".") or "png"
         payload = convert(data, info, ext, provenance, labelled=labelled)
         atomic_write(checked, payload, overwrite=overwrite)
-        return checked, FORMATS[ext][1]
+        return checked, FORMATS[ext][1], payload
 
     async def _image_input(self, provider: Provider, image: str, paths: PathPolicy) -> str:
         """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI."""
@@ -493,6 +504,32 @@ class FluxService:
         url, reused = await self._upload_bytes(provider, data, resolved.name, info.mime_type)
         return UploadResult(provider=provider.id, url=url, path=str(resolved), mime_type=info.mime_type,
                             size_bytes=len(data), reused=reused)
+
+
+class _HeldProgress:
+    """Progress notifications every few seconds while a held submit is open (they keep client timeouts
+    alive). Timer callbacks on the running asyncio loop rather than a task group per call: a call that
+    ends before the first tick (the usual case) costs a timer, not a task."""
+
+    def __init__(self, provider_id: str, progress: ProgressFn, wait: float):
+        self._loop = asyncio.get_running_loop()
+        self._start = time.monotonic()
+        self._provider_id, self._progress, self._wait = provider_id, progress, wait
+        self._sending: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(_PROGRESS_EVERY, self._tick)
+
+    def _tick(self) -> None:
+        elapsed = time.monotonic() - self._start
+        task = self._loop.create_task(
+            self._progress(round(elapsed, 1), self._wait, f"{self._provider_id}: processing ({elapsed:.0f}s)"))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        self._timer = self._loop.call_later(_PROGRESS_EVERY, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _missing_files(record: Record) -> bool:
