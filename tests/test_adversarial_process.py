@@ -7,6 +7,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +137,33 @@ def test_malformed_json_rpc_on_stdio_gets_errors_and_the_server_keeps_serving(en
     assert init["result"]["serverInfo"]["name"] == "flux-mcp"
     assert len(listed["result"]["tools"]) == 4
     assert "Traceback" not in stderr
+
+
+def test_stdio_skips_an_overlong_line_and_reads_a_last_line_without_newline(env, workspace):
+    from flux_mcp.stdio import MAX_LINE
+
+    with RawStdio(env, workspace) as raw:
+        # Written from a thread: the server reads (and drops) it while this side waits for the answer.
+        writer = threading.Thread(target=raw.send, args=("x" * (MAX_LINE + 1024),))
+        writer.start()
+        overlong = raw.read(timeout=120)
+        writer.join()
+        raw.proc.stdin.write(json.dumps(INIT).encode())
+        raw.proc.stdin.close()  # the handshake ends the input, without a newline
+        init = raw.answer(0)
+        stderr = raw.close()
+    assert overlong["error"]["code"] == -32600 and overlong["id"] is None
+    assert init["result"]["serverInfo"]["name"] == "flux-mcp"
+    assert "Traceback" not in stderr
+
+
+def test_stdio_from_a_file_falls_back_to_the_sdk_transport(env, workspace):
+    requests = workspace / "requests.jsonl"
+    requests.write_text(json.dumps(INIT) + "\n")
+    with requests.open("rb") as stdin:
+        done = subprocess.run(flux_command(), env=env, cwd=workspace, stdin=stdin, capture_output=True, timeout=60)
+    [answer] = map(json.loads, done.stdout.decode().splitlines())
+    assert answer["id"] == 0 and answer["result"]["serverInfo"]["name"] == "flux-mcp"
 
 
 def test_logs_go_to_stderr_and_never_carry_the_key(env, fake, workspace):

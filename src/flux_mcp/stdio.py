@@ -14,8 +14,14 @@ of silence, so a client waiting on it learns why.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +32,24 @@ from mcp.server.lowlevel.server import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.runner import modern_error_data, serve_dual_era_loop, serve_one
 from mcp.server.stdio import stdio_server
+from mcp.shared._context_streams import create_context_streams
 from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request
 from mcp.shared.message import SessionMessage
 from mcp.shared.transport_context import TransportContext
-from mcp_types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError, JSONRPCRequest, JSONRPCResponse
+from mcp_types import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    ErrorData,
+    JSONRPCError,
+    JSONRPCRequest,
+    JSONRPCResponse,
+    jsonrpc_message_adapter,
+)
 from pydantic import ValidationError
+
+if sys.platform != "win32":
+    import fcntl
 
 if TYPE_CHECKING:
     from mcp.shared._stream_protocols import ReadStream, WriteStream
@@ -51,8 +69,122 @@ def run_stdio(server: MCPServer[Any]) -> None:
 
 
 async def serve_stdio(server: MCPServer[Any]) -> None:
-    async with stdio_server() as (read_stream, write_stream):
+    async with pipe_streams() as streams:
+        if streams is not None:
+            await serve_streams(_lowlevel(server), *streams)
+            return
+    async with stdio_server() as (read_stream, write_stream):  # stdin/stdout are not pipes (or not POSIX)
         await serve_streams(_lowlevel(server), read_stream, write_stream)
+
+
+_FLUSH_SECONDS = 10.0
+MAX_LINE = 64 * 1024 * 1024
+"""The longest JSON-RPC line read (edit_image takes data: URIs up to 20 MB); longer ones get -32600."""
+
+
+@asynccontextmanager
+async def pipe_streams() -> AsyncIterator[tuple[ReadStream[Inbound], WriteStream[SessionMessage]] | None]:
+    """The MCP message streams over this process's stdin/stdout, read and written by the event loop
+    itself (the SDK's stdio transport hands every line read, written and flushed to a worker thread).
+
+    As in the SDK, fd 0 and fd 1 are diverted while serving (to the null device and to stderr), so
+    stray reads see EOF and stray prints cannot corrupt the wire; the wire is served from private
+    duplicates and restored on exit. Yields None where stdin or stdout is not a pipe or socket (a
+    terminal, a regular file), or on Windows: the caller then uses the SDK's transport.
+    """
+    if sys.platform == "win32" or not all(_pipe_like(fd) for fd in (0, 1)):
+        yield None
+        return
+    loop = asyncio.get_running_loop()
+    wire_in, wire_out = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3), fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    reader = asyncio.StreamReader(limit=MAX_LINE)
+    read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                     os.fdopen(wire_in, "rb", buffering=0))
+    write_transport, write_protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(wire_out, "wb", buffering=0))
+    writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
+    inbound_send, inbound = create_context_streams[Inbound](0)
+    outbound, outbound_receive = create_context_streams[SessionMessage](0)
+
+    async def read_lines() -> None:
+        async with inbound_send:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as end:
+                    line = end.partial  # the last line may lack its newline; b"" is the end of input
+                    if not line.strip():
+                        return
+                except asyncio.LimitOverrunError as exc:
+                    await reader.readexactly(exc.consumed)  # drop the overlong line up to where it was seen
+                    await _skip_line(reader)
+                    await inbound_send.send(ValueError(f"line over {MAX_LINE} bytes"))
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    message = jsonrpc_message_adapter.validate_json(line, by_name=False)
+                except Exception as exc:  # noqa: BLE001 - answered with -32700/-32600 by the relay
+                    await inbound_send.send(exc)
+                    continue
+                await inbound_send.send(SessionMessage(message))
+
+    written = anyio.Event()
+
+    async def write_lines() -> None:
+        try:
+            async with outbound_receive:
+                async for item in outbound_receive:
+                    data = item.message.model_dump_json(by_alias=True, exclude_unset=True)
+                    try:
+                        writer.write(data.encode() + b"\n")
+                        await writer.drain()
+                    except ConnectionError:
+                        log.debug("stdout closed by the client; nothing more is written")
+                        return
+        finally:
+            written.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_lines)
+            tg.start_soon(write_lines)
+            yield inbound, outbound
+            # The server loop closes `outbound` when it is done: every answer is written before the end.
+            with anyio.move_on_after(_FLUSH_SECONDS):
+                await written.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        for fd, wire in ((0, wire_in), (1, wire_out)):
+            with contextlib.suppress(OSError):
+                os.dup2(wire, fd)  # the wire back on the standard descriptor...
+                os.set_blocking(fd, True)  # ...as the client gave it (the loop made it non-blocking)
+        read_transport.close()
+        write_transport.close()
+
+
+async def _skip_line(reader: asyncio.StreamReader) -> None:
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+        except asyncio.IncompleteReadError:
+            return
+
+
+def _pipe_like(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    # Not terminals: the loop makes the descriptor non-blocking, and a terminal's is shared with the shell.
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 async def serve_streams(server: Server[Any], read_stream: ReadStream[Inbound],
