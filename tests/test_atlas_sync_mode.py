@@ -187,3 +187,25 @@ async def test_when_every_held_slot_is_busy_the_next_job_is_polled(settings, mon
     assert second.structured_content["status"] == "succeeded"
     held, polled = fake.ledger
     assert held["enable_sync_mode"] is True and "enable_sync_mode" not in polled
+
+
+async def test_a_full_disk_while_keeping_an_inline_image_is_reported_and_the_job_kept(settings, fake,
+                                                                                         monkeypatch):
+    from flux_mcp.media import ImageStore
+
+    real_keep = ImageStore.keep
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ImageStore, "keep", full_disk)
+    async with connect(settings, fake) as client:
+        failed = await client.call_tool("generate_image", {"prompt": "p"})
+        monkeypatch.setattr(ImageStore, "keep", real_keep)
+        [job_id] = fake.jobs
+        again = await client.call_tool("check_prediction", {"prediction_id": f"atlascloud:{job_id}"})
+    assert "No space left on device" in text_of(failed) and "check_prediction" in text_of(failed)
+    assert failed.structured_content["prediction_id"] == f"atlascloud:{job_id}"
+    assert again.structured_content["status"] == "succeeded", text_of(again)
+    assert Path(again.structured_content["images"][0]["path"]).is_file()
+    assert len(fake.ledger) == 1

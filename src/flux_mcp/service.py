@@ -174,13 +174,23 @@ class FluxService:
             # The job's clock starts when the request leaves: a held submit's answer comes only at its end.
             cost_usd=provider.price(req), created_at=min(sent, submitted.submitted_at), updated_at=now,
         )
-        settled = False
+        settled = journaled = False
         if state is not None and state.status in FINAL:
-            self._settle(record, state, now)  # the answer was final: one journal write records the job and it
+            self._settle(record, state, now)  # the answer was final: the journal records the job and it at once
             settled = True
-        self.journal.add(record)
+        if not (settled and state is not None and _light(state, save_targets)):
+            self.journal.add(record)
+            journaled = True
+        # else: the images came inline and keeping them needs no await (no thread, no download), so the
+        # one journal write after they are on disk is as early as a write before them could be.
         log.info("submitted %s (%s, %s%s)", record.id, provider.id, req.model, ", held" if req.inline else "")
-        return await self._finish(record, provider, state, wait, paths, progress, settled=settled)
+        try:
+            return await self._finish(record, provider, state, wait, paths, progress, settled=settled,
+                                      journaled=journaled)
+        except BaseException:
+            if not journaled:
+                self.journal.add(record)  # whatever went wrong, the paid job and its id are kept
+            raise
 
     def _inline(self, provider: Provider, model: str, wait: float) -> bool:
         """Whether to hold the submit open until the images come back in its answer (one request, and
@@ -232,9 +242,9 @@ class FluxService:
 
     async def _finish(self, record: Record, provider: Provider, state: JobState | None, wait: float,
                       paths: PathPolicy, progress: ProgressFn | None, *, checking: bool = False,
-                      settled: bool = False) -> Outcome:
+                      settled: bool = False, journaled: bool = True) -> Outcome:
         """Waits (if needed), journals the final state and keeps the images. `settled`: the record already
-        holds `state` and was journaled with it."""
+        holds `state`; `journaled`: and the journal has it too (else it is first written with the images)."""
         outcome = Outcome(record)
         if record.status in FINAL and state is None:
             if record.status == "succeeded" and None in record.outputs:
@@ -259,7 +269,7 @@ class FluxService:
         if state.status == "succeeded":
             # Images that came inline exist only in memory until written: a cancelled call still writes them.
             with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):
-                await self._materialize(record, provider, state, paths, outcome)
+                await self._materialize(record, provider, state, paths, outcome, journaled=journaled)
         if record.provider == "placeholder":
             outcome.notes.append(PLACEHOLDER_NOTE)
         return outcome
@@ -331,7 +341,7 @@ class FluxService:
         return state
 
     async def _materialize(self, record: Record, provider: Provider, state: JobState | None, paths: PathPolicy,
-                           outcome: Outcome) -> None:
+                           outcome: Outcome, *, journaled: bool = True) -> None:
         """Keeps a local copy of every output (and the save_to copies); a failed download keeps the URL."""
         host = urlsplit(provider.settings.base_url).hostname
         trusted = frozenset({host.lower()}) if host else frozenset()
@@ -363,9 +373,12 @@ class FluxService:
                     outcome.kept[image.path] = written
             except DownloadFailed as exc:
                 slots[i] = (ImageOutput(url=url), f"image {i + 1}: {exc}")
+            except OSError as exc:  # the disk, not the image: full, read-only, gone
+                slots[i] = (ImageOutput(url=url), f"image {i + 1} could not be written to disk ({exc.strerror or exc})")
 
-        if count == 1:
-            await one(0)
+        if count == 1 or (state is not None and all(o.data is not None for o in state.outputs)):
+            for i in range(count):  # nothing to download: no concurrency to gain
+                await one(i)
         else:
             async with anyio.create_task_group() as tg:
                 for i in range(count):
@@ -377,14 +390,19 @@ class FluxService:
         if problems:
             record.error = self.redactor.scrub(
                 "; ".join(([note] if note else []) + problems) + ". The job succeeded; call check_prediction "
-                "again to retry the download while the provider URL is valid."
+                + ("again to retry the download while the provider URL is valid." if any(i.url for i in images)
+                   else "again to fetch the images anew.")
             )
         elif record.status == "succeeded":
             record.error = note
         if record.status == "succeeded" and not images:
             record.status = "failed"
             record.error = record.error or f"{provider.label} reported success but returned no image."
-        self.journal.update(record)
+        if journaled:
+            self.journal.update(record)
+        else:
+            record.updated_at = time.time()
+            self.journal.add(record)
 
     def _keep_one(self, record: Record, i: int, data: bytes, url: str | None, kept: Path | None,
                   target: Path | None, paths: PathPolicy, overwrite: bool
@@ -532,8 +550,16 @@ class _HeldProgress:
             self._timer = None
 
 
+def _light(state: JobState, save_targets: list[Path]) -> bool:
+    """A success whose images all came inline and are kept without a thread (see images.light_work)."""
+    return (state.status == "succeeded" and not save_targets and bool(state.outputs)
+            and all(o.data is not None and light_work(o.data) for o in state.outputs))
+
+
 def _missing_files(record: Record) -> bool:
-    return record.status == "succeeded" and any(i.path is None or not Path(i.path).is_file() for i in record.images)
+    """A success whose images are not all on disk (or were never kept: the process stopped first)."""
+    return record.status == "succeeded" and (len(record.images) < max(len(record.outputs), 1) or any(
+        i.path is None or not Path(i.path).is_file() for i in record.images))
 
 
 def _short_input(image: str | None) -> str | None:
