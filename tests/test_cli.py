@@ -79,3 +79,16 @@ def test_generate_shows_progress_lines_while_it_waits(home, workspace):
     progress = [ln for ln in proc.stderr.splitlines() if re.match(r"^\d+s atlascloud: (starting|processing)", ln)]
     assert len(progress) >= 1
     assert proc.stdout.strip() == str(workspace / "slow.png")
+
+
+def test_opentelemetry_spans_only_when_opentelemetry_is_configured(tmp_path):
+    from flux_mcp.config import Settings
+    from flux_mcp.server import build_server
+
+    def middleware(env: dict[str, str]) -> list[str]:
+        settings = Settings.from_env({"FLUX_MCP_HOME": str(tmp_path), **env}, cwd=tmp_path)
+        return [type(m).__name__ for m in build_server(settings)._lowlevel_server.middleware]
+
+    assert "OpenTelemetryMiddleware" not in middleware({})
+    assert "OpenTelemetryMiddleware" in middleware({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
+    assert "OpenTelemetryMiddleware" not in middleware({"OTEL_SERVICE_NAME": "x", "OTEL_SDK_DISABLED": "true"})

@@ -44,6 +44,8 @@ class Settings(BaseModel):
     preview: Literal["auto", "off", "full"] = "auto"
     preview_budget: int = DEFAULT_PREVIEW_BUDGET
     log_level: str = "INFO"
+    tracing: bool = False
+    """OpenTelemetry is configured (an `OTEL_*` variable is set): every message gets a span."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, cwd: Path | None = None) -> Settings:
@@ -101,6 +103,8 @@ class Settings(BaseModel):
             preview=preview,  # type: ignore[arg-type]
             preview_budget=budget,
             log_level=env.get("FLUX_MCP_LOG_LEVEL", "INFO").strip().upper() or "INFO",
+            tracing=any(k.startswith("OTEL_") for k in env)
+            and env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true",
         )
 
     def secrets(self) -> list[str]:

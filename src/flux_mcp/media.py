@@ -15,6 +15,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -225,8 +226,12 @@ def atomic_write(target: Path, data: bytes, *, overwrite: bool) -> None:
     _FLUSHER.add(target)
 
 
+_COALESCE_SECONDS = 0.05
+"""The flusher waits this long after a write before flushing, so a burst's files share their folders' fsync."""
+
+
 class _Flusher:
-    """One background thread that fsyncs written files (and their folders) in the order they came."""
+    """One background thread that fsyncs written files and their folders, in batches."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Path | threading.Event] = queue.SimpleQueue()
@@ -250,11 +255,15 @@ class _Flusher:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            for path, flags in ((item, os.O_RDONLY), (item.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))):
+            batch = [self._queue.get()]
+            time.sleep(_COALESCE_SECONDS)  # let a burst of writes gather: its folder is flushed once
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    batch.append(self._queue.get_nowait())
+            files = list(dict.fromkeys(item for item in batch if isinstance(item, Path)))
+            folders = list(dict.fromkeys(path.parent for path in files))
+            for path, flags in [*((f, os.O_RDONLY) for f in files),
+                                *((d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) for d in folders)]:
                 try:
                     fd = os.open(path, flags)
                 except OSError:
@@ -265,6 +274,9 @@ class _Flusher:
                     log.debug("fsync %s: %s", path, exc)
                 finally:
                     os.close(fd)
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    item.set()
 
 
 _FLUSHER = _Flusher()

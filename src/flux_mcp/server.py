@@ -132,6 +132,12 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     # sends no log notifications, so the level is simply accepted; 2026-07-28 requests still get -32601.
     # add_request_handler on the low-level server is the SDK's documented route for re-providing this method.
     server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, _accept_log_level)
+    if not settings.tracing:
+        # The SDK wraps every message in an OpenTelemetry span, a no-op without an exporter that still
+        # costs each call; dropping it is the SDK's documented opt-out. Set any OTEL_* variable (as
+        # `opentelemetry-instrument` does) to keep the spans.
+        server._lowlevel_server.middleware = [m for m in server._lowlevel_server.middleware
+                                              if type(m).__name__ != "OpenTelemetryMiddleware"]
 
     job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True)
