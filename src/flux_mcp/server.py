@@ -24,7 +24,7 @@ from .config import MAX_WAIT_SECONDS, Settings
 from .errors import FluxError
 from .http import LazyClient, RetryPolicy
 from .journal import Journal
-from .media import DownloadLimits, Downloader, flush_pending
+from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
 from .paths import PathPolicy, usable_folders
 from .redact import Redactor

@@ -29,8 +29,8 @@ from .errors import (
     UnsupportedOperation,
 )
 from .http import HELD_REQUESTS, LazyClient, ProviderHttp, RetryPolicy
-from .journal import Journal, Record
 from .images import light_work
+from .journal import Journal, Record
 from .media import FORMATS, Downloader, ImageStore, convert, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, ImageOutput, UploadResult
 from .paths import PathPolicy

@@ -6,7 +6,7 @@ Wire details and the documentation's contradictions: shared/providers/API-NOTES.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import InsufficientCredits, ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
 from ..http import parse_json
@@ -36,7 +36,7 @@ class AtlasCloud(Provider):
     key_env = "ATLASCLOUD_API_KEY"
     base_url_env = "ATLASCLOUD_BASE_URL"
     default_base_url = "https://api.atlascloud.ai"
-    extra_env = {"sync_mode": "ATLASCLOUD_SYNC_MODE"}
+    extra_env: ClassVar[dict[str, str]] = {"sync_mode": "ATLASCLOUD_SYNC_MODE"}
     """`off` turns off sync mode (submits held open until the image is in the answer); default `auto`."""
     models = (
         ModelInfo("black-forest-labs/flux-schnell", frozenset({"generate", "edit"}),
