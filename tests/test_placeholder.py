@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flux_mcp.providers.placeholder import draw
@@ -38,3 +40,15 @@ async def test_upload_on_placeholder_names_providers_that_can(make_settings, wor
     async with connect(make_settings()) as client:
         result = await client.call_tool("upload_media", {"path": "in.png"})
     assert result.is_error and "cannot upload" in text_of(result) and "ATLASCLOUD_API_KEY" in text_of(result)
+
+
+async def test_a_lost_placeholder_image_is_reported_not_raised(make_settings):
+    # The placeholder (like any synchronous provider) has no status endpoint to fetch an image anew.
+    async with connect(make_settings()) as client:
+        first = await client.call_tool("generate_image", {"prompt": "a kite"})
+        Path(first.structured_content["images"][0]["path"]).unlink()
+        again = await client.call_tool("check_prediction",
+                                       {"prediction_id": first.structured_content["prediction_id"]})
+    assert not again.is_error, text_of(again)
+    assert again.structured_content["status"] == "succeeded"
+    assert "could not be saved locally" in text_of(again)

@@ -248,9 +248,13 @@ class FluxService:
         outcome = Outcome(record)
         if record.status in FINAL and state is None:
             if record.status == "succeeded" and None in record.outputs:
-                # Images that came inline have no URL to fetch again: the provider is asked for them anew.
-                state = await provider.poll(record.native_id, record.created_at)
-                if state.status == "succeeded":
+                # Images that came inline have no URL to fetch again: the provider is asked for them anew
+                # (where it has a status endpoint; a synchronous provider's images cannot be asked for).
+                try:
+                    state = await provider.poll(record.native_id, record.created_at)
+                except UnsupportedOperation:
+                    state = None
+                if state is not None and state.status == "succeeded":
                     await self._materialize(record, provider, state, paths, outcome)
                     return outcome
             await self._materialize(record, provider, None, paths, outcome)
