@@ -27,6 +27,8 @@ if __package__ in (None, ""):  # `python bench/run.py`
 from bench import cold_start, completion, concurrency, context, overhead, preview, report, simulate
 from bench.common import BENCH, ROOT, FakeProcess, dump
 
+SETTLE_SECONDS = 3.0
+"""Pause between figures: one figure's children winding down must not load the next one's timings."""
 FIGURES = ("cold_start", "overhead", "concurrency", "completion", "long_run", "preview", "context")
 FULL = {
     "cold_rounds": 20,
@@ -101,10 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         "environment": _environment(),
     }
 
+    first = True
+
     def step(name: str) -> bool:
-        if name in wanted:
-            print(f"[{time.monotonic() - started:5.0f} s] {name} ...", file=sys.stderr, flush=True)
-        return name in wanted
+        nonlocal first
+        if name not in wanted:
+            return False
+        if not first:
+            time.sleep(SETTLE_SECONDS)  # the previous figure's processes exit and the machine settles
+        first = False
+        print(f"[{time.monotonic() - started:5.0f} s] {name} ...", file=sys.stderr, flush=True)
+        return True
 
     with tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
         workdir = Path(tmp)

@@ -11,8 +11,7 @@ import hashlib
 import io
 import textwrap
 import uuid
-
-from PIL import Image, ImageDraw, ImageFont
+from typing import Any
 
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
 
@@ -62,6 +61,8 @@ def draw(prompt: str, seed: int, width: int, height: int, *, edit: bool = False)
     hue = digest[0] / 255
     top = _rgb(hue, 0.55, 0.85)
     bottom = _rgb((hue + 0.12 + digest[1] / 1020) % 1, 0.65, 0.35)
+    from PIL import Image, ImageDraw  # on first use: a server that only lists its tools starts without Pillow
+
     im = Image.new("RGB", (width, height))
     grad = Image.linear_gradient("L").resize((width, height))
     im.paste(Image.composite(Image.new("RGB", im.size, bottom), Image.new("RGB", im.size, top), grad))
@@ -96,7 +97,9 @@ def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType
