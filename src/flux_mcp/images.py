@@ -195,14 +195,25 @@ def _xmp(provenance: dict[str, str]) -> bytes:
 # --- previews --------------------------------------------------------------------------------------
 
 
+_SHOWN_AS_IS = ("image/png", "image/jpeg", "image/webp")
+
+
+def shown_as_is(mime_type: str | None, width: int, height: int, size: int, budget: int | None) -> bool:
+    """Whether an image can be its own preview: a format clients display, within `budget` bytes (None: any
+    size) and 8000 px a side."""
+    return (mime_type in _SHOWN_AS_IS and (budget is None or size <= budget)
+            and max(width, height) <= MAX_PREVIEW_SIDE)
+
+
 def make_preview(path: Path, budget: int, data: bytes | None = None) -> tuple[bytes, str]:
     """A JPEG (or the original, when it already fits) no larger than `budget` bytes and 8000 px a side."""
     data = path.read_bytes() if data is None else data
     image = _pil()
     with image.open(io.BytesIO(data)) as im:
-        fits_side = max(im.size) <= MAX_PREVIEW_SIDE
-        if len(data) <= budget and fits_side and im.format in ("PNG", "JPEG", "WEBP"):
-            return data, _PIL_MIME[im.format]
+        mime = _PIL_MIME.get(im.format or "")
+        if shown_as_is(mime, *im.size, len(data), budget):
+            assert mime is not None
+            return data, mime
         im.load()
         rgb = im.convert("RGB") if im.mode != "RGB" else im
         side = min(max(rgb.size), PREVIEW_START_SIDE)

@@ -9,7 +9,7 @@ from pathlib import Path
 from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
 
 from .config import Settings
-from .images import MAX_PREVIEW_SIDE
+from .images import shown_as_is
 from .media import make_preview
 from .models import PENDING, ImageOutput
 from .paths import PathPolicy
@@ -18,7 +18,6 @@ from .service import Outcome
 log = logging.getLogger("flux_mcp.render")
 _TEXT_RESERVE = 40_000
 """Bytes of the result budget kept for text and structured content."""
-_SHOWN_AS_IS = ("image/png", "image/jpeg", "image/webp")
 
 
 def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *, action: str) -> CallToolResult:
@@ -88,10 +87,10 @@ def _budget(count: int, settings: Settings) -> int | None:
 
 
 def _fits(image: ImageOutput, data: bytes | None, budget: int | None) -> bool:
-    """Whether `data` (the bytes at `image.path`) can be shown as it is."""
-    return (data is not None and image.mime_type in _SHOWN_AS_IS
-            and (budget is None or len(data) <= budget)
-            and max(image.width or 0, image.height or 0) <= MAX_PREVIEW_SIDE)
+    """Whether `data` (the bytes just written at `image.path`) can be shown as it is, judged from what is
+    known of them (make_preview applies the same rule after opening the bytes)."""
+    return data is not None and shown_as_is(image.mime_type, image.width or 0, image.height or 0, len(data),
+                                            budget)
 
 
 def needs_image_work(outcome: Outcome, settings: Settings) -> bool:

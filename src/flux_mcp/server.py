@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import anyio
 import httpx2
@@ -46,14 +46,36 @@ _POLICY_TTL = 5.0
 """Seconds before the allowed folders are resolved again (a folder created or removed is seen by then)."""
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _Expiring(Generic[_K, _V]):
+    """A small map whose entries are forgotten after `ttl` seconds; past `size` entries the oldest goes."""
+
+    def __init__(self, ttl: float, size: int = 256):
+        self.ttl, self.size = ttl, size
+        self._items: dict[_K, tuple[float, _V]] = {}
+
+    def get(self, key: _K) -> _V | None:
+        hit = self._items.get(key)
+        return hit[1] if hit is not None and time.monotonic() - hit[0] < self.ttl else None
+
+    def put(self, key: _K, value: _V) -> None:
+        self._items[key] = (time.monotonic(), value)
+        if len(self._items) > self.size:
+            self._items.pop(next(iter(self._items)))
+
+
 @dataclass
 class AppState:
     """Process-wide resources, built once by the lifespan."""
 
     settings: Settings
     service: FluxService
-    roots_cache: dict[int, tuple[float, list[Path]]] = field(default_factory=dict)
-    policies: dict[tuple[Path, ...], tuple[float, PathPolicy]] = field(default_factory=dict)
+    roots_cache: _Expiring[int, list[Path]] = field(default_factory=lambda: _Expiring(_ROOTS_TTL))
+    """Each session's roots, as its client listed them."""
+    policies: _Expiring[tuple[Path, ...], PathPolicy] = field(default_factory=lambda: _Expiring(_POLICY_TTL))
     """The folder policy built from each set of roots (resolving folders costs syscalls on every call)."""
 
 
@@ -337,14 +359,10 @@ async def _path_policy(ctx: Context[AppState, Any], state: AppState) -> PathPoli
     """Allowed folders: FLUX_MCP_ALLOWED_DIRS when set, else the client's roots, else the working directory."""
     settings = state.settings
     roots = await _client_roots(ctx, state)
-    key = tuple(roots)
-    cached = state.policies.get(key)
-    if cached and time.monotonic() - cached[0] < _POLICY_TTL:
-        return cached[1]
-    policy = _build_policy(settings, roots)
-    state.policies[key] = (time.monotonic(), policy)
-    if len(state.policies) > 256:
-        state.policies.pop(next(iter(state.policies)))
+    policy = state.policies.get(tuple(roots))
+    if policy is None:
+        policy = _build_policy(settings, roots)
+        state.policies.put(tuple(roots), policy)
     return policy
 
 
@@ -367,8 +385,8 @@ async def _client_roots(ctx: Context[AppState, Any], state: AppState) -> list[Pa
     session = ctx.session
     key = id(session)
     cached = state.roots_cache.get(key)
-    if cached and time.monotonic() - cached[0] < _ROOTS_TTL:
-        return cached[1]
+    if cached is not None:
+        return cached
     try:
         with anyio.fail_after(5), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -383,7 +401,5 @@ async def _client_roots(ctx: Context[AppState, Any], state: AppState) -> list[Pa
         uri = str(root.uri)
         if uri.startswith("file://"):
             roots.append(to_local_path(uri))
-    state.roots_cache[key] = (time.monotonic(), roots)
-    if len(state.roots_cache) > 256:
-        state.roots_cache.pop(next(iter(state.roots_cache)))
+    state.roots_cache.put(key, roots)
     return roots

@@ -8,7 +8,13 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
-from ..errors import InsufficientCredits, ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
+from ..errors import (
+    InsufficientCredits,
+    InvalidInput,
+    ProviderRejected,
+    ProviderUnavailable,
+    SubmitOutcomeUnknown,
+)
 from ..http import parse_json
 from ..models import Status
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
@@ -205,7 +211,6 @@ def _outputs(raw: Any) -> list[OutputRef]:
         if value.startswith(("http://", "https://")):
             out.append(OutputRef(url=value))
         else:
-            from ..errors import InvalidInput
             from ..media import decode_data_uri
 
             try:
