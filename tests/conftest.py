@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from flux_mcp.http import RetryPolicy
 from flux_mcp.media import DownloadLimits
 from flux_mcp.server import build_server
 from tests.fakes.atlascloud import AtlasFake
-from tests.fakes.wire import Fake
+from tests.fakes.wire import Fake, serve_on_loopback
 
 ATLAS_KEY = "atlas-canary-7f3c9e1b2d4a6f80c5e7"
 """A unique canary: no test output, log, file or journal may ever contain it (or a long part of it)."""
@@ -56,6 +56,15 @@ def make_settings(workspace: Path, home: Path) -> Callable[..., Settings]:
 def fake() -> AtlasFake:
     """The reference provider's fake (Atlas Cloud); provider test files override `fake` and `settings`."""
     return AtlasFake(key=ATLAS_KEY)
+
+
+@pytest.fixture
+def loopback_fake() -> Iterator[AtlasFake]:
+    """The Atlas Cloud fake served on 127.0.0.1, for servers in child processes; its base URL in `.url`."""
+    fake = AtlasFake(key=ATLAS_KEY)
+    with serve_on_loopback(fake) as url:
+        fake.url = url  # type: ignore[attr-defined]
+        yield fake
 
 
 @pytest.fixture

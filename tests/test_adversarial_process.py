@@ -17,8 +17,6 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from tests.conftest import ATLAS_KEY, text_of
-from tests.fakes.atlascloud import AtlasFake
-from tests.fakes.wire import serve_on_loopback
 from tests.subprocess_helpers import child_env, flux_command, http_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
@@ -27,11 +25,8 @@ INIT = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
 
 
 @pytest.fixture
-def fake():
-    fake = AtlasFake(key=ATLAS_KEY)
-    with serve_on_loopback(fake) as url:
-        fake.url = url
-        yield fake
+def fake(loopback_fake):
+    return loopback_fake
 
 
 @pytest.fixture

@@ -20,8 +20,6 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.conftest import ATLAS_KEY
-from tests.fakes.atlascloud import AtlasFake
-from tests.fakes.wire import serve_on_loopback
 from tests.subprocess_helpers import child_env, flux_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
@@ -101,11 +99,8 @@ class StdioPeer:
 
 
 @pytest.fixture
-def fake():
-    fake = AtlasFake(key=ATLAS_KEY)
-    with serve_on_loopback(fake) as url:
-        fake.url = url
-        yield fake
+def fake(loopback_fake):
+    return loopback_fake
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 
 from tests.conftest import ATLAS_KEY, text_of
-from tests.fakes.atlascloud import AtlasFake
-from tests.fakes.wire import png_bytes, serve_on_loopback
+from tests.fakes.wire import png_bytes
 from tests.subprocess_helpers import child_env, flux_command, http_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
@@ -21,11 +20,8 @@ TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction"}
 
 
 @pytest.fixture
-def fake():
-    fake = AtlasFake(key=ATLAS_KEY)
-    with serve_on_loopback(fake) as url:
-        fake.url = url
-        yield fake
+def fake(loopback_fake):
+    return loopback_fake
 
 
 @pytest.fixture
