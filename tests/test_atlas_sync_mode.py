@@ -14,8 +14,8 @@ import anyio
 import pytest
 from PIL import Image
 
-from flux_mcp import service
-from flux_mcp.journal import Journal, Record
+from flux_mcp import jobs
+from flux_mcp.journal import Record, SqliteJournal
 from tests.conftest import ATLAS_KEY, connect, text_of
 from tests.fakes.atlascloud import AtlasFake
 
@@ -115,13 +115,13 @@ async def test_other_models_and_short_waits_are_polled(settings, fake, args, why
 
 async def test_a_model_whose_jobs_run_long_is_polled(settings, home):
     # The journal has seen this model's jobs take 20 s: a request held that long is not worth its risk.
-    journal = Journal(home / "journal.sqlite3")
+    journal = SqliteJournal(home / "journal.sqlite3")
     now = time.time()
     for i in range(3):
-        journal.add(Record(id=f"atlascloud:old{i}", provider="atlascloud", native_id=f"old{i}", model=SCHNELL,
+        await journal.put(Record(id=f"atlascloud:old{i}", provider="atlascloud", native_id=f"old{i}", model=SCHNELL,
                            kind="generate", status="succeeded", request={}, created_at=now - 100 - 20,
                            completed_at=now - 100))
-    journal.close()
+    await journal.close()
     fake = AtlasFake(key=ATLAS_KEY, hold=True)
     async with connect(settings, fake) as client:
         async with anyio.create_task_group() as tg:
@@ -137,9 +137,9 @@ async def test_the_journal_learns_a_held_jobs_length_from_the_moment_it_was_sent
     async with connect(settings, fake) as client:
         result = await client.call_tool("generate_image", {"prompt": "p"})
     assert result.structured_content["status"] == "succeeded" and len(fake.requests) == 1
-    journal = Journal(home / "journal.sqlite3")
-    record = journal.get(result.structured_content["prediction_id"])
-    journal.close()
+    journal = SqliteJournal(home / "journal.sqlite3")
+    record = await journal.get(result.structured_content["prediction_id"])
+    await journal.close()
     assert record is not None and record.completed_at is not None
     assert record.completed_at - record.created_at >= 0.3
 
@@ -175,7 +175,7 @@ async def test_a_lost_inline_image_is_fetched_again_from_the_provider(settings, 
 
 
 async def test_when_every_held_slot_is_busy_the_next_job_is_polled(settings, monkeypatch):
-    monkeypatch.setattr(service, "HELD_REQUESTS", 1)
+    monkeypatch.setattr(jobs, "HELD_REQUESTS", 1)
     fake = Gate()
     async with connect(settings, fake) as client:
         async with anyio.create_task_group() as tg:
@@ -191,17 +191,17 @@ async def test_when_every_held_slot_is_busy_the_next_job_is_polled(settings, mon
 
 async def test_a_full_disk_while_keeping_an_inline_image_is_reported_and_the_job_kept(settings, fake,
                                                                                          monkeypatch):
-    from flux_mcp.media import ImageStore
+    from flux_mcp.store import FolderStore
 
-    real_keep = ImageStore.keep
+    real_keep = FolderStore.put
 
-    def full_disk(self, *args, **kwargs):
+    async def full_disk(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ImageStore, "keep", full_disk)
+    monkeypatch.setattr(FolderStore, "put", full_disk)
     async with connect(settings, fake) as client:
         failed = await client.call_tool("generate_image", {"prompt": "p"})
-        monkeypatch.setattr(ImageStore, "keep", real_keep)
+        monkeypatch.setattr(FolderStore, "put", real_keep)
         [job_id] = fake.jobs
         again = await client.call_tool("check_prediction", {"prediction_id": f"atlascloud:{job_id}"})
     assert "No space left on device" in text_of(failed) and "check_prediction" in text_of(failed)

@@ -10,9 +10,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from .errors import ConfigError
+from .request import MAX_WAIT_SECONDS
 
 DEFAULT_WAIT_SECONDS = 45.0
-MAX_WAIT_SECONDS = 600.0
 DEFAULT_PREVIEW_BUDGET = 600_000
 """Bytes of preview image data per tool result, before base64 (x4/3): stays under Claude
 Desktop's 1 MB tool-result limit with room for the text and structured content."""

@@ -1,30 +1,62 @@
-"""The durable record of every prediction, in SQLite under FLUX_MCP_HOME.
+"""The durable record of every prediction: the `Journal` protocol and its SQLite implementation.
 
 A job is written here right after the provider accepts it and before the server waits on it, and
 every outcome is written when it is known, so `check_prediction` answers for any id this server
-ever returned, also after a restart or a crash. WAL mode with `synchronous=NORMAL` survives a
-killed process. No key or token is ever stored: requests are kept as the server's own parameters.
+ever returned, also after a restart or a crash. No key or token is ever stored: requests are kept
+as the server's own parameters, and the job runner scrubs provider text before it is recorded.
+
+The protocol is async so that a networked store (PostgreSQL) can implement it; the SQLite store
+answers from the event loop without ever blocking it:
+
+* A write is tried at once with SQLite's busy timeout at zero, so a lock held by another process
+  fails in microseconds instead of freezing the loop. A write that fails for any reason (locked,
+  disk full, read-only) is kept in memory — the *backlog* — and retried by a background thread
+  until it lands; `put` says whether it landed, so the result can say the job is not yet durable.
+  `get` answers from the backlog first, so an unwritten job is still found.
+* Reads that meet a lock are retried in a worker thread.
+* The file carries a schema version (`PRAGMA user_version`). Older layouts are migrated; a journal
+  from a newer flux-mcp (a higher version, a missing column, an unknown required column) is
+  refused at start with one line naming the folder (`JournalUnusable`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import logging
 import sqlite3
 import statistics
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .models import ImageOutput, PredictionResult
+import anyio
+
+from .errors import ConfigError
+from .models import ImageOutput, PredictionResult, Status
+
+log = logging.getLogger("flux_mcp.journal")
 
 RECENT = 20
 """A model's typical duration is the median of its last this-many successful jobs."""
 _RECENT_TTL = 60.0
 """Seconds the remembered durations are trusted before the file is read again."""
+SCHEMA_VERSION = 1
+"""The layout this code reads and writes (`PRAGMA user_version`)."""
+_RETRY_EVERY = 1.0
+"""Seconds between the background thread's attempts to write the backlog."""
+_SLOW_TIMEOUT = 10.0
+"""Busy timeout (seconds) of the connections used off the event loop."""
 
-_SCHEMA = """
+_COLUMNS = ("id", "provider", "native_id", "model", "kind", "status", "request", "images", "outputs", "error",
+            "cost_usd", "remaining_credits", "created_at", "updated_at", "completed_at")
+
+_MIGRATIONS: dict[int, str] = {
+    # 0 -> 1: the first layout. Journals written before versions existed have exactly these tables.
+    1: """
 CREATE TABLE IF NOT EXISTS predictions (
     id TEXT PRIMARY KEY,
     provider TEXT NOT NULL,
@@ -50,7 +82,12 @@ CREATE TABLE IF NOT EXISTS uploads (
     created_at REAL NOT NULL,
     PRIMARY KEY (sha256, provider)
 );
-"""
+""",
+}
+
+
+class JournalUnusable(ConfigError):
+    """The journal cannot be opened: from a newer flux-mcp, not a database, or the folder is unusable."""
 
 
 @dataclass
@@ -62,8 +99,9 @@ class Record:
     native_id: str
     model: str
     kind: str
-    status: str
+    status: Status
     request: dict[str, Any]
+    """The job's request as `JobRequest.journaled()` gives it, plus `save_to` targets and notes."""
     images: list[ImageOutput] = field(default_factory=list)
     outputs: list[str | None] = field(default_factory=list)
     """The provider's output URLs (None for inline outputs), kept to re-download after a failure."""
@@ -76,128 +114,289 @@ class Record:
 
     def result(self) -> PredictionResult:
         return PredictionResult(
-            prediction_id=self.id,
-            provider=self.provider,
-            model=self.model,
-            status=self.status,  # type: ignore[arg-type]
-            images=self.images,
-            error=self.error,
-            cost_usd=self.cost_usd,
+            prediction_id=self.id, provider=self.provider, model=self.model, status=self.status,
+            images=self.images, error=self.error, cost_usd=self.cost_usd,
             remaining_credits=self.remaining_credits,
         )
 
+    def copy(self) -> Record:
+        return dataclasses.replace(self, request=dict(self.request), images=list(self.images),
+                                   outputs=list(self.outputs))
 
-class Journal:
-    """A thread-safe SQLite journal. Every call is short; it is fine to call from the event loop."""
+
+class Journal(Protocol):
+    """Where predictions (and upload URLs) are kept. Every method may be called from the event loop."""
+
+    async def put(self, record: Record) -> bool:
+        """Records `record` (insert or replace). Never raises for a storage failure: returns False when
+        the write could not land yet; the journal keeps it and retries, and `get` already returns it."""
+        ...
+
+    async def get(self, prediction_id: str) -> Record | None: ...
+
+    async def typical_duration(self, provider: str, model: str) -> float | None:
+        """Median seconds from submit to completion of the model's recent successful jobs (None: unknown)."""
+        ...
+
+    async def upload_url(self, sha256: str, provider: str, max_age: float) -> str | None: ...
+
+    async def add_upload(self, sha256: str, provider: str, url: str) -> None: ...
+
+    def unwritten(self) -> list[str]:
+        """Ids of records not yet on stable storage."""
+        ...
+
+    async def close(self) -> None:
+        """Writes what it can of the backlog and releases the store."""
+        ...
+
+
+def _row(rec: Record) -> tuple[Any, ...]:
+    return (rec.id, rec.provider, rec.native_id, rec.model, rec.kind, rec.status, json.dumps(rec.request),
+            json.dumps([i.model_dump() for i in rec.images]), json.dumps(rec.outputs), rec.error, rec.cost_usd,
+            rec.remaining_credits, rec.created_at, rec.updated_at, rec.completed_at)
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    return Record(
+        id=row[0], provider=row[1], native_id=row[2], model=row[3], kind=row[4], status=row[5],
+        request=json.loads(row[6]), images=[ImageOutput(**i) for i in json.loads(row[7])],
+        outputs=json.loads(row[8]), error=row[9], cost_usd=row[10], remaining_credits=row[11],
+        created_at=row[12], updated_at=row[13], completed_at=row[14],
+    )
+
+
+_INSERT = f"INSERT OR REPLACE INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE id=?"
+
+
+def _connect(path: Path, *, timeout: float) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout)
+    db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    return db
+
+
+class SqliteJournal:
+    """The journal in one SQLite file (WAL mode, `synchronous=NORMAL`: a killed process loses nothing
+    it committed). Several processes may share the file."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._where = path.parent
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = _connect(path, timeout=_SLOW_TIMEOUT)
+            self._prepare()
+        except sqlite3.DatabaseError as exc:
+            raise JournalUnusable(f"The journal {path} cannot be used ({exc}). Move it away or set FLUX_MCP_HOME "
+                                  "to another folder.") from None
+        except OSError as exc:
+            raise JournalUnusable(f"The data folder {path.parent} cannot be used ({exc.strerror or exc}). Set "
+                                  "FLUX_MCP_HOME to a writable folder.") from None
+        self._db.execute("PRAGMA busy_timeout=0")  # from here on, the loop's connection never waits on a lock
         self._lock = threading.Lock()
         self._recent: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
         """(provider, model) -> (when read, [(prediction id, duration)] newest first)."""
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._backlog: dict[str, Record] = {}
+        """Records whose latest version has not landed yet, by id (guarded by `_lock`)."""
+        self._backlog_reason: str | None = None
+        self._retrier: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def _prepare(self) -> None:
+        """Sets WAL mode, migrates an older layout, refuses one it does not understand."""
+        db = self._db
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise JournalUnusable(
+                f"The journal in {self._where} was written by a newer flux-mcp (schema {version}; this one reads "
+                f"{SCHEMA_VERSION}). Upgrade flux-mcp, or set FLUX_MCP_HOME to another folder.")
         try:
-            path.chmod(0o600)
-        except OSError:
-            pass
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                db.executescript(f"BEGIN IMMEDIATE;{_MIGRATIONS[step]}PRAGMA user_version={step};COMMIT;")
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc) and "read-only" not in str(exc):
+                raise
+            log.warning("the journal %s is read-only: earlier jobs can be checked, new ones are not recorded",
+                        self.path)
+        self._check_layout()
+        with contextlib.suppress(OSError):
+            self.path.chmod(0o600)
 
-    def close(self) -> None:
+    def _check_layout(self) -> None:
+        """A layout this code cannot write (a column it needs is gone, or one it does not know is required)
+        would make every write fail after a paid submit: refuse it at start instead."""
+        columns = {row[1]: row for row in self._db.execute("PRAGMA table_info(predictions)").fetchall()}
+        missing = [c for c in _COLUMNS if c not in columns]
+        unknown = [name for name, row in columns.items()
+                   if name not in _COLUMNS and row[3] and row[4] is None]  # NOT NULL without a default
+        if missing or unknown:
+            what = (f"lacks column(s) {', '.join(missing)}" if missing else
+                    f"requires column(s) {', '.join(unknown)} this version does not know")
+            raise JournalUnusable(
+                f"The journal in {self._where} {what}: it was written by another flux-mcp version. Upgrade "
+                "flux-mcp, or set FLUX_MCP_HOME to another folder.")
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def put(self, record: Record) -> bool:
+        self._remember_duration(record)
+        row = _row(record)
         with self._lock:
-            self._db.close()
+            if record.id not in self._backlog and not self._backlog:
+                try:
+                    self._db.execute(_INSERT, row)
+                    return True
+                except sqlite3.Error as exc:
+                    reason = str(exc)
+                else:  # pragma: no cover - unreachable
+                    return True
+            else:
+                reason = self._backlog_reason or "earlier writes are still waiting"
+            # Later writes queue behind unwritten ones, so a record's versions land in order.
+            self._backlog[record.id] = record.copy()
+            self._backlog_reason = reason
+            self._start_retrier()
+        log.warning("journal write of %s did not land (%s); kept in memory and retried", record.id, reason)
+        return False
 
-    def add(self, rec: Record) -> None:
-        self._finished(rec)
+    def unwritten(self) -> list[str]:
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO predictions (id, provider, native_id, model, kind, status, request, images,"
-                " outputs, error, cost_usd, remaining_credits, created_at, updated_at, completed_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.id, rec.provider, rec.native_id, rec.model, rec.kind, rec.status,
-                    json.dumps(rec.request), _dump_images(rec.images), json.dumps(rec.outputs), rec.error,
-                    rec.cost_usd, rec.remaining_credits, rec.created_at, rec.updated_at, rec.completed_at,
-                ),
-            )
+            return list(self._backlog)
 
-    def update(self, rec: Record) -> None:
-        rec.updated_at = time.time()
-        self._finished(rec)
+    def _start_retrier(self) -> None:
+        if self._retrier is None or not self._retrier.is_alive():
+            self._retrier = threading.Thread(target=self._retry_backlog, name="flux-mcp-journal", daemon=True)
+            self._retrier.start()
+
+    def _retry_backlog(self) -> None:
+        """Writes the backlog on a connection of its own that may wait on locks, until it is empty."""
+        db: sqlite3.Connection | None = None
+        try:
+            while not self._closed.is_set():
+                if self._flush_backlog(db := db or _connect(self.path, timeout=_SLOW_TIMEOUT)):
+                    return
+                self._closed.wait(_RETRY_EVERY)
+        except sqlite3.Error as exc:
+            log.warning("journal retry stopped: %s", exc)
+        finally:
+            if db is not None:
+                db.close()
+
+    def _flush_backlog(self, db: sqlite3.Connection) -> bool:
+        """One attempt at every unwritten record; True when none is left."""
         with self._lock:
-            self._db.execute(
-                "UPDATE predictions SET status=?, request=?, images=?, outputs=?, error=?, cost_usd=?,"
-                " remaining_credits=?, updated_at=?, completed_at=? WHERE id=?",
-                (
-                    rec.status, json.dumps(rec.request), _dump_images(rec.images), json.dumps(rec.outputs),
-                    rec.error, rec.cost_usd,
-                    rec.remaining_credits, rec.updated_at, rec.completed_at, rec.id,
-                ),
-            )
-
-    def get(self, prediction_id: str) -> Record | None:
+            pending = list(self._backlog.values())
+        for rec in pending:
+            try:
+                db.execute(_INSERT, _row(rec))
+            except sqlite3.Error as exc:
+                with self._lock:
+                    self._backlog_reason = str(exc)
+                return False
+            with self._lock:
+                if self._backlog.get(rec.id) is rec:
+                    del self._backlog[rec.id]
+                    log.info("journal write of %s landed", rec.id)
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, provider, native_id, model, kind, status, request, images, outputs, error, cost_usd,"
-                " remaining_credits, created_at, updated_at, completed_at FROM predictions WHERE id=?",
-                (prediction_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        return Record(
-            id=row[0], provider=row[1], native_id=row[2], model=row[3], kind=row[4], status=row[5],
-            request=json.loads(row[6]), images=[ImageOutput(**i) for i in json.loads(row[7])],
-            outputs=json.loads(row[8]), error=row[9], cost_usd=row[10], remaining_credits=row[11],
-            created_at=row[12], updated_at=row[13], completed_at=row[14],
-        )
+            return not self._backlog
 
-    def typical_duration(self, provider: str, model: str) -> float | None:
-        """Median seconds from submit to completion of this model's last RECENT successful jobs.
+    async def add_upload(self, sha256: str, provider: str, url: str) -> None:
+        try:
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO uploads (sha256, provider, url, created_at) VALUES (?,?,?,?)",
+                                 (sha256, provider, url, time.time()))
+        except sqlite3.Error as exc:  # a cache: losing it costs one more (free) upload later
+            log.info("upload URL not recorded: %s", exc)
 
-        The durations are read once and then kept up to date as this journal records finished jobs
+    # --- reads --------------------------------------------------------------------------------
+
+    async def _read(self, sql: str, args: tuple[Any, ...], many: bool = False) -> Any:
+        """Runs a query on the loop's connection; if it meets a lock, again in a thread that may wait."""
+        try:
+            with self._lock:
+                cur = self._db.execute(sql, args)
+                return cur.fetchall() if many else cur.fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+
+        def slow() -> Any:
+            db = _connect(self.path, timeout=_SLOW_TIMEOUT)
+            try:
+                cur = db.execute(sql, args)
+                return cur.fetchall() if many else cur.fetchone()
+            finally:
+                db.close()
+
+        return await anyio.to_thread.run_sync(slow)
+
+    async def get(self, prediction_id: str) -> Record | None:
+        with self._lock:
+            pending = self._backlog.get(prediction_id)
+        if pending is not None:
+            return pending.copy()
+        row = await self._read(_SELECT, (prediction_id,))
+        return None if row is None else _record(row)
+
+    async def typical_duration(self, provider: str, model: str) -> float | None:
+        """The durations are read once and then kept up to date as this journal records finished jobs
         (re-read after a minute, for jobs that other processes sharing the file finished)."""
         key = (provider, model)
-        with self._lock:
-            cached = self._recent.get(key)
-            if cached is None or time.monotonic() - cached[0] >= _RECENT_TTL:
-                rows = self._db.execute(
+        cached = self._recent.get(key)
+        if cached is None or time.monotonic() - cached[0] >= _RECENT_TTL:
+            try:
+                rows = await self._read(
                     "SELECT id, completed_at - created_at FROM predictions WHERE provider=? AND model=? AND"
                     " status='succeeded' AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT ?",
-                    (provider, model, RECENT),
-                ).fetchall()
-                cached = (time.monotonic(), [(r[0], r[1]) for r in rows if r[1] is not None and r[1] >= 0])
-                self._recent[key] = cached
-            durations = [d for _, d in cached[1]]
+                    (provider, model, RECENT), many=True)
+            except sqlite3.Error as exc:
+                log.info("durations not read: %s", exc)
+                rows = []
+            cached = (time.monotonic(), [(r[0], r[1]) for r in rows if r[1] is not None and r[1] >= 0])
+            self._recent[key] = cached
+        durations = [d for _, d in cached[1]]
         return statistics.median(durations) if len(durations) >= 2 else None
 
-    def _finished(self, rec: Record) -> None:
+    def _remember_duration(self, rec: Record) -> None:
         """Adds a newly finished job's duration to the remembered ones (once, however often it is written)."""
         if rec.status != "succeeded" or rec.completed_at is None or rec.completed_at < rec.created_at:
             return
-        with self._lock:
-            cached = self._recent.get((rec.provider, rec.model))
-            if cached is not None and all(rid != rec.id for rid, _ in cached[1]):
-                cached[1].insert(0, (rec.id, rec.completed_at - rec.created_at))
-                del cached[1][RECENT:]
+        cached = self._recent.get((rec.provider, rec.model))
+        if cached is not None and all(rid != rec.id for rid, _ in cached[1]):
+            cached[1].insert(0, (rec.id, rec.completed_at - rec.created_at))
+            del cached[1][RECENT:]
 
-    def upload_url(self, sha256: str, provider: str, max_age: float) -> str | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT url, created_at FROM uploads WHERE sha256=? AND provider=?", (sha256, provider)
-            ).fetchone()
+    async def upload_url(self, sha256: str, provider: str, max_age: float) -> str | None:
+        try:
+            row = await self._read("SELECT url, created_at FROM uploads WHERE sha256=? AND provider=?",
+                                   (sha256, provider))
+        except sqlite3.Error:
+            return None
         if row and time.time() - row[1] < max_age:
             return str(row[0])
         return None
 
-    def add_upload(self, sha256: str, provider: str, url: str) -> None:
+    # --- closing ------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        self._closed.set()
+        if self._retrier is not None:
+            await anyio.to_thread.run_sync(self._retrier.join, 5.0)
+        if self.unwritten():
+            with contextlib.suppress(sqlite3.Error):
+                await anyio.to_thread.run_sync(self._flush_backlog, _connect(self.path, timeout=2.0))
+        for rid in self.unwritten():
+            log.error("prediction %s was never written to the journal in %s (%s); keep its id to check on it "
+                      "with the provider", rid, self._where, self._backlog_reason)
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO uploads (sha256, provider, url, created_at) VALUES (?,?,?,?)",
-                (sha256, provider, url, time.time()),
-            )
+            self._db.close()
 
 
-def _dump_images(images: list[ImageOutput]) -> str:
-    return json.dumps([i.model_dump() for i in images])
+def check_journal(home: Path) -> None:
+    """Opens and closes the journal in `home` (raises JournalUnusable): run before serving, so a folder
+    that cannot be used is one clear line at start instead of a failure at the first call."""
+    journal = SqliteJournal(home / "journal.sqlite3")
+    journal._db.close()

@@ -27,7 +27,7 @@ from .errors import DownloadFailed, InvalidInput, PathNotAllowed
 from .http import LazyClient, resolve
 from .images import FORMATS, MAX_PIXELS, ImageInfo, convert, embed_provenance, inspect_image, make_preview
 
-__all__ = ["FORMATS", "MAX_PIXELS", "Downloader", "DownloadLimits", "ImageInfo", "ImageStore", "atomic_write",
+__all__ = ["FORMATS", "MAX_PIXELS", "Downloader", "DownloadLimits", "ImageInfo", "atomic_write",
            "convert", "decode_data_uri", "embed_provenance", "flush_pending", "inspect_image", "make_preview",
            "to_data_uri"]
 
@@ -155,35 +155,6 @@ async def check_public_url(url: str, trusted_hosts: frozenset[str]) -> None:
         addr = ipaddress.ip_address(info[4][0].split("%")[0])
         if not addr.is_global or addr.is_multicast:
             raise _Permanent(f"refusing to fetch from {host}: it resolves to a non-public address")
-
-
-class ImageStore:
-    """The data folder's copy of every finished image, and the copies written to `save_to`."""
-
-    def __init__(self, home: Path):
-        self.root = home / "images"
-
-    def path_for(self, prediction_id: str, index: int, ext: str) -> Path:
-        provider, _, native = prediction_id.partition(":")
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", native)[:120] or "image"
-        digest = hashlib.sha256(prediction_id.encode()).hexdigest()[:8]
-        return self.root / re.sub(r"[^a-z0-9_-]", "_", provider) / f"{safe}-{digest}-{index}.{ext}"
-
-    def existing(self, prediction_id: str, index: int) -> Path | None:
-        for ext in ("png", "jpg", "webp", "gif"):
-            p = self.path_for(prediction_id, index, ext)
-            if p.is_file():
-                return p
-        return None
-
-    def keep(self, prediction_id: str, index: int, data: bytes, info: ImageInfo,
-             provenance: dict[str, str]) -> tuple[Path, bytes]:
-        """Writes the image into the data folder (atomically), with its provenance in the file; returns
-        where, and the bytes written."""
-        target = self.path_for(prediction_id, index, info.ext)
-        payload = embed_provenance(data, info, provenance)
-        atomic_write(target, payload, overwrite=True)
-        return target, payload
 
 
 def atomic_write(target: Path, data: bytes, *, overwrite: bool) -> None:

@@ -1,8 +1,11 @@
 """Scrubbing secrets out of any text that may reach a user, a log or a file.
 
 Providers sometimes echo the key in an error body, and exceptions from the HTTP stack carry
-request URLs and headers. Every piece of provider text goes through `Redactor.scrub` before
-it is put into an error message, a log line or the journal.
+request URLs and headers. Provider text is scrubbed at the boundaries where it crosses into state
+or output: the job runner scrubs every record before it is journaled or returned
+(`scrub_record`), the MCP layer scrubs every tool result and progress message, and
+`protect_logs` scrubs every log record the process creates. Adapters scrub what they build too,
+as defence in depth.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import re
 import traceback
 from collections.abc import Iterable
+from typing import Any
 
 MASK = "[redacted]"
 # Any 12-character window of a secret counts as "a long part of one".
@@ -79,15 +83,44 @@ class RedactingFilter(logging.Filter):
         self.redactor = redactor
 
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a bad format string must not kill logging
-            message = str(record.msg)
-        record.msg = self.redactor.scrub(message)
-        record.args = None
-        if record.exc_info:
-            record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
-            record.exc_info = None
+        _scrub_log_record(record, self.redactor)
         if record.exc_text:
             record.exc_text = self.redactor.scrub(record.exc_text)
         return True
+
+
+_LOG_REDACTOR = Redactor()
+"""Every secret any server in this process was given: scrubbed from every log record, whoever logs it."""
+_factory_installed = False
+
+
+def protect_logs(secrets: Iterable[str]) -> None:
+    """Scrubs `secrets` (and long pieces of them) out of every log record this process creates, at
+    creation, so no handler — a file, stderr, a test's capture — ever sees them. Idempotent."""
+    global _factory_installed
+    for secret in secrets:
+        _LOG_REDACTOR.add(secret)
+    if _factory_installed:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if _LOG_REDACTOR._secrets:
+            _scrub_log_record(record, _LOG_REDACTOR)
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
+
+
+def _scrub_log_record(record: logging.LogRecord, redactor: Redactor) -> None:
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string must not kill logging
+        message = str(record.msg)
+    record.msg = redactor.scrub(message)
+    record.args = None
+    if record.exc_info and record.exc_info[0] is not None:
+        record.exc_text = redactor.scrub("".join(traceback.format_exception(*record.exc_info)).rstrip())
+        record.exc_info = None

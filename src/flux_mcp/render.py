@@ -13,7 +13,7 @@ from .images import shown_as_is
 from .media import make_preview
 from .models import PENDING, ImageOutput
 from .paths import PathPolicy
-from .service import Outcome
+from .jobs import Outcome
 
 log = logging.getLogger("flux_mcp.render")
 _TEXT_RESERVE = 40_000

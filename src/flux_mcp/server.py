@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import time
@@ -17,19 +18,21 @@ import anyio
 import httpx2
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, EmptyResult, SetLevelRequestParams, TextContent, ToolAnnotations
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from . import __version__
-from .config import MAX_WAIT_SECONDS, Settings
+from .config import Settings
 from .errors import FluxError
 from .http import LazyClient, RetryPolicy
-from .journal import Journal
+from .journal import SqliteJournal
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
 from .paths import PathPolicy, usable_folders
-from .redact import Redactor
+from .redact import Redactor, protect_logs
+from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
 from .render import error_result, needs_image_work, prediction_result
-from .service import FluxService, JobParams
+from .providers import PROVIDER_CLASSES
+from .service import FluxService, ProgressFn
 
 log = logging.getLogger("flux_mcp.server")
 
@@ -79,41 +82,8 @@ class AppState:
     """The folder policy built from each set of roots (resolving folders costs syscalls on every call)."""
 
 
-# --- argument types, described for the model -------------------------------------------------------
-
-def _no_control_chars(value: str) -> str:
-    bad = sorted({f"U+{ord(c):04X}" for c in value if (ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) < 0xA0})
-    if bad:
-        raise ValueError(f"must not contain control characters (found {', '.join(bad[:5])}); use plain text")
-    if not value.strip():
-        raise ValueError("must not be blank")
-    return value
-
-
-Prompt = Annotated[str, Field(min_length=1, max_length=4000,
-                              description="What the image should show: subject, style, composition, lighting, text."),
-                   AfterValidator(_no_control_chars)]
-ProviderArg = Annotated[str | None, Field(
-    default=None, max_length=40,
-    description="Provider id (atlascloud, segmind, acedatacloud, imagepipeline, appypie, placeholder). "
-                "Omit to use the server's default.")]
-ModelArg = Annotated[str | None, Field(default=None, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
-                                       description="Model id on that provider; omit for its default FLUX model.")]
-Side = Annotated[int, Field(ge=16, le=8192, description="Pixels. Most FLUX models take 256-1536; default 1024.")]
-WaitArg = Annotated[float | None, Field(
-    default=None, ge=0, le=MAX_WAIT_SECONDS,
-    description="Seconds to wait for the result before returning a pending prediction (default 45).")]
-SaveTo = Annotated[str | None, Field(
-    default=None, max_length=1024,
-    description="Also write the image(s) here: a file (.png/.jpg/.webp picks the format) or a folder, relative "
-                "to the project folder. E.g. 'public/images/hero.webp'.")]
-Overwrite = Annotated[bool, Field(default=False, description="Replace an existing save_to file.")]
-Seed = Annotated[int | None, Field(default=None, ge=0, le=2_147_483_647,
-                                   description="Same seed + prompt gives the same image; omit for random.")]
-Steps = Annotated[int | None, Field(default=None, ge=1, le=100,
-                                    description="Inference steps, where the model has the setting; omit for default.")]
-Guidance = Annotated[float | None, Field(default=None, ge=0, le=50,
-                                         description="Prompt adherence, where the model has it; omit for default.")]
+PROVIDER_TEXT = f"Provider id ({', '.join(cls.id for cls in PROVIDER_CLASSES)}). Omit to use the server's default."
+ProviderArg = Annotated[str | None, Field(max_length=40, description=PROVIDER_TEXT)]
 
 PredictionOut = Annotated[CallToolResult, PredictionResult]
 UploadOut = Annotated[CallToolResult, UploadResult]
@@ -164,63 +134,11 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True)
 
-    @server.tool(title="Generate image", annotations=job_annotations.model_copy(update={"title": "Generate image"}))
-    async def generate_image(
-        prompt: Prompt,
-        ctx: Context[AppState, Any],
-        provider: ProviderArg = None,
-        model: ModelArg = None,
-        width: Side = 1024,
-        height: Side = 1024,
-        num_images: Annotated[int, Field(ge=1, le=8, description="How many images (most providers: 1-4).")] = 1,
-        seed: Seed = None,
-        steps: Steps = None,
-        guidance_scale: Guidance = None,
-        wait_seconds: WaitArg = None,
-        save_to: SaveTo = None,
-        overwrite: Overwrite = False,
-    ) -> PredictionOut:
-        """Generate new images from a text prompt with a FLUX model.
-
-        Waits for the result up to wait_seconds, then returns the images: a preview you can look at,
-        the local file path (use it in code) and the provider URL. If the job is still running it
-        returns status "processing" and a prediction_id: call check_prediction with it later instead
-        of calling generate_image again (every call is a new paid job).
-        """
-        params = JobParams(prompt=prompt, provider=provider, model=model, width=width, height=height,
-                           num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                           wait_seconds=wait_seconds, save_to=save_to, overwrite=overwrite)
-        return await _run_job(ctx, "generate", params, action="Generated")
-
-    @server.tool(title="Edit image", annotations=job_annotations.model_copy(update={"title": "Edit image"}))
-    async def edit_image(
-        prompt: Annotated[str, Field(min_length=1, max_length=4000,
-                                     description="The change to make, e.g. 'make the sky a sunset'."),
-                          AfterValidator(_no_control_chars)],
-        image: Annotated[str, Field(min_length=1, max_length=20_000_000,
-                                    description="The image to edit: an http(s) URL, a local file path, or a "
-                                                "data: URI.")],
-        ctx: Context[AppState, Any],
-        provider: ProviderArg = None,
-        model: ModelArg = None,
-        width: Side = 1024,
-        height: Side = 1024,
-        seed: Seed = None,
-        steps: Steps = None,
-        guidance_scale: Guidance = None,
-        wait_seconds: WaitArg = None,
-        save_to: SaveTo = None,
-        overwrite: Overwrite = False,
-    ) -> PredictionOut:
-        """Edit an existing image following a text instruction (FLUX Kontext or image-to-image).
-
-        Local files are uploaded to the provider (or sent inline) for you. Returns like
-        generate_image: preview, local path, URL; or a pending prediction_id for check_prediction.
-        """
-        params = JobParams(prompt=prompt, provider=provider, model=model, width=width, height=height,
-                           seed=seed, steps=steps, guidance_scale=guidance_scale, wait_seconds=wait_seconds,
-                           save_to=save_to, overwrite=overwrite, image=image)
-        return await _run_job(ctx, "edit", params, action="Edited")
+    server.tool(title="Generate image", annotations=job_annotations.model_copy(update={"title": "Generate image"}))(
+        _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {"provider": PROVIDER_TEXT}))
+    server.tool(title="Edit image", annotations=job_annotations.model_copy(update={"title": "Edit image"}))(
+        _job_tool("edit_image", "edit", "Edited", EDIT_DOC, {
+            "provider": PROVIDER_TEXT, "prompt": "The change to make, e.g. 'make the sky a sunset'."}))
 
     @server.tool(title="Upload image", annotations=ToolAnnotations(
         title="Upload image", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
@@ -240,7 +158,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
             paths = await _path_policy(ctx, state)
             result = await state.service.upload(path, provider, paths)
         except FluxError as exc:
-            return error_result(str(exc))
+            return error_result(state.service.redactor.scrub(str(exc)))
         text = (f"Uploaded {paths.display(result.path)} to {result.provider}"
                 f"{' (reused the earlier upload)' if result.reused else ''}.\nURL: {result.url}\n"
                 "Pass this URL as `image` to edit_image. Provider storage is temporary.")
@@ -266,9 +184,9 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
-            outcome = await state.service.check(prediction_id, wait_seconds, paths, _progress(ctx))
+            outcome = await state.service.check(prediction_id, wait_seconds, paths, _progress(ctx, state))
         except FluxError as exc:
-            return error_result(str(exc))
+            return error_result(state.service.redactor.scrub(str(exc)))
         return await _render(outcome, paths, state.settings, "Finished")
 
     @server.resource("flux://providers", name="providers", mime_type="application/json",
@@ -281,7 +199,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     @server.resource("flux://predictions/{prediction_id}", name="prediction", mime_type="application/json",
                      description="A prediction made by this server, as JSON (status, images, error).")
     async def prediction_resource(prediction_id: str) -> str:
-        record = live[0].service.journal.get(prediction_id)
+        record = await live[0].service.journal.get(prediction_id)
         if record is None:
             raise ValueError(f"No prediction {prediction_id!r}.")
         return record.result().model_dump_json(indent=2)
@@ -289,7 +207,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     @server.resource("flux://images/{prediction_id}/{index}", name="image", mime_type="image/png",
                      description="A finished image of a prediction, full resolution.")
     async def image_resource(prediction_id: str, index: str) -> bytes:
-        record = live[0].service.journal.get(prediction_id)
+        record = await live[0].service.journal.get(prediction_id)
         if record is None or not index.isdigit() or int(index) >= len(record.images):
             raise ValueError(f"No image {index} for prediction {prediction_id!r}.")
         path = record.images[int(index)].path
@@ -302,8 +220,8 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
 def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
                 downloads: DownloadLimits | None) -> AppState:
-    settings.home.mkdir(parents=True, exist_ok=True)
-    journal = Journal(settings.home / "journal.sqlite3")
+    protect_logs(settings.secrets())
+    journal = SqliteJournal(settings.home / "journal.sqlite3")
     client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
     limits = downloads or DownloadLimits()
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
@@ -315,7 +233,7 @@ def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retr
 async def _close_state(state: AppState, *, own_client: bool) -> None:
     if own_client:
         await state.service.client.aclose()
-    state.service.journal.close()
+    await state.service.journal.close()
     await anyio.to_thread.run_sync(flush_pending)  # every image written is on stable storage before exit
 
 
@@ -323,13 +241,43 @@ async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyR
     return EmptyResult()
 
 
-async def _run_job(ctx: Context[AppState, Any], kind: str, params: JobParams, *, action: str) -> CallToolResult:
+GENERATE_DOC = """Generate new images from a text prompt with a FLUX model.
+
+Waits for the result up to wait_seconds, then returns the images: a preview you can look at,
+the local file path (use it in code) and the provider URL. If the job is still running it
+returns status "processing" and a prediction_id: call check_prediction with it later instead
+of calling generate_image again (every call is a new paid job).
+"""
+EDIT_DOC = """Edit an existing image following a text instruction (FLUX Kontext or image-to-image).
+
+Local files are uploaded to the provider (or sent inline) for you. Returns like
+generate_image: preview, local path, URL; or a pending prediction_id for check_prediction.
+"""
+
+
+def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str]) -> Any:
+    """A generate/edit tool whose parameters are `JobRequest`'s fields (see request.tool_parameters)."""
+
+    async def tool(ctx: Context[AppState, Any], **args: Any) -> CallToolResult:
+        return await _run_job(ctx, JobRequest(kind=kind, **args), action=action)
+
+    params = tool_parameters(kind, descriptions)
+    context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context[AppState, Any])
+    tool.__name__ = tool.__qualname__ = name
+    tool.__doc__ = doc
+    tool.__signature__ = inspect.Signature([*params, context], return_annotation=PredictionOut)  # type: ignore[attr-defined]
+    tool.__annotations__ = {**{p.name: p.annotation for p in params}, "ctx": Context[AppState, Any],
+                            "return": PredictionOut}
+    return tool
+
+
+async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str) -> CallToolResult:
     state = _state(ctx)
     try:
         paths = await _path_policy(ctx, state)
-        outcome = await state.service.run(kind, params, paths, _progress(ctx))
+        outcome = await state.service.run(req, paths, _progress(ctx, state))
     except FluxError as exc:
-        return error_result(str(exc))
+        return error_result(state.service.redactor.scrub(str(exc)))
     return await _render(outcome, paths, state.settings, action)
 
 
@@ -345,10 +293,12 @@ def _state(ctx: Context[AppState, Any]) -> AppState:
     return ctx.request_context.lifespan_context
 
 
-def _progress(ctx: Context[AppState, Any]):
+def _progress(ctx: Context[AppState, Any], state: AppState) -> ProgressFn:
+    scrub = state.service.redactor.scrub
+
     async def report(progress: float, total: float | None, message: str) -> None:
         try:
-            await ctx.report_progress(progress, total, message)
+            await ctx.report_progress(progress, total, scrub(message))
         except Exception as exc:  # a client that went away must not break the wait
             log.debug("progress not sent: %s", exc)
 

@@ -175,7 +175,7 @@ class AceDataCloud(Provider):
     def _headers(self, token: str | None = None) -> dict[str, str]:
         return {"authorization": f"Bearer {token or self.key()}", "accept": "application/json"}
 
-    async def submit(self, req: ImageRequest) -> Submitted:
+    async def submit(self, req: ImageRequest, *, inline: bool = False) -> Submitted:
         response = await self.http.submit("POST", f"{self.base_url}/flux/images", headers=self._headers(),
                                           json=self.body(req))
         payload = parse_json(response)

@@ -74,7 +74,7 @@ class AppyPie(Provider):
             bodies.append(body)
         return bodies
 
-    async def submit(self, req: ImageRequest) -> Submitted:
+    async def submit(self, req: ImageRequest, *, inline: bool = False) -> Submitted:
         """Sends one call per image, in turn; stops at the first error answer.
 
         If the first call fails, its error is raised as is (no image came back). Once any call has been

@@ -73,11 +73,11 @@ class AtlasCloud(Provider):
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key()}", "Accept": "application/json"}
 
-    def answers_inline(self, model: str) -> bool:
+    def answers_inline(self, model: str | None) -> bool:
         # enable_sync_mode is documented for flux-schnell only (API-NOTES 1.3); ATLASCLOUD_SYNC_MODE=off opts out.
         return super().answers_inline(model) and self.settings.extra.get("sync_mode", "auto").lower() not in _OFF
 
-    def body(self, req: ImageRequest) -> dict[str, Any]:
+    def body(self, req: ImageRequest, *, inline: bool = False) -> dict[str, Any]:
         """The flat request body: only the fields the model's schema has."""
         info = self.model_info(req.model)
         body: dict[str, Any] = {
@@ -87,9 +87,9 @@ class AtlasCloud(Provider):
             "num_images": req.num_images,
             "seed": req.seed if req.seed is not None else -1,
             # Inline: the answer carries the images themselves, so no download from a second host follows.
-            "enable_base64_output": req.inline,
+            "enable_base64_output": inline,
         }
-        if req.inline:
+        if inline:
             body["enable_sync_mode"] = True
         if info is None or info.steps is not None:
             if req.steps is not None:
@@ -101,10 +101,10 @@ class AtlasCloud(Provider):
             body["image"] = req.image
         return body
 
-    async def submit(self, req: ImageRequest) -> Submitted:
+    async def submit(self, req: ImageRequest, *, inline: bool = False) -> Submitted:
         url = f"{self.base_url}/api/v1/model/generateImage"
-        response = await self.http.submit("POST", url, headers=self._headers(), json=self.body(req),
-                                          held=HELD_SECONDS if req.inline else None)
+        response = await self.http.submit("POST", url, headers=self._headers(), json=self.body(req, inline=inline),
+                                          held=HELD_SECONDS if inline else None)
         payload = parse_json(response)
         data = payload.get("data") if isinstance(payload, dict) and isinstance(payload.get("data"), dict) else payload
         native = None
@@ -113,7 +113,7 @@ class AtlasCloud(Provider):
         if response.status_code >= 300:
             # A held submit whose job then failed answers like a failed poll: HTTP 5xx, the verdict in the body.
             verdict = _STATUS.get(str(data.get("status", "")).lower()) if isinstance(data, dict) else None
-            if req.inline and isinstance(native, str) and native and verdict in ("failed", "canceled"):
+            if inline and isinstance(native, str) and native and verdict in ("failed", "canceled"):
                 return Submitted(native_id=native, state=self._state(data))
             raise self._error(response, submit=True)
         if not isinstance(native, str) or not native:

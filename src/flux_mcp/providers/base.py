@@ -1,24 +1,59 @@
-"""The provider seam: what an adapter declares and the four things it can do.
+"""The provider seam: what an adapter declares, what it may do, and what it must return or raise.
 
 An adapter is one class holding only its provider's wire format. It declares its key variable,
-base URL, models and capabilities as class attributes; the service does the rest (validation
-against the declared limits, the journal, waiting, downloads, previews, files).
+base URL, models and capabilities as class attributes; the job runner does the rest (validation
+against the declared limits, the journal, waiting, downloads, previews, files, redaction).
+
+The contract, situation by situation (the runner relies on every line of it):
+
+`prepare(req) -> JobRequest`
+    Checks the request against the model's documented limits and returns it, possibly completed
+    (e.g. a seed chosen when the provider's default seed is not random). Raises `InvalidInput` or
+    `UnsupportedOperation` — before any request is sent. It never does I/O.
+
+`submit(req, *, inline=False) -> Submitted` — the one request that creates a paid job; sent once,
+never retried, by `ProviderHttp.submit`.
+    accepted          `Submitted(native_id)`: the provider's job id, state None (to be polled).
+    finished inline   `Submitted(native_id, state=JobState(...))` with a final state: a synchronous
+                      provider, or `inline=True` and the provider held the request until the images
+                      were ready. Outputs carry `data` (bytes) or `url`.
+    refused           raise a `ProviderError` subclass (`AuthFailed`, `InsufficientCredits`,
+                      `RateLimited`, `ProviderRejected`) when the answer proves no job was created.
+    not sent          raise `ProviderUnavailable` when the request provably never left (connect error);
+                      `ProviderHttp.submit` does this.
+    outcome unknown   raise `SubmitOutcomeUnknown` when the request may have created a job but no
+                      readable answer proves it (timeout after sending, reset, 5xx, no id in a 2xx).
+                      The runner reports it and never resends.
+    A synchronous provider makes its own id (e.g. a uuid) so `check_prediction` can answer later.
+
+`poll(native_id, submitted_at) -> JobState` — safe to repeat (`ProviderHttp.fetch` retries it).
+    Returns the job's state mapped to the shared status words; an unknown status word raises
+    `ProviderUnavailable` (never a guess). A transient failure raises `ProviderUnavailable` (the
+    runner keeps waiting); any other `ProviderError` (e.g. the key was revoked) stops the wait and
+    keeps the job. Providers without a status endpoint keep the default, which raises
+    `UnsupportedOperation`.
+
+`upload(data, filename, mime_type) -> str` — puts a file on the provider's storage; returns an
+http(s) URL. Raises like `submit` (uploads are free but still sent once).
+
+Text from the provider (error bodies, failure reasons, status messages, output URLs) may echo the
+API key. Adapters scrub what they build with `self.http.redactor`; the runner scrubs again where it
+enters a record, a result, a progress message or a log line, so a forgotten scrub leaks nothing.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import InvalidInput, UnsupportedOperation
 from ..models import Status
+from ..request import JobRequest, Kind
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
     from ..http import ProviderHttp
-
-Kind = Literal["generate", "edit"]
 
 
 @dataclass(frozen=True)
@@ -65,24 +100,9 @@ class ModelInfo:
     images (Atlas Cloud's `enable_sync_mode` + `enable_base64_output`): one request instead of three."""
 
 
-@dataclass
-class ImageRequest:
-    """A validated generation or edit request, in the server's terms."""
-
-    kind: Kind
-    prompt: str
-    model: str
-    width: int = 1024
-    height: int = 1024
-    num_images: int = 1
-    seed: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    image: str | None = None
-    """For edits: an http(s) URL or a data: URI the provider accepts."""
-    inline: bool = False
-    """Ask for the finished images in the submit's own answer (only where `answers_inline` allows it);
-    the service decides, the adapter falls back to a job id when the provider answers early anyway."""
+ImageRequest = JobRequest
+"""The request an adapter receives: a `JobRequest` whose provider, model and (for edits) input image
+(an http(s) URL or a data: URI the provider accepts) the service has resolved."""
 
 
 @dataclass
@@ -102,6 +122,8 @@ class JobState:
     outputs: list[OutputRef] = field(default_factory=list)
     error: str | None = None
     error_code: str | None = None
+    message: str | None = None
+    """The provider's own progress text while pending (queue position, phase), shown in progress messages."""
     cost_usd: float | None = None
     remaining_credits: float | None = None
 
@@ -135,6 +157,8 @@ class Provider:
     allow_unknown_models: ClassVar[bool] = True
     """Pass model ids not in `models` through (with generic limits) rather than refusing them."""
     max_prompt_chars: ClassVar[int] = 4000
+    result_note: ClassVar[str | None] = None
+    """A sentence added to every finished result of this provider (the placeholder says what it is)."""
 
     def __init__(self, settings: ProviderSettings, http: ProviderHttp):
         self.settings = settings
@@ -150,7 +174,7 @@ class Provider:
     def can_edit(self) -> bool:
         return any("edit" in m.kinds for m in self.models)
 
-    def model_info(self, model: str) -> ModelInfo | None:
+    def model_info(self, model: str | None) -> ModelInfo | None:
         return next((m for m in self.models if m.id == model), None)
 
     def prepare(self, req: ImageRequest) -> ImageRequest:
@@ -186,7 +210,7 @@ class Provider:
             raise InvalidInput("edit_image needs `image`: an http(s) URL, a local file path, or a data: URI.")
         return req
 
-    def answers_inline(self, model: str) -> bool:
+    def answers_inline(self, model: str | None) -> bool:
         """Whether a submit for `model` may be held open until the images come back in its answer."""
         info = self.model_info(model)
         return info is not None and info.answers_inline
@@ -198,9 +222,10 @@ class Provider:
         info = self.model_info(req.model)
         return info.price_usd * req.num_images if info and info.price_usd is not None else None
 
-    async def submit(self, req: ImageRequest) -> Submitted:
-        """Sends the one request that creates the (paid) job. Never retried. With `req.inline` the
-        answer may already hold the final state; without, it normally holds only the job id."""
+    async def submit(self, req: ImageRequest, *, inline: bool = False) -> Submitted:
+        """Sends the one request that creates the (paid) job. Never retried. With `inline` (only where
+        `answers_inline` allows it; the runner decides) the answer may already hold the final state; the
+        adapter falls back to a job id when the provider answers early anyway."""
         raise NotImplementedError
 
     async def poll(self, native_id: str, submitted_at: float) -> JobState:

@@ -80,7 +80,7 @@ class ImagePipeline(Provider):
             body["server_id"] = self.server_id
         return body
 
-    async def submit(self, req: ImageRequest) -> Submitted:
+    async def submit(self, req: ImageRequest, *, inline: bool = False) -> Submitted:
         response = await self.http.submit("POST", f"{self.base_url}{PATH}", headers=self._headers(),
                                           json=self.body(req))
         payload = parse_json(response)

@@ -89,7 +89,7 @@ class Segmind(Provider):
         """The inherited checks, plus a seed: Segmind's default seed is a constant, not random."""
         req = super().prepare(req)
         if req.seed is None:
-            req.seed = random.randrange(SEED_LIMIT)
+            req = req.model_copy(update={"seed": random.randrange(SEED_LIMIT)})
         return req
 
     def body(self, req: ImageRequest, seed: int) -> dict[str, Any]:
@@ -118,7 +118,7 @@ class Segmind(Provider):
                     "denoise": 0.75, "scheduler": "normal", "sampler_name": "euler", "base64": False}
         raise AssertionError(f"prepare refuses unknown model {req.model!r}")
 
-    async def submit(self, req: ImageRequest) -> Submitted:
+    async def submit(self, req: ImageRequest, *, inline: bool = False) -> Submitted:
         """One v1 call per image, in parallel; each is sent once, whatever the others do."""
         base_seed = req.seed if req.seed is not None else random.randrange(SEED_LIMIT)
         seeds = [(base_seed + i) % SEED_LIMIT for i in range(req.num_images)]

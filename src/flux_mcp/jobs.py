@@ -1,0 +1,359 @@
+"""The job lifecycle, in one place: submit once -> journal -> wait -> settle -> keep.
+
+`JobRunner.run` is the whole life of a new job, written as one sequence whose every step is always
+taken; `JobRunner.check` resumes a journaled job at the step it reached. The guarantees live here:
+
+* **Paid once.** The submit is sent once (never retried) and shielded from cancellation: once it is
+  out, its answer is awaited and journaled even if the call is cancelled meanwhile.
+* **The id is never lost.** Right after the submit the id is logged and the record journaled; a
+  journal write that cannot land is kept by the journal and retried, and the result says so. Any
+  failure after the submit becomes a note on the result, which still carries the id.
+* **Nothing finished is dropped.** A final state is journaled before its images are fetched (so a
+  crash leaves what is needed to fetch them again); images that came inline are kept even if the
+  call is cancelled; a kept image that went missing is fetched again on the next check.
+* **No secret leaks.** Provider text is scrubbed where it enters a record (`scrub_record`, before
+  every journal write and before the record is returned) and a progress message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .errors import FluxError, ProviderError, ProviderUnavailable, UnsupportedOperation
+from .http import HELD_REQUESTS
+from .journal import Journal, Record
+from .keep import Keeper
+from .models import FINAL
+from .paths import PathPolicy
+from .providers.base import JobState, Provider, Submitted
+from .redact import Redactor
+from .request import JobRequest
+from .store import ImageStore
+from .waiting import PollSchedule
+
+log = logging.getLogger("flux_mcp.jobs")
+
+ProgressFn = Callable[[float, float | None, str], Coroutine[Any, Any, None]]
+PROGRESS_EVERY = 5.0
+"""Seconds between progress notifications while waiting (they keep client timeouts alive)."""
+INLINE_LONGEST = 10.0
+"""Submits are held open (sync mode) only for models whose jobs typically end within this many seconds."""
+INLINE_MIN_WAIT = 15.0
+"""...and only when the call may wait at least this long (a short wait wants the id back at once)."""
+
+
+@dataclass
+class Outcome:
+    """A prediction as the tools present it."""
+
+    record: Record
+    notes: list[str] = field(default_factory=list)
+    waited: float = 0.0
+    seen_at: float | None = None
+    """When the status request that found the job final was sent."""
+    kept: dict[str, bytes] = field(default_factory=dict)
+    """The bytes just written at each image's path (previews are made from them, not read back)."""
+
+
+def scrub_record(record: Record, redactor: Redactor) -> Record:
+    """Scrubs every field that holds provider text (the boundary where it enters state)."""
+    scrub = redactor.scrub
+    record.error = scrub(record.error) if record.error else record.error
+    record.outputs = [scrub(u) if u else u for u in record.outputs]
+    record.images = [i.model_copy(update={"url": scrub(i.url)}) if i.url else i for i in record.images]
+    note = record.request.get("provider_note")
+    if isinstance(note, str):
+        record.request["provider_note"] = scrub(note)
+    return record
+
+
+class JobRunner:
+    """Runs jobs against providers, recording every step in the journal and keeping every image."""
+
+    def __init__(self, journal: Journal, store: ImageStore, keeper: Keeper, redactor: Redactor):
+        self.journal = journal
+        self.store = store
+        self.keeper = keeper
+        self.redactor = redactor
+        self._held = 0
+        """Submits held open right now (sync mode)."""
+
+    # --- a new job ----------------------------------------------------------------------------
+
+    async def run(self, provider: Provider, req: JobRequest, targets: list[Path], wait: float, paths: PathPolicy,
+                  progress: ProgressFn | None = None, *, image_source: str | None = None) -> Outcome:
+        """The whole life of a new job. `req` is prepared (validated, model and image resolved),
+        `targets` are its checked save_to paths, `image_source` the edit input as the caller gave it. Raises FluxError only when no job was created (or its
+        creation is unknowable: SubmitOutcomeUnknown); after the submit it always returns the job."""
+        inline = await self._inline(provider, req.model, wait)
+        sent = time.time()
+        with anyio.CancelScope(shield=True):
+            submitted = await self._submit(provider, req, inline, progress, wait)
+            record = self._record(provider, req, targets, submitted, sent, image_source)
+            log.info("submitted %s (%s, %s%s)", record.id, provider.id, record.model, ", held" if inline else "")
+            outcome = Outcome(record)
+            if submitted.state is not None and submitted.state.status in FINAL:
+                self._settle(record, submitted.state, time.time())
+            await self._save(outcome)
+        try:
+            state = submitted.state
+            if state is None or state.status not in FINAL:
+                state = await self._wait(record, provider, wait, progress, outcome, poll_now=False)
+            await self._conclude(outcome, provider, state, paths,
+                                 settled=submitted.state is not None and state is submitted.state)
+        except FluxError as exc:
+            outcome.notes.append(f"{exc} The job is kept: call check_prediction with prediction_id=\"{record.id}\".")
+        except Exception as exc:  # an unexpected failure after paying must not lose the job
+            log.exception("after submitting %s", record.id)
+            outcome.notes.append(f"An internal error ({type(exc).__name__}) interrupted the server after the job "
+                                 f"was accepted; the job is kept: call check_prediction with "
+                                 f"prediction_id=\"{record.id}\".")
+        return self._scrubbed(outcome)
+
+    async def _inline(self, provider: Provider, model: str | None, wait: float) -> bool:
+        """Whether to hold the submit open until the images come back in its answer (one request, and
+        the job is noticed the moment it ends): for models documented to allow it whose jobs are short
+        next to the call's wait, while the pool has room for another held request."""
+        if self._held >= HELD_REQUESTS or wait < INLINE_MIN_WAIT or not provider.answers_inline(model):
+            return False
+        expected = await self.journal.typical_duration(provider.id, model or "")
+        return expected is None or (expected <= INLINE_LONGEST and 3 * expected <= wait)
+
+    async def _submit(self, provider: Provider, req: JobRequest, inline: bool, progress: ProgressFn | None,
+                      wait: float) -> Submitted:
+        """Sends the paid request (the caller shields it from cancellation)."""
+        if not inline:
+            return await provider.submit(req)
+        self._held += 1
+        ticking = _HeldProgress(provider.id, progress, wait) if progress else None
+        try:
+            return await provider.submit(req, inline=True)
+        finally:
+            self._held -= 1
+            if ticking:
+                ticking.stop()
+
+    @staticmethod
+    def _record(provider: Provider, req: JobRequest, targets: list[Path], submitted: Submitted,
+                sent: float, image_source: str | None) -> Record:
+        request = req.journaled()
+        if image_source is not None:
+            request["image"] = req.model_copy(update={"image": image_source}).journaled()["image"]
+        request["save_to"] = [str(t) for t in targets] or None
+        return Record(
+            id=f"{provider.id}:{submitted.native_id}", provider=provider.id, native_id=submitted.native_id,
+            model=req.model or "", kind=req.kind, status="starting", request=request,
+            # The job's clock starts when the request leaves: a held submit's answer comes only at its end.
+            cost_usd=provider.price(req), created_at=min(sent, submitted.submitted_at), updated_at=time.time(),
+        )
+
+    # --- an earlier job -----------------------------------------------------------------------
+
+    async def check(self, record: Record, provider: Provider, wait: float, paths: PathPolicy,
+                    progress: ProgressFn | None = None) -> Outcome:
+        """Resumes a journaled job: looks (and waits up to `wait`) if it is pending, fetches its images
+        again if they went missing; a finished job with its files is returned as it is."""
+        outcome = Outcome(record)
+        if record.status in FINAL:
+            if await self.missing_files(record):
+                await self._keep_again(outcome, provider, paths)
+            return self._scrubbed(outcome)
+        state = await self._wait(record, provider, wait, progress, outcome, poll_now=True)
+        await self._conclude(outcome, provider, state, paths, settled=False)
+        return self._scrubbed(outcome)
+
+    async def _keep_again(self, outcome: Outcome, provider: Provider, paths: PathPolicy) -> None:
+        """Fetches a finished job's missing images again: from the kept copies, the provider URLs, or —
+        for images that came inline and have no URL — the provider's status answer."""
+        record = outcome.record
+        state: JobState | None = None
+        if None in record.outputs:
+            try:
+                state = await provider.poll(record.native_id, record.created_at)
+            except UnsupportedOperation:
+                state = None  # a synchronous provider's images cannot be asked for again
+            if state is not None and state.status != "succeeded":
+                state = None
+        await self._keep(outcome, provider, state, paths)
+
+    async def missing_files(self, record: Record) -> bool:
+        """A success whose images are not all present (or were never kept: the process stopped first)."""
+        if record.status != "succeeded":
+            return False
+        if len(record.images) < max(len(record.outputs), 1):
+            return True
+        for image in record.images:
+            if not await self.store.present(image.path):
+                return True
+        return False
+
+    # --- the steps ----------------------------------------------------------------------------
+
+    async def _conclude(self, outcome: Outcome, provider: Provider, state: JobState | None, paths: PathPolicy,
+                        *, settled: bool) -> None:
+        """Journals what the wait found; a final state is settled and journaled before its images are
+        kept. `settled`: the state is the submit's own answer, already in the record."""
+        record = outcome.record
+        if state is None or state.status not in FINAL:
+            if state is not None and state.status != record.status:
+                record.status = state.status
+                await self._save(outcome)
+            return
+        if not settled:
+            self._settle(record, state, outcome.seen_at)
+            await self._save(outcome)
+        if state.status == "succeeded":
+            # Images that came inline exist only in memory until written: a cancelled call still writes them.
+            with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):
+                await self._keep(outcome, provider, state, paths)
+        if provider.result_note:
+            outcome.notes.append(provider.result_note)
+
+    @staticmethod
+    def _settle(record: Record, state: JobState, seen_at: float | None) -> None:
+        """Writes a final state into the record."""
+        record.status = state.status
+        record.completed_at = record.completed_at or seen_at or time.time()
+        record.error = state.error
+        if state.cost_usd is not None:
+            record.cost_usd = state.cost_usd
+        if state.remaining_credits is not None:
+            record.remaining_credits = state.remaining_credits
+        if state.status == "succeeded":
+            record.outputs = [o.url for o in state.outputs]
+            # A success can carry a note (e.g. 2 of 3 images made); it must survive re-downloads.
+            record.request["provider_note"] = state.error
+
+    async def _keep(self, outcome: Outcome, provider: Provider, state: JobState | None, paths: PathPolicy) -> None:
+        """Keeps the images (from `state`, or again from what the record holds) and journals the result."""
+        record = outcome.record
+        req = record.request
+        provenance = {"prompt": str(req.get("prompt", "")), "model": record.model, "provider": record.provider,
+                      "prediction_id": record.id, "seed": str(req.get("seed")), "software": "flux-mcp"}
+        kept = await self.keeper.keep(
+            prediction_id=record.id, provenance=provenance, base_url=provider.settings.base_url,
+            outputs=state.outputs if state else None, urls=record.outputs,
+            targets=[Path(t) for t in (req.get("save_to") or [])], overwrite=bool(req.get("overwrite")),
+            paths=paths)
+        outcome.kept.update(kept.written)
+        record.images = kept.images
+        note = req.get("provider_note")
+        if kept.problems:
+            record.error = "; ".join(([note] if note else []) + kept.problems) + (
+                ". The job succeeded; call check_prediction "
+                + ("again to retry the download while the provider URL is valid."
+                   if any(i.url for i in kept.images) else "again to fetch the images anew."))
+        elif record.status == "succeeded":
+            record.error = note
+        if record.status == "succeeded" and not kept.images:
+            record.status = "failed"
+            record.error = record.error or f"{provider.label} reported success but returned no image."
+        await self._save(outcome)
+
+    async def _save(self, outcome: Outcome) -> None:
+        """Journals the record (scrubbed). A write that cannot land yet is kept by the journal; the
+        result says so, once, with the id to keep."""
+        record = scrub_record(outcome.record, self.redactor)
+        record.updated_at = time.time()
+        if not await self.journal.put(record):
+            note = (f"The server's journal could not be written just now; it keeps retrying. Keep the "
+                    f"prediction_id \"{record.id}\" to check on this job.")
+            if note not in outcome.notes:
+                outcome.notes.append(note)
+                log.warning("prediction %s is not yet journaled", record.id)
+
+    def _scrubbed(self, outcome: Outcome) -> Outcome:
+        scrub_record(outcome.record, self.redactor)
+        outcome.notes = [self.redactor.scrub(n) for n in outcome.notes]
+        return outcome
+
+    async def _wait(self, record: Record, provider: Provider, wait: float, progress: ProgressFn | None,
+                    outcome: Outcome, *, poll_now: bool) -> JobState | None:
+        """Polls until the job is final or `wait` seconds pass; returns the last state seen (None: none)."""
+        schedule = PollSchedule(expected=await self.journal.typical_duration(record.provider, record.model))
+        start = time.monotonic()
+        deadline = start + wait
+        state: JobState | None = None
+        poll_error: str | None = None
+        last_progress = 0.0
+        first = poll_now
+
+        async def report() -> None:
+            nonlocal last_progress
+            if progress is None:
+                return
+            last_progress = time.monotonic()
+            elapsed = last_progress - start
+            said = f" - {state.message}" if state is not None and state.message else ""
+            await progress(round(elapsed, 1), wait, self.redactor.scrub(
+                f"{record.provider}: {state.status if state else record.status}{said} ({elapsed:.0f}s)"))
+
+        while True:
+            now = time.monotonic()
+            delay = 0.0 if first else schedule.next_delay(time.time() - record.created_at)
+            if not first and now + delay > deadline:
+                break
+            first = False
+            # Sleep in slices so progress notifications keep flowing (and keep client timeouts alive).
+            wake = now + delay
+            while (remaining := wake - time.monotonic()) > 0:
+                await anyio.sleep(min(remaining, PROGRESS_EVERY))
+                if time.monotonic() - last_progress >= PROGRESS_EVERY - 0.01:
+                    await report()
+            try:
+                asked = time.time()
+                state = await provider.poll(record.native_id, record.created_at)
+                poll_error = None
+            except ProviderUnavailable as exc:
+                poll_error = f"The last status check failed: {exc}"
+                log.warning("poll %s: %s", record.id, self.redactor.scrub(str(exc)))
+                continue
+            except ProviderError as exc:
+                # Not transient (e.g. the key was revoked): stop waiting, keep the job and its id.
+                poll_error = f"The status check failed: {exc}"
+                log.warning("poll %s: %s", record.id, self.redactor.scrub(str(exc)))
+                break
+            if state.status in FINAL:
+                # The job was done by the time it was asked about: the journal learns that moment, not the
+                # moment the answer arrived (which would add a round trip to every learned duration).
+                outcome.seen_at = asked
+                break
+            await report()
+        outcome.waited = time.monotonic() - start
+        if poll_error:
+            outcome.notes.append(poll_error)
+        return state
+
+
+class _HeldProgress:
+    """Progress notifications every few seconds while a held submit is open (they keep client timeouts
+    alive). Timer callbacks on the running asyncio loop rather than a task group per call: a call that
+    ends before the first tick (the usual case) costs a timer, not a task."""
+
+    def __init__(self, provider_id: str, progress: ProgressFn, wait: float):
+        self._loop = asyncio.get_running_loop()
+        self._start = time.monotonic()
+        self._provider_id, self._progress, self._wait = provider_id, progress, wait
+        self._sending: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(PROGRESS_EVERY, self._tick)
+
+    def _tick(self) -> None:
+        elapsed = time.monotonic() - self._start
+        task = self._loop.create_task(
+            self._progress(round(elapsed, 1), self._wait, f"{self._provider_id}: processing ({elapsed:.0f}s)"))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        self._timer = self._loop.call_later(PROGRESS_EVERY, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

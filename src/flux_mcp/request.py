@@ -1,0 +1,93 @@
+"""`JobRequest`: the one description of a generation or edit job.
+
+The tools' parameters are derived from its fields (`tool_parameters`), the CLI's flags too, the
+journal stores it (`journaled`), and the adapters receive it once the service has resolved the
+provider, the model and the input image. Adding a parameter is one field here plus the adapters
+that use it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
+
+Kind = Literal["generate", "edit"]
+MAX_WAIT_SECONDS = 600.0
+
+
+def _plain_text(value: str) -> str:
+    bad = sorted({f"U+{ord(c):04X}" for c in value if (ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) < 0xA0})
+    if bad:
+        raise ValueError(f"must not contain control characters (found {', '.join(bad[:5])}); use plain text")
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+class JobRequest(BaseModel):
+    """What generate_image / edit_image were asked. `kind` and, for edits, `image` say which job it is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Kind = "generate"
+    prompt: Annotated[str, Field(min_length=1, max_length=4000,
+                                 description="What the image should show: subject, style, composition, lighting, "
+                                             "text."), AfterValidator(_plain_text)]
+    image: str | None = Field(default=None, min_length=1, max_length=20_000_000,
+                              description="The image to edit: an http(s) URL, a local file path, or a data: URI.")
+    provider: str | None = Field(default=None, max_length=40,
+                                 description="Provider id. Omit to use the server's default.")
+    model: str | None = Field(default=None, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
+                              description="Model id on that provider; omit for its default FLUX model.")
+    width: int = Field(default=1024, ge=16, le=8192,
+                       description="Pixels. Most FLUX models take 256-1536; default 1024.")
+    height: int = Field(default=1024, ge=16, le=8192,
+                        description="Pixels. Most FLUX models take 256-1536; default 1024.")
+    num_images: int = Field(default=1, ge=1, le=8, description="How many images (most providers: 1-4).")
+    seed: int | None = Field(default=None, ge=0, le=2_147_483_647,
+                             description="Same seed + prompt gives the same image; omit for random.")
+    steps: int | None = Field(default=None, ge=1, le=100,
+                              description="Inference steps, where the model has the setting; omit for default.")
+    guidance_scale: float | None = Field(default=None, ge=0, le=50,
+                                         description="Prompt adherence, where the model has it; omit for default.")
+    wait_seconds: float | None = Field(default=None, ge=0, le=MAX_WAIT_SECONDS,
+                                       description="Seconds to wait for the result before returning a pending "
+                                                   "prediction (default 45).")
+    save_to: str | None = Field(default=None, max_length=1024,
+                                description="Also write the image(s) here: a file (.png/.jpg/.webp picks the "
+                                            "format) or a folder, relative to the project folder. E.g. "
+                                            "'public/images/hero.webp'.")
+    overwrite: bool = Field(default=False, description="Replace an existing save_to file.")
+
+    def journaled(self) -> dict[str, Any]:
+        """The request as the journal keeps it: every field, an inline image shortened to its size."""
+        data = self.model_dump(exclude={"kind", "provider", "model"})
+        if self.image and self.image.startswith("data:"):
+            data["image"] = f"data: URI ({len(self.image)} chars)"
+        return data
+
+
+SERVICE_ONLY = frozenset({"kind"})
+"""Fields the service sets itself; never a tool parameter."""
+EDIT_ONLY = frozenset({"image"})
+GENERATE_ONLY = frozenset({"num_images"})
+
+
+def tool_parameters(kind: Kind, descriptions: dict[str, str] | None = None) -> list[inspect.Parameter]:
+    """The tool parameters of `kind`, derived from the fields (order, types, limits, defaults, text).
+    `descriptions` replaces a field's description for this tool."""
+    skip = SERVICE_ONLY | (GENERATE_ONLY if kind == "edit" else EDIT_ONLY)
+    params: list[inspect.Parameter] = []
+    for name, info in JobRequest.model_fields.items():
+        if name in skip:
+            continue
+        required = info.is_required() or (kind == "edit" and name in EDIT_ONLY)
+        base: Any = str if kind == "edit" and name in EDIT_ONLY else info.annotation
+        text = (descriptions or {}).get(name, info.description)
+        annotation = Annotated[base, *info.metadata, Field(description=text)]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=inspect.Parameter.empty if required else info.default))
+    return params

@@ -1,0 +1,91 @@
+"""Where kept images live: the `ImageStore` protocol and the data-folder implementation.
+
+Every finished image is kept by the server (provider URLs expire). The store decides where: the
+folder store writes `FLUX_MCP_HOME/images/<provider>/<id>-<hash>-<n>.<ext>`, atomically; a shared
+deployment stores objects in a bucket instead. Results name an image by the `location` its store
+returned (for the folder store, an absolute local path; a result may name its `save_to` copy
+instead, which the store reads too). Nothing outside a store builds those names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+
+from .media import atomic_write
+
+_EXTENSIONS = ("png", "jpg", "webp", "gif")
+_BIG = 256 * 1024
+"""Writes larger than this go to a worker thread (a few hundred microseconds of disk work otherwise)."""
+
+
+class ImageStore(Protocol):
+    """The server's own copy of every finished image."""
+
+    async def put(self, prediction_id: str, index: int, payload: bytes, ext: str) -> str:
+        """Keeps `payload` as image `index` of the prediction (replacing an earlier copy); returns its location."""
+        ...
+
+    async def find(self, prediction_id: str, index: int) -> str | None:
+        """The location of the kept copy of image `index`, or None when there is none."""
+        ...
+
+    async def read(self, location: str) -> bytes:
+        """The bytes at `location` (raises FileNotFoundError when they are gone)."""
+        ...
+
+    async def present(self, location: str | None) -> bool:
+        """Whether `location` still holds the image."""
+        ...
+
+
+class FolderStore:
+    """Images as files under `<home>/images`."""
+
+    def __init__(self, home: Path):
+        self.root = home / "images"
+
+    def _path(self, prediction_id: str, index: int, ext: str) -> Path:
+        provider, _, native = prediction_id.partition(":")
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", native)[:120] or "image"
+        digest = hashlib.sha256(prediction_id.encode()).hexdigest()[:8]
+        return self.root / re.sub(r"[^a-z0-9_-]", "_", provider) / f"{safe}-{digest}-{index}.{ext}"
+
+    @staticmethod
+    def _local(location: str) -> Path:
+        """A location as a path: the store's own files, or a save_to copy a result pointed at instead."""
+        path = Path(location)
+        if not path.is_absolute():
+            raise FileNotFoundError(location)
+        return path
+
+    async def put(self, prediction_id: str, index: int, payload: bytes, ext: str) -> str:
+        target = self._path(prediction_id, index, ext)
+        if len(payload) > _BIG:
+            await anyio.to_thread.run_sync(lambda: atomic_write(target, payload, overwrite=True))
+        else:
+            atomic_write(target, payload, overwrite=True)
+        return str(target)
+
+    async def find(self, prediction_id: str, index: int) -> str | None:
+        for ext in _EXTENSIONS:
+            path = self._path(prediction_id, index, ext)
+            if path.is_file():
+                return str(path)
+        return None
+
+    async def read(self, location: str) -> bytes:
+        path = self._local(location)
+        return await anyio.to_thread.run_sync(path.read_bytes)
+
+    async def present(self, location: str | None) -> bool:
+        if not location:
+            return False
+        try:
+            return self._local(location).is_file()
+        except FileNotFoundError:
+            return False

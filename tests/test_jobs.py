@@ -1,0 +1,272 @@
+"""The job runner on its own (no MCP): submit once -> journal -> wait -> settle -> keep, and what
+happens to a paid job's id when the journal cannot be written."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx2
+import pytest
+
+from flux_mcp.config import Settings
+from flux_mcp.http import ProviderHttp
+from flux_mcp.jobs import JobRunner
+from flux_mcp.journal import JournalUnusable, Record, SqliteJournal
+from flux_mcp.keep import Keeper
+from flux_mcp.media import Downloader
+from flux_mcp.paths import PathPolicy
+from flux_mcp.providers.atlascloud import AtlasCloud
+from flux_mcp.redact import Redactor
+from flux_mcp.request import JobRequest
+from flux_mcp.store import FolderStore
+from tests.conftest import ATLAS_KEY, FAST_RETRY
+from tests.fakes.atlascloud import AtlasFake
+
+pytestmark = pytest.mark.anyio
+SCHNELL = "black-forest-labs/flux-schnell"
+
+
+def fill_the_disk(journal: SqliteJournal) -> None:
+    """SQLite's own "database or disk is full": the file may not grow, and every free byte is taken."""
+    with journal._lock:
+        db = journal._db
+        db.execute(f"PRAGMA max_page_count={db.execute('PRAGMA page_count').fetchone()[0]}")
+        for size in (3000, 300, 30, 1):
+            for n in range(10_000):
+                try:
+                    db.execute("INSERT INTO predictions (id, provider, native_id, model, kind, status, request,"
+                               " created_at, updated_at) VALUES (?, 'fill', 'x', 'm', 'generate', 'failed', ?, 0, 0)",
+                               (f"fill:{size}-{n}", "z" * size))
+                except sqlite3.OperationalError as exc:
+                    assert "full" in str(exc)
+                    break
+
+
+@dataclass
+class Rig:
+    runner: JobRunner
+    journal: SqliteJournal
+    provider: AtlasCloud
+    fake: AtlasFake
+    paths: PathPolicy
+    home: Path
+
+    def request(self, **kw: object) -> JobRequest:
+        return self.provider.prepare(JobRequest(prompt="a lighthouse", provider="atlascloud", model=SCHNELL,
+                                                **kw))  # type: ignore[arg-type]
+
+    async def row(self, prediction_id: str) -> Record | None:
+        """The record as a second reader of the file sees it (not the journal's in-memory backlog)."""
+        other = SqliteJournal(self.home / "journal.sqlite3")
+        try:
+            with other._lock:
+                row = other._db.execute("SELECT id FROM predictions WHERE id=?", (prediction_id,)).fetchone()
+            return await other.get(prediction_id) if row else None
+        finally:
+            await other.close()
+
+
+@pytest.fixture
+async def rig(make_settings, workspace: Path, home: Path) -> AsyncIterator[Rig]:
+    settings: Settings = make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL="http://atlas.test",
+                                       ATLASCLOUD_SYNC_MODE="off")
+    fake = AtlasFake(key=ATLAS_KEY)
+    client = httpx2.AsyncClient(transport=httpx2.MockTransport(fake.handle))
+    redactor = Redactor(settings.secrets())
+    journal = SqliteJournal(home / "journal.sqlite3")
+    store = FolderStore(home)
+    provider = AtlasCloud(settings.providers["atlascloud"],
+                          ProviderHttp(client, "atlascloud", redactor, key_env="ATLASCLOUD_API_KEY", retry=FAST_RETRY))
+    runner = JobRunner(journal, store, Keeper(store, Downloader(client)), redactor)
+    try:
+        yield Rig(runner, journal, provider, fake, PathPolicy([workspace], home), home)
+    finally:
+        await journal.close()
+        await client.aclose()
+
+
+async def test_a_polled_job_is_submitted_once_journaled_waited_on_and_its_image_kept(rig: Rig):
+    outcome = await rig.runner.run(rig.provider, rig.request(), [], 30, rig.paths)
+    record = outcome.record
+    assert record.status == "succeeded" and len(rig.fake.ledger) == 1
+    assert record.images and Path(record.images[0].path or "").is_file()
+    assert Path(record.images[0].path or "").is_relative_to(rig.home / "images")
+    stored = await rig.row(record.id)
+    assert stored is not None and stored.status == "succeeded" and stored.images == record.images
+
+
+async def test_the_job_is_journaled_before_the_wait_begins(rig: Rig):
+    rig.fake.hold = True
+    outcome = await rig.runner.run(rig.provider, rig.request(), [], 0, rig.paths)
+    assert outcome.record.status in ("starting", "processing")
+    stored = await rig.row(outcome.record.id)
+    assert stored is not None and stored.native_id in rig.fake.jobs
+
+
+async def test_a_cancelled_wait_leaves_the_job_journaled_and_a_check_finishes_it(rig: Rig):
+    rig.fake.hold = True
+    with anyio.move_on_after(5) as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rig.runner.run, rig.provider, rig.request(), [], 60, rig.paths)
+            while not rig.fake.ledger:
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert not scope.cancelled_caught
+    [job_id] = rig.fake.jobs
+    stored = await rig.row(f"atlascloud:{job_id}")
+    assert stored is not None and stored.status == "starting"
+    rig.fake.finish(job_id)
+    done = await rig.runner.check(stored, rig.provider, 5, rig.paths)
+    assert done.record.status == "succeeded" and Path(done.record.images[0].path or "").is_file()
+    assert len(rig.fake.ledger) == 1
+
+
+async def test_a_cancel_during_the_submit_still_journals_the_job(rig: Rig):
+    rig.fake.duration = None
+    entered = anyio.Event()
+    real = rig.fake.handle
+
+    async def slow_submit(request: httpx2.Request) -> httpx2.Response:
+        if request.method == "POST":
+            entered.set()
+            await anyio.sleep(0.2)  # the submit is in flight when the call is cancelled
+        return await real(request)
+
+    rig.fake.handle = slow_submit  # type: ignore[method-assign]
+    client = httpx2.AsyncClient(transport=httpx2.MockTransport(slow_submit))
+    rig.provider.http.client = client
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(rig.runner.run, rig.provider, rig.request(), [], 60, rig.paths)
+        await entered.wait()
+        tg.cancel_scope.cancel()
+    await client.aclose()
+    [job_id] = rig.fake.jobs
+    assert await rig.row(f"atlascloud:{job_id}") is not None
+
+
+async def test_a_full_journal_after_the_submit_leaves_the_id_in_the_result_and_the_log(rig: Rig, caplog):
+    rig.fake.hold = True
+    fill_the_disk(rig.journal)
+    with caplog.at_level(logging.INFO, logger="flux_mcp"):
+        outcome = await rig.runner.run(rig.provider, rig.request(), [], 0, rig.paths)
+    [job_id] = rig.fake.jobs
+    pid = f"atlascloud:{job_id}"
+    assert outcome.record.id == pid
+    assert any(pid in n and "journal" in n for n in outcome.notes), outcome.notes
+    assert pid in caplog.text and "not yet journaled" in caplog.text
+    assert rig.journal.unwritten() == [pid]
+    assert (await rig.journal.get(pid)) is not None  # still found: the journal answers from its backlog
+
+
+async def test_a_lock_held_by_another_connection_neither_blocks_the_loop_nor_loses_the_id(rig: Rig, caplog):
+    rig.fake.hold = True
+    other = sqlite3.connect(rig.home / "journal.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock until the test lets go
+    try:
+        with caplog.at_level(logging.INFO, logger="flux_mcp"), anyio.fail_after(5):
+            outcome = await rig.runner.run(rig.provider, rig.request(), [], 0, rig.paths)
+        pid = outcome.record.id
+        assert pid in caplog.text and rig.journal.unwritten() == [pid]
+        assert any(pid in n for n in outcome.notes)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    with anyio.fail_after(10):  # the journal's retry lands the record once the lock is gone
+        while rig.journal.unwritten():
+            await anyio.sleep(0.05)
+    stored = await rig.row(pid)
+    assert stored is not None and stored.native_id in rig.fake.jobs
+
+
+async def test_a_journal_migrated_by_a_newer_version_mid_run_keeps_the_id(rig: Rig, caplog):
+    rig.fake.hold = True
+    other = sqlite3.connect(rig.home / "journal.sqlite3", isolation_level=None)
+    other.execute("ALTER TABLE predictions DROP COLUMN remaining_credits")  # what a newer layout might do
+    other.close()
+    with caplog.at_level(logging.INFO, logger="flux_mcp"):
+        outcome = await rig.runner.run(rig.provider, rig.request(), [], 0, rig.paths)
+    pid = outcome.record.id
+    assert pid in caplog.text and any(pid in n for n in outcome.notes)
+    assert await rig.journal.get(pid) is not None
+
+
+async def test_later_versions_of_an_unwritten_record_land_in_order(rig: Rig):
+    rig.fake.hold = True
+    other = sqlite3.connect(rig.home / "journal.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    outcome = await rig.runner.run(rig.provider, rig.request(), [], 0, rig.paths)
+    [job_id] = rig.fake.jobs
+    rig.fake.finish(job_id)
+    done = await rig.runner.check(outcome.record, rig.provider, 5, rig.paths)  # written behind the first
+    assert done.record.status == "succeeded"
+    other.execute("ROLLBACK")
+    other.close()
+    with anyio.fail_after(10):
+        while rig.journal.unwritten():
+            await anyio.sleep(0.05)
+    stored = await rig.row(done.record.id)
+    assert stored is not None and stored.status == "succeeded" and stored.images
+
+
+@pytest.mark.parametrize("change", [
+    "PRAGMA user_version=99",
+    "ALTER TABLE predictions ADD COLUMN principal TEXT NOT NULL DEFAULT 'x'",
+    "ALTER TABLE predictions DROP COLUMN error",
+])
+async def test_a_journal_this_version_cannot_write_is_refused_at_start_naming_the_folder(home: Path, change: str):
+    await SqliteJournal(home / "journal.sqlite3").close()
+    db = sqlite3.connect(home / "journal.sqlite3", isolation_level=None)
+    db.execute(change)
+    db.close()
+    if "DEFAULT" in change:
+        # A column with a default does not stop this version writing its rows: still usable.
+        await SqliteJournal(home / "journal.sqlite3").close()
+        return
+    with pytest.raises(JournalUnusable) as caught:
+        SqliteJournal(home / "journal.sqlite3")
+    assert str(home) in str(caught.value) and "FLUX_MCP_HOME" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+async def test_a_required_column_unknown_to_this_version_is_refused(home: Path):
+    db = sqlite3.connect(home.mkdir(parents=True) or home / "journal.sqlite3", isolation_level=None)
+    db.executescript("CREATE TABLE predictions (id TEXT PRIMARY KEY, provider TEXT NOT NULL, native_id TEXT NOT NULL,"
+                     " model TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL, request TEXT NOT NULL,"
+                     " images TEXT NOT NULL DEFAULT '[]', outputs TEXT NOT NULL DEFAULT '[]', error TEXT,"
+                     " cost_usd REAL, remaining_credits REAL, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
+                     " completed_at REAL, principal TEXT NOT NULL);")
+    db.close()
+    with pytest.raises(JournalUnusable, match="principal"):
+        SqliteJournal(home / "journal.sqlite3")
+
+
+async def test_an_older_journal_without_a_version_is_migrated_and_keeps_its_rows(home: Path):
+    home.mkdir(parents=True)
+    db = sqlite3.connect(home / "journal.sqlite3", isolation_level=None)
+    from flux_mcp.journal import _MIGRATIONS
+
+    db.executescript(_MIGRATIONS[1])  # the layout that journals had before versions existed
+    db.execute("INSERT INTO predictions (id, provider, native_id, model, kind, status, request, created_at,"
+               " updated_at) VALUES ('atlascloud:old', 'atlascloud', 'old', 'm', 'generate', 'succeeded', '{}', 1, 1)")
+    db.close()
+    journal = SqliteJournal(home / "journal.sqlite3")
+    try:
+        record = await journal.get("atlascloud:old")
+        assert record is not None and record.status == "succeeded"
+        with journal._lock:
+            assert journal._db.execute("PRAGMA user_version").fetchone()[0] >= 1
+    finally:
+        await journal.close()
+
+
+async def test_a_file_that_is_not_a_database_is_one_clear_error(home: Path):
+    home.mkdir(parents=True)
+    (home / "journal.sqlite3").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(JournalUnusable) as caught:
+        SqliteJournal(home / "journal.sqlite3")
+    assert str(home) in str(caught.value)
