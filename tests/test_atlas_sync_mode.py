@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from flux_mcp import jobs
-from flux_mcp.journal import Record, SqliteJournal
+from flux_mcp.journal import Record, open_journal
 from tests.conftest import ATLAS_KEY, connect, text_of
 from tests.fakes.atlascloud import AtlasFake
 
@@ -115,7 +115,7 @@ async def test_other_models_and_short_waits_are_polled(settings, fake, args, why
 
 async def test_a_model_whose_jobs_run_long_is_polled(settings, home):
     # The journal has seen this model's jobs take 20 s: a request held that long is not worth its risk.
-    journal = SqliteJournal(home / "journal.sqlite3")
+    journal = open_journal(home)
     now = time.time()
     for i in range(3):
         await journal.put(Record(id=f"atlascloud:old{i}", provider="atlascloud", native_id=f"old{i}", model=SCHNELL,
@@ -137,7 +137,7 @@ async def test_the_journal_learns_a_held_jobs_length_from_the_moment_it_was_sent
     async with connect(settings, fake) as client:
         result = await client.call_tool("generate_image", {"prompt": "p"})
     assert result.structured_content["status"] == "succeeded" and len(fake.requests) == 1
-    journal = SqliteJournal(home / "journal.sqlite3")
+    journal = open_journal(home)
     record = await journal.get(result.structured_content["prediction_id"])
     await journal.close()
     assert record is not None and record.completed_at is not None

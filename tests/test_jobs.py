@@ -16,7 +16,7 @@ import pytest
 from flux_mcp.config import Settings
 from flux_mcp.http import ProviderHttp
 from flux_mcp.jobs import JobRunner
-from flux_mcp.journal import JournalUnusable, Record, SqliteJournal
+from flux_mcp.journal import JournalUnusable, Record, SqliteJournal, open_journal
 from flux_mcp.keep import Keeper
 from flux_mcp.media import Downloader
 from flux_mcp.paths import PathPolicy
@@ -62,7 +62,7 @@ class Rig:
 
     async def row(self, prediction_id: str) -> Record | None:
         """The record as a second reader of the file sees it (not the journal's in-memory backlog)."""
-        other = SqliteJournal(self.home / "journal.sqlite3")
+        other = open_journal(self.home)
         try:
             with other._lock:
                 row = other._db.execute("SELECT id FROM predictions WHERE id=?", (prediction_id,)).fetchone()
@@ -78,7 +78,7 @@ async def rig(make_settings, workspace: Path, home: Path) -> AsyncIterator[Rig]:
     fake = AtlasFake(key=ATLAS_KEY)
     client = httpx2.AsyncClient(transport=httpx2.MockTransport(fake.handle))
     redactor = Redactor(settings.secrets())
-    journal = SqliteJournal(home / "journal.sqlite3")
+    journal = open_journal(home)
     store = FolderStore(home)
     provider = AtlasCloud(settings.providers["atlascloud"],
                           ProviderHttp(client, "atlascloud", redactor, key_env="ATLASCLOUD_API_KEY", retry=FAST_RETRY))
@@ -219,16 +219,16 @@ async def test_later_versions_of_an_unwritten_record_land_in_order(rig: Rig):
     "ALTER TABLE predictions DROP COLUMN error",
 ])
 async def test_a_journal_this_version_cannot_write_is_refused_at_start_naming_the_folder(home: Path, change: str):
-    await SqliteJournal(home / "journal.sqlite3").close()
+    await open_journal(home).close()
     db = sqlite3.connect(home / "journal.sqlite3", isolation_level=None)
     db.execute(change)
     db.close()
     if "DEFAULT" in change:
         # A column with a default does not stop this version writing its rows: still usable.
-        await SqliteJournal(home / "journal.sqlite3").close()
+        await open_journal(home).close()
         return
     with pytest.raises(JournalUnusable) as caught:
-        SqliteJournal(home / "journal.sqlite3")
+        open_journal(home)
     assert str(home) in str(caught.value) and "FLUX_MCP_HOME" in str(caught.value)
     assert "\n" not in str(caught.value)
 
@@ -242,7 +242,7 @@ async def test_a_required_column_unknown_to_this_version_is_refused(home: Path):
                      " completed_at REAL, principal TEXT NOT NULL);")
     db.close()
     with pytest.raises(JournalUnusable, match="principal"):
-        SqliteJournal(home / "journal.sqlite3")
+        open_journal(home)
 
 
 async def test_an_older_journal_without_a_version_is_migrated_and_keeps_its_rows(home: Path):
@@ -254,7 +254,7 @@ async def test_an_older_journal_without_a_version_is_migrated_and_keeps_its_rows
     db.execute("INSERT INTO predictions (id, provider, native_id, model, kind, status, request, created_at,"
                " updated_at) VALUES ('atlascloud:old', 'atlascloud', 'old', 'm', 'generate', 'succeeded', '{}', 1, 1)")
     db.close()
-    journal = SqliteJournal(home / "journal.sqlite3")
+    journal = open_journal(home)
     try:
         record = await journal.get("atlascloud:old")
         assert record is not None and record.status == "succeeded"
@@ -268,5 +268,5 @@ async def test_a_file_that_is_not_a_database_is_one_clear_error(home: Path):
     home.mkdir(parents=True)
     (home / "journal.sqlite3").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(JournalUnusable) as caught:
-        SqliteJournal(home / "journal.sqlite3")
+        open_journal(home)
     assert str(home) in str(caught.value)

@@ -312,9 +312,8 @@ async def test_blank_prompt_is_refused_before_any_request(settings, fake):
 ])
 async def test_adapter_maps_the_fakes_own_validation_errors(fake, body_change, expected):
     provider, client = adapter(fake)
-    req = ImageRequest(kind="generate", prompt="p", model="flux-1-schnell")
-    for name, value in body_change.items():
-        setattr(req, name, value)  # past `prepare`, as if a caller skipped it
+    # Past `prepare` (and past validation: model_copy does not validate), as if a caller skipped it.
+    req = ImageRequest(kind="generate", prompt="p", model="flux-1-schnell").model_copy(update=body_change)
     async with client:
         with pytest.raises(ProviderRejected) as caught:
             await provider.submit(req)

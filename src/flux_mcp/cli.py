@@ -28,6 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (args.log_level or settings.log_level).upper()
     _configure_logging(level, Redactor(settings.secrets()))
     command = args.command or "serve"
+    if command in ("serve", "generate"):
+        from .journal import check_journal
+
+        try:
+            check_journal(settings.home)  # a data folder that cannot be used: one clear line, before serving
+        except ConfigError as exc:
+            print(f"flux-mcp: {exc}", file=sys.stderr)
+            return 2
     if command == "serve":
         return _serve(settings, getattr(args, "transport", "stdio"), getattr(args, "host", "127.0.0.1"),
                       getattr(args, "port", 8000))

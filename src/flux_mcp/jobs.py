@@ -1,4 +1,4 @@
-"""The job lifecycle, in one place: submit once -> journal -> wait -> settle -> keep.
+"""The job lifecycle, in one place: submit once -> journal -> wait -> settle (journal) -> keep (journal).
 
 `JobRunner.run` is the whole life of a new job, written as one sequence whose every step is always
 taken; `JobRunner.check` resumes a journaled job at the step it reached. The guarantees live here:
@@ -107,8 +107,8 @@ class JobRunner:
             state = submitted.state
             if state is None or state.status not in FINAL:
                 state = await self._wait(record, provider, wait, progress, outcome, poll_now=False)
-            await self._conclude(outcome, provider, state, paths,
-                                 settled=submitted.state is not None and state is submitted.state)
+                await self._observe(outcome, state)
+            await self._finish(outcome, provider, state, paths)
         except FluxError as exc:
             outcome.notes.append(f"{exc} The job is kept: call check_prediction with prediction_id=\"{record.id}\".")
         except Exception as exc:  # an unexpected failure after paying must not lose the job
@@ -167,7 +167,8 @@ class JobRunner:
                 await self._keep_again(outcome, provider, paths)
             return self._scrubbed(outcome)
         state = await self._wait(record, provider, wait, progress, outcome, poll_now=True)
-        await self._conclude(outcome, provider, state, paths, settled=False)
+        await self._observe(outcome, state)
+        await self._finish(outcome, provider, state, paths)
         return self._scrubbed(outcome)
 
     async def _keep_again(self, outcome: Outcome, provider: Provider, paths: PathPolicy) -> None:
@@ -197,19 +198,23 @@ class JobRunner:
 
     # --- the steps ----------------------------------------------------------------------------
 
-    async def _conclude(self, outcome: Outcome, provider: Provider, state: JobState | None, paths: PathPolicy,
-                        *, settled: bool) -> None:
-        """Journals what the wait found; a final state is settled and journaled before its images are
-        kept. `settled`: the state is the submit's own answer, already in the record."""
+    async def _observe(self, outcome: Outcome, state: JobState | None) -> None:
+        """Journals what a wait found: a changed pending status, or the final state (settled into the
+        record and journaled before any image is fetched, so a crash leaves what is needed to fetch them)."""
         record = outcome.record
-        if state is None or state.status not in FINAL:
-            if state is not None and state.status != record.status:
-                record.status = state.status
-                await self._save(outcome)
+        if state is None or (state.status not in FINAL and state.status == record.status):
             return
-        if not settled:
+        if state.status in FINAL:
             self._settle(record, state, outcome.seen_at)
-            await self._save(outcome)
+        else:
+            record.status = state.status
+        await self._save(outcome)
+
+    async def _finish(self, outcome: Outcome, provider: Provider, state: JobState | None,
+                      paths: PathPolicy) -> None:
+        """Keeps the images of a success; a pending or failed job has nothing to keep."""
+        if state is None or state.status not in FINAL:
+            return
         if state.status == "succeeded":
             # Images that came inline exist only in memory until written: a cancelled call still writes them.
             with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):

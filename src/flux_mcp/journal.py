@@ -395,8 +395,14 @@ class SqliteJournal:
             self._db.close()
 
 
+def open_journal(home: Path) -> SqliteJournal:
+    """The journal of the data folder `home`."""
+    return SqliteJournal(home / "journal.sqlite3")
+
+
 def check_journal(home: Path) -> None:
     """Opens and closes the journal in `home` (raises JournalUnusable): run before serving, so a folder
     that cannot be used is one clear line at start instead of a failure at the first call."""
-    journal = SqliteJournal(home / "journal.sqlite3")
-    journal._db.close()
+    journal = open_journal(home)
+    with journal._lock:
+        journal._db.close()

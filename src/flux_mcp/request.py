@@ -12,7 +12,6 @@ import inspect
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from pydantic.fields import FieldInfo
 
 Kind = Literal["generate", "edit"]
 MAX_WAIT_SECONDS = 600.0

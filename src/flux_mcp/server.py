@@ -24,14 +24,14 @@ from . import __version__
 from .config import Settings
 from .errors import FluxError
 from .http import LazyClient, RetryPolicy
-from .journal import SqliteJournal
+from .journal import open_journal
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
 from .paths import PathPolicy, usable_folders
-from .redact import Redactor, protect_logs
-from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
-from .render import error_result, needs_image_work, prediction_result
 from .providers import PROVIDER_CLASSES
+from .redact import Redactor, protect_logs
+from .render import error_result, needs_image_work, prediction_result
+from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
 from .service import FluxService, ProgressFn
 
 log = logging.getLogger("flux_mcp.server")
@@ -221,7 +221,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
                 downloads: DownloadLimits | None) -> AppState:
     protect_logs(settings.secrets())
-    journal = SqliteJournal(settings.home / "journal.sqlite3")
+    journal = open_journal(settings.home)
     client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
     limits = downloads or DownloadLimits()
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
