@@ -340,7 +340,7 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
                      description="A finished image of a prediction, full resolution.")
     async def image_resource(prediction_id: str, index: str, ctx: Context[AppState, Any]) -> bytes:
         record = _record(ctx, prediction_id)
-        if record is None or not index.isdigit() or int(index) >= len(record.images):
+        if record is None or not (index.isascii() and index.isdigit()) or int(index) >= len(record.images):
             raise ResourceNotFoundError(f"No image {index} for prediction {prediction_id!r} on this server.")
         path = record.images[int(index)].path
         try:
