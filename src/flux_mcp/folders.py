@@ -28,7 +28,7 @@ from mcp.server.mcpserver import Context
 from .config import Settings
 from .paths import PathPolicy, to_local_path, usable_folders
 
-log = logging.getLogger("flux_mcp.server")
+log = logging.getLogger("flux_mcp.folders")
 
 ROOTS_TTL = 30.0
 """Seconds a session's listed roots are kept before they are asked for again."""
