@@ -87,7 +87,7 @@ def test_opentelemetry_spans_only_when_opentelemetry_is_configured(tmp_path):
 
     def middleware(env: dict[str, str]) -> list[str]:
         settings = Settings.from_env({"FLUX_MCP_HOME": str(tmp_path), **env}, cwd=tmp_path)
-        return [type(m).__name__ for m in build_server(settings)._lowlevel_server.middleware]
+        return [type(m).__name__ for m in build_server(settings).middleware]
 
     assert "OpenTelemetryMiddleware" not in middleware({})
     assert "OpenTelemetryMiddleware" in middleware({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})

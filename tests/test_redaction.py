@@ -14,11 +14,11 @@ from typing import Any, ClassVar
 import httpx2
 import pytest
 
-from flux_mcp import providers as provider_package
-from flux_mcp import service as service_module
 from flux_mcp.config import Settings
 from flux_mcp.errors import ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
+from flux_mcp.providers import registry
 from flux_mcp.providers.base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
+from flux_mcp.providers.registry import ProviderSpec
 from tests.conftest import connect, text_of
 from tests.fakes.wire import png_bytes
 
@@ -28,15 +28,15 @@ WINDOW = 12
 log = logging.getLogger("flux_mcp.providers.planted")
 
 
+PLANTED = ProviderSpec("planted", "Planted", "PLANTED_API_KEY", "PLANTED_BASE_URL", "http://planted.test",
+                       "tests.test_redaction:Planted")
+
+
+
 class Planted(Provider):
     """An adapter written carelessly: every piece of provider text carries the key, and nothing is scrubbed."""
 
-    id = "planted"
-    label = "Planted"
-    key_env = "PLANTED_API_KEY"
-    base_url_env = "PLANTED_BASE_URL"
-    default_base_url = "http://planted.test"
-    extra_env: ClassVar[dict[str, str]] = {}
+    spec = PLANTED
     models = (ModelInfo("planted-1", frozenset({"generate"}), "echoes its key", size=Range(16, 2048),
                         max_images=2),)
     default_model = "planted-1"
@@ -87,10 +87,9 @@ class PlantedFake:
 
 @pytest.fixture
 def planted(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[Planted]]:
-    """Registers the planted adapter as a sixth provider, the way a new adapter joins the registry."""
-    classes = (*provider_package.PROVIDER_CLASSES, Planted)
-    monkeypatch.setattr(provider_package, "PROVIDER_CLASSES", classes)
-    monkeypatch.setattr(service_module, "PROVIDER_CLASSES", classes)
+    """Registers the planted adapter as a sixth provider, the way a new adapter joins: one registry line."""
+    monkeypatch.setattr(registry, "SPECS", (*registry.SPECS[:-1], PLANTED, registry.SPECS[-1]))
+    monkeypatch.setattr(registry, "BY_ID", {s.id: s for s in registry.SPECS})
     Planted.jobs = {}
     yield Planted
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -109,21 +108,6 @@ async def test_relative_save_to_lands_in_the_clients_root(settings, fake, tmp_pa
         result = await client.call_tool("generate_image", {"prompt": "p", "save_to": "public/logo.png"})
     assert result.structured_content["images"][0]["path"] == str(project / "public" / "logo.png")
     assert (project / "public" / "logo.png").is_file()
-
-
-async def test_prediction_and_image_resources(settings, fake):
-    async with connect(settings, fake) as client:
-        result = await client.call_tool("generate_image", {"prompt": "p"})
-        pid = result.structured_content["prediction_id"]
-        links = [b for b in result.content if b.type == "resource_link"]
-        prediction = await client.read_resource(f"flux://predictions/{pid}")
-        image = await client.read_resource(links[0].uri)
-        providers = await client.read_resource("flux://providers")
-    assert json.loads(prediction.contents[0].text) == result.structured_content
-    assert image.contents[0].blob and links[0].uri == f"flux://images/{pid}/0"
-    listed = json.loads(providers.contents[0].text)
-    assert listed["default"] == "atlascloud"
-    assert {p["id"] for p in listed["providers"]} >= {"atlascloud", "segmind", "placeholder"}
 
 
 def test_windows_drive_paths_are_understood_and_checked(tmp_path):

@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from . import __version__
 from .config import Settings
@@ -99,9 +98,9 @@ def _configure_logging(level: str, redactor: Redactor) -> None:
 
 def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
     from .server import build_server
-    from .service import FluxService
+    from .providers import registry
 
-    default = FluxService.default_for(settings)
+    default = registry.default_provider(settings)
     if transport == "stdio":
         log.info("flux-mcp %s serving stdio; default provider %s; data folder %s", __version__, default,
                  settings.home)
@@ -124,16 +123,12 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
 
 
 def _providers(settings: Settings, *, as_json: bool) -> int:
-    from .providers import PROVIDER_CLASSES
-    from .service import FluxService
+    from .providers import overview
 
-    rows: list[dict[str, Any]] = []
-    for cls in PROVIDER_CLASSES:
-        provider = cls(settings.providers[cls.id], None)  # type: ignore[arg-type]
-        rows.append(provider.describe())
-    default = FluxService.default_for(settings)
+    listing = overview(settings)
+    default, rows = listing["default"], listing["providers"]
     if as_json:
-        print(json.dumps({"default": default, "providers": rows}, indent=2))
+        print(json.dumps(listing, indent=2))
         return 0
     print(f"{'provider':<14} {'status':<34} {'default model':<38} capabilities")
     for row in rows:
@@ -141,10 +136,10 @@ def _providers(settings: Settings, *, as_json: bool) -> int:
             status = "configured" + (" (default)" if row["id"] == default else "")
         else:
             status = f"set {row['key_variable']}"
-        caps = ", ".join(k for k, v in row["capabilities"].items() if v is True)  # type: ignore[union-attr]
+        caps = ", ".join(k for k, v in row["capabilities"].items() if v is True)
         print(f"{row['id']:<14} {status:<34} {row['default_model']:<38} {caps}")
     print("\nModels:")
     for row in rows:
-        for m in row["models"]:  # type: ignore[union-attr]
+        for m in row["models"]:
             print(f"  {row['id']:<14} {m['id']:<42} {'/'.join(m['kinds']):<14} {m['description']}")
     return 0

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from .errors import ConfigError
+from .providers import registry
 from .request import MAX_WAIT_SECONDS
 
 DEFAULT_WAIT_SECONDS = 45.0
@@ -50,20 +51,18 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, cwd: Path | None = None) -> Settings:
         """Builds settings from `env` (default: os.environ over the working directory's `.env`)."""
-        from .providers import PROVIDER_CLASSES
-
         cwd = (cwd or Path.cwd()).resolve()
         if env is None:
             env = {**_dotenv(cwd / ".env"), **os.environ}
         providers: dict[str, ProviderSettings] = {}
-        for cls_ in PROVIDER_CLASSES:
-            key = env.get(cls_.key_env, "").strip() if cls_.key_env else ""
-            base = env.get(cls_.base_url_env, "").strip() if cls_.base_url_env else ""
-            base = base or (cls_.default_base_url or "")
+        for spec in registry.SPECS:
+            key = env.get(spec.key_env, "").strip() if spec.key_env else ""
+            base = env.get(spec.base_url_env, "").strip() if spec.base_url_env else ""
+            base = base or (spec.default_base_url or "")
             if base and not base.startswith(("http://", "https://")):
-                raise ConfigError(f"{cls_.base_url_env} must start with http:// or https:// (got {base!r}).")
-            extra = {name: env[var].strip() for name, var in cls_.extra_env.items() if env.get(var, "").strip()}
-            providers[cls_.id] = ProviderSettings(api_key=SecretStr(key) if key else None, base_url=base, extra=extra)
+                raise ConfigError(f"{spec.base_url_env} must start with http:// or https:// (got {base!r}).")
+            extra = {v.name: env[v.env].strip() for v in spec.extras if env.get(v.env, "").strip()}
+            providers[spec.id] = ProviderSettings(api_key=SecretStr(key) if key else None, base_url=base, extra=extra)
 
         default = env.get("FLUX_MCP_PROVIDER", "").strip().lower() or None
         if default is not None and default not in providers:
@@ -107,10 +106,18 @@ class Settings(BaseModel):
             and env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true",
         )
 
+    def has_key(self, provider_id: str) -> bool:
+        """Whether that provider's API key is set."""
+        provider = self.providers.get(provider_id)
+        return provider is not None and provider.api_key is not None
+
     def secrets(self) -> list[str]:
-        """Every secret value, for the redactor."""
+        """Every secret value, for the redactor: the API keys, the optional variables each provider
+        declares secret, and the HTTP bearer token."""
         values = [p.api_key.get_secret_value() for p in self.providers.values() if p.api_key]
-        values += [v for p in self.providers.values() for k, v in p.extra.items() if "token" in k or "key" in k]
+        for pid, p in self.providers.items():
+            spec = registry.BY_ID.get(pid)  # a provider the registry does not know: every extra is kept secret
+            values += [v for name, v in p.extra.items() if spec is None or name in spec.secret_extras]
         if self.auth_token:
             values.append(self.auth_token.get_secret_value())
         return values

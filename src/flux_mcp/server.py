@@ -2,33 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
 import logging
-import time
-import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import anyio
 import httpx2
+from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
-from mcp_types import CallToolResult, EmptyResult, SetLevelRequestParams, TextContent, ToolAnnotations
-from pydantic import Field
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp_types import (
+    CallToolResult,
+    EmptyResult,
+    InputRequiredResult,
+    SetLevelRequestParams,
+    TextContent,
+    ToolAnnotations,
+)
+from pydantic import AnyUrl, Field
 
 from . import __version__
+from .compat import add_request_handler, drop_middleware
 from .config import Settings
 from .errors import FluxError
+from .folders import Folders
 from .http import LazyClient, RetryPolicy
-from .journal import open_journal
+from .journal import Journal, Record, open_journal
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
-from .paths import PathPolicy, usable_folders
-from .providers import PROVIDER_CLASSES
+from .paths import PathPolicy
+from .providers import overview, registry
 from .redact import Redactor, protect_logs
 from .render import error_result, needs_image_work, prediction_result
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
@@ -44,45 +53,18 @@ the file straight into the project, e.g. "public/hero.png"). A job still running
 returns is not lost: call check_prediction with its prediction_id. Never call generate_image
 again for the same request just because it is pending: each call is a new paid job."""
 
-_ROOTS_TTL = 30.0
-_POLICY_TTL = 5.0
-"""Seconds before the allowed folders are resolved again (a folder created or removed is seen by then)."""
-
-
-_K = TypeVar("_K")
-_V = TypeVar("_V")
-
-
-class _Expiring(Generic[_K, _V]):
-    """A small map whose entries are forgotten after `ttl` seconds; past `size` entries the oldest goes."""
-
-    def __init__(self, ttl: float, size: int = 256):
-        self.ttl, self.size = ttl, size
-        self._items: dict[_K, tuple[float, _V]] = {}
-
-    def get(self, key: _K) -> _V | None:
-        hit = self._items.get(key)
-        return hit[1] if hit is not None and time.monotonic() - hit[0] < self.ttl else None
-
-    def put(self, key: _K, value: _V) -> None:
-        self._items[key] = (time.monotonic(), value)
-        if len(self._items) > self.size:
-            self._items.pop(next(iter(self._items)))
-
-
 @dataclass
 class AppState:
     """Process-wide resources, built once by the lifespan."""
 
     settings: Settings
     service: FluxService
-    roots_cache: _Expiring[int, list[Path]] = field(default_factory=lambda: _Expiring(_ROOTS_TTL))
-    """Each session's roots, as its client listed them."""
-    policies: _Expiring[tuple[Path, ...], PathPolicy] = field(default_factory=lambda: _Expiring(_POLICY_TTL))
-    """The folder policy built from each set of roots (resolving folders costs syscalls on every call)."""
+    folders: Folders
+    """The folder policy of each client session (FLUX_MCP_ALLOWED_DIRS, the client's roots, the working
+    directory) and its caches."""
 
 
-PROVIDER_TEXT = f"Provider id ({', '.join(cls.id for cls in PROVIDER_CLASSES)}). Omit to use the server's default."
+PROVIDER_TEXT = f"Provider id ({', '.join(registry.ids())}). Omit to use the server's default."
 ProviderArg = Annotated[str | None, Field(max_length=40, description=PROVIDER_TEXT)]
 
 PredictionOut = Annotated[CallToolResult, PredictionResult]
@@ -114,7 +96,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
                 if users == 0:
                     await _close_state(live.pop(), own_client=http_client is None)
 
-    server: MCPServer[AppState] = MCPServer(
+    server: MCPServer[AppState] = _Server(
         "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS,
         lifespan=lifespan, log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
@@ -122,14 +104,12 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
     # Handshake-era clients send logging/setLevel, which MCPServer has no handler for (-32601). This server
     # sends no log notifications, so the level is simply accepted; 2026-07-28 requests still get -32601.
-    # add_request_handler on the low-level server is the SDK's documented route for re-providing this method.
-    server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, _accept_log_level)
+    add_request_handler(server, "logging/setLevel", SetLevelRequestParams, _accept_log_level)
     if not settings.tracing:
         # The SDK wraps every message in an OpenTelemetry span, a no-op without an exporter that still
         # costs each call; dropping it is the SDK's documented opt-out. Set any OTEL_* variable (as
         # `opentelemetry-instrument` does) to keep the spans.
-        server._lowlevel_server.middleware = [m for m in server._lowlevel_server.middleware
-                                              if type(m).__name__ != "OpenTelemetryMiddleware"]
+        drop_middleware(server, "OpenTelemetryMiddleware")
 
     job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True)
@@ -189,32 +169,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
             return error_result(state.service.redactor.scrub(str(exc)))
         return await _render(outcome, paths, state.settings, "Finished")
 
-    @server.resource("flux://providers", name="providers", mime_type="application/json",
-                     description="Each provider: configured or not (and the variable to set), models, capabilities.")
-    async def providers_resource() -> str:
-        service = live[0].service
-        return json.dumps({"default": service.default_provider_id(),
-                           "providers": [p.describe() for p in service.providers.values()]}, indent=2)
-
-    @server.resource("flux://predictions/{prediction_id}", name="prediction", mime_type="application/json",
-                     description="A prediction made by this server, as JSON (status, images, error).")
-    async def prediction_resource(prediction_id: str) -> str:
-        record = await live[0].service.journal.get(prediction_id)
-        if record is None:
-            raise ValueError(f"No prediction {prediction_id!r}.")
-        return record.result().model_dump_json(indent=2)
-
-    @server.resource("flux://images/{prediction_id}/{index}", name="image", mime_type="image/png",
-                     description="A finished image of a prediction, full resolution.")
-    async def image_resource(prediction_id: str, index: str) -> bytes:
-        record = await live[0].service.journal.get(prediction_id)
-        if record is None or not index.isdigit() or int(index) >= len(record.images):
-            raise ValueError(f"No image {index} for prediction {prediction_id!r}.")
-        path = record.images[int(index)].path
-        if not path or not Path(path).is_file():
-            raise ValueError("That image is not on disk; call check_prediction to fetch it again.")
-        return Path(path).read_bytes()
-
+    _add_resources(server, settings)
     return server
 
 
@@ -227,7 +182,7 @@ def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retr
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
     service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry,
                           downloader=downloader)
-    return AppState(settings, service)
+    return AppState(settings, service, Folders(settings))
 
 
 async def _close_state(state: AppState, *, own_client: bool) -> None:
@@ -299,57 +254,82 @@ def _progress(ctx: Context[AppState, Any], state: AppState) -> ProgressFn:
     async def report(progress: float, total: float | None, message: str) -> None:
         try:
             await ctx.report_progress(progress, total, scrub(message))
-        except Exception as exc:  # a client that went away must not break the wait
+        except Exception as exc:  # noqa: BLE001 - a client that went away must not break the wait
             log.debug("progress not sent: %s", exc)
 
     return report
 
 
 async def _path_policy(ctx: Context[AppState, Any], state: AppState) -> PathPolicy:
-    """Allowed folders: FLUX_MCP_ALLOWED_DIRS when set, else the client's roots, else the working directory."""
-    settings = state.settings
-    roots = await _client_roots(ctx, state)
-    policy = state.policies.get(tuple(roots))
-    if policy is None:
-        policy = _build_policy(settings, roots)
-        state.policies.put(tuple(roots), policy)
-    return policy
+    """The folders this call may read and write (see `folders.Folders.policy_for`)."""
+    return await state.folders.policy_for(ctx)
 
 
-def _build_policy(settings: Settings, roots: list[Path]) -> PathPolicy:
-    if settings.allowed_dirs:
-        allowed = usable_folders(settings.allowed_dirs, settings.home)
-        # Relative paths land in the client's workspace when that is inside an allowed folder.
-        inside = [r for r in roots if any(r == a or r.is_relative_to(a) for a in allowed)]
-        return PathPolicy(inside[:1] + [a for a in allowed if a not in inside[:1]], settings.home)
-    return PathPolicy(usable_folders(roots or [settings.cwd], settings.home), settings.home)
+# --- resources ---------------------------------------------------------------------------------------
+
+def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
+    """The three resources. The templated ones read the journal of the server answering the request
+    (through its request context); an id this server never returned is the SDK's not-found error
+    (-32602), logged at INFO without a traceback."""
+
+    @server.resource("flux://providers", name="providers", mime_type="application/json",
+                     description="Each provider: configured or not (and the variable to set), models, capabilities.")
+    async def providers_resource() -> str:
+        # Static resources get no request context in the SDK; this one needs none: it is the settings.
+        return json.dumps(overview(settings), indent=2)
+
+    @server.resource("flux://predictions/{prediction_id}", name="prediction", mime_type="application/json",
+                     description="A prediction made by this server, as JSON (status, images, error).")
+    async def prediction_resource(prediction_id: str, ctx: Context[AppState, Any]) -> str:
+        record = await _record(ctx, prediction_id)
+        if record is None:
+            raise ResourceNotFoundError(f"No prediction {prediction_id!r} on this server.")
+        return record.result().model_dump_json(indent=2)
+
+    @server.resource("flux://images/{prediction_id}/{index}", name="image", mime_type="image/png",
+                     description="A finished image of a prediction, full resolution.")
+    async def image_resource(prediction_id: str, index: str, ctx: Context[AppState, Any]) -> bytes:
+        record = await _record(ctx, prediction_id)
+        if record is None or not (index.isascii() and index.isdigit()) or int(index) >= len(record.images):
+            raise ResourceNotFoundError(f"No image {index} for prediction {prediction_id!r} on this server.")
+        path = record.images[int(index)].path
+        try:
+            if path:
+                return await _state(ctx).service.store.read(path)
+        except OSError:
+            pass
+        raise ResourceNotFoundError(
+            f"Image {index} of {prediction_id!r} is not on disk; call check_prediction to fetch it again.")
 
 
-async def _client_roots(ctx: Context[AppState, Any], state: AppState) -> list[Path]:
-    caps = ctx.client_capabilities
-    if caps is None or caps.roots is None:
-        return []
-    version = ctx.protocol_version or ""
-    if version >= "2026-07-28":
-        return []  # roots are a handshake-era feature; modern clients send none
-    session = ctx.session
-    key = id(session)
-    cached = state.roots_cache.get(key)
-    if cached is not None:
-        return cached
-    try:
-        with anyio.fail_after(5), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            listed = await session.list_roots()
-    except Exception as exc:
-        log.info("client offered roots but roots/list failed: %s", exc)
-        return []
-    from .paths import to_local_path
+async def _record(ctx: Context[AppState, Any], prediction_id: str) -> Record | None:
+    return await _state(ctx).service.journal.get(prediction_id)
 
-    roots = []
-    for root in listed.roots:
-        uri = str(root.uri)
-        if uri.startswith("file://"):
-            roots.append(to_local_path(uri))
-    state.roots_cache.put(key, roots)
-    return roots
+
+class _Server(MCPServer[AppState]):
+    """An MCPServer that labels each binary resource with the type of its bytes.
+
+    A resource template declares one MIME type when it is registered, but the images of one
+    prediction are PNG and of another JPEG or WebP: the label is read from the bytes served.
+    """
+
+    async def read_resource(self, uri: AnyUrl | str, context: Context[AppState, Any] | None = None
+                            ) -> Iterable[ReadResourceContents] | InputRequiredResult:
+        results = await super().read_resource(uri, context)
+        if isinstance(results, InputRequiredResult):
+            return results
+        return [dataclasses.replace(item, mime_type=image_type(item.content) or item.mime_type)
+                if isinstance(item.content, bytes) else item for item in results]
+
+
+def image_type(data: bytes) -> str | None:
+    """The MIME type of PNG, JPEG, WebP or GIF bytes, read from their signature; None for anything else."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None

@@ -31,7 +31,7 @@ from .keep import Keeper, save_targets
 from .media import Downloader, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, UploadResult
 from .paths import PathPolicy
-from .providers import PROVIDER_CLASSES, Provider
+from .providers import Provider, registry
 from .redact import Redactor
 from .request import JobRequest
 from .store import FolderStore, ImageStore
@@ -55,7 +55,8 @@ class FluxService:
         self.store: ImageStore = store or FolderStore(settings.home)
         self.redactor = redactor or Redactor(settings.secrets())
         self.providers: dict[str, Provider] = {}
-        for cls in PROVIDER_CLASSES:
+        for spec in registry.SPECS:
+            cls = spec.load()
             http = ProviderHttp(client, cls.id, self.redactor, key_env=cls.key_env, retry=retry)
             self.providers[cls.id] = cls(settings.providers[cls.id], http)
         self.runner = JobRunner(journal, self.store, Keeper(self.store, downloader or Downloader(client)),
@@ -63,18 +64,9 @@ class FluxService:
 
     # --- choosing a provider ------------------------------------------------------------------
 
-    @staticmethod
-    def default_for(settings: Settings) -> str:
-        """FLUX_MCP_PROVIDER, else the first provider with a key, else the offline placeholder."""
-        if settings.default_provider:
-            return settings.default_provider
-        for cls in PROVIDER_CLASSES:
-            if cls.key_env and settings.providers[cls.id].api_key is not None:
-                return cls.id
-        return "placeholder"
-
     def default_provider_id(self) -> str:
-        return self.default_for(self.settings)
+        """FLUX_MCP_PROVIDER, else the first provider with a key, else the offline placeholder."""
+        return registry.default_provider(self.settings)
 
     def configured(self) -> list[str]:
         return [pid for pid, p in self.providers.items() if p.configured]

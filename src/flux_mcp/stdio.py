@@ -32,7 +32,6 @@ from mcp.server.lowlevel.server import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.runner import modern_error_data, serve_dual_era_loop, serve_one
 from mcp.server.stdio import stdio_server
-from mcp.shared._context_streams import create_context_streams
 from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request
 from mcp.shared.message import SessionMessage
@@ -48,13 +47,16 @@ from mcp_types import (
 )
 from pydantic import ValidationError
 
+from .compat import lowlevel, message_streams
+
 if sys.platform != "win32":
     import fcntl
 
 if TYPE_CHECKING:
-    from mcp.shared._stream_protocols import ReadStream, WriteStream
     from mcp.shared.message import MessageMetadata
     from mcp_types import RequestId
+
+    from .compat import ReadStream, WriteStream
 
 log = logging.getLogger("flux_mcp.stdio")
 
@@ -71,10 +73,10 @@ def run_stdio(server: MCPServer[Any]) -> None:
 async def serve_stdio(server: MCPServer[Any]) -> None:
     async with pipe_streams() as streams:
         if streams is not None:
-            await serve_streams(_lowlevel(server), *streams)
+            await serve_streams(lowlevel(server), *streams)
             return
     async with stdio_server() as (read_stream, write_stream):  # stdin/stdout are not pipes (or not POSIX)
-        await serve_streams(_lowlevel(server), read_stream, write_stream)
+        await serve_streams(lowlevel(server), read_stream, write_stream)
 
 
 _FLUSH_SECONDS = 10.0
@@ -107,8 +109,8 @@ async def pipe_streams() -> AsyncIterator[tuple[ReadStream[Inbound], WriteStream
     write_transport, write_protocol = await loop.connect_write_pipe(
         lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(wire_out, "wb", buffering=0))
     writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
-    inbound_send, inbound = create_context_streams[Inbound](0)
-    outbound, outbound_receive = create_context_streams[SessionMessage](0)
+    inbound_send, inbound = message_streams[Inbound](0)
+    outbound, outbound_receive = message_streams[SessionMessage](0)
 
     async def read_lines() -> None:
         async with inbound_send:
@@ -272,8 +274,3 @@ class _ProbeContext:
     async def progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
         return None
 
-
-def _lowlevel(server: MCPServer[Any]) -> Server[Any]:
-    # The SDK's own in-memory client reaches the low-level server the same way (a public accessor is
-    # an open TODO there); the dual-era loop and the single-request driver take only that type.
-    return server._lowlevel_server

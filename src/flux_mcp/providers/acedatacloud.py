@@ -11,7 +11,7 @@ import math
 import re
 import time
 import uuid
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx2
 
@@ -30,6 +30,7 @@ from ..errors import (
 from ..http import parse_json
 from ..models import Status
 from .base import ImageRequest, JobState, Kind, ModelInfo, OutputRef, Provider, Range, Submitted
+from .registry import ACEDATACLOUD
 
 RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21")
 """The aspect ratios kontext and flux-2 models take as `size` [S-ACE]."""
@@ -94,14 +95,7 @@ def _ratio(model: str, description: str, kinds: frozenset[Kind] = _BOTH) -> Mode
 
 
 class AceDataCloud(Provider):
-    id = "acedatacloud"
-    label = "AceDataCloud"
-    key_env = _TOKEN_VAR
-    base_url_env = "ACEDATACLOUD_BASE_URL"
-    default_base_url = "https://api.acedata.cloud"
-    extra_env: ClassVar[dict[str, str]] = {
-        "platform_token": _PLATFORM_VAR, "platform_base_url": "ACEDATACLOUD_PLATFORM_BASE_URL",
-    }
+    spec = ACEDATACLOUD
     models = (
         _pixels("flux-dev", "FLUX.1 [dev]."),
         _pixels("flux-pro", "FLUX.1 [pro]."),

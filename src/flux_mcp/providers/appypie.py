@@ -19,6 +19,7 @@ import httpx2
 from ..errors import AuthFailed, FluxError, InsufficientCredits, ProviderRejected, RateLimited
 from ..http import parse_json
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
+from .registry import APPYPIE
 
 PATH = "/flux-1-schnell/v1/getData"
 DEFAULT_STEPS = 4
@@ -27,11 +28,7 @@ _SECONDS_IN_TEXT = re.compile(r"(?i)try again in (\d+(?:\.\d+)?) seconds?")
 
 
 class AppyPie(Provider):
-    id = "appypie"
-    label = "AppyPie"
-    key_env = "APPYPIE_SUBSCRIPTION_KEY"
-    base_url_env = "APPYPIE_BASE_URL"
-    default_base_url = "https://gateway.appypie.com"
+    spec = APPYPIE
     models = (
         ModelInfo(
             "flux-1-schnell", frozenset({"generate"}),

@@ -6,7 +6,7 @@ Wire details and the documentation's contradictions: shared/providers/API-NOTES.
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 from ..errors import (
     InsufficientCredits,
@@ -18,6 +18,7 @@ from ..errors import (
 from ..http import parse_json
 from ..models import Status
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
+from .registry import ATLASCLOUD
 
 _STATUS: dict[str, Status] = {
     "created": "starting", "starting": "starting", "queued": "starting", "pending": "starting",
@@ -37,13 +38,7 @@ _OFF = ("off", "false", "0", "no")
 
 
 class AtlasCloud(Provider):
-    id = "atlascloud"
-    label = "Atlas Cloud"
-    key_env = "ATLASCLOUD_API_KEY"
-    base_url_env = "ATLASCLOUD_BASE_URL"
-    default_base_url = "https://api.atlascloud.ai"
-    extra_env: ClassVar[dict[str, str]] = {"sync_mode": "ATLASCLOUD_SYNC_MODE"}
-    """`off` turns off sync mode (submits held open until the image is in the answer); default `auto`."""
+    spec = ATLASCLOUD
     models = (
         ModelInfo("black-forest-labs/flux-schnell", frozenset({"generate", "edit"}),
                   "FLUX.1 [schnell]: fastest, 1-4 steps; edits as image-to-image with `image`.",

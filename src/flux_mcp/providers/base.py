@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InvalidInput, UnsupportedOperation
 from ..models import Status
@@ -54,6 +54,7 @@ from ..request import JobRequest, Kind
 if TYPE_CHECKING:
     from ..config import ProviderSettings
     from ..http import ProviderHttp
+    from .registry import ProviderSpec
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ class Submitted:
 class Provider:
     """Base class of every adapter. Subclasses set the class attributes and override what they can do."""
 
+    spec: ClassVar[ProviderSpec]
+    """The provider's entry in the registry; a subclass that sets it gets the five attributes below
+    from it (a test's planted adapter may set them directly instead)."""
     id: ClassVar[str]
     label: ClassVar[str]
     key_env: ClassVar[str | None]
@@ -159,6 +163,14 @@ class Provider:
     max_prompt_chars: ClassVar[int] = 4000
     result_note: ClassVar[str | None] = None
     """A sentence added to every finished result of this provider (the placeholder says what it is)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if spec is not None:
+            cls.id, cls.label, cls.key_env = spec.id, spec.label, spec.key_env
+            cls.base_url_env, cls.default_base_url, cls.extra_env = spec.base_url_env, spec.default_base_url, \
+                spec.extra_env
 
     def __init__(self, settings: ProviderSettings, http: ProviderHttp):
         self.settings = settings

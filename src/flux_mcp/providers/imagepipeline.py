@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx2
 
 from ..errors import InsufficientCredits, ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
 from ..http import parse_json
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
+from .registry import IMAGEPIPELINE
 
 PATH = "/generate/v3"
 _NO_CREDIT_CODES = frozenset({"INSUFFICIENT_BALANCE", "INSUFFICIENT_CREDITS", "CREDIT_CHARGE_FAILED"})
@@ -29,12 +30,7 @@ _FAILED = frozenset({"FAILURE", "FAILED"})
 
 
 class ImagePipeline(Provider):
-    id = "imagepipeline"
-    label = "ImagePipeline"
-    key_env = "IMAGEPIPELINE_API_KEY"
-    base_url_env = "IMAGEPIPELINE_BASE_URL"
-    default_base_url = "https://api.imagepipeline.io"
-    extra_env: ClassVar[dict[str, str]] = {"server_id": "IMAGEPIPELINE_SERVER_ID"}
+    spec = IMAGEPIPELINE
     models = (
         ModelInfo(
             "flux-schnell", frozenset({"generate"}),

@@ -14,20 +14,16 @@ import uuid
 from typing import Any
 
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
+from .registry import PLACEHOLDER, key_variables
 
 NOTE = (
     "This is a PLACEHOLDER image drawn offline, not a FLUX generation. For real images set one of "
-    "ATLASCLOUD_API_KEY, SEGMIND_API_KEY, ACEDATACLOUD_API_TOKEN, IMAGEPIPELINE_API_KEY or "
-    "APPYPIE_SUBSCRIPTION_KEY in the server's environment."
+    f"{key_variables()} in the server's environment."
 )
 
 
 class Placeholder(Provider):
-    id = "placeholder"
-    label = "Offline placeholder (no key needed)"
-    key_env = None
-    base_url_env = None
-    default_base_url = None
+    spec = PLACEHOLDER
     models = (
         ModelInfo(
             "placeholder",

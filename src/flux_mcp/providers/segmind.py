@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio
 import httpx2
@@ -34,6 +34,7 @@ from ..errors import (
 from ..http import parse_json
 from ..media import decode_data_uri, to_data_uri
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
+from .registry import SEGMIND
 
 DEFAULT_UPLOAD_BASE_URL = "https://workflows-api.segmind.com"
 SEED_LIMIT = 2**31
@@ -49,12 +50,7 @@ _IMAGE_KEYS = ("image", "images", "output", "output_url", "outputs", "url")
 
 
 class Segmind(Provider):
-    id = "segmind"
-    label = "Segmind"
-    key_env = "SEGMIND_API_KEY"
-    base_url_env = "SEGMIND_BASE_URL"
-    default_base_url = "https://api.segmind.com"
-    extra_env: ClassVar[dict[str, str]] = {"upload_base_url": "SEGMIND_UPLOAD_BASE_URL"}
+    spec = SEGMIND
     models = (
         ModelInfo("flux-schnell", frozenset({"generate"}),
                   "FLUX.1 [schnell]: fast, 1-8 steps (default 4); width/height 512-2048 in multiples of 8.",
