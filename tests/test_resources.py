@@ -14,7 +14,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 from PIL import Image
 
-from tests.conftest import connect
+from tests.conftest import connect, text_of
 from tests.fakes.segmind import SegmindFake
 
 pytestmark = pytest.mark.anyio
@@ -29,15 +29,26 @@ async def test_prediction_and_image_resources(settings, fake):
     async with connect(settings, fake) as client:
         result = await client.call_tool("generate_image", {"prompt": "p"})
         pid = result.structured_content["prediction_id"]
-        links = [b for b in result.content if b.type == "resource_link"]
+        # The text names each image's resource URI (no resource_link blocks: see the next test).
+        uri = f"flux://images/{pid}/0"
+        assert uri in text_of(result)
         prediction = await client.read_resource(f"flux://predictions/{pid}")
-        image = await client.read_resource(links[0].uri)
+        image = await client.read_resource(uri)
         providers = await client.read_resource("flux://providers")
     assert json.loads(prediction.contents[0].text) == result.structured_content
-    assert image.contents[0].blob and links[0].uri == f"flux://images/{pid}/0"
+    assert image.contents[0].blob
     listed = json.loads(providers.contents[0].text)
     assert listed["default"] == "atlascloud"
     assert {p["id"] for p in listed["providers"]} >= {"atlascloud", "segmind", "placeholder"}
+
+
+async def test_results_carry_no_resource_links_that_clients_would_send_as_image_urls(settings, fake):
+    # langchain-mcp-adapters turns an image/* resource_link into an image block whose URL (flux://...) model
+    # APIs refuse: a finished result carries the text, the preview and structuredContent, nothing else.
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("generate_image", {"prompt": "p", "num_images": 2})
+    assert result.structured_content["status"] == "succeeded"
+    assert [b.type for b in result.content] == ["text", "image", "image"]
 
 
 async def test_a_png_is_served_as_image_png(settings, fake):

@@ -14,6 +14,9 @@ from .providers import registry
 from .request import MAX_WAIT_SECONDS
 
 DEFAULT_WAIT_SECONDS = 45.0
+DEFAULT_MAX_WAIT_SECONDS = 50.0
+"""The longest a call waits before answering pending: TypeScript-SDK clients give up on a call after 60 s
+(progress or not) and Claude Desktop near there; FLUX_MCP_MAX_WAIT_SECONDS raises it for clients that wait longer."""
 DEFAULT_PREVIEW_BUDGET = 600_000
 """Bytes of preview image data per tool result, before base64 (x4/3): stays under Claude
 Desktop's 1 MB tool-result limit with room for the text and structured content."""
@@ -41,6 +44,7 @@ class Settings(BaseModel):
     """Set by FLUX_MCP_ALLOWED_DIRS; None means: the client's roots, else the working directory."""
     cwd: Path
     wait_seconds: float = DEFAULT_WAIT_SECONDS
+    max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS
     auth_token: SecretStr | None = None
     preview: Literal["auto", "off", "full"] = "auto"
     preview_budget: int = DEFAULT_PREVIEW_BUDGET
@@ -85,7 +89,8 @@ class Settings(BaseModel):
                 for p in (Path(part).expanduser() for part in allowed_raw.split(os.pathsep) if part.strip())
             )
 
-        wait = _number(env, "FLUX_MCP_WAIT_SECONDS", DEFAULT_WAIT_SECONDS, 0, MAX_WAIT_SECONDS)
+        max_wait = _number(env, "FLUX_MCP_MAX_WAIT_SECONDS", DEFAULT_MAX_WAIT_SECONDS, 1, MAX_WAIT_SECONDS)
+        wait = min(_number(env, "FLUX_MCP_WAIT_SECONDS", DEFAULT_WAIT_SECONDS, 0, MAX_WAIT_SECONDS), max_wait)
         token = env.get("FLUX_MCP_AUTH_TOKEN", "").strip()
         preview = env.get("FLUX_MCP_PREVIEW", "auto").strip().lower() or "auto"
         if preview not in ("auto", "off", "full"):
@@ -98,6 +103,7 @@ class Settings(BaseModel):
             allowed_dirs=allowed,
             cwd=cwd,
             wait_seconds=wait,
+            max_wait_seconds=max_wait,
             auth_token=SecretStr(token) if token else None,
             preview=preview,  # type: ignore[arg-type]
             preview_budget=budget,

@@ -213,14 +213,11 @@ class JobRunner:
     async def _finish(self, outcome: Outcome, provider: Provider, state: JobState | None,
                       paths: PathPolicy) -> None:
         """Keeps the images of a success; a pending or failed job has nothing to keep."""
-        if state is None or state.status not in FINAL:
+        if state is None or state.status != "succeeded":
             return
-        if state.status == "succeeded":
-            # Images that came inline exist only in memory until written: a cancelled call still writes them.
-            with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):
-                await self._keep(outcome, provider, state, paths)
-        if provider.result_note:
-            outcome.notes.append(provider.result_note)
+        # Images that came inline exist only in memory until written: a cancelled call still writes them.
+        with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):
+            await self._keep(outcome, provider, state, paths)
 
     @staticmethod
     def _settle(record: Record, state: JobState, seen_at: float | None) -> None:

@@ -41,6 +41,8 @@ class PredictionResult(BaseModel):
     status: Status = Field(description="starting/processing (pending), succeeded, failed or canceled.")
     images: list[ImageOutput] = Field(default_factory=list, description="Finished images (empty while pending).")
     error: str | None = Field(default=None, description="Why the job failed, or why images are missing.")
+    message: str = Field(default="", description="What to know or do next.")
+    placeholder: bool = Field(default=False, description="True: an offline placeholder, not a FLUX image.")
     cost_usd: float | None = Field(default=None, description="Cost in USD when the provider reported or priced it.")
     remaining_credits: float | None = Field(
         default=None, description="Credit left on the account when the provider reported it."

@@ -6,7 +6,7 @@ import base64
 import logging
 from pathlib import Path
 
-from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
+from mcp_types import CallToolResult, ImageContent, TextContent
 
 from .config import Settings
 from .images import shown_as_is
@@ -14,15 +14,51 @@ from .media import make_preview
 from .models import PENDING, ImageOutput
 from .paths import PathPolicy
 from .jobs import Outcome
+from .journal import Record
+from .providers.placeholder import NOTE as PLACEHOLDER_NOTE
+from .providers.registry import PLACEHOLDER
 
 log = logging.getLogger("flux_mcp.render")
+PLACEHOLDER_ID = PLACEHOLDER.id
 _TEXT_RESERVE = 40_000
 """Bytes of the result budget kept for text and structured content."""
 
 
+def next_step(record: Record, settings: Settings) -> str:
+    """The sentence that tells the model what to know or do next (also in structuredContent: some clients
+    show the model nothing else)."""
+    check = f'call check_prediction with prediction_id="{record.id}"'
+    if record.status == "succeeded" and any(i.path for i in record.images):
+        expiring = any(i.url and not i.url.startswith("data:") for i in record.images)
+        step = "Use the local path in code" + ("; provider URLs expire." if expiring else ".")
+    elif record.status == "succeeded":
+        step = f"The images could not be saved locally; {check} to retry."
+    elif record.status in PENDING:
+        step = (f"The job keeps running; nothing needs to be resubmitted. {check[0].upper()}{check[1:]} "
+                f"(wait_seconds up to {settings.max_wait_seconds:g}) to get the images.")
+    elif record.status == "failed":
+        step = ("Adjust the prompt or parameters and call the tool again (this is a new, paid job), or try "
+                "another provider.")
+    else:
+        step = "The job was canceled; call the tool again to start a new job."
+    if is_placeholder(record):
+        step += f" {PLACEHOLDER_NOTE}"
+    return step
+
+
+def is_placeholder(record: Record) -> bool:
+    return record.provider == PLACEHOLDER_ID
+
+
+def structured(record: Record, settings: Settings) -> dict[str, object]:
+    """The structuredContent of a prediction: the tool results and the prediction resource say the same."""
+    result = record.result().model_copy(update={"message": next_step(record, settings),
+                                                "placeholder": is_placeholder(record)})
+    return result.model_dump(mode="json")
+
+
 def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *, action: str) -> CallToolResult:
     record = outcome.record
-    result = record.result()
     lines: list[str] = []
     who = f"{record.provider} ({record.model})"
     if record.status == "succeeded" and any(i.path for i in record.images):
@@ -31,7 +67,8 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
         for i, img in enumerate(record.images, 1):
             if img.path:
                 where = paths.display(img.path)
-                lines.append(f"Image {i}: {where} ({img.width}x{img.height}, {img.mime_type})")
+                lines.append(f"Image {i}: {where} ({img.width}x{img.height}, {img.mime_type}; "
+                             f"flux://images/{record.id}/{i - 1})")
                 if where != img.path:
                     lines.append(f"  absolute path: {img.path}")
             else:
@@ -40,8 +77,7 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
                 lines.append(f"  provider URL (expires): {img.url}")
         if record.error:
             lines.append(f"Note: {record.error}")
-        urls = any(img.url and not img.url.startswith("data:") for img in record.images)
-        lines.append("Use the local path in code; provider URLs expire." if urls else "Use the local path in code.")
+        lines.append(next_step(record, settings))
     elif record.status == "succeeded":
         lines.append(f"The job {record.id} on {who} finished, but its images could not be saved locally: "
                      f"{record.error}")
@@ -52,12 +88,10 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
     elif record.status in PENDING:
         waited = f" after {outcome.waited:.0f} s" if outcome.waited >= 1 else ""
         lines.append(f"Still {record.status} on {who}{waited}. prediction_id: {record.id}")
-        lines.append(f'The job keeps running; nothing needs to be resubmitted. Call check_prediction with '
-                     f'prediction_id="{record.id}" (wait_seconds up to 600) to get the images.')
+        lines.append(next_step(record, settings))
     elif record.status == "failed":
         lines.append(f"The job {record.id} on {who} failed: {record.error or 'no reason given'}.")
-        lines.append("Adjust the prompt or parameters and call the tool again (this is a new, paid job), or "
-                     "try another provider.")
+        lines.append(next_step(record, settings))
     else:
         lines.append(f"The job {record.id} on {who} was canceled: {record.error or 'no reason given'}.")
     if record.cost_usd is not None and record.cost_usd > 0:
@@ -68,13 +102,10 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
 
     content: list = [TextContent(type="text", text="\n".join(lines))]
     content.extend(_previews([img for img in record.images if img.path], outcome.kept, settings))
-    for i, img in enumerate(record.images):
-        if img.path:
-            content.append(ResourceLink(type="resource_link", uri=f"flux://images/{record.id}/{i}",
-                                        name=Path(img.path).name, mime_type=img.mime_type,
-                                        description=f"Image {i + 1} of prediction {record.id}"))
+    # No resource_link blocks: some clients turn an image link into an image source URL (flux://...) that
+    # model APIs refuse; the text names each image's URI instead.
     failed = record.status in ("failed", "canceled")
-    return CallToolResult(content=content, structured_content=result.model_dump(mode="json"), is_error=failed)
+    return CallToolResult(content=content, structured_content=structured(record, settings), is_error=failed)
 
 
 def _budget(count: int, settings: Settings) -> int | None:

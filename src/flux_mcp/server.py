@@ -39,7 +39,7 @@ from .models import PredictionResult, UploadResult
 from .paths import PathPolicy
 from .providers import overview, registry
 from .redact import Redactor, protect_logs
-from .render import error_result, needs_image_work, prediction_result
+from .render import error_result, needs_image_work, prediction_result, structured
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
 from .service import FluxService, ProgressFn
 
@@ -114,11 +114,14 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True)
 
+    described = {"provider": PROVIDER_TEXT, "wait_seconds": (
+        f"Seconds to wait for the result before returning a pending prediction (default "
+        f"{settings.wait_seconds:g}, at most {settings.max_wait_seconds:g}).")}
     server.tool(title="Generate image", annotations=job_annotations.model_copy(update={"title": "Generate image"}))(
-        _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {"provider": PROVIDER_TEXT}))
+        _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {**described}))
     server.tool(title="Edit image", annotations=job_annotations.model_copy(update={"title": "Edit image"}))(
         _job_tool("edit_image", "edit", "Edited", EDIT_DOC, {
-            "provider": PROVIDER_TEXT, "prompt": "The change to make, e.g. 'make the sky a sunset'."}))
+            **described, "prompt": "The change to make, e.g. 'make the sky a sunset'."}))
 
     @server.tool(title="Upload image", annotations=ToolAnnotations(
         title="Upload image", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
@@ -145,9 +148,6 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         return CallToolResult(content=[TextContent(type="text", text=text)],
                               structured_content=result.model_dump(mode="json"))
 
-    @server.tool(title="Check prediction", annotations=ToolAnnotations(
-        title="Check prediction", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-        open_world_hint=True))
     async def check_prediction(
         prediction_id: Annotated[str, Field(min_length=3, max_length=230,
                                             description="The prediction_id from generate_image or edit_image.")],
@@ -168,6 +168,11 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         except FluxError as exc:
             return error_result(state.service.redactor.scrub(str(exc)))
         return await _render(outcome, paths, state.settings, "Finished")
+
+    server.tool(title="Check prediction", annotations=ToolAnnotations(
+        title="Check prediction", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+        open_world_hint=True))(_redescribe(check_prediction, wait_seconds=(
+            f"Seconds to wait if still running (0 = just look; at most {settings.max_wait_seconds:g}).")))
 
     _add_resources(server, settings)
     return server
@@ -224,6 +229,16 @@ def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[s
     tool.__annotations__ = {**{p.name: p.annotation for p in params}, "ctx": Context[AppState, Any],
                             "return": PredictionOut}
     return tool
+
+
+def _redescribe(fn: Any, **texts: str) -> Any:
+    """Gives parameters of `fn` descriptions known only when the server is built (e.g. its limits)."""
+    sig = inspect.signature(fn, eval_str=True)
+    params = [p.replace(annotation=Annotated[p.annotation, Field(description=texts[p.name])])
+              if p.name in texts else p for p in sig.parameters.values()]
+    fn.__signature__ = sig.replace(parameters=params)
+    fn.__annotations__ = {**{p.name: p.annotation for p in params}, "return": sig.return_annotation}
+    return fn
 
 
 async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str) -> CallToolResult:
@@ -284,7 +299,7 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
         record = await _record(ctx, prediction_id)
         if record is None:
             raise ResourceNotFoundError(f"No prediction {prediction_id!r} on this server.")
-        return record.result().model_dump_json(indent=2)
+        return json.dumps(structured(record, _state(ctx).settings), indent=2)
 
     @server.resource("flux://images/{prediction_id}/{index}", name="image", mime_type="image/png",
                      description="A finished image of a prediction, full resolution.")

@@ -104,7 +104,7 @@ class FluxService:
         source = req.image
         if req.kind == "edit":
             req = req.model_copy(update={"image": await self._image_input(provider, req.image or "", paths)})
-        wait = self.settings.wait_seconds if req.wait_seconds is None else req.wait_seconds
+        wait = self.wait_for(req.wait_seconds)
         return await self.runner.run(provider, req, targets, wait, paths, progress, image_source=source)
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
@@ -128,7 +128,11 @@ class FluxService:
             return Outcome(record)
         if not provider.configured:
             return Outcome(record, notes=[f"Set {provider.key_env} to check on this job again."])
-        return await self.runner.check(record, provider, wait_seconds, paths, progress)
+        return await self.runner.check(record, provider, self.wait_for(wait_seconds), paths, progress)
+
+    def wait_for(self, asked: float | None) -> float:
+        """How long a call waits: what it asked (else the default), never past FLUX_MCP_MAX_WAIT_SECONDS."""
+        return min(self.settings.wait_seconds if asked is None else asked, self.settings.max_wait_seconds)
 
     # --- files --------------------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ async def _generate(settings: Settings, args: argparse.Namespace) -> int:
     }
     arguments = {k: v for k, v in arguments.items() if v is not None}
     bar = _Progress(sys.stderr)
+    # A person at a terminal has no client timeout to stay under: the call may wait as long as asked.
+    settings = settings.model_copy(update={"max_wait_seconds": max(settings.max_wait_seconds, 600.0)})
     async with Client(build_server(settings)) as client:
         result = await client.call_tool("generate_image", arguments, progress_callback=bar.update)
     bar.done()

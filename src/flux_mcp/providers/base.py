@@ -161,8 +161,6 @@ class Provider:
     allow_unknown_models: ClassVar[bool] = True
     """Pass model ids not in `models` through (with generic limits) rather than refusing them."""
     max_prompt_chars: ClassVar[int] = 4000
-    result_note: ClassVar[str | None] = None
-    """A sentence added to every finished result of this provider (the placeholder says what it is)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -40,7 +40,6 @@ class Placeholder(Provider):
     default_edit_model = "placeholder"
     accepts_data_uri = True
     allow_unknown_models = False
-    result_note = NOTE
 
     async def submit(self, req: ImageRequest, *, inline: bool = False) -> Submitted:
         seed = req.seed if req.seed is not None else 0
