@@ -10,11 +10,11 @@ from mcp_types import CallToolResult, ImageContent, TextContent
 
 from .config import Settings
 from .images import shown_as_is
+from .jobs import Outcome
+from .journal import Record
 from .media import make_preview
 from .models import PENDING, ImageOutput
 from .paths import PathPolicy
-from .jobs import Outcome
-from .journal import Record
 from .providers.placeholder import NOTE as PLACEHOLDER_NOTE
 from .providers.registry import PLACEHOLDER
 

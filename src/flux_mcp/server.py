@@ -7,7 +7,7 @@ import functools
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -33,7 +33,7 @@ from .config import Settings
 from .errors import FluxError
 from .folders import Folders
 from .http import LazyClient, RetryPolicy
-from .journal import Journal, Record, open_journal
+from .journal import Record, open_journal
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
 from .paths import PathPolicy
