@@ -17,7 +17,7 @@ from flux_mcp.config import Settings
 from flux_mcp.http import ProviderHttp
 from flux_mcp.jobs import JobRunner
 from flux_mcp.journal import JournalUnusable, Record, SqliteJournal, open_journal
-from flux_mcp.keep import Keeper
+from flux_mcp.keep import Keeper, SavePlan
 from flux_mcp.media import Downloader
 from flux_mcp.paths import PathPolicy
 from flux_mcp.providers.atlascloud import AtlasCloud
@@ -91,7 +91,7 @@ async def rig(make_settings, workspace: Path, home: Path) -> AsyncIterator[Rig]:
 
 
 async def test_a_polled_job_is_submitted_once_journaled_waited_on_and_its_image_kept(rig: Rig):
-    outcome = await rig.runner.run(rig.provider, rig.request(), [], 30, rig.paths)
+    outcome = await rig.runner.run(rig.provider, rig.request(), SavePlan(), 30, rig.paths)
     record = outcome.record
     assert record.status == "succeeded" and len(rig.fake.ledger) == 1
     assert record.images and Path(record.images[0].path or "").is_file()
@@ -102,7 +102,7 @@ async def test_a_polled_job_is_submitted_once_journaled_waited_on_and_its_image_
 
 async def test_the_job_is_journaled_before_the_wait_begins(rig: Rig):
     rig.fake.hold = True
-    outcome = await rig.runner.run(rig.provider, rig.request(), [], 0, rig.paths)
+    outcome = await rig.runner.run(rig.provider, rig.request(), SavePlan(), 0, rig.paths)
     assert outcome.record.status in ("starting", "processing")
     stored = await rig.row(outcome.record.id)
     assert stored is not None and stored.native_id in rig.fake.jobs
@@ -112,7 +112,7 @@ async def test_a_cancelled_wait_leaves_the_job_journaled_and_a_check_finishes_it
     rig.fake.hold = True
     with anyio.move_on_after(5) as scope:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(rig.runner.run, rig.provider, rig.request(), [], 60, rig.paths)
+            tg.start_soon(rig.runner.run, rig.provider, rig.request(), SavePlan(), 60, rig.paths)
             while not rig.fake.ledger:
                 await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
@@ -141,7 +141,7 @@ async def test_a_cancel_during_the_submit_still_journals_the_job(rig: Rig):
     client = httpx2.AsyncClient(transport=httpx2.MockTransport(slow_submit))
     rig.provider.http.client = client
     async with anyio.create_task_group() as tg:
-        tg.start_soon(rig.runner.run, rig.provider, rig.request(), [], 60, rig.paths)
+        tg.start_soon(rig.runner.run, rig.provider, rig.request(), SavePlan(), 60, rig.paths)
         await entered.wait()
         tg.cancel_scope.cancel()
     await client.aclose()
@@ -153,7 +153,7 @@ async def test_a_full_journal_after_the_submit_leaves_the_id_in_the_result_and_t
     rig.fake.hold = True
     fill_the_disk(rig.journal)
     with caplog.at_level(logging.INFO, logger="flux_mcp"):
-        outcome = await rig.runner.run(rig.provider, rig.request(), [], 0, rig.paths)
+        outcome = await rig.runner.run(rig.provider, rig.request(), SavePlan(), 0, rig.paths)
     [job_id] = rig.fake.jobs
     pid = f"atlascloud:{job_id}"
     assert outcome.record.id == pid
@@ -169,7 +169,7 @@ async def test_a_lock_held_by_another_connection_neither_blocks_the_loop_nor_los
     other.execute("BEGIN IMMEDIATE")  # holds the write lock until the test lets go
     try:
         with caplog.at_level(logging.INFO, logger="flux_mcp"), anyio.fail_after(5):
-            outcome = await rig.runner.run(rig.provider, rig.request(), [], 0, rig.paths)
+            outcome = await rig.runner.run(rig.provider, rig.request(), SavePlan(), 0, rig.paths)
         pid = outcome.record.id
         assert pid in caplog.text and rig.journal.unwritten() == [pid]
         assert any(pid in n for n in outcome.notes)
@@ -189,7 +189,7 @@ async def test_a_journal_migrated_by_a_newer_version_mid_run_keeps_the_id(rig: R
     other.execute("ALTER TABLE predictions DROP COLUMN remaining_credits")  # what a newer layout might do
     other.close()
     with caplog.at_level(logging.INFO, logger="flux_mcp"):
-        outcome = await rig.runner.run(rig.provider, rig.request(), [], 0, rig.paths)
+        outcome = await rig.runner.run(rig.provider, rig.request(), SavePlan(), 0, rig.paths)
     pid = outcome.record.id
     assert pid in caplog.text and any(pid in n for n in outcome.notes)
     assert await rig.journal.get(pid) is not None
@@ -199,7 +199,7 @@ async def test_later_versions_of_an_unwritten_record_land_in_order(rig: Rig):
     rig.fake.hold = True
     other = sqlite3.connect(rig.home / "journal.sqlite3", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
-    outcome = await rig.runner.run(rig.provider, rig.request(), [], 0, rig.paths)
+    outcome = await rig.runner.run(rig.provider, rig.request(), SavePlan(), 0, rig.paths)
     [job_id] = rig.fake.jobs
     rig.fake.finish(job_id)
     done = await rig.runner.check(outcome.record, rig.provider, 5, rig.paths)  # written behind the first

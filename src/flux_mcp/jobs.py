@@ -18,6 +18,7 @@ taken; `JobRunner.check` resumes a journaled job at the step it reached. The gua
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -30,7 +31,7 @@ import anyio
 from .errors import FluxError, ProviderError, ProviderUnavailable, UnsupportedOperation
 from .http import HELD_REQUESTS
 from .journal import Journal, Record
-from .keep import Keeper
+from .keep import Keeper, SavePlan
 from .models import FINAL
 from .paths import PathPolicy
 from .providers.base import JobState, Provider, Submitted
@@ -88,26 +89,26 @@ class JobRunner:
 
     # --- a new job ----------------------------------------------------------------------------
 
-    async def run(self, provider: Provider, req: JobRequest, targets: list[Path], wait: float, paths: PathPolicy,
+    async def run(self, provider: Provider, req: JobRequest, plan: SavePlan, wait: float, paths: PathPolicy,
                   progress: ProgressFn | None = None, *, image_source: str | None = None) -> Outcome:
         """The whole life of a new job. `req` is prepared (validated, model and image resolved),
-        `targets` are its checked save_to paths, `image_source` the edit input as the caller gave it. Raises FluxError only when no job was created (or its
+        `plan` says where its save_to copies go (checked), `image_source` is the edit input as given. Raises FluxError only when no job was created (or its
         creation is unknowable: SubmitOutcomeUnknown); after the submit it always returns the job."""
         inline = await self._inline(provider, req.model, wait)
         sent = time.time()
         with anyio.CancelScope(shield=True):
             submitted = await self._submit(provider, req, inline, progress, wait)
-            record = self._record(provider, req, targets, submitted, sent, image_source)
+            record = self._record(provider, req, plan, submitted, sent, image_source)
             log.info("submitted %s (%s, %s%s)", record.id, provider.id, record.model, ", held" if inline else "")
             outcome = Outcome(record)
-            if submitted.state is not None and submitted.state.status in FINAL:
-                self._settle(record, submitted.state, time.time())
+            state = submitted.state
+            if state is not None and state.status in FINAL:
+                state = self._settle(record, state, time.time())
             await self._save(outcome)
         try:
-            state = submitted.state
             if state is None or state.status not in FINAL:
-                state = await self._wait(record, provider, wait, progress, outcome, poll_now=False)
-                await self._observe(outcome, state)
+                state = await self._observe(outcome, await self._wait(record, provider, wait, progress, outcome,
+                                                                      poll_now=False))
             await self._finish(outcome, provider, state, paths)
         except FluxError as exc:
             outcome.notes.append(f"{exc} The job is kept: call check_prediction with prediction_id=\"{record.id}\".")
@@ -142,12 +143,11 @@ class JobRunner:
                 ticking.stop()
 
     @staticmethod
-    def _record(provider: Provider, req: JobRequest, targets: list[Path], submitted: Submitted,
+    def _record(provider: Provider, req: JobRequest, plan: SavePlan, submitted: Submitted,
                 sent: float, image_source: str | None) -> Record:
-        request = req.journaled()
+        request = {**req.journaled(), **plan.journaled()}
         if image_source is not None:
             request["image"] = req.model_copy(update={"image": image_source}).journaled()["image"]
-        request["save_to"] = [str(t) for t in targets] or None
         return Record(
             id=f"{provider.id}:{submitted.native_id}", provider=provider.id, native_id=submitted.native_id,
             model=req.model or "", kind=req.kind, status="starting", request=request,
@@ -166,8 +166,8 @@ class JobRunner:
             if await self.missing_files(record):
                 await self._keep_again(outcome, provider, paths)
             return self._scrubbed(outcome)
-        state = await self._wait(record, provider, wait, progress, outcome, poll_now=True)
-        await self._observe(outcome, state)
+        state = await self._observe(outcome, await self._wait(record, provider, wait, progress, outcome,
+                                                              poll_now=True))
         await self._finish(outcome, provider, state, paths)
         return self._scrubbed(outcome)
 
@@ -198,17 +198,19 @@ class JobRunner:
 
     # --- the steps ----------------------------------------------------------------------------
 
-    async def _observe(self, outcome: Outcome, state: JobState | None) -> None:
+    async def _observe(self, outcome: Outcome, state: JobState | None) -> JobState | None:
         """Journals what a wait found: a changed pending status, or the final state (settled into the
-        record and journaled before any image is fetched, so a crash leaves what is needed to fetch them)."""
+        record and journaled before any image is fetched, so a crash leaves what is needed to fetch them).
+        Returns the state as settled."""
         record = outcome.record
         if state is None or (state.status not in FINAL and state.status == record.status):
-            return
+            return state
         if state.status in FINAL:
-            self._settle(record, state, outcome.seen_at)
+            state = self._settle(record, state, outcome.seen_at)
         else:
             record.status = state.status
         await self._save(outcome)
+        return state
 
     async def _finish(self, outcome: Outcome, provider: Provider, state: JobState | None,
                       paths: PathPolicy) -> None:
@@ -220,8 +222,15 @@ class JobRunner:
             await self._keep(outcome, provider, state, paths)
 
     @staticmethod
-    def _settle(record: Record, state: JobState, seen_at: float | None) -> None:
-        """Writes a final state into the record."""
+    def _settle(record: Record, state: JobState, seen_at: float | None) -> JobState:
+        """Writes a final state into the record; returns it with no more outputs than were asked for (a
+        provider that answers 200 images for one would get 200 downloads and a result too big to send)."""
+        asked = int(record.request.get("num_images") or 1)
+        extra = len(state.outputs) - asked
+        if extra > 0:
+            note = f"{record.provider} returned {len(state.outputs)} images for {asked} asked; kept the first {asked}"
+            state = dataclasses.replace(state, outputs=state.outputs[:asked],
+                                        error="; ".join(filter(None, [state.error, note])))
         record.status = state.status
         record.completed_at = record.completed_at or seen_at or time.time()
         record.error = state.error
@@ -233,6 +242,7 @@ class JobRunner:
             record.outputs = [o.url for o in state.outputs]
             # A success can carry a note (e.g. 2 of 3 images made); it must survive re-downloads.
             record.request["provider_note"] = state.error
+        return state
 
     async def _keep(self, outcome: Outcome, provider: Provider, state: JobState | None, paths: PathPolicy) -> None:
         """Keeps the images (from `state`, or again from what the record holds) and journals the result."""
@@ -243,7 +253,7 @@ class JobRunner:
         kept = await self.keeper.keep(
             prediction_id=record.id, provenance=provenance, base_url=provider.settings.base_url,
             outputs=state.outputs if state else None, urls=record.outputs,
-            targets=[Path(t) for t in (req.get("save_to") or [])], overwrite=bool(req.get("overwrite")),
+            plan=SavePlan.from_journal(req), overwrite=bool(req.get("overwrite")),
             paths=paths)
         outcome.kept.update(kept.written)
         record.images = kept.images

@@ -45,18 +45,50 @@ class Kept:
     """The bytes now at each image's path (previews are made from them, not read back)."""
 
 
-def save_targets(paths: PathPolicy, save_to: str | None, count: int, overwrite: bool, prompt: str) -> list[Path]:
-    """Where each image will be written (checked before anything is paid for)."""
+@dataclass(frozen=True)
+class SavePlan:
+    """Where a job's images go besides the data folder, as decided (and checked) before paying."""
+
+    targets: tuple[Path, ...] = ()
+    free_names: bool = False
+    """A folder was asked for: the server names the files, so a name taken meanwhile moves to the next
+    free one at write time (`-2`, `-3`, ...) instead of failing."""
+    root: Path | None = None
+    """The allowed folder of the call that asked: the copies are written inside it whichever server, in
+    whichever workspace, finishes the job."""
+
+    def journaled(self) -> dict[str, object]:
+        return {"save_to": [str(t) for t in self.targets] or None, "save_free": self.free_names,
+                "save_root": str(self.root) if self.root else None}
+
+    @classmethod
+    def from_journal(cls, request: dict[str, object]) -> SavePlan:
+        raw = request.get("save_to") or []
+        root = request.get("save_root")
+        return cls(tuple(Path(str(t)) for t in raw) if isinstance(raw, list) else (),
+                   bool(request.get("save_free")), Path(root) if isinstance(root, str) else None)
+
+
+NAME_MAX = 255
+"""Bytes in one file or folder name on the common file systems (ext4, APFS, NTFS counts characters)."""
+PATH_MAX = 4096
+
+
+def save_targets(paths: PathPolicy, save_to: str | None, count: int, overwrite: bool, prompt: str) -> SavePlan:
+    """Where each image will be written, with every check that can be made before anything is paid for:
+    inside the allowed folders, a parent that is (or can become) a folder, names the file system takes,
+    no existing file replaced unless `overwrite`."""
     if not save_to:
-        return []
+        return SavePlan()
     raw = save_to.strip()
+    _check_lengths(paths.absolute(raw))  # before any look at the disk, which would fail on such a name
     is_folder = raw.endswith(("/", "\\")) or paths.absolute(raw).is_dir() or not Path(raw).suffix
     if is_folder:
         folder = paths.check_write(str(Path(raw) / "x.png")).parent
         stem = _slug(prompt)
         targets = [folder / f"{stem}{'' if i == 0 else f'-{i + 1}'}.png" for i in range(count)]
         if not overwrite:
-            # In a folder the server picks the names, so it picks free ones.
+            # In a folder the server picks the names, so it picks free ones (again at write time).
             targets = [_free_name(t, taken=set(targets[:i])) for i, t in enumerate(targets)]
     else:
         first = paths.check_write(raw)
@@ -67,12 +99,35 @@ def save_targets(paths: PathPolicy, save_to: str | None, count: int, overwrite: 
                    for i in range(count)]
     for t in targets:
         paths.check_write(str(t))
-        if t.exists() and not overwrite:
+        _check_parent(t, paths)
+        _check_lengths(t)
+        if t.exists() and not t.is_file():
+            raise PathNotAllowed(f"{paths.display(t)} exists and is not a regular file; choose another save_to.")
+        if t.exists() and not overwrite and not is_folder:
             raise PathNotAllowed(f"{paths.display(t)} already exists. Pass overwrite=true to replace it, or "
                                  "choose another save_to.")
-        if t.exists() and not t.is_file():
-            raise PathNotAllowed(f"{t} exists and is not a regular file.")
-    return targets
+    root = next((f for f in paths.folders if targets and targets[0].is_relative_to(f)), None)
+    return SavePlan(tuple(targets), is_folder and not overwrite, root)
+
+
+def _check_parent(target: Path, paths: PathPolicy) -> None:
+    """The nearest existing ancestor of the target's folder must be a folder (a file there would fail the
+    write only after paying)."""
+    probe = target.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PathNotAllowed(f"save_to cannot be written: {paths.display(probe)} is a file, not a folder. Choose "
+                             "another save_to.")
+
+
+def _check_lengths(target: Path) -> None:
+    long = next((part for part in target.parts if len(part.encode()) > NAME_MAX), None)
+    if long is not None:
+        raise InvalidInput(f"The name {long[:40]!r}... is {len(long.encode())} bytes; file systems take at most "
+                           f"{NAME_MAX}. Choose a shorter save_to.")
+    if len(str(target).encode()) > PATH_MAX:
+        raise InvalidInput(f"save_to is over {PATH_MAX} bytes as an absolute path; choose a shorter one.")
 
 
 class Keeper:
@@ -83,10 +138,14 @@ class Keeper:
         self.downloader = downloader
 
     async def keep(self, *, prediction_id: str, provenance: dict[str, str], base_url: str,
-                   outputs: Sequence[OutputRef] | None, urls: Sequence[str | None], targets: Sequence[Path],
+                   outputs: Sequence[OutputRef] | None, urls: Sequence[str | None], plan: SavePlan,
                    overwrite: bool, paths: PathPolicy) -> Kept:
         """Keeps every output. `outputs` is what the provider just answered (None: keep again from the
-        copies already stored, else from `urls`, the URLs the journal holds)."""
+        copies already stored, else from `urls`, the URLs the journal holds). The save_to copies are
+        written inside the folder of the call that asked for them (`plan.root`), else by `paths`."""
+        targets = plan.targets
+        if plan.root is not None:
+            paths = PathPolicy([plan.root], paths.home)
         host = urlsplit(base_url).hostname
         trusted = frozenset({host.lower()}) if host else frozenset()
         count = len(outputs) if outputs is not None else len(urls)
@@ -106,7 +165,7 @@ class Keeper:
                 else:
                     data = await self._download(url, trusted)
                 image, problem, written = await self._keep_one(
-                    prediction_id, i, data, url, stored, target, paths, overwrite, provenance)
+                    prediction_id, i, data, url, stored, target, paths, overwrite, plan.free_names, provenance)
                 slots[i] = (image, problem)
                 if image.path and written is not None:
                     kept.written[image.path] = written
@@ -127,10 +186,11 @@ class Keeper:
         return kept
 
     async def _keep_one(self, prediction_id: str, i: int, data: bytes, url: str | None, stored: str | None,
-                        target: Path | None, paths: PathPolicy, overwrite: bool, provenance: dict[str, str]
-                        ) -> tuple[ImageOutput, str | None, bytes | None]:
-        """Checks one image, stores it and writes its save_to copy. Returns the image, a problem with its
-        save_to copy if any, and the bytes now at the image's path."""
+                        target: Path | None, paths: PathPolicy, overwrite: bool, free_names: bool,
+                        provenance: dict[str, str]) -> tuple[ImageOutput, str | None, bytes | None]:
+        """Checks one image, stores it and writes its save_to copy. Returns the image (pointing at the
+        save_to copy, or at the stored copy when that could not be written), a problem with the save_to
+        copy if any, and the bytes now at the image's path."""
         work = functools.partial(_prepare, data, stored is None, target)
         if stored is None and light_work(data, target.suffix.lstrip(".") if target else None):
             info, payload = work(provenance)
@@ -145,12 +205,15 @@ class Keeper:
         if target is not None:
             try:
                 copy = functools.partial(_save_copy, target, data, info, provenance, paths, overwrite,
-                                         labelled=stored is not None)
+                                         free_names, labelled=stored is not None)
                 saved, mime, written = (copy() if light_work(data, target.suffix.lstrip("."))
                                         else await anyio.to_thread.run_sync(copy))
                 location = str(saved)  # the result points at the copy the caller asked for
-            except FluxError as exc:
-                problem = f"image {i + 1} was not written to {target}: {exc}"
+            except (FluxError, OSError, ValueError) as exc:
+                # The image is kept and paid for: its stored copy is the result; the copy's failure is a note.
+                mime = info.mime_type
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                problem = f"image {i + 1} was not written to {target} ({why}); it is kept at {location}"
         image = ImageOutput(url=url, path=location, mime_type=mime, width=info.width, height=info.height)
         return image, problem, written
 
@@ -169,12 +232,36 @@ def _prepare(data: bytes, fresh: bool, target: Path | None, provenance: dict[str
 
 
 def _save_copy(target: Path, data: bytes, info: ImageInfo, provenance: dict[str, str], paths: PathPolicy,
-               overwrite: bool, *, labelled: bool = False) -> tuple[Path, str, bytes]:
+               overwrite: bool, free_names: bool, *, labelled: bool = False) -> tuple[Path, str, bytes]:
+    """Writes one save_to copy. The final name is taken atomically at write time: a file that already
+    holds exactly this image counts as written (another server finished the same job, or a check
+    repeated the write); with `free_names` a name taken meanwhile moves on to the next free one."""
     checked = paths.check_write(str(target))
     ext = checked.suffix.lower().lstrip(".") or "png"
     payload = convert(data, info, ext, provenance, labelled=labelled)
-    atomic_write(checked, payload, overwrite=overwrite)
-    return checked, FORMATS[ext][1], payload
+    candidate = checked
+    for n in range(2, 1002):
+        if not overwrite and _holds(candidate, payload):
+            return candidate, FORMATS[ext][1], payload
+        try:
+            atomic_write(candidate, payload, overwrite=overwrite)
+            return candidate, FORMATS[ext][1], payload
+        except PathNotAllowed:
+            if not free_names or not candidate.exists():
+                raise
+        candidate = paths.check_write(str(checked.with_name(f"{checked.stem}-{n}{checked.suffix}")))
+    raise PathNotAllowed(f"no free file name next to {checked}; choose another save_to.")
+
+
+def _holds(path: Path, payload: bytes) -> bool:
+    """Whether `path` is a regular file whose bytes are exactly `payload`."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size != len(payload):
+            return False
+        return path.read_bytes() == payload
+    except OSError:
+        return False
+
 
 
 def _slug(text: str) -> str:

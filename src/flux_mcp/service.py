@@ -100,12 +100,12 @@ class FluxService:
         provider = self.provider(req.provider, need="edit" if req.kind == "edit" else None)
         model = req.model or (provider.default_edit_model if req.kind == "edit" else provider.default_model)
         req = provider.prepare(req.model_copy(update={"provider": provider.id, "model": model}))
-        targets = save_targets(paths, req.save_to, req.num_images, req.overwrite, req.prompt)
+        plan = save_targets(paths, req.save_to, req.num_images, req.overwrite, req.prompt)
         source = req.image
         if req.kind == "edit":
             req = req.model_copy(update={"image": await self._image_input(provider, req.image or "", paths)})
         wait = self.wait_for(req.wait_seconds)
-        return await self.runner.run(provider, req, targets, wait, paths, progress, image_source=source)
+        return await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source)
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
                     progress: ProgressFn | None = None) -> Outcome:

@@ -78,6 +78,8 @@ class AtlasFake:
     file_mode: str = "ok"
     """How result files are served: ok, 404, redirect_loop, redirect:<url>, not_image, huge, slow, bomb."""
     noisy_images: bool = False
+    extra_outputs: int = 0
+    """A misbehaving provider: this many outputs beyond the `num_images` asked for."""
     """Serve incompressible images (realistic byte sizes) instead of flat colour."""
     sync_timeout: float = 60.0
     """The longest a sync-mode submit is held before it answers with the job still processing."""
@@ -187,7 +189,7 @@ class AtlasFake:
             return json_response(200, {"code": 200, "data": {"id": job.id, "status": "completed", "outputs": [],
                                                              "has_nsfw_contents": [True]}})
         base = f"{request.url.scheme}://{request.url.netloc.decode()}"
-        n = job.body.get("num_images", 1)
+        n = job.body.get("num_images", 1) + self.extra_outputs
         outputs: list[Any]
         if self.output_style == "base64" or job.body.get("enable_base64_output") is True:
             prefix = "data:image/png;base64," if self.base64_style == "data_uri" else ""
