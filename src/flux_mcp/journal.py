@@ -146,6 +146,14 @@ class Journal(Protocol):
         """Ids of records not yet on stable storage."""
         ...
 
+    async def finished_before(self, before: float, limit: int) -> list[Record]:
+        """Up to `limit` final (succeeded, failed, canceled) records last updated before `before`, oldest first."""
+        ...
+
+    async def remove(self, prediction_ids: list[str], uploads_before: float | None = None) -> int:
+        """Deletes these records (and cached upload URLs older than `uploads_before`); returns how many went."""
+        ...
+
     async def close(self) -> None:
         """Writes what it can of the backlog and releases the store."""
         ...
@@ -378,6 +386,21 @@ class SqliteJournal:
         if row and time.time() - row[1] < max_age:
             return str(row[0])
         return None
+
+    async def finished_before(self, before: float, limit: int) -> list[Record]:
+        rows = await self._read(
+            f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE status IN ('succeeded', 'failed', 'canceled')"
+            " AND updated_at < ? ORDER BY updated_at LIMIT ?", (before, limit), many=True)
+        return [_record(row) for row in rows]
+
+    async def remove(self, prediction_ids: list[str], uploads_before: float | None = None) -> int:
+        with self._lock:
+            cur = self._db.executemany("DELETE FROM predictions WHERE id=? AND status IN ('succeeded', 'failed',"
+                                       " 'canceled')", [(i,) for i in prediction_ids])
+            removed = cur.rowcount
+            if uploads_before is not None:
+                self._db.execute("DELETE FROM uploads WHERE created_at < ?", (uploads_before,))
+        return removed
 
     # --- closing ------------------------------------------------------------------------------
 

@@ -42,6 +42,10 @@ class ImageStore(Protocol):
         """Whether `location` still holds the image."""
         ...
 
+    async def discard(self, location: str) -> bool:
+        """Deletes `location` if it is one of this store's own copies (never a save_to copy); True if it went."""
+        ...
+
 
 class FolderStore:
     """Images as files under `<home>/images`."""
@@ -81,6 +85,16 @@ class FolderStore:
     async def read(self, location: str) -> bytes:
         path = self._local(location)
         return await anyio.to_thread.run_sync(path.read_bytes)
+
+    async def discard(self, location: str) -> bool:
+        path = Path(location)
+        try:
+            if not path.resolve().is_relative_to(self.root.resolve()) or path.is_symlink():
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     async def present(self, location: str | None) -> bool:
         if not location:
