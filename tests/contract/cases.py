@@ -163,11 +163,11 @@ ATLAS = Case(
         err(503, {"code": 503, "message": "service unavailable"}, "did not resend it"),
     ),
     out_of_range=(
-        ({"width": 4096}, "width=4096 is out of range for atlascloud model black-forest-labs/flux-schnell: "
-                          "allowed 256 to 1536"),
+        ({"width": 4096}, ("width=4096 is out of range for atlascloud model black-forest-labs/flux-schnell: "
+                          "allowed 256 to 1536")),
         ({"height": 128}, "height=128 is out of range"),
-        ({"num_images": 6}, "num_images=6 is too many for atlascloud model black-forest-labs/flux-schnell: "
-                            "allowed 1 to 4"),
+        ({"num_images": 6}, ("num_images=6 is too many for atlascloud model black-forest-labs/flux-schnell: "
+                            "allowed 1 to 4")),
         ({"steps": 8}, "steps is not a setting of atlascloud model black-forest-labs/flux-schnell"),
         ({"model": "black-forest-labs/flux-dev", "steps": 60},
          "steps=60 is out of range for atlascloud model black-forest-labs/flux-dev: allowed 1 to 50"),
