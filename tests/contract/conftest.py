@@ -89,5 +89,9 @@ def trace(caplog: pytest.LogCaptureFixture, home: Path) -> Trace:
 def said(result: Any) -> str:
     """A tool result's text and structured content, with the fakes' echo of a (masked) key taken out:
     what the server says to the provider's answer, as if the provider had not repeated the key."""
-    shown = text_of(result) + "\n" + json.dumps(result.structured_content)
-    return shown.replace(f" (key {MASK})", "").replace(f"key {MASK}", "")
+    return unmasked(text_of(result) + "\n" + json.dumps(result.structured_content))
+
+
+def unmasked(text: str) -> str:
+    """`text` without the fakes' echo of a key that the server masked."""
+    return text.replace(f" (key {MASK})", "").replace(f"key {MASK}", "")
