@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _pytest.mark.structures import ParameterSet
 
 from flux_mcp.config import Settings
 from tests.conftest import connect, text_of
-from tests.contract.cases import CASES, Case
+from tests.contract.cases import CASES, Case, DocumentedError
 from tests.contract.conftest import Trace, said, unmasked
 from tests.fakes.base import RESET, Entry, FakeBase
 
@@ -32,15 +31,18 @@ def _marks(case: Case, check: str, sub: str | None = None) -> list[pytest.MarkDe
     return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
 
 
-def each_case(check: str) -> list[ParameterSet]:
+def each_case(check: str) -> list[Any]:
     """One parameter per provider (expected to fail where its case names a known bug for `check`)."""
     return [pytest.param(case, id=case.id, marks=_marks(case, check)) for case in CASES]
 
 
-def each_case_and(check: str, values: Callable[[Case], list[tuple[str, Any]]]) -> list[ParameterSet]:
+def each_case_and(check: str, values: Callable[[Case], list[tuple[str, Any]]]) -> list[Any]:
     """One parameter per provider and per (id, value) that `values` gives for it."""
-    return [pytest.param(case, value, id=f"{case.id}-{sub}", marks=_marks(case, check, sub))
-            for case in CASES for sub, value in values(case)]
+    return [
+        pytest.param(case, value, id=f"{case.id}-{sub}", marks=_marks(case, check, sub))
+        for case in CASES
+        for sub, value in values(case)
+    ]
 
 
 def needs_status_endpoint(case: Case) -> str:
@@ -62,7 +64,9 @@ async def generate(settings: Settings, fake: FakeBase, trace: Trace, **args: Any
 
 
 @pytest.mark.parametrize("case", each_case("missing_key"))
-async def test_a_missing_key_names_its_variable_and_nothing_is_sent(case, fake, make_settings, trace):
+async def test_a_missing_key_names_its_variable_and_nothing_is_sent(
+    case: Case, fake: FakeBase, make_settings: Callable[..., Settings], trace: Trace
+) -> None:
     settings = make_settings(**case.environment(key=None))
     result = await generate(settings, fake, trace, provider=case.id)
     assert result.is_error and f"set {case.key_var}" in text_of(result), text_of(result)
@@ -70,7 +74,9 @@ async def test_a_missing_key_names_its_variable_and_nothing_is_sent(case, fake, 
 
 
 @pytest.mark.parametrize("case", each_case("wrong_key"))
-async def test_a_wrong_key_names_the_variable_is_never_resent_and_never_shown(case, fake, make_settings, trace):
+async def test_a_wrong_key_names_the_variable_is_never_resent_and_never_shown(
+    case: Case, fake: FakeBase, make_settings: Callable[..., Settings], trace: Trace
+) -> None:
     fake.echo_key = True  # the provider repeats the key it refused
     settings = make_settings(**case.environment(key=case.wrong_key))
     result = await generate(settings, fake, trace)
@@ -83,10 +89,12 @@ async def test_a_wrong_key_names_the_variable_is_never_resent_and_never_shown(ca
 # --- documented errors --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("case", "error"), each_case_and(
-    "documented_errors", lambda case: [(e.id, e) for e in case.errors]))
+@pytest.mark.parametrize(
+    ("case", "error"), each_case_and("documented_errors", lambda case: [(e.id, e) for e in case.errors])
+)
 async def test_every_documented_error_is_explained_never_resent_and_never_shows_the_key(
-        case, error, fake, settings, trace):
+    case: Case, error: DocumentedError, fake: FakeBase, settings: Settings, trace: Trace
+) -> None:
     fake.echo_key = True  # the error body repeats the key, as careless providers do
     fake.submit_errors.append(error.entry())
     result = await generate(settings, fake, trace, **case.error_args)
@@ -100,25 +108,46 @@ async def test_every_documented_error_is_explained_never_resent_and_never_shows_
 # --- refusals before any request ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("case", "refusal"), each_case_and(
-    "out_of_range", lambda case: [("-".join(f"{k}={v}" for k, v in args.items()), (args, says))
-                                  for args, says in case.out_of_range]))
-async def test_an_out_of_range_argument_is_refused_before_any_request(case, refusal, fake, settings, trace):
+@pytest.mark.parametrize(
+    ("case", "refusal"),
+    each_case_and(
+        "out_of_range",
+        lambda case: [
+            ("-".join(f"{k}={v}" for k, v in args.items()), (args, says)) for args, says in case.out_of_range
+        ],
+    ),
+)
+async def test_an_out_of_range_argument_is_refused_before_any_request(
+    case: Case, refusal: tuple[dict[str, Any], str], fake: FakeBase, settings: Settings, trace: Trace
+) -> None:
     args, says = refusal
     result = await generate(settings, fake, trace, **args)
     assert result.is_error and says in text_of(result), text_of(result)
     assert fake.requests == []
 
 
-@pytest.mark.parametrize(("case", "operation"), each_case_and(
-    "unsupported_operation", lambda case: [(f"{op}-{others}", (op, others)) for op in ("edit-url", "edit-file",
-                                                                                      "upload")
-                                           for others in ("atlascloud-configured", "alone")]))
+@pytest.mark.parametrize(
+    ("case", "operation"),
+    each_case_and(
+        "unsupported_operation",
+        lambda case: [
+            (f"{op}-{others}", (op, others))
+            for op in ("edit-url", "edit-file", "upload")
+            for others in ("atlascloud-configured", "alone")
+        ],
+    ),
+)
 async def test_an_unsupported_operation_names_the_configured_providers_that_can(
-        case, operation, fake, make_settings, workspace, trace):
+    case: Case,
+    operation: tuple[str, str],
+    fake: FakeBase,
+    make_settings: Callable[..., Settings],
+    workspace: Path,
+    trace: Trace,
+) -> None:
     op, others = operation
     verb = op.split("-")[0]
-    if (case.can_edit if verb == "edit" else case.can_upload):
+    if case.can_edit if verb == "edit" else case.can_upload:
         pytest.skip(f"{case.id} can {verb} images")
     env = case.environment()
     if others != "alone":
@@ -127,8 +156,11 @@ async def test_an_unsupported_operation_names_the_configured_providers_that_can(
     async with connect(make_settings(**env), fake) as client:
         if verb == "edit":
             image = "https://example.com/cat.png" if op == "edit-url" else "cat.png"
-            result = trace(await client.call_tool("edit_image", {"prompt": "add a hat", "image": image,
-                                                                 "provider": case.id}))
+            result = trace(
+                await client.call_tool(
+                    "edit_image", {"prompt": "add a hat", "image": image, "provider": case.id}
+                )
+            )
         else:
             result = trace(await client.call_tool("upload_media", {"path": "cat.png", "provider": case.id}))
     text = text_of(result)
@@ -152,7 +184,8 @@ async def test_an_unsupported_operation_names_the_configured_providers_that_can(
 @pytest.mark.parametrize("images", [1, 2])
 @pytest.mark.parametrize("case", each_case("restart_finished"))
 async def test_check_prediction_of_a_finished_job_answers_the_same_after_a_restart(
-        case, images, fake, settings, trace):
+    case: Case, images: int, fake: FakeBase, settings: Settings, trace: Trace
+) -> None:
     async with connect(settings, fake) as client:
         first = trace(await client.call_tool("generate_image", {"prompt": "p", "num_images": images}))
         asked = list(fake.requests)
@@ -172,7 +205,9 @@ async def test_check_prediction_of_a_finished_job_answers_the_same_after_a_resta
 
 
 @pytest.mark.parametrize("case", each_case("restart_pending"))
-async def test_check_prediction_finishes_a_pending_job_after_a_restart(case, fake, polled_settings, trace):
+async def test_check_prediction_finishes_a_pending_job_after_a_restart(
+    case: Case, fake: FakeBase, polled_settings: Settings, trace: Trace
+) -> None:
     needs_status_endpoint(case)
     assert case.pending is not None
     case.pending(fake)
@@ -183,8 +218,11 @@ async def test_check_prediction_finishes_a_pending_job_after_a_restart(case, fak
     assert f'check_prediction with prediction_id="{data["prediction_id"]}"' in text_of(pending)
     fake.finish(native(data["prediction_id"]))  # type: ignore[attr-defined]
     async with connect(polled_settings, fake) as client:  # a new server over the same data folder
-        done = trace(await client.call_tool("check_prediction", {"prediction_id": data["prediction_id"],
-                                                                 "wait_seconds": 5}))
+        done = trace(
+            await client.call_tool(
+                "check_prediction", {"prediction_id": data["prediction_id"], "wait_seconds": 5}
+            )
+        )
         again = trace(await client.call_tool("check_prediction", {"prediction_id": data["prediction_id"]}))
     assert done.structured_content["status"] == "succeeded", text_of(done)
     assert Path(done.structured_content["images"][0]["path"]).is_file()
@@ -196,13 +234,18 @@ async def test_check_prediction_finishes_a_pending_job_after_a_restart(case, fak
 
 
 def transient(case: Case) -> list[tuple[str, Entry]]:
-    return [("503", (503, case.busy_body, {"retry-after": "0"})), ("502", (502, "bad gateway", {})),
-            ("429", (429, case.busy_body, {"retry-after": "0"})), ("connection-reset", RESET)]
+    return [
+        ("503", (503, case.busy_body, {"retry-after": "0"})),
+        ("502", (502, "bad gateway", {})),
+        ("429", (429, case.busy_body, {"retry-after": "0"})),
+        ("connection-reset", RESET),
+    ]
 
 
 @pytest.mark.parametrize(("case", "failure"), each_case_and("transient_status_check", transient))
 async def test_transient_status_check_failures_are_retried_and_the_job_finishes(
-        case, failure, fake, polled_settings, trace):
+    case: Case, failure: Entry, fake: FakeBase, polled_settings: Settings, trace: Trace
+) -> None:
     status_check = needs_status_endpoint(case)
     if case.polled:
         case.polled(fake)
@@ -216,7 +259,8 @@ async def test_transient_status_check_failures_are_retried_and_the_job_finishes(
 
 @pytest.mark.parametrize("case", each_case("key_refused_on_status_check"))
 async def test_a_key_refused_on_a_status_check_keeps_the_job_names_the_variable_and_is_not_retried(
-        case, fake, polled_settings, trace):
+    case: Case, fake: FakeBase, polled_settings: Settings, trace: Trace
+) -> None:
     status_check = needs_status_endpoint(case)
     assert case.pending is not None
     case.pending(fake)
@@ -224,8 +268,11 @@ async def test_a_key_refused_on_a_status_check_keeps_the_job_names_the_variable_
         pending = trace(await client.call_tool("generate_image", {"prompt": "p", "wait_seconds": 0}))
         fake.revoke()  # the key is rotated on the provider's side while the job runs
         fake.echo_key = True
-        checked = trace(await client.call_tool("check_prediction",
-                                               {"prediction_id": pending.structured_content["prediction_id"]}))
+        checked = trace(
+            await client.call_tool(
+                "check_prediction", {"prediction_id": pending.structured_content["prediction_id"]}
+            )
+        )
     assert checked.structured_content["status"] == "starting"  # the journal keeps the job and its id
     assert checked.structured_content["prediction_id"] == pending.structured_content["prediction_id"]
     assert case.refused_says in said(checked), said(checked)
@@ -237,7 +284,9 @@ async def test_a_key_refused_on_a_status_check_keeps_the_job_names_the_variable_
 
 
 @pytest.mark.parametrize("case", each_case("failure_reason"))
-async def test_a_failed_job_gives_the_providers_reason_and_never_the_key(case, fake, settings, trace):
+async def test_a_failed_job_gives_the_providers_reason_and_never_the_key(
+    case: Case, fake: FakeBase, settings: Settings, trace: Trace
+) -> None:
     case.fail(fake)
     fake.echo_key = True  # the reason repeats the key
     result = await generate(settings, fake, trace)
@@ -248,7 +297,9 @@ async def test_a_failed_job_gives_the_providers_reason_and_never_the_key(case, f
 
 
 @pytest.mark.parametrize("case", each_case("result_url"))
-async def test_result_urls_that_carry_the_key_never_show_it(case, fake, polled_settings, trace):
+async def test_result_urls_that_carry_the_key_never_show_it(
+    case: Case, fake: FakeBase, polled_settings: Settings, trace: Trace
+) -> None:
     for setup in (case.url_answer, case.polled):
         if setup:
             setup(fake)

@@ -32,7 +32,7 @@ def steady(answer: Any) -> Any:
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-async def test_the_fake_refuses_a_missing_and_a_wrong_key_in_the_providers_words(case):
+async def test_the_fake_refuses_a_missing_and_a_wrong_key_in_the_providers_words(case: Case) -> None:
     fake = case.make_fake(case.key)
     missing = await fake.handle(request(case, fake, None))
     wrong = await fake.handle(request(case, fake, case.wrong_key))
@@ -44,7 +44,7 @@ async def test_the_fake_refuses_a_missing_and_a_wrong_key_in_the_providers_words
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-async def test_echo_mode_repeats_the_presented_key_in_refusals_answers_reasons_and_urls(case):
+async def test_echo_mode_repeats_the_presented_key_in_refusals_answers_reasons_and_urls(case: Case) -> None:
     fake = case.make_fake(case.key)
     fake.echo_key = True
     refused = await fake.handle(request(case, fake, case.wrong_key))
@@ -63,7 +63,7 @@ async def test_echo_mode_repeats_the_presented_key_in_refusals_answers_reasons_a
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-async def test_a_revoked_key_is_refused_and_a_reset_entry_drops_the_connection(case):
+async def test_a_revoked_key_is_refused_and_a_reset_entry_drops_the_connection(case: Case) -> None:
     fake = case.make_fake(case.key)
     fake.revoke()
     refused = await fake.handle(request(case, fake, case.key))

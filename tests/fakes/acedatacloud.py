@@ -18,11 +18,13 @@ official SDK describe it:
   `{}` (the OpenAPI's empty answer branch; that this is what an unknown id gets is inferred).
   `retrieve_batch` with `ids` answers `{items, count}`.
 * Finished shapes: `response.success` with `data` as a list (default), as an object
-  (`result_style="object"`), or the tutorial's `{"status": "success", "data": {...}}` (`result_style="status"`);
+  (`result_style="object"`), or the tutorial's `{"status": "success", "data": {...}}`
+  (`result_style="status"`);
   failures as `{success: false, error: {code, message}}` (`outcome="fail"`); success without images
   (`outcome="empty"`); a task that stays unknown (`forget=True`: `{}` forever).
 * `POST /api/v1/files/` (the platform host's upload, on the same fake: tests point both base URLs here):
-  Bearer platform token, multipart `file` -> `{"file_url": ...}` (or `{"url": ...}` with `upload_style="url"`).
+  Bearer platform token, multipart `file` -> `{"file_url": ...}` (or `{"url": ...}` with
+  `upload_style="url"`).
 * Result images and uploads are served from the fake's own host (`/files/...`, `/uploads/...`).
 
 Knobs: `sync` (answer synchronously even when `async` is asked), `id_style` ("task_id", "data.task_id", "id"),

@@ -35,6 +35,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,7 +218,7 @@ class AtlasFake(FakeBase):
         if "multipart/form-data" not in ctype:
             return json_response(400, {"code": 400, "message": "multipart/form-data required"})
         m = re.search(rb'name="file"; filename="([^"]+)"\r\nContent-Type: ([^\r]+)\r\n\r\n(.*)\r\n--',
-                      request.content, re.S)
+                      request.content, re.DOTALL)
         if not m:
             return json_response(400, {"code": 400, "message": "file part missing"})
         name = f"{uuid.uuid4().hex[:8]}-{m.group(1).decode()}"
@@ -252,14 +253,14 @@ class AtlasFake(FakeBase):
         return httpx2.Response(200, content=self.image_bytes(), headers={"content-type": "image/png"})
 
 
-async def _endless():
+async def _endless() -> AsyncIterator[bytes]:
     """An image body that never ends (a byte cap must stop it)."""
     chunk = png_bytes()[:8] + b"\0" * (1024 * 1024 - 8)
     while True:
         yield chunk
 
 
-async def _slow_drip(data: bytes):
+async def _slow_drip(data: bytes) -> AsyncIterator[bytes]:
     """A body that arrives one byte every 0.2 s (an overall deadline must stop it)."""
     import anyio
 

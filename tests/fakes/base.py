@@ -75,6 +75,10 @@ class FakeBase:
 
     # --- what a subclass provides ------------------------------------------------------------------
 
+    async def handle(self, request: httpx2.Request) -> httpx2.Response:
+        """Answers one request as the provider would (the `tests.fakes.wire.Fake` protocol)."""
+        raise NotImplementedError
+
     @property
     def expected_key(self) -> str:
         """The key this fake accepts."""

@@ -39,8 +39,10 @@ from .base import FakeBase, Injected
 from .wire import json_response, png_bytes
 
 MAX_SIDE = 1536
-UNAUTHORIZED = {"error": "Unauthorized", "error_code": "UNAUTHORIZED", "message": "Invalid or missing API key"}
-FORBIDDEN = {"error": "Forbidden", "error_code": "FORBIDDEN", "message": "This API key has no access to generate/v3"}
+UNAUTHORIZED = {"error": "Unauthorized", "error_code": "UNAUTHORIZED",
+                "message": "Invalid or missing API key"}
+FORBIDDEN = {"error": "Forbidden", "error_code": "FORBIDDEN",
+             "message": "This API key has no access to generate/v3"}
 
 
 @dataclass
@@ -143,7 +145,8 @@ class ImagePipelineFake(FakeBase):
 
     def _final(self, job: Job, request: httpx2.Request) -> dict[str, Any]:
         if self.outcome in ("FAILURE", "FAILED"):
-            return {"status": self.outcome, "id": job.id, self.failure_field: self.echoed(self.failure_message)}
+            reason = self.echoed(self.failure_message)
+            return {"status": self.outcome, "id": job.id, self.failure_field: reason}
         urls = [self.file_url(request, f"{job.id}-{i}.png") for i in range(job.body["samples"])]
         return {"status": "SUCCESS", "id": job.id, "download_urls": urls}
 
