@@ -1,4 +1,5 @@
-"""AppyPie (synchronous FLUX.1 schnell behind Azure APIM) through the in-memory MCP client and its fake."""
+"""AppyPie (synchronous FLUX.1 schnell behind Azure APIM) through the in-memory MCP client and its fake: what is
+specific to AppyPie (the checks every provider meets are in tests/contract)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ from flux_mcp.http import ProviderHttp
 from flux_mcp.providers import AppyPie, ImageRequest
 from flux_mcp.redact import Redactor
 from tests.conftest import FAST_RETRY, connect, text_of
-from tests.fakes import appypie as wire
 from tests.fakes.appypie import AppyPieFake, rate_limited
-from tests.fakes.wire import png_bytes
 
 pytestmark = pytest.mark.anyio
 APPYPIE_KEY = "appypie-canary-5d1e8b3f9a7c2e60b4d8"
@@ -77,18 +76,6 @@ async def test_size_steps_and_seed_are_sent_as_documented_fields(settings, fake)
     assert fake.ledger == [{"prompt": "p", "num_steps": 8, "height": 768, "width": 512, "seed": 15}]
 
 
-async def test_check_prediction_gives_the_same_result_now_and_after_a_restart(settings, fake):
-    async with connect(settings, fake) as client:
-        made = await client.call_tool("generate_image", {"prompt": "p"})
-        pid = made.structured_content["prediction_id"]
-        same = await client.call_tool("check_prediction", {"prediction_id": pid})
-    async with connect(settings, fake) as client:  # a new server over the same data folder
-        restarted = await client.call_tool("check_prediction", {"prediction_id": pid})
-    assert same.structured_content == made.structured_content
-    assert restarted.structured_content == made.structured_content
-    assert not restarted.is_error and fake.generate_calls == 1
-
-
 async def test_several_images_are_several_calls_with_distinct_seeds(settings, fake):
     async with connect(settings, fake) as client:
         seeded = await client.call_tool("generate_image", {"prompt": "p", "num_images": 3, "seed": 7})
@@ -100,70 +87,6 @@ async def test_several_images_are_several_calls_with_distinct_seeds(settings, fa
     first, second = (b["seed"] for b in fake.ledger[3:])
     assert first != second and len(random_.structured_content["images"]) == 2
     assert fake.generate_calls == 5
-
-
-# --- refusals before any request ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        ({"steps": 9}, "steps=9 is out of range for appypie model flux-1-schnell: allowed 1 to 8"),
-        ({"width": 4096}, "width=4096 is out of range for appypie model flux-1-schnell: allowed 256 to 2048"),
-        ({"height": 128}, "height=128 is out of range"),
-        ({"num_images": 5}, "allowed 1 to 4"),
-        ({"guidance_scale": 3.5}, "guidance_scale is not a setting of appypie model flux-1-schnell"),
-        ({"model": "flux-dev"}, "Unknown model 'flux-dev' for appypie. Known generate models: flux-1-schn"),
-    ],
-)
-async def test_out_of_range_arguments_are_refused_before_any_request(settings, fake, args, expected):
-    async with connect(settings, fake) as client:
-        result = await client.call_tool("generate_image", {"prompt": "p", **args})
-    assert result.is_error and expected in text_of(result)
-    assert fake.requests == []
-
-
-@pytest.fixture
-def with_atlas(make_settings):
-    """AppyPie plus Atlas Cloud (a dummy key and URL, never called), so an editing provider is configured."""
-    return make_settings(APPYPIE_SUBSCRIPTION_KEY=APPYPIE_KEY, APPYPIE_BASE_URL=BASE,
-                         ATLASCLOUD_API_KEY="atlas-dummy-key-for-naming-only",
-                         ATLASCLOUD_BASE_URL="http://atlas.test")
-
-
-@pytest.mark.parametrize("image", ["https://example.com/cat.png", "cat.png"])
-async def test_edit_image_on_appypie_names_the_providers_that_can_edit(with_atlas, fake, workspace, image):
-    (workspace / "cat.png").write_bytes(png_bytes(16, 16))
-    async with connect(with_atlas, fake) as client:
-        result = await client.call_tool("edit_image", {"prompt": "add a hat", "image": image,
-                                                       "provider": "appypie"})
-    assert result.is_error
-    assert "AppyPie cannot edit images. Configured providers that can: atlascloud." in text_of(result)
-    assert fake.requests == []
-
-
-async def test_upload_media_on_appypie_names_the_providers_that_can_upload(with_atlas, fake, workspace):
-    (workspace / "a.png").write_bytes(png_bytes(8, 8))
-    async with connect(with_atlas, fake) as client:
-        result = await client.call_tool("upload_media", {"path": "a.png", "provider": "appypie"})
-    assert result.is_error
-    assert "AppyPie cannot upload images. Configured providers that can: atlascloud." in text_of(result)
-    assert fake.requests == []
-
-
-async def test_edit_with_only_appypie_configured_says_which_key_to_set(settings, fake):
-    async with connect(settings, fake) as client:
-        result = await client.call_tool("edit_image", {"prompt": "x", "image": "https://example.com/a.png"})
-    assert result.is_error and "AppyPie cannot edit images" in text_of(result)
-    assert "atlascloud (ATLASCLOUD_API_KEY)" in text_of(result)
-    assert fake.requests == []
-
-
-async def test_missing_key_names_the_variable(make_settings, fake):
-    async with connect(make_settings(APPYPIE_BASE_URL=BASE), fake) as client:
-        result = await client.call_tool("generate_image", {"prompt": "p", "provider": "appypie"})
-    assert result.is_error and "set APPYPIE_SUBSCRIPTION_KEY" in text_of(result)
-    assert fake.requests == []
 
 
 # --- a 200 without an image ---------------------------------------------------------------------
@@ -251,52 +174,7 @@ async def test_adapter_marks_a_200_without_output_as_no_output(fake):
     assert (submitted.state.status, submitted.state.error_code) == ("failed", "no_output")
 
 
-# --- documented error answers ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("status", "body", "headers", "expected"),
-    [
-        (401, wire.AUTH_ERROR, {}, "AppyPie refused the subscription key (HTTP 401: Invalid or missing "
-                                   "authentication). Check APPYPIE_SUBSCRIPTION_KEY"),
-        (401, wire.MISSING_KEY, {}, "Access denied due to missing subscription key"),
-        (403, wire.FORBIDDEN, {}, "the subscription may not include the Flux Schnell API (HTTP 403: Access "
-                                  "denied for this operation). Check APPYPIE_SUBSCRIPTION_KEY"),
-        (403, {"statusCode": 403,
-               "message": "Out of call volume quota. Quota will be replenished in 23:59:59."},
-         {"retry-after": "86400"}, "call quota is used up"),
-        (400, wire.BAD_PARAMS, {}, "AppyPie rejected the request (HTTP 400: Invalid request parameters)"),
-        (400, wire.BAD_PROMPT, {}, "HTTP 400: Invalid prompt parameter"),
-        (404, wire.NOT_FOUND, {}, "(Endpoint not found) for /flux-1-schnell/v1/getData. Check APPYPIE_BASE"),
-        (429, wire.RATE_LIMIT, {}, "AppyPie is rate limiting requests (HTTP 429: Rate limit exceeded, please "
-                                   "retry later); the image was not made. Try again in a minute."),
-        (*rate_limited(60), "Rate limit is exceeded. Try again in 60 seconds.); the image was not made. Try "
-                            "again in 60 seconds."),
-        (429, {"statusCode": 429, "message": "Rate limit is exceeded. Try again in 45 seconds."}, {},
-         "the image was not made. Try again in 45 seconds."),
-        (500, wire.SERVER_ERROR, {}, "HTTP 500 (An unexpected error occurred, please try again later) to the "
-                                     "submit request. The provider may or may not have started the job"),
-        (502, "<html><body>Bad Gateway</body></html>", {"content-type": "text/html"},
-         "may or may not have started the job; this server did not resend it"),
-    ],
-)
-async def test_documented_errors_are_clear_and_never_resent(settings, fake, status, body, headers, expected):
-    fake.submit_errors.append((status, body, headers))
-    async with connect(settings, fake) as client:
-        result = await client.call_tool("generate_image", {"prompt": "p", "num_images": 3})
-    assert result.is_error and expected in text_of(result)
-    assert fake.generate_calls == 1 and fake.ledger == []
-    assert_no_key(result)
-
-
-async def test_wrong_key_gets_the_gateways_answer_and_names_the_variable(make_settings, fake):
-    settings = make_settings(APPYPIE_SUBSCRIPTION_KEY="appypie-wrong-key-0000000000", APPYPIE_BASE_URL=BASE)
-    async with connect(settings, fake) as client:
-        result = await client.call_tool("generate_image", {"prompt": "p"})
-    assert result.is_error and "Access denied due to invalid subscription key" in text_of(result)
-    assert "APPYPIE_SUBSCRIPTION_KEY" in text_of(result)
-    assert fake.generate_calls == 1 and fake.ledger == []
-    assert "appypie-wrong-key-0000000000" not in text_of(result)
+# --- refusals ------------------------------------------------------------------------------------
 
 
 async def test_blank_prompt_is_refused_before_any_request(settings, fake):
@@ -321,9 +199,3 @@ async def test_adapter_maps_the_fakes_own_validation_errors(fake, body_change, e
     assert fake.generate_calls == 1 and fake.ledger == []
 
 
-async def test_key_echoed_by_the_gateway_never_reaches_the_result(settings, fake):
-    fake.submit_errors.append((401, {"statusCode": 401, "message": f"Key {APPYPIE_KEY} is not valid"}, {}))
-    async with connect(settings, fake) as client:
-        result = await client.call_tool("generate_image", {"prompt": "p"})
-    assert result.is_error and "APPYPIE_SUBSCRIPTION_KEY" in text_of(result)
-    assert_no_key(result)

@@ -1,32 +1,36 @@
-"""A wire-level fake of AceDataCloud's Flux API and its file upload, following shared/providers/API-NOTES.md
-section 3 (sources: the FluxAPI README = S-ACE, the newer guides ACE-APIS, the OpenAPI ACE-OAS, the SDK
-ACE-SDK).
+"""A wire-level fake of AceDataCloud's Flux API and its file upload.
 
-What it reproduces:
+What it reproduces, as the FluxAPI README, the newer integration guides, the OpenAPI document and the
+official SDK describe it:
 * `authorization: Bearer <token>` on every API call: none -> 400 `no_token`, a wrong one -> 401
-  `invalid_token`, in the `{success: false, error: {code, message}, trace_id}` envelope (3.5).
-* `POST /flux/images` (3.2, 3.3): validates `action` (generate|edit), `prompt`, `model` (the OpenAPI enum;
+  `invalid_token`, in the `{success: false, error: {code, message}, trace_id}` envelope; the documented
+  403 is `used_up` (insufficient balance or no access rights).
+* `POST /flux/images`: validates `action` (generate|edit), `prompt`, `model` (the OpenAPI enum;
   anything else is 400 `bad_request` "model is invalid."), `size` (required, as the OpenAPI says) per model:
   flux-dev/flux-pro `WxH` with 256 <= x <= 1440, a multiple of 32, or an aspect ratio; kontext and flux-2
   models an aspect ratio from the documented list only. `count` only with `action: generate` (400
   otherwise), a positive integer. Edits need an http(s) `image_url` and an edit model. Without `async` it
   answers like the README's synchronous example (`success/task_id/trace_id/data[]`); with `async: true` (or
   `callback_url`) it answers `{task_id, trace_id}` at once. Every accepted job is appended to `ledger`.
-* `POST /flux/tasks` (3.4): `{"id", "action": "retrieve"}` returns the task record (`id, type, created_at,
+* `POST /flux/tasks`: `{"id", "action": "retrieve"}` returns the task record (`id, type, created_at,
   trace_id, request`, then `started_at`) without `response` until the job is done (after `polls_to_complete`
   polls, or held until `finish(id)`), then with `response`, `finished_at`, `elapsed`. Unknown ids answer
-  `{}` (the OpenAPI's empty branch; INFERRED). `retrieve_batch` with `ids` answers `{items, count}`.
-* Finished shapes (3.4, 3.7): `response.success` with `data` as a list (default), as an object
-  (`result_style="object"`), or ACE-TUT's `{"status": "success", "data": {...}}` (`result_style="status"`);
+  `{}` (the OpenAPI's empty answer branch; that this is what an unknown id gets is inferred).
+  `retrieve_batch` with `ids` answers `{items, count}`.
+* Finished shapes: `response.success` with `data` as a list (default), as an object
+  (`result_style="object"`), or the tutorial's `{"status": "success", "data": {...}}`
+  (`result_style="status"`);
   failures as `{success: false, error: {code, message}}` (`outcome="fail"`); success without images
   (`outcome="empty"`); a task that stays unknown (`forget=True`: `{}` forever).
-* `POST /api/v1/files/` (3.2 upload, on the same fake: tests point both base URLs here): Bearer platform
-  token, multipart `file` -> `{"file_url": ...}` (or `{"url": ...}` with `upload_style="url"`).
+* `POST /api/v1/files/` (the platform host's upload, on the same fake: tests point both base URLs here):
+  Bearer platform token, multipart `file` -> `{"file_url": ...}` (or `{"url": ...}` with
+  `upload_style="url"`).
 * Result images and uploads are served from the fake's own host (`/files/...`, `/uploads/...`).
 
 Knobs: `sync` (answer synchronously even when `async` is asked), `id_style` ("task_id", "data.task_id", "id"),
-`submit_errors` / `poll_errors` / `upload_errors` (queues of (status, body, headers) answered instead), e.g.
-the documented `used_up` 403 and `too_many_requests` 429.
+`upload_errors` (a queue like `submit_errors`, for uploads), and the shared ones of `FakeBase`
+(`submit_errors`, `poll_errors` (the /flux/tasks requests), `echo_key`, `revoke()`), e.g. the documented
+`used_up` 403 and `too_many_requests` 429.
 
 Not reproduced: the callback POST (the adapter never sends `callback_url`), the x402 payment flow, and
 `application/x-ndjson` streaming; the docs give no pricing or balance headers, so neither does the fake.
@@ -43,6 +47,7 @@ from typing import Any
 
 import httpx2
 
+from .base import Entry, FakeBase, Injected
 from .wire import json_response, png_bytes
 
 PIXEL_MODELS = {"flux-dev", "flux-pro"}
@@ -69,7 +74,9 @@ class Task:
 
 
 @dataclass
-class AceDataFake:
+class AceDataFake(FakeBase):
+    key_headers = ("authorization",)
+    key_scheme = "Bearer "
     token: str
     platform_token: str | None = None
     polls_to_complete: int = 1
@@ -80,33 +87,37 @@ class AceDataFake:
     result_style: str = "list"
     id_style: str = "task_id"
     upload_style: str = "file_url"
-    submit_errors: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
-    poll_errors: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
-    upload_errors: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
-    ledger: list[dict[str, Any]] = field(default_factory=list)
+    upload_errors: list[Entry] = field(default_factory=list)
     tasks: dict[str, Task] = field(default_factory=dict)
     uploads: dict[str, bytes] = field(default_factory=dict)
-    requests: list[str] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)
     bodies: list[Any] = field(default_factory=list)
     image_size: tuple[int, int] = (64, 64)
+
+    @property
+    def expected_key(self) -> str:
+        return self.token
+
+    def unauthorized_answer(self, presented: str | None) -> Injected:
+        if presented is None:
+            return 400, envelope("no_token", "token is required"), {}
+        return 401, envelope("invalid_token", "Unauthorized, invalid or missing token"), {}
+
+    def forbidden_answer(self) -> Injected:
+        return 403, envelope("used_up", "Insufficient balance or no access rights"), {}
 
     def finish(self, task_id: str) -> None:
         self.tasks[task_id].done = True
 
     async def handle(self, request: httpx2.Request) -> httpx2.Response:
-        path = request.url.path
-        self.requests.append(f"{request.method} {path}")
+        path = self.log(request)
         self.hosts.append(request.url.host)
         if request.method == "GET" and path.startswith(("/files/", "/uploads/")):
             return self._file(path)
         if request.method == "POST" and path == "/api/v1/files/":
             return self._upload(request)
-        auth = request.headers.get("authorization")
-        if not auth:
-            return json_response(400, envelope("no_token", "token is required"))
-        if auth != f"Bearer {self.token}":
-            return json_response(401, envelope("invalid_token", "Unauthorized, invalid or missing token"))
+        if (refused := self.check_key(request)) is not None:
+            return refused
         try:
             body = json.loads(request.content)
         except ValueError:
@@ -121,8 +132,8 @@ class AceDataFake:
     # --- /flux/images -----------------------------------------------------------------------
 
     def _images(self, body: dict[str, Any], request: httpx2.Request) -> httpx2.Response:
-        if self.submit_errors:
-            return _injected(self.submit_errors.pop(0))
+        if (injected := self.take(self.submit_errors, request)) is not None:
+            return injected
         problem = _invalid(body)
         if problem:
             return json_response(400, envelope("bad_request", problem))
@@ -145,10 +156,9 @@ class AceDataFake:
         if task.outcome == "fail":
             return {"success": False, "task_id": task.id, "trace_id": trace,
                     "error": {"code": "bad_request",
-                              "message": "The prompt was flagged by content moderation."}}
-        base = f"{request.url.scheme}://{request.url.netloc.decode()}"
+                              "message": self.echoed("The prompt was flagged by content moderation.")}}
         n = task.body.get("count", 1) if task.outcome != "empty" else 0
-        items = [{"prompt": task.body["prompt"], "image_url": f"{base}/files/{task.id}-{i}.png",
+        items = [{"prompt": task.body["prompt"], "image_url": self.file_url(request, f"{task.id}-{i}.png"),
                   "seed": 281520112 + i, "timings": {"inference": 3.193}} for i in range(n)]
         if self.result_style == "status":
             return {"status": "success", "task_id": task.id, "data": items[0] if len(items) == 1 else items}
@@ -158,8 +168,8 @@ class AceDataFake:
     # --- /flux/tasks ------------------------------------------------------------------------
 
     def _tasks(self, body: dict[str, Any], request: httpx2.Request) -> httpx2.Response:
-        if self.poll_errors:
-            return _injected(self.poll_errors.pop(0))
+        if (injected := self.take(self.poll_errors, request)) is not None:
+            return injected
         action = body.get("action", "retrieve")
         if action == "retrieve_batch":
             items = [self._record(self.tasks[i], request) for i in body.get("ids", []) if i in self.tasks]
@@ -191,8 +201,8 @@ class AceDataFake:
     # --- platform upload and files ----------------------------------------------------------
 
     def _upload(self, request: httpx2.Request) -> httpx2.Response:
-        if self.upload_errors:
-            return _injected(self.upload_errors.pop(0))
+        if (injected := self.take(self.upload_errors, request)) is not None:
+            return injected
         if not self.platform_token or request.headers.get("authorization") != f"Bearer {self.platform_token}":
             return json_response(401, {"detail": "Authentication credentials were not provided or are "
                                                  "invalid."})
@@ -245,10 +255,3 @@ def _invalid(body: dict[str, Any]) -> str | None:
         if model not in EDIT_MODELS:
             return f"model {model} does not support editing."
     return None
-
-
-def _injected(item: tuple[int, Any, dict[str, str]]) -> httpx2.Response:
-    status, body, headers = item
-    if isinstance(body, str):
-        return httpx2.Response(status, text=body, headers=headers)
-    return httpx2.Response(status, json=body, headers=headers)

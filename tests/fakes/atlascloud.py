@@ -1,28 +1,30 @@
-"""A wire-level fake of the Atlas Cloud media API, following shared/providers/API-NOTES.md section 1.
+"""A wire-level fake of the Atlas Cloud media API.
 
-What it reproduces:
-* `Authorization: Bearer <key>` on every call; 401 `{code, message}` otherwise.
+What it reproduces, as the provider's documentation, its official MCP server and its ComfyUI client
+describe it:
+* `Authorization: Bearer <key>` on every API call; 401 `{code, message}` otherwise (the documented
+  403 for a key without permission has the same shape).
 * `POST /api/v1/model/generateImage` with a flat body or an `{"input": {...}}` body (merged, top level
-  wins); validates model, `num_images` 1-4, `strength` 0-1, `size` "W*H"; answers the
-  `{code: 200, data: {id, status: "created"}}` envelope (or the documented variants: top-level `id`,
-  `predictionId`). Every accepted job is appended to `ledger` (what a user would pay for).
+  wins: the docs show both); validates model, `num_images` 1-4, `strength` 0-1, `size` "W*H"; answers
+  the `{code: 200, data: {id, status: "created"}}` envelope (or the variants seen in the docs:
+  top-level `id`, `predictionId`). Every accepted job is appended to `ledger`.
 * `enable_sync_mode: true` holds the submit's answer until the job is done (at most `sync_timeout`
-  seconds, after which it answers the job still `processing`, as WaveSpeed's sync mode does) and then
-  answers what a poll would: `completed` with outputs, or the HTTP 500 failure body.
+  seconds, after which it answers the job still `processing`, as the upstream WaveSpeed sync mode
+  does) and then answers what a poll would: `completed` with outputs, or the HTTP 500 failure body.
   `enable_base64_output: true` makes outputs base64 strings (raw, or `data:` URIs with
   `base64_style="data_uri"`: the docs do not say which) instead of URLs.
-* `GET /api/v1/model/prediction/{id}` (and `/model/getResult?predictionId=`): `created` ->
+* `GET /api/v1/model/prediction/{id}` (and the older `/model/getResult?predictionId=`): `created` ->
   `processing` -> `completed` as polls arrive; outputs as URL strings or objects; a failed task is
   HTTP 500 with `{code: 500, message, data: {status: "failed", error}}`; a "completed" task can have
-  empty outputs with `has_nsfw_contents: [true]`; unknown ids are 404.
+  empty outputs with `has_nsfw_contents: [true]` (a content-safety block); unknown ids are 404.
 * `POST /api/v1/model/uploadMedia` multipart `file` -> `{code: 200, message: "success", data: {type,
   download_url, filename, size}}`.
 * Result and upload files are served from the fake's own host (`/files/...`, `/uploads/...`).
 
 Knobs (set by tests): `polls_to_complete`, `hold` (jobs stay processing until `finish(id)`; a held
-submit then answers `processing` at once),
-`outcome` ("ok", "fail", "nsfw"), `output_style` ("strings", "objects", "base64"), `id_style`,
-`submit_errors` (queue of (status, body, headers) answered instead of accepting a job).
+submit then answers `processing` at once), `outcome` ("ok", "fail", "nsfw"), `output_style`
+("strings", "objects", "base64"), `id_style`, `file_mode`, `duration`, and the shared ones of
+`FakeBase` (`submit_errors`, `poll_errors`, `echo_key`, `revoke()`).
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ import json
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
 
+from .base import FakeBase, Injected
 from .wire import json_response, noise_png, png_bytes
 
 KNOWN_MODELS = {
@@ -57,8 +61,14 @@ class Job:
     created: float = field(default_factory=time.monotonic)
 
 
+UNAUTHORIZED = {"code": 401, "message": "Unauthorized: invalid or expired API key"}
+FORBIDDEN = {"code": 403, "message": "Permission denied: this API key may not use this model"}
+
+
 @dataclass
-class AtlasFake:
+class AtlasFake(FakeBase):
+    key_headers = ("authorization",)
+    key_scheme = "Bearer "
     key: str
     polls_to_complete: int = 1
     hold: bool = False
@@ -66,12 +76,8 @@ class AtlasFake:
     output_style: str = "strings"
     id_style: str = "data.id"
     price: float | None = 0.003
-    submit_errors: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
-    poll_errors: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
-    ledger: list[dict[str, Any]] = field(default_factory=list)
     jobs: dict[str, Job] = field(default_factory=dict)
     uploads: dict[str, bytes] = field(default_factory=dict)
-    requests: list[str] = field(default_factory=list)
     image_size: tuple[int, int] = (64, 64)
     duration: float | None = None
     """When set, a job completes this many seconds after submit (wall clock), whatever the poll count."""
@@ -86,16 +92,25 @@ class AtlasFake:
     base64_style: str = "raw"
     """How base64 outputs look: "raw" or "data_uri"."""
 
+    @property
+    def expected_key(self) -> str:
+        return self.key
+
+    def unauthorized_answer(self, presented: str | None) -> Injected:
+        return 401, UNAUTHORIZED, {}
+
+    def forbidden_answer(self) -> Injected:
+        return 403, FORBIDDEN, {}
+
     def finish(self, job_id: str) -> None:
         self.jobs[job_id].done = True
 
     async def handle(self, request: httpx2.Request) -> httpx2.Response:
-        path = request.url.path
-        self.requests.append(f"{request.method} {path}")
+        path = self.log(request)
         if request.method == "GET" and path.startswith(("/files/", "/uploads/")):
             return self._file(path)
-        if request.headers.get("authorization") != f"Bearer {self.key}":
-            return json_response(401, {"code": 401, "message": "Unauthorized: invalid or expired API key"})
+        if (refused := self.check_key(request)) is not None:
+            return refused
         if request.method == "POST" and path == "/api/v1/model/generateImage":
             before = len(self.ledger)
             response = self._submit(request)
@@ -115,10 +130,8 @@ class AtlasFake:
         return json_response(404, {"code": 404, "message": "not found"})
 
     def _submit(self, request: httpx2.Request) -> httpx2.Response:
-        if self.submit_errors:
-            status, body, headers = self.submit_errors.pop(0)
-            return httpx2.Response(status, json=body, headers=headers) if not isinstance(body, str) else \
-                httpx2.Response(status, text=body, headers=headers)
+        if (injected := self.take(self.submit_errors, request)) is not None:
+            return injected
         try:
             raw = json.loads(request.content)
         except ValueError:
@@ -148,10 +161,8 @@ class AtlasFake:
         return json_response(200, {"code": 200, "data": {"id": job.id, "status": "created"}})
 
     def _poll(self, job_id: str, request: httpx2.Request) -> httpx2.Response:
-        if self.poll_errors:
-            status, body, headers = self.poll_errors.pop(0)
-            return httpx2.Response(status, json=body, headers=headers) if not isinstance(body, str) else \
-                httpx2.Response(status, text=body, headers=headers)
+        if (injected := self.take(self.poll_errors, request)) is not None:
+            return injected
         job = self.jobs.get(job_id)
         if job is None:
             return json_response(404, {"code": 404, "message": f"prediction {job_id} not found"})
@@ -184,18 +195,17 @@ class AtlasFake:
         if job.outcome == "fail":
             return json_response(500, {"code": 500, "message": "task failed",
                                        "data": {"id": job.id, "status": "failed",
-                                                "error": "NSFW content detected in prompt"}})
+                                                "error": self.echoed("NSFW content detected in prompt")}})
         if job.outcome == "nsfw":
             return json_response(200, {"code": 200, "data": {"id": job.id, "status": "completed", "outputs": [],
                                                              "has_nsfw_contents": [True]}})
-        base = f"{request.url.scheme}://{request.url.netloc.decode()}"
         n = job.body.get("num_images", 1) + self.extra_outputs
         outputs: list[Any]
         if self.output_style == "base64" or job.body.get("enable_base64_output") is True:
             prefix = "data:image/png;base64," if self.base64_style == "data_uri" else ""
             outputs = [prefix + base64.b64encode(self.image_bytes()).decode() for _ in range(n)]
         else:
-            outputs = [f"{base}/files/{job.id}-{i}.png" for i in range(n)]
+            outputs = [self.file_url(request, f"{job.id}-{i}.png") for i in range(n)]
             if self.output_style == "objects":
                 outputs = [{"url": u} for u in outputs]
         data = {"id": job.id, "status": "completed", "outputs": outputs, "model": job.body["model"],
@@ -210,7 +220,7 @@ class AtlasFake:
         if "multipart/form-data" not in ctype:
             return json_response(400, {"code": 400, "message": "multipart/form-data required"})
         m = re.search(rb'name="file"; filename="([^"]+)"\r\nContent-Type: ([^\r]+)\r\n\r\n(.*)\r\n--',
-                      request.content, re.S)
+                      request.content, re.DOTALL)
         if not m:
             return json_response(400, {"code": 400, "message": "file part missing"})
         name = f"{uuid.uuid4().hex[:8]}-{m.group(1).decode()}"
@@ -245,14 +255,14 @@ class AtlasFake:
         return httpx2.Response(200, content=self.image_bytes(), headers={"content-type": "image/png"})
 
 
-async def _endless():
+async def _endless() -> AsyncIterator[bytes]:
     """An image body that never ends (a byte cap must stop it)."""
     chunk = png_bytes()[:8] + b"\0" * (1024 * 1024 - 8)
     while True:
         yield chunk
 
 
-async def _slow_drip(data: bytes):
+async def _slow_drip(data: bytes) -> AsyncIterator[bytes]:
     """A body that arrives one byte every 0.2 s (an overall deadline must stop it)."""
     import anyio
 

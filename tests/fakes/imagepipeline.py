@@ -1,28 +1,28 @@
-"""A wire-level fake of ImagePipeline's FLUX Schnell `generate/v3` API, following
-shared/providers/API-NOTES.md section 4 (S-IP, the v3 page; IP-3P-V3; error shapes from IP-DOC-NEW).
+"""A wire-level fake of ImagePipeline's FLUX Schnell `generate/v3` API.
 
-What it reproduces:
-* The key in `API-Key` (v3 docs) or `X-API-Key` (job API) on every API call (4.3.1); 401
-  `{error, error_code, message}` otherwise (4.2: 401 invalid key, other errors in that shape).
-* `POST /generate/v3` with the documented fields (4.1): `prompt` required (422 `{"detail": [{loc, msg,
-  type}]}` when missing, as 4.2 documents), `samples` 1-4 and defaulting to **2** when left out (4.3.4),
+What it reproduces, as the v3 documentation page and third-party code calling it describe it (v3 documents
+no errors, so error answers take the shapes the newer job API documents):
+* The key in `API-Key` (v3 docs) or `X-API-Key` (the job API) on every API call; 401
+  `{error, error_code, message}` otherwise (the job API's shape for every error).
+* `POST /generate/v3` with the documented fields: `prompt` required (422 `{"detail": [{loc, msg, type}]}`
+  when missing, the job API's validation answer), `samples` 1-4 and defaulting to **2** when left out,
   `width`/`height` at most 1536 (400 `INVALID_PARAMETERS` otherwise; the minimum and multiple are
   undocumented, so only positive integers are required), integer `num_inference_steps` and `seed`.
   Every accepted job is appended to `ledger` (what a user would pay for on a metered account).
 * The answer is either `{status: "SUCCESS", download_urls: [...]}` at once, one URL per sample
   (`answer="success"`, optionally with an `id`), or `{status: "PENDING", id}` (`answer="pending"`).
 * `GET /generate/v3/status/{id}`: PENDING for `polls_to_complete` polls (or until `finish(id)` when
-  `hold`), then `{status: "SUCCESS", download_urls}`, or `FAILURE` / `FAILED` (`outcome`) with the
-  reason under `failure_field` (`message` by default; which key it is, is undocumented: 4.3.5).
-  Unknown ids are 404 `NOT_FOUND`.
+  `hold`), then `{status: "SUCCESS", download_urls}`, or `FAILURE` (docs) / `FAILED` (third-party code)
+  (`outcome`) with the reason under `failure_field` (`message` by default; which key it is, is
+  undocumented). Unknown ids are 404 `NOT_FOUND`.
 * Result files are served from the fake's own host (`/files/...`), without a key, like a CDN link.
 
-Not reproduced: `queued_image_urls` (whether URLs appear while PENDING is undocumented, 4.3.7),
-`webhook`, `direct_link`, `batch_id`/`file_prefix`, the newer job API (4.2) other than its error shapes.
+Not reproduced: `queued_image_urls` (whether URLs appear while PENDING is undocumented), `webhook`,
+`direct_link`, `batch_id`/`file_prefix`, the newer job API other than its error shapes.
 
 Knobs (set by tests): `answer`, `success_id`, `polls_to_complete`, `hold`, `outcome` ("ok", "FAILURE",
-"FAILED"), `failure_field`, `failure_message`, `submit_errors` / `poll_errors` (queues of
-(status, body, headers) answered instead; a str body is sent as text).
+"FAILED"), `failure_field`, `failure_message`, and the shared ones of `FakeBase` (`submit_errors`,
+`poll_errors`, `echo_key`, `revoke()`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,14 @@ from typing import Any
 
 import httpx2
 
+from .base import FakeBase, Injected
 from .wire import json_response, png_bytes
 
 MAX_SIDE = 1536
+UNAUTHORIZED = {"error": "Unauthorized", "error_code": "UNAUTHORIZED",
+                "message": "Invalid or missing API key"}
+FORBIDDEN = {"error": "Forbidden", "error_code": "FORBIDDEN",
+             "message": "This API key has no access to generate/v3"}
 
 
 @dataclass
@@ -49,7 +54,8 @@ class Job:
 
 
 @dataclass
-class ImagePipelineFake:
+class ImagePipelineFake(FakeBase):
+    key_headers = ("api-key", "x-api-key")
     key: str
     answer: str = "success"
     success_id: bool = False
@@ -58,30 +64,31 @@ class ImagePipelineFake:
     outcome: str = "ok"
     failure_field: str = "message"
     failure_message: str = "CUDA out of memory on the dedicated server"
-    submit_errors: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
-    poll_errors: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
-    ledger: list[dict[str, Any]] = field(default_factory=list)
     jobs: dict[str, Job] = field(default_factory=dict)
-    requests: list[str] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     image_size: tuple[int, int] = (64, 64)
+
+    @property
+    def expected_key(self) -> str:
+        return self.key
+
+    def unauthorized_answer(self, presented: str | None) -> Injected:
+        return 401, UNAUTHORIZED, {}
+
+    def forbidden_answer(self) -> Injected:
+        return 403, FORBIDDEN, {}
 
     def finish(self, job_id: str) -> None:
         self.jobs[job_id].done = True
 
-    def count(self, line: str) -> int:
-        return sum(1 for r in self.requests if r.startswith(line))
-
     async def handle(self, request: httpx2.Request) -> httpx2.Response:
-        path = request.url.path
-        self.requests.append(f"{request.method} {path}")
+        path = self.log(request)
         if request.method == "GET" and path.startswith("/files/"):
             return httpx2.Response(200, content=png_bytes(*self.image_size),
                                    headers={"content-type": "image/png"})
         self.headers.append(dict(request.headers))
-        if self.key not in (request.headers.get("api-key"), request.headers.get("x-api-key")):
-            return json_response(401, {"error": "Unauthorized", "error_code": "UNAUTHORIZED",
-                                       "message": "Invalid or missing API key"})
+        if (refused := self.check_key(request)) is not None:
+            return refused
         if request.method == "POST" and path == "/generate/v3":
             return self._submit(request)
         m = re.fullmatch(r"/generate/v3/status/([^/]+)", path)
@@ -91,8 +98,8 @@ class ImagePipelineFake:
                                    "message": "no such endpoint"})
 
     def _submit(self, request: httpx2.Request) -> httpx2.Response:
-        if self.submit_errors:
-            return _injected(self.submit_errors.pop(0))
+        if (injected := self.take(self.submit_errors, request)) is not None:
+            return injected
         try:
             body = json.loads(request.content)
         except ValueError:
@@ -123,8 +130,8 @@ class ImagePipelineFake:
         return json_response(200, answer)
 
     def _status(self, job_id: str, request: httpx2.Request) -> httpx2.Response:
-        if self.poll_errors:
-            return _injected(self.poll_errors.pop(0))
+        if (injected := self.take(self.poll_errors, request)) is not None:
+            return injected
         job = self.jobs.get(job_id)
         if job is None:
             return json_response(404, {"error": "Not Found", "error_code": "NOT_FOUND",
@@ -138,9 +145,9 @@ class ImagePipelineFake:
 
     def _final(self, job: Job, request: httpx2.Request) -> dict[str, Any]:
         if self.outcome in ("FAILURE", "FAILED"):
-            return {"status": self.outcome, "id": job.id, self.failure_field: self.failure_message}
-        base = f"{request.url.scheme}://{request.url.netloc.decode()}"
-        urls = [f"{base}/files/{job.id}-{i}.png" for i in range(job.body["samples"])]
+            reason = self.echoed(self.failure_message)
+            return {"status": self.outcome, "id": job.id, self.failure_field: reason}
+        urls = [self.file_url(request, f"{job.id}-{i}.png") for i in range(job.body["samples"])]
         return {"status": "SUCCESS", "id": job.id, "download_urls": urls}
 
 
@@ -151,10 +158,3 @@ def _int(value: Any) -> bool:
 def _invalid(message: str) -> httpx2.Response:
     return json_response(400, {"error": "Invalid parameters", "error_code": "INVALID_PARAMETERS",
                                "message": message})
-
-
-def _injected(entry: tuple[int, Any, dict[str, str]]) -> httpx2.Response:
-    status, body, headers = entry
-    if isinstance(body, str):
-        return httpx2.Response(status, text=body, headers=headers)
-    return httpx2.Response(status, json=body, headers=headers)

@@ -1,30 +1,33 @@
-"""A wire-level fake of Segmind's synchronous v1 API and its upload API (shared/providers/API-NOTES.md §2).
+"""A wire-level fake of Segmind's synchronous v1 API and its upload API.
 
-What it reproduces:
-* `x-api-key` on every API call (§2.1); the two documented 401 bodies (§2.5):
+What it reproduces, as Segmind's model pages, its SDK and a third-party compilation of its error
+documentation describe it:
+* `x-api-key` on every API call (Bearer is not accepted); the two documented 401 bodies:
   `{"error": "Missing Authorization or x-api-key in header"}` and
   `{"error": "Unauthorized. API key is invalid or may have expired..."}`.
-* `POST /v1/{slug}` for `flux-schnell`, `flux-dev`, `flux-kontext-pro`, `flux-img2img` (§2.3), validating
+* `POST /v1/{slug}` for `flux-schnell`, `flux-dev`, `flux-kontext-pro`, `flux-img2img`, validating
   exactly the documented fields and limits (schnell: width/height 512-2048 in multiples of 8, steps 1-8,
   denoise 0-1, the sampler/scheduler enums; img2img: required image/steps 1-50/denoise/scheduler/sampler_name;
   kontext-pro: aspect_ratio enum, output_format, safety_tolerance 0-6 and at most 2 with an input image;
-  dev: aspect_ratio enum, guidance 0-10). Image inputs must be a URL or a raw base64 string (SEG-M-I2I), so a
-  `data:` URI is refused. Out-of-range values get `invalid_status` (400 by default; §7 allows 400 or 406).
-* A 200 answer is the image itself, `image/jpeg` (S-SEG), with `x-remaining-credits` decremented by the
-  model's price and `x-cost` (§2.4); every 200 is billed and appended to `ledger` (billing on HTTP 200 only).
-  `answer` switches to the undocumented-but-seen JSON variants of §2.6.1 (`image` URL, `images` list,
-  `output` base64, `output_url`, data URI), a 200 text body, or a JSON body without an image.
+  dev: aspect_ratio enum, guidance 0-10). Image inputs must be a URL or a raw base64 string (the
+  img2img page's sample encodes files that way), so a `data:` URI is refused. Out-of-range values get
+  `invalid_status` (400 by default; the sources allow 400 or 406).
+* A 200 answer is the image itself, `image/jpeg`, with `x-remaining-credits` decremented by the
+  model's price and `x-cost`; every 200 is billed and appended to `ledger` (Segmind bills HTTP 200
+  only). `answer` switches to the JSON variants the newer model pages' templates imply (`image` URL,
+  `images` list, `output` base64, `output_url`, data URI), a 200 text body, or a JSON body without
+  an image.
 * 406 `{"error": "Insufficient credits..."}` when the balance is below the price; 406 "Invalid content type"
   for a body that is neither JSON nor multipart; 403 for slugs in `forbidden`; 410 for retired slugs; 404 for
-  unknown ones; 405 with an HTML page for a method other than POST (§2.5).
+  unknown ones; 405 with an HTML page for a method other than POST.
 * `POST /upload-asset` (the workflows-api host; tests point both base URLs here) with
-  `{"data_urls": ["data:<mime>;base64,..."]}` -> `{"urls": [...]}` or, with `upload_style="file_urls"`,
-  the SDK's `{"file_urls": [...], "message": ...}` (§2.4, §2.6.6).
+  `{"data_urls": ["data:<mime>;base64,..."]}` -> `{"urls": [...]}` (the storage docs) or, with
+  `upload_style="file_urls"`, the SDK's `{"file_urls": [...], "message": ...}`.
 * Result and uploaded files are served from the fake's own host (`/files/...`, `/assets/...`).
 
-Knobs: `balance`, `prices`, `report_cost`, `answer`, `invalid_status`, `forbidden`, `upload_style`, and
-`errors`: a queue of (status, body, headers) answered to v1 calls instead of running them (after the key
-check).
+Knobs: `balance`, `prices`, `report_cost`, `answer`, `invalid_status`, `forbidden`, `upload_style`,
+`errors` (this fake's name for `submit_errors`: answered to v1 calls instead of running them, after the
+key check), and the shared ones of `FakeBase` (`echo_key`, `revoke()`). There is no status endpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 
 import httpx2
 
+from .base import Entry, FakeBase, Injected
 from .wire import jpeg_bytes, json_response
 
 PRICES = {"flux-schnell": 0.008, "flux-dev": 0.02, "flux-kontext-pro": 0.05, "flux-img2img": 0.026}
@@ -59,7 +63,8 @@ class Invalid(Exception):
 
 
 @dataclass
-class SegmindFake:
+class SegmindFake(FakeBase):
+    key_headers = ("x-api-key",)
     key: str
     balance: float = 10.0
     prices: dict[str, float] = field(default_factory=lambda: dict(PRICES))
@@ -70,11 +75,23 @@ class SegmindFake:
     invalid_status: int = 400
     forbidden: set[str] = field(default_factory=set)
     upload_style: str = "urls"
-    errors: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
-    ledger: list[dict[str, Any]] = field(default_factory=list)
-    requests: list[str] = field(default_factory=list)
     uploads: dict[str, bytes] = field(default_factory=dict)
     image_size: tuple[int, int] = (64, 48)
+
+    @property
+    def expected_key(self) -> str:
+        return self.key
+
+    def unauthorized_answer(self, presented: str | None) -> Injected:
+        return 401, (MISSING_KEY if presented is None else BAD_KEY), {}
+
+    def forbidden_answer(self) -> Injected:
+        return 403, {"error": "You are not permitted to access the model flux-schnell."}, {}
+
+    @property
+    def errors(self) -> list[Entry]:
+        """This fake's name for `submit_errors` (v1 calls are the paid requests)."""
+        return self.submit_errors
 
     def v1_calls(self, slug: str | None = None) -> int:
         """How many v1 POSTs arrived (for `slug`, or any)."""
@@ -82,15 +99,11 @@ class SegmindFake:
         return sum(1 for r in self.requests if (r == prefix if slug else r.startswith(prefix)))
 
     async def handle(self, request: httpx2.Request) -> httpx2.Response:
-        path = request.url.path
-        self.requests.append(f"{request.method} {path}")
+        path = self.log(request)
         if request.method == "GET" and path.startswith(("/files/", "/assets/")):
             return self._file(path)
-        key = request.headers.get("x-api-key")
-        if not key:
-            return json_response(401, MISSING_KEY)
-        if key != self.key:
-            return json_response(401, BAD_KEY)
+        if (refused := self.check_key(request)) is not None:
+            return refused
         if path == "/upload-asset" and request.method == "POST":
             return self._upload(request)
         m = re.fullmatch(r"/v1/([A-Za-z0-9._-]+)", path)
@@ -113,11 +126,8 @@ class SegmindFake:
         if "application/json" not in ctype and "multipart/form-data" not in ctype:
             return json_response(406, {"error": "Invalid content type. Use application/json or "
                                                 "multipart/form-data."})
-        if self.errors:
-            status, body, headers = self.errors.pop(0)
-            if isinstance(body, str):
-                return httpx2.Response(status, text=body, headers=headers)
-            return httpx2.Response(status, json=body, headers=headers)
+        if (injected := self.take(self.submit_errors, request)) is not None:
+            return injected
         try:
             body = json.loads(request.content)
             if not isinstance(body, dict):
@@ -137,8 +147,7 @@ class SegmindFake:
         return self._answer(request, headers)
 
     def _answer(self, request: httpx2.Request, headers: dict[str, str]) -> httpx2.Response:
-        base = f"{request.url.scheme}://{request.url.netloc.decode()}"
-        url = f"{base}/files/{uuid.uuid4().hex}.jpg"
+        url = self.file_url(request, f"{uuid.uuid4().hex}.jpg")
         raw = jpeg_bytes(*self.image_size)
         b64 = base64.b64encode(raw).decode()
         bodies: dict[str, Any] = {
@@ -147,7 +156,7 @@ class SegmindFake:
             "json-output-base64": {"output": b64, "status": "Success"},
             "json-output-url": {"output_url": url},
             "json-data-uri": {"image": f"data:image/jpeg;base64,{b64}"},
-            "json-no-image": {"status": "Success", "message": "Request processed"},
+            "json-no-image": {"status": "Success", "message": self.echoed("Request processed")},
         }
         if self.answer == "image":
             return httpx2.Response(200, content=raw, headers={**headers, "content-type": "image/jpeg"})

@@ -1,0 +1,97 @@
+"""Fixtures of the contract suite: the case's fake and settings, and a trace of everywhere a key could reach.
+
+Every contract test is parametrized with `case` (a `cases.Case`); `fake`, `settings` and
+`polled_settings` follow from it. `trace` collects the tool results of a test; its
+`assert_never_shows(secret)` then searches them, every log record (captured at DEBUG) and every
+file under FLUX_MCP_HOME (the journal included, and the file names) for the secret or any
+12-character piece of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flux_mcp.config import Settings
+from flux_mcp.redact import MASK
+from tests.conftest import text_of
+from tests.contract.cases import Case
+from tests.fakes.base import FakeBase
+
+PIECE = 12
+"""Any run of this many characters of a secret counts as a leak of it."""
+
+
+@pytest.fixture
+def fake(case: Case) -> FakeBase:
+    return case.make_fake(case.key)
+
+
+@pytest.fixture
+def settings(case: Case, make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(**case.environment())
+
+
+@pytest.fixture
+def polled_settings(case: Case, make_settings: Callable[..., Settings]) -> Settings:
+    """Settings under which every job of the case goes through its status endpoint."""
+    return make_settings(**case.environment(polled=True))
+
+
+class Trace:
+    """What a user, a log or the data folder got during one test."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture, home: Path):
+        self.caplog = caplog
+        self.home = home
+        self.results: list[Any] = []
+
+    def __call__(self, result: Any) -> Any:
+        """Records a tool result (and returns it)."""
+        self.results.append(result)
+        return result
+
+    def surfaces(self) -> Iterator[tuple[str, bytes]]:
+        for n, result in enumerate(self.results, 1):
+            shown = text_of(result) + json.dumps(result.structured_content)
+            yield f"tool result {n}", shown.encode()
+            for block in result.content:
+                if getattr(block, "type", "") == "image":
+                    yield f"tool result {n} image", base64.b64decode(block.data)
+        records = "\n".join(r.getMessage() + (r.exc_text or "") for r in self.caplog.records)
+        yield "log", (records + self.caplog.text).encode()
+        assert self.home.is_dir(), "the server never opened its data folder"
+        for path in sorted(self.home.rglob("*")):
+            name = str(path.relative_to(self.home))
+            yield f"file name {name}", name.encode()
+            if path.is_file():
+                yield f"file {name}", path.read_bytes()
+
+    def assert_never_shows(self, secret: str) -> None:
+        assert len(secret) >= PIECE
+        pieces = {secret[i : i + PIECE].encode() for i in range(len(secret) - PIECE + 1)}
+        found = [where for where, data in self.surfaces() if any(p in data for p in pieces)]
+        assert not found, f"the key (or a {PIECE}-character piece of it) surfaced in: {', '.join(found)}"
+
+
+@pytest.fixture
+def trace(caplog: pytest.LogCaptureFixture, home: Path) -> Trace:
+    caplog.set_level(logging.DEBUG)
+    return Trace(caplog, home)
+
+
+def said(result: Any) -> str:
+    """A tool result's text and structured content, with the fakes' echo of a (masked) key taken out:
+    what the server says to the provider's answer, as if the provider had not repeated the key."""
+    return unmasked(text_of(result) + "\n" + json.dumps(result.structured_content))
+
+
+def unmasked(text: str) -> str:
+    """`text` without the fakes' echo of a key that the server masked."""
+    return text.replace(f" (key {MASK})", "").replace(f"key {MASK}", "")
