@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (args.log_level or settings.log_level).upper()
     _configure_logging(level, Redactor(settings.secrets()))
     command = args.command or "serve"
-    if command in ("serve", "generate"):
+    if command in ("serve", "generate", "prune"):
         from .journal import check_journal
 
         try:
@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"flux-mcp: {exc}", file=sys.stderr)
             return 2
+        if command == "serve" and settings.keep_days is not None:
+            _prune(settings, older_than=settings.keep_days, dry_run=False, quiet=True)
     if command == "serve":
         return _serve(settings, getattr(args, "transport", "stdio"), getattr(args, "host", "127.0.0.1"),
                       getattr(args, "port", 8000))
@@ -44,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .terminal import generate
 
         return generate(settings, args)
+    if command == "prune":
+        return _prune(settings, older_than=args.older_than, dry_run=args.dry_run)
     parser.error(f"unknown command {command}")
     return 2
 
@@ -80,7 +84,45 @@ def _parser() -> argparse.ArgumentParser:
 
     prov = sub.add_parser("providers", help="show which providers are configured, their models and capabilities")
     prov.add_argument("--json", action="store_true", help="print as JSON")
+
+    prune = sub.add_parser("prune", help="remove old images and journal rows from the data folder (never a "
+                                         "pending job's, never a save_to copy)")
+    prune.add_argument("--older-than", type=float, dest="older_than", metavar="DAYS",
+                       help="age in days (default FLUX_MCP_KEEP_DAYS, else 30)")
+    prune.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     return parser
+
+
+def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet: bool = False) -> int:
+    import anyio
+
+    from .journal import open_journal
+    from .prune import prune
+    from .store import FolderStore
+
+    days = older_than if older_than is not None else (settings.keep_days or 30.0)
+    if days < 0:
+        print("flux-mcp: --older-than must be a number of days, 0 or more.", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        journal = open_journal(settings.home)
+        try:
+            done = await prune(journal, FolderStore(settings.home), older_than_days=days, dry_run=dry_run)
+        finally:
+            await journal.close()
+        verb = "would remove" if dry_run else "removed"
+        if quiet:  # at server start: stdout may be the JSON-RPC channel
+            log.info("%s %d prediction(s) and %d image file(s) older than %g days", verb, len(done.predictions),
+                     len(done.files), days)
+            return 0
+        for path in done.files:
+            print(path)
+        print(f"{verb} {len(done.predictions)} prediction(s) and {len(done.files)} image file(s) older than "
+              f"{days:g} days from {settings.home}", file=sys.stderr)
+        return 0
+
+    return anyio.run(run)
 
 
 def _configure_logging(level: str, redactor: Redactor) -> None:

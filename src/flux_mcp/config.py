@@ -45,6 +45,8 @@ class Settings(BaseModel):
     cwd: Path
     wait_seconds: float = DEFAULT_WAIT_SECONDS
     max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS
+    keep_days: float | None = None
+    """FLUX_MCP_KEEP_DAYS: finished jobs older than this are pruned at start (None: keep everything)."""
     auth_token: SecretStr | None = None
     preview: Literal["auto", "off", "full"] = "auto"
     preview_budget: int = DEFAULT_PREVIEW_BUDGET
@@ -104,6 +106,8 @@ class Settings(BaseModel):
             cwd=cwd,
             wait_seconds=wait,
             max_wait_seconds=max_wait,
+            keep_days=_number(env, "FLUX_MCP_KEEP_DAYS", -1, 0, 100_000) if env.get("FLUX_MCP_KEEP_DAYS", "").strip()
+            else None,
             auth_token=SecretStr(token) if token else None,
             preview=preview,  # type: ignore[arg-type]
             preview_budget=budget,
