@@ -139,8 +139,8 @@ def _configure_logging(level: str, redactor: Redactor) -> None:
 
 
 def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
-    from .server import build_server
     from .providers import registry
+    from .server import build_server
 
     default = registry.default_provider(settings)
     if transport == "stdio":
