@@ -77,6 +77,8 @@ class AppState:
     """Each session's roots, as its client listed them."""
     policies: _Expiring[tuple[Path, ...], PathPolicy] = field(default_factory=lambda: _Expiring(_POLICY_TTL))
     """The folder policy built from each set of roots (resolving folders costs syscalls on every call)."""
+    paths: PathPolicy | None = None
+    """A folder policy fixed by the caller of build_server, used instead of the roots and the settings."""
 
 
 # --- argument types, described for the model -------------------------------------------------------
@@ -120,9 +122,12 @@ UploadOut = Annotated[CallToolResult, UploadResult]
 
 
 def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
-                 retry: RetryPolicy | None = None, downloads: DownloadLimits | None = None) -> MCPServer[AppState]:
+                 retry: RetryPolicy | None = None, downloads: DownloadLimits | None = None,
+                 paths: PathPolicy | None = None) -> MCPServer[AppState]:
     """Builds a server; nothing is opened until its lifespan starts. `http_client` lets tests inject a
-    client over `httpx2.MockTransport`; `retry` and `downloads` tune the network limits."""
+    client over `httpx2.MockTransport`; `retry` and `downloads` tune the network limits. `paths` fixes
+    the folders every call may use (the terminal's `generate -o`: the person chose the path), instead
+    of FLUX_MCP_ALLOWED_DIRS and the client's roots."""
 
     # One state per server, shared by every lifespan entry (SSE enters it once per connection).
     live: list[AppState] = []
@@ -134,7 +139,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         nonlocal users
         async with lock:
             if not live:
-                live.append(_open_state(settings, http_client, retry, downloads))
+                live.append(_open_state(settings, http_client, retry, downloads, paths))
             users += 1
         try:
             yield live[0]
@@ -301,7 +306,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
 
 def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
-                downloads: DownloadLimits | None) -> AppState:
+                downloads: DownloadLimits | None, paths: PathPolicy | None = None) -> AppState:
     settings.home.mkdir(parents=True, exist_ok=True)
     journal = Journal(settings.home / "journal.sqlite3")
     client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
@@ -309,7 +314,7 @@ def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retr
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
     service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry,
                           downloader=downloader)
-    return AppState(settings, service)
+    return AppState(settings, service, paths=paths)
 
 
 async def _close_state(state: AppState, *, own_client: bool) -> None:
@@ -357,6 +362,8 @@ def _progress(ctx: Context[AppState, Any]):
 
 async def _path_policy(ctx: Context[AppState, Any], state: AppState) -> PathPolicy:
     """Allowed folders: FLUX_MCP_ALLOWED_DIRS when set, else the client's roots, else the working directory."""
+    if state.paths is not None:
+        return state.paths
     settings = state.settings
     roots = await _client_roots(ctx, state)
     policy = state.policies.get(tuple(roots))
