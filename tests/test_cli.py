@@ -98,8 +98,8 @@ def test_opentelemetry_spans_only_when_opentelemetry_is_configured(tmp_path):
 
 def test_generate_in_the_home_folder_writes_o_into_the_current_directory(home, tmp_path):
     # child_env makes tmp_path the HOME; the tools never treat a home folder as a workspace.
-    proc = run(["generate", "a lighthouse at dusk", "--width", "256", "--height", "256", "-o", "lighthouse.png"],
-               child_env(home), tmp_path)
+    proc = run(["generate", "a lighthouse at dusk", "--width", "256", "--height", "256",
+                "-o", "lighthouse.png"], child_env(home), tmp_path)
     assert proc.returncode == 0, proc.stderr
     target = tmp_path / "lighthouse.png"
     assert proc.stdout.strip() == str(target)
@@ -123,8 +123,8 @@ def test_generate_writes_an_absolute_or_dotdot_o_outside_the_working_directory(h
     with Image.open(elsewhere) as im:
         assert im.format == "WEBP"
 
-    folder = run(["generate", "two cabins", "-n", "2", "--width", "256", "--height", "256", "-o", "../shots/"],
-                 child_env(home), workspace)
+    folder = run(["generate", "two cabins", "-n", "2", "--width", "256", "--height", "256",
+                  "-o", "../shots/"], child_env(home), workspace)
     assert folder.returncode == 0, folder.stderr
     written = [Path(line) for line in folder.stdout.split()]
     assert len(written) == 2 and all(p.parent == tmp_path / "shots" and p.is_file() for p in written)
