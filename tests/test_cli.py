@@ -128,3 +128,12 @@ def test_generate_writes_an_absolute_or_dotdot_o_outside_the_working_directory(h
     assert folder.returncode == 0, folder.stderr
     written = [Path(line) for line in folder.stdout.split()]
     assert len(written) == 2 and all(p.parent == tmp_path / "shots" and p.is_file() for p in written)
+
+
+def test_sse_transport_is_marked_deprecated_in_help_and_readme(home, workspace):
+    proc = run(["serve", "--help"], child_env(home), workspace)
+    assert proc.returncode == 0, proc.stderr
+    help_text = " ".join(proc.stdout.split())
+    assert "sse (endpoint /sse) is deprecated" in help_text and "streamable-http" in help_text
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert "`--transport sse` (the HTTP+SSE transport, endpoint `/sse`) is **deprecated**" in readme
