@@ -76,7 +76,7 @@ def _environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "mcp": version("mcp"),
-        "flux_mcp": version("flux-mcp"),
+        "flux_mcp": version("flux-image-mcp"),
         "commit": commit,
     }
 

@@ -92,3 +92,48 @@ def test_opentelemetry_spans_only_when_opentelemetry_is_configured(tmp_path):
     assert "OpenTelemetryMiddleware" not in middleware({})
     assert "OpenTelemetryMiddleware" in middleware({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
     assert "OpenTelemetryMiddleware" not in middleware({"OTEL_SERVICE_NAME": "x", "OTEL_SDK_DISABLED": "true"})
+
+
+# --- `-o PATH` is taken as typed: the folder rules are for the model, not the person at the terminal ---
+
+def test_generate_in_the_home_folder_writes_o_into_the_current_directory(home, tmp_path):
+    # child_env makes tmp_path the HOME; the tools never treat a home folder as a workspace.
+    proc = run(["generate", "a lighthouse at dusk", "--width", "256", "--height", "256",
+                "-o", "lighthouse.png"], child_env(home), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    target = tmp_path / "lighthouse.png"
+    assert proc.stdout.strip() == str(target)
+    with Image.open(target) as im:
+        assert im.size == (256, 256) and im.info["prompt"] == "a lighthouse at dusk"
+    assert not list(home.rglob("lighthouse*.png")), "the copy belongs in the current directory only"
+
+    again = run(["generate", "another", "--width", "256", "--height", "256", "-o", "lighthouse.png"],
+                child_env(home), tmp_path)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    with Image.open(target) as im:
+        assert im.info["prompt"] == "a lighthouse at dusk"
+
+
+def test_generate_writes_an_absolute_or_dotdot_o_outside_the_working_directory(home, workspace, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "new" / "cabin.webp"
+    proc = run(["generate", "a cabin", "--width", "256", "--height", "256", "-o", str(elsewhere)],
+               child_env(home), workspace)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(elsewhere)
+    with Image.open(elsewhere) as im:
+        assert im.format == "WEBP"
+
+    folder = run(["generate", "two cabins", "-n", "2", "--width", "256", "--height", "256",
+                  "-o", "../shots/"], child_env(home), workspace)
+    assert folder.returncode == 0, folder.stderr
+    written = [Path(line) for line in folder.stdout.split()]
+    assert len(written) == 2 and all(p.parent == tmp_path / "shots" and p.is_file() for p in written)
+
+
+def test_sse_transport_is_marked_deprecated_in_help_and_readme(home, workspace):
+    proc = run(["serve", "--help"], child_env(home), workspace)
+    assert proc.returncode == 0, proc.stderr
+    help_text = " ".join(proc.stdout.split())
+    assert "sse (endpoint /sse) is deprecated" in help_text and "streamable-http" in help_text
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert "`--transport sse` (the HTTP+SSE transport, endpoint `/sse`) is **deprecated**" in readme

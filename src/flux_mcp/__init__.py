@@ -3,6 +3,6 @@
 from importlib.metadata import PackageNotFoundError, version
 
 try:
-    __version__ = version("flux-mcp")
+    __version__ = version("flux-image-mcp")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"

@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import Settings
@@ -24,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flux-mcp: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "allowed_dirs", None):
+        folders = (Path(d).expanduser() for d in args.allowed_dirs)
+        settings = settings.model_copy(
+            update={"allowed_dirs": tuple(p if p.is_absolute() else settings.cwd / p for p in folders)})
     level = (args.log_level or settings.log_level).upper()
     _configure_logging(level, Redactor(settings.secrets()))
     command = args.command or "serve"
@@ -62,8 +68,14 @@ def _parser() -> argparse.ArgumentParser:
                                                 "error"], help="log level (logs go to stderr)")
     sub = parser.add_subparsers(dest="command")
 
-    serve = sub.add_parser("serve", help="serve MCP over stdio, SSE or streamable HTTP")
-    serve.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio")
+    serve = sub.add_parser("serve", help="serve MCP over stdio or streamable HTTP (or the deprecated SSE)")
+    serve.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio",
+                       help="stdio (default) or streamable-http (endpoint /mcp). sse (endpoint /sse) is "
+                            "deprecated (HTTP+SSE, replaced by streamable HTTP in protocol 2025-03-26); it "
+                            "still works for old clients")
+    serve.add_argument("--allowed-dirs", nargs="+", metavar="DIR",
+                       help="folders where the tools may read and write files (instead of "
+                            "FLUX_MCP_ALLOWED_DIRS)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (HTTP transports; default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (HTTP transports; default 8000)")
 
@@ -78,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int)
     gen.add_argument("--guidance-scale", type=float, dest="guidance_scale")
     gen.add_argument("--wait", type=float, dest="wait_seconds", help="seconds to wait (default 600 here)")
-    gen.add_argument("-o", "--output", dest="save_to", help="file or folder to write the image(s) to")
+    gen.add_argument("-o", "--output", dest="save_to",
+                     help="file or folder to write the image(s) to, as typed: relative to the current "
+                          "directory, any folder you can write")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     gen.add_argument("--json", action="store_true", help="print the structured result as JSON")
 
@@ -160,6 +174,8 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
 
     log.info("flux-mcp %s serving %s on http://%s:%d%s; default provider %s; data folder %s", __version__,
              transport, host, port, "/sse" if transport == "sse" else "/mcp", default, settings.home)
+    if transport == "sse":
+        log.warning("the SSE transport is deprecated (kept for old clients); use --transport streamable-http")
     serve_http(settings, transport, host, port)
     return 0
 

@@ -62,6 +62,9 @@ class AppState:
     folders: Folders
     """The folder policy of each client session (FLUX_MCP_ALLOWED_DIRS, the client's roots, the working
     directory) and its caches."""
+    paths: PathPolicy | None = None
+    """A folder policy fixed by the caller of build_server (the terminal's `generate -o`), used instead of
+    the roots and the settings."""
 
 
 PROVIDER_TEXT = f"Provider id ({', '.join(registry.ids())}). Omit to use the server's default."
@@ -72,9 +75,12 @@ UploadOut = Annotated[CallToolResult, UploadResult]
 
 
 def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
-                 retry: RetryPolicy | None = None, downloads: DownloadLimits | None = None) -> MCPServer[AppState]:
+                 retry: RetryPolicy | None = None, downloads: DownloadLimits | None = None,
+                 paths: PathPolicy | None = None) -> MCPServer[AppState]:
     """Builds a server; nothing is opened until its lifespan starts. `http_client` lets tests inject a
-    client over `httpx2.MockTransport`; `retry` and `downloads` tune the network limits."""
+    client over `httpx2.MockTransport`; `retry` and `downloads` tune the network limits. `paths` fixes
+    the folders every call may use (the terminal's `generate -o`: the person chose the path), instead
+    of FLUX_MCP_ALLOWED_DIRS and the client's roots."""
 
     # One state per server, shared by every lifespan entry (SSE enters it once per connection).
     live: list[AppState] = []
@@ -86,7 +92,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         nonlocal users
         async with lock:
             if not live:
-                live.append(_open_state(settings, http_client, retry, downloads))
+                live.append(_open_state(settings, http_client, retry, downloads, paths))
             users += 1
         try:
             yield live[0]
@@ -179,7 +185,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
 
 def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
-                downloads: DownloadLimits | None) -> AppState:
+                downloads: DownloadLimits | None, paths: PathPolicy | None = None) -> AppState:
     protect_logs(settings.secrets())
     journal = open_journal(settings.home)
     client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
@@ -187,7 +193,7 @@ def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retr
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
     service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry,
                           downloader=downloader)
-    return AppState(settings, service, Folders(settings))
+    return AppState(settings, service, Folders(settings), paths=paths)
 
 
 async def _close_state(state: AppState, *, own_client: bool) -> None:
@@ -276,7 +282,10 @@ def _progress(ctx: Context[AppState, Any], state: AppState) -> ProgressFn:
 
 
 async def _path_policy(ctx: Context[AppState, Any], state: AppState) -> PathPolicy:
-    """The folders this call may read and write (see `folders.Folders.policy_for`)."""
+    """The folders this call may read and write: a policy fixed when the server was built, else
+    `folders.Folders.policy_for`."""
+    if state.paths is not None:
+        return state.paths
     return await state.folders.policy_for(ctx)
 
 

@@ -4,16 +4,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
+from typing import TextIO
 
 import anyio
+from mcp_types import TextContent
 
 from .config import Settings
+from .errors import PathNotAllowed
+from .paths import PathPolicy, to_local_path
 
 
 def generate(settings: Settings, args: argparse.Namespace) -> int:
     return anyio.run(_generate, settings, args)
+
+
+def output_target(raw: str, cwd: Path, home: Path) -> tuple[str, PathPolicy]:
+    """`-o PATH` as the person typed it, and a folder policy that allows exactly where it points.
+
+    The folder rules (FLUX_MCP_ALLOWED_DIRS, the client's roots, never the home folder itself) guard
+    what a model asks for through the tools. At the terminal the person chose the path: it is relative
+    to the working directory and may name any folder they can write. The policy allows the folder
+    that holds the target (for a folder target, the images go inside it, so within that folder too).
+    Returns the absolute target (a trailing separator kept: it marks a folder) and the policy.
+    """
+    path = to_local_path(raw)
+    absolute = path if path.is_absolute() else cwd / path
+    if absolute.name in ("", ".", ".."):
+        folder = absolute.resolve()
+        return str(folder) + os.sep, PathPolicy([folder], home)
+    parent = absolute.parent.resolve()  # symlinks and '..' resolved, as the shell would
+    as_folder = raw.rstrip().endswith(("/", "\\"))
+    return str(parent / absolute.name) + (os.sep if as_folder else ""), PathPolicy([parent], home)
 
 
 async def _generate(settings: Settings, args: argparse.Namespace) -> int:
@@ -21,20 +46,27 @@ async def _generate(settings: Settings, args: argparse.Namespace) -> int:
 
     from .server import build_server
 
+    save_to, paths = args.save_to, None
+    if save_to is not None:
+        try:
+            save_to, paths = output_target(save_to, settings.cwd, settings.home)
+        except PathNotAllowed as exc:
+            print(f"flux-mcp: -o {args.save_to}: {exc}", file=sys.stderr)
+            return 2
     arguments = {
         "prompt": args.prompt, "provider": args.provider, "model": args.model, "width": args.width,
         "height": args.height, "num_images": args.num_images, "seed": args.seed, "steps": args.steps,
-        "guidance_scale": args.guidance_scale, "save_to": args.save_to, "overwrite": args.overwrite,
+        "guidance_scale": args.guidance_scale, "save_to": save_to, "overwrite": args.overwrite,
         "wait_seconds": args.wait_seconds if args.wait_seconds is not None else 600,
     }
     arguments = {k: v for k, v in arguments.items() if v is not None}
     bar = _Progress(sys.stderr)
     # A person at a terminal has no client timeout to stay under: the call may wait as long as asked.
     settings = settings.model_copy(update={"max_wait_seconds": max(settings.max_wait_seconds, 600.0)})
-    async with Client(build_server(settings)) as client:
+    async with Client(build_server(settings, paths=paths)) as client:
         result = await client.call_tool("generate_image", arguments, progress_callback=bar.update)
     bar.done()
-    text = "\n".join(block.text for block in result.content if getattr(block, "type", "") == "text")
+    text = "\n".join(block.text for block in result.content if isinstance(block, TextContent))
     structured = result.structured_content or {}
     if args.json:
         print(json.dumps(structured, indent=2))
@@ -51,7 +83,7 @@ async def _generate(settings: Settings, args: argparse.Namespace) -> int:
 class _Progress:
     """A one-line progress display on a terminal; plain lines otherwise."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: TextIO):
         self.stream = stream
         self.tty = stream.isatty()
         self.start = time.monotonic()
