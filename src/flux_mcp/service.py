@@ -11,7 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import anyio
 import httpx2
@@ -347,8 +346,7 @@ class FluxService:
     async def _materialize(self, record: Record, provider: Provider, state: JobState | None, paths: PathPolicy,
                            outcome: Outcome, *, journaled: bool = True) -> None:
         """Keeps a local copy of every output (and the save_to copies); a failed download keeps the URL."""
-        host = urlsplit(provider.settings.base_url).hostname
-        trusted = frozenset({host.lower()}) if host else frozenset()
+        trusted = frozenset({provider.base_url})  # its origin (scheme, host, port) may be a private address
         targets = [Path(t) for t in (record.request.get("save_to") or [])]
         count = len(state.outputs) if state else len(record.outputs)
         slots: list[tuple[ImageOutput, str | None]] = [(ImageOutput(), None)] * count
