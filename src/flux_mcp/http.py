@@ -208,7 +208,7 @@ class AnswerTooLarge(ProviderUnavailable):
 
 @dataclass(frozen=True)
 class WaitHint:
-    """How long the provider asks us to wait. `until` is its own reset moment, as written, when it gave one."""
+    """How long the provider asks for; `until` is its own reset moment, as written, when it gave one."""
 
     seconds: float
     until: str | None = None
@@ -278,7 +278,7 @@ def _until(raw: str, clock: float) -> float | None:
         return max(0.0, _epoch(number) - clock)
     when: dt.datetime | None = None
     try:
-        when = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        when = dt.datetime.fromisoformat(raw)
     except ValueError:
         try:
             when = parsedate_to_datetime(raw)
@@ -327,11 +327,9 @@ class ErrorRule:
                 return False
         if self.coded is not None and self.coded != (code is not None):
             return False
-        if self.pattern is not None and not re.search(self.pattern, detail, re.I):
+        if self.pattern is not None and not re.search(self.pattern, detail, re.IGNORECASE):
             return False
-        if self.phase is not None and phase not in ((self.phase,) if isinstance(self.phase, str) else self.phase):
-            return False
-        return True
+        return self.phase is None or phase in ((self.phase,) if isinstance(self.phase, str) else self.phase)
 
 
 SERVER_ERROR = range(500, 600)
@@ -344,7 +342,8 @@ DEFAULT_RULES: tuple[ErrorRule, ...] = (
               "Top up the account, or use another provider.", status=402),
     ErrorRule(AuthFailed, "{who} denied access (HTTP 403: {detail}). The key may lack permission for this "
               "model.", status=403),
-    ErrorRule(RateLimited, "{who} is rate limiting requests (HTTP 429: {detail}); {then} {when}.", status=429),
+    ErrorRule(RateLimited, "{who} is rate limiting requests (HTTP 429: {detail}); {then} {when}.",
+              status=429),
     ErrorRule(ProviderUnavailable, "{who} answered with a redirect (HTTP {status}), which this server does "
               "not follow on API calls. Check the base URL setting.", status=range(300, 400)),
     ErrorRule(SubmitOutcomeUnknown, "{who} answered HTTP {status} ({detail}) to the submit request. The "
@@ -385,7 +384,8 @@ class ProviderHttp:
         self.key_env = key_env
         self.retry = retry or RetryPolicy()
 
-    async def submit(self, method: str, url: str, *, held: float | None = None, **kwargs: Any) -> httpx2.Response:
+    async def submit(self, method: str, url: str, *, held: float | None = None,
+                     **kwargs: Any) -> httpx2.Response:
         """Sends a job-creating request once. Raises on any failure; never resends.
 
         `held`: the provider keeps this request open until the job is done (a synchronous mode), so
@@ -467,7 +467,8 @@ class ProviderHttp:
         values = {
             "who": self.provider_id, "status": str(status), "detail": detail, "code": code or "",
             "code_detail": f"{code}: {detail}" if code and code not in detail else detail,
-            "var": self.key_env or "the API key variable", "var_in": f" in {self.key_env}" if self.key_env else "",
+            "var": self.key_env or "the API key variable",
+            "var_in": f" in {self.key_env}" if self.key_env else "",
             "when": hint.when() if hint else "in a minute",
             "reset": f" (the limit resets at {hint.until})" if hint and hint.until else "",
             "then": _THEN[phase], "advice": "", **fields,

@@ -54,7 +54,7 @@ from ..errors import (
 from ..http import SERVER_ERROR, ErrorRule, Phase
 from ..models import Status
 from .base import ImageRequest, JobState, Kind, ModelInfo, Provider, Range, Submitted
-from .wire import Loose, Text, WireModel, finished, first_string, read, resolve_output, UnusableOutput
+from .wire import Loose, Text, UnusableOutput, WireModel, finished, first_string, read, resolve_output
 
 RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21")
 """The aspect ratios kontext and flux-2 models take as `size`."""
@@ -90,8 +90,8 @@ _CODES: dict[str, tuple[type[FluxError], str]] = {
         "says the API token in {var} has expired " + _WHY + ". Put a current token there and restart the "
         "server.")),
     "token_mismatched": (AuthFailed, (
-        "says the token in {var} does not match this API " + _WHY + ". Use a token issued for the Flux Images "
-        "Generation service, then restart the server.")),
+        "says the token in {var} does not match this API " + _WHY + ". Use a token issued for the Flux "
+        "Images Generation service, then restart the server.")),
     "no_token": (AuthFailed, "received no token " + _WHY + ". Set {var} and restart the server."),
     "disabled": (AuthFailed, (
         "says the token or its Flux service is disabled " + _WHY + ". Re-enable it in the AceDataCloud "
@@ -101,23 +101,25 @@ _CODES: dict[str, tuple[type[FluxError], str]] = {
         "provider.")),
     "no_api": (ProviderRejected, (
         "has no such API " + _WHY + ". Check ACEDATACLOUD_BASE_URL (default https://api.acedata.cloud).")),
-    "api_not_implemented": (ProviderRejected, "does not implement this request " + _WHY + ". Try another model."),
+    "api_not_implemented": (ProviderRejected,
+                            "does not implement this request " + _WHY + ". Try another model."),
     "bad_request": (ProviderRejected, (
         "rejected the request " + _WHY + ". Adjust the arguments (prompt, model, size) and call again.")),
 }
 """The documented error codes, which say what went wrong whatever the HTTP status."""
 
-_SERVER_TROUBLE = "AceDataCloud had a server error " + _WHY + ". The job is kept; call check_prediction again later."
+_SERVER_TROUBLE = ("AceDataCloud had a server error " + _WHY + ". The job is kept; call check_prediction "
+                   "again later.")
 _ERRORS: tuple[ErrorRule, ...] = (
     *(ErrorRule(cls, "AceDataCloud " + text, code=code) for code, (cls, text) in _CODES.items()),
     ErrorRule(RateLimited, "AceDataCloud is rate limiting requests " + _WHY + "; {then} {when}.",
               code="too_many_requests"),
     ErrorRule(RateLimited, "AceDataCloud is rate limiting requests " + _WHY + "; {then} {when}.", status=429),
     # api_error under another status is still a server-side failure after the job was sent.
-    ErrorRule(SubmitOutcomeUnknown, "AceDataCloud reported a server error for the submit request " + _WHY + ". "
-              "It may or may not have started the job; this server did not resend it. Check the task history "
-              "in the AceDataCloud console before asking again, to avoid paying twice.",
-              code="api_error", status=range(0, 500), phase="submit"),
+    ErrorRule(SubmitOutcomeUnknown, "AceDataCloud reported a server error for the submit request " + _WHY
+              + ". It may or may not have started the job; this server did not resend it. Check the task "
+              "history in the AceDataCloud console before asking again, to avoid paying twice.",
+              code="api_error", status=range(500), phase="submit"),
     ErrorRule(ProviderUnavailable, _SERVER_TROUBLE, code="api_error", phase="poll"),
     ErrorRule(ProviderUnavailable, _SERVER_TROUBLE, status=SERVER_ERROR, phase="poll"),
     ErrorRule(AuthFailed, "AceDataCloud denied the request " + _WHY + ": the balance may be used up or the "
@@ -134,11 +136,12 @@ _UPLOAD_FAILED = "The upload to AceDataCloud failed " + _WHY + ". Try again in a
 _UPLOAD_LIMITED = "AceDataCloud's platform is rate limiting uploads " + _WHY + ". Try again {when}."
 _UPLOAD_ERRORS: tuple[ErrorRule, ...] = (
     ErrorRule(AuthFailed, _PLATFORM_REFUSED, status=(401, 403)),
-    ErrorRule(AuthFailed, _PLATFORM_REFUSED, code=("invalid_token", "token_expired", "token_mismatched", "no_token")),
+    ErrorRule(AuthFailed, _PLATFORM_REFUSED,
+              code=("invalid_token", "token_expired", "token_mismatched", "no_token")),
     ErrorRule(RateLimited, _UPLOAD_LIMITED, status=429),
     ErrorRule(RateLimited, _UPLOAD_LIMITED, code="too_many_requests"),
     ErrorRule(ProviderUnavailable, _UPLOAD_FAILED, status=SERVER_ERROR),
-    ErrorRule(ProviderUnavailable, _UPLOAD_FAILED, status=range(0, 400)),
+    ErrorRule(ProviderUnavailable, _UPLOAD_FAILED, status=range(400)),
     ErrorRule(ProviderRejected, "AceDataCloud refused the upload " + _WHY + "."),
 )
 
@@ -197,7 +200,8 @@ class _Answer(WireModel):
 
     @property
     def error_code(self) -> str | None:
-        return str(self.error.code) if isinstance(self.error, _Error) and self.error.code is not None else None
+        code = self.error.code if isinstance(self.error, _Error) else None
+        return str(code) if code is not None else None
 
     def reason(self) -> str | None:
         if isinstance(self.error, str) and self.error.strip():
@@ -269,8 +273,8 @@ class AceDataCloud(Provider):
     def upload_hint(self) -> str | None:
         if self.can_upload:
             return None
-        return (f"To upload to {self.label}, set {_PLATFORM_VAR} (a platform.acedata.cloud token, not the API "
-                "token) in the server's environment and restart it.")
+        return (f"To upload to {self.label}, set {_PLATFORM_VAR} (a platform.acedata.cloud token, not the "
+                "API token) in the server's environment and restart it.")
 
     @property
     def platform_url(self) -> str:
@@ -329,7 +333,7 @@ class AceDataCloud(Provider):
         if answer is not None and native is None and answer.has_error:
             raise self._error(response, "submit")
         state = None
-        if answer is not None and answer.looks_final:  # a synchronous answer (or an early verdict) despite `async`
+        if answer is not None and answer.looks_final:  # a synchronous answer (or early verdict) despite async
             try:
                 state = self._state(answer)
             except ProviderUnavailable:
@@ -424,8 +428,8 @@ class AceDataCloud(Provider):
             return self._failed(answer, "failed")
         if any(item.image_url for item in answer.items):
             return self._succeeded(answer)
-        raise ProviderUnavailable("AceDataCloud gave a task result this server does not recognise (no success "
-                                  "flag, error or image); call check_prediction again later.")
+        raise ProviderUnavailable("AceDataCloud gave a task result this server does not recognise (no "
+                                  "success flag, error or image); call check_prediction again later.")
 
     def _succeeded(self, answer: _Answer) -> JobState:
         urls = [item.image_url for item in answer.items if item.image_url]

@@ -30,6 +30,7 @@ import uuid
 from typing import Any
 
 import httpx2
+
 from ..errors import AuthFailed, FluxError, InsufficientCredits, ProviderRejected, RateLimited
 from ..http import ErrorRule
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
@@ -42,16 +43,17 @@ _CHECK_KEY = ("Check APPYPIE_SUBSCRIPTION_KEY: it must be the current primary or
               "subscription to Flux Schnell, copied whole; then restart the server.")
 
 _ERRORS: tuple[ErrorRule, ...] = (
-    ErrorRule(InsufficientCredits, "AppyPie says the subscription's call quota is used up (HTTP 403: {detail}). "
-              "Wait until it renews or upgrade the plan behind APPYPIE_SUBSCRIPTION_KEY, or use another "
-              "provider.", status=403, pattern="quota"),
-    ErrorRule(AuthFailed, "AppyPie refused the subscription key (HTTP 401: {detail}). " + _CHECK_KEY, status=401),
-    ErrorRule(AuthFailed, "AppyPie denied access; the subscription may not include the Flux Schnell API (HTTP "
-              "403: {detail}). " + _CHECK_KEY, status=403),
+    ErrorRule(InsufficientCredits, "AppyPie says the subscription's call quota is used up (HTTP 403: "
+              "{detail}). Wait until it renews or upgrade the plan behind APPYPIE_SUBSCRIPTION_KEY, or use "
+              "another provider.", status=403, pattern="quota"),
+    ErrorRule(AuthFailed, "AppyPie refused the subscription key (HTTP 401: {detail}). " + _CHECK_KEY,
+              status=401),
+    ErrorRule(AuthFailed, "AppyPie denied access; the subscription may not include the Flux Schnell API "
+              "(HTTP 403: {detail}). " + _CHECK_KEY, status=403),
     ErrorRule(RateLimited, "AppyPie is rate limiting requests (HTTP 429: {detail}); the image was not made. "
               "Try again {when}.", status=429),
-    ErrorRule(ProviderRejected, "AppyPie answered HTTP 404 ({detail}) for " + PATH + ". Check APPYPIE_BASE_URL "
-              "(default https://gateway.appypie.com).", status=404),
+    ErrorRule(ProviderRejected, "AppyPie answered HTTP 404 ({detail}) for " + PATH + ". Check "
+              "APPYPIE_BASE_URL (default https://gateway.appypie.com).", status=404),
     ErrorRule(ProviderRejected, "AppyPie rejected the request (HTTP 400: {detail}). It takes a non-empty "
               "prompt, steps 1-8 and whole-pixel width/height; adjust them and call again.", status=400),
 )
@@ -165,9 +167,9 @@ class AppyPie(Provider):
             try:
                 return resolve_output(found, self.base_url, inline=False)
             except UnusableOutput as exc:
-                return (f"AppyPie answered HTTP {response.status_code}, but its image {exc}. It offers no way "
-                        "to fetch a result later, and this server did not resend the request; the call may "
-                        "still have been billed")
+                return (f"AppyPie answered HTTP {response.status_code}, but its image {exc}. It offers no "
+                        "way to fetch a result later, and this server did not resend the request; the call "
+                        "may still have been billed")
         said = self.http.message_of(response) if answer is not None else "no JSON body"
         return (f"AppyPie answered HTTP {response.status_code} without an image ({said}). It offers no way "
                 "to fetch a result later, and this server did not resend the request; the call may still "

@@ -161,7 +161,8 @@ class AtlasCloud(Provider):
 
     def answers_inline(self, model: str) -> bool:
         # Sync mode is documented for flux-schnell only; ATLASCLOUD_SYNC_MODE=off opts out.
-        return super().answers_inline(model) and self.settings.extra.get("sync_mode", "auto").lower() not in _OFF
+        sync_mode = self.settings.extra.get("sync_mode", "auto").lower()
+        return super().answers_inline(model) and sync_mode not in _OFF
 
     def body(self, req: ImageRequest) -> dict[str, Any]:
         """The flat request body: only the fields the model's schema has."""
@@ -194,15 +195,15 @@ class AtlasCloud(Provider):
         answer = read(_Answer, response)
         native = answer.native_id if answer else None
         if response.status_code >= 300:
-            # A held submit whose job then failed answers like a failed poll: HTTP 5xx, the verdict in the body.
+            # A held submit whose job then failed answers like a failed poll: HTTP 5xx, the verdict in it.
             if req.inline and answer and native and self._word(answer.prediction) in ("failed", "canceled"):
                 return Submitted(native_id=native, state=self._state(answer.prediction))
             raise self._error(response, "submit")
         if answer is None or not native:
             raise SubmitOutcomeUnknown(
-                f"Atlas Cloud accepted the request (HTTP {response.status_code}) but its answer has no readable "
-                "prediction id, so this server cannot follow the job. It may have been created and charged: check "
-                "the Atlas Cloud dashboard's history before asking again."
+                f"Atlas Cloud accepted the request (HTTP {response.status_code}) but its answer has no "
+                "readable prediction id, so this server cannot follow the job. It may have been created and "
+                "charged: check the Atlas Cloud dashboard's history before asking again."
             )
         if req.inline:
             self._remember_inline(native)
@@ -217,8 +218,8 @@ class AtlasCloud(Provider):
     async def poll(self, native_id: str, submitted_at: float) -> JobState:
         url = f"{self.base_url}/api/v1/model/prediction/{native_id}"
         try:
-            response = await self.http.fetch("GET", url, headers=self._headers(),
-                                             max_bytes=MAX_API_BYTES if native_id in self._inline_ids else None)
+            cap = MAX_API_BYTES if native_id in self._inline_ids else None
+            response = await self.http.fetch("GET", url, headers=self._headers(), max_bytes=cap)
         except AnswerTooLarge as exc:
             if native_id in self._inline_ids:
                 raise
@@ -233,7 +234,8 @@ class AtlasCloud(Provider):
         if response.status_code in (400, 404) and time.time() - submitted_at < _WARMUP_GRACE:
             return JobState(status="starting")
         if response.status_code < 300:
-            raise ProviderUnavailable("Atlas Cloud's status answer could not be read; the job is kept, check again.")
+            raise ProviderUnavailable("Atlas Cloud's status answer could not be read; the job is kept, check "
+                                      "again.")
         raise self._error(response, "poll")
 
     async def upload(self, data: bytes, filename: str, mime_type: str) -> str:
@@ -260,13 +262,14 @@ class AtlasCloud(Provider):
         raw = self._word(pred)
         status = _STATUS.get(raw)
         if status is None:
-            raise ProviderUnavailable(f"Atlas Cloud reported an unknown status {raw!r}; try check_prediction later.")
+            raise ProviderUnavailable(f"Atlas Cloud reported an unknown status {raw!r}; try check_prediction "
+                                      "later.")
         if status == "succeeded":
             values = pred.outputs if isinstance(pred.outputs, list) else [pred.outputs]
             nsfw = pred.has_nsfw_contents
             flagged = nsfw is True or (isinstance(nsfw, list) and any(x is True for x in nsfw))
-            empty = ("the image was blocked by Atlas Cloud's content-safety filter; rephrase the prompt" if flagged
-                     else "Atlas Cloud reported the job completed but returned no image")
+            empty = ("the image was blocked by Atlas Cloud's content-safety filter; rephrase the prompt"
+                     if flagged else "Atlas Cloud reported the job completed but returned no image")
             state = finished(self.label, [v for v in values if v], self.base_url, inline=True, empty=empty,
                              cost_usd=pred.price)
             if state.error_code == "no_output" and flagged:

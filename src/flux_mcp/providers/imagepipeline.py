@@ -28,7 +28,6 @@ import uuid
 from typing import Any, ClassVar
 
 import httpx2
-from pydantic import Field
 
 from ..errors import InsufficientCredits, ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
 from ..http import CLIENT_ERROR, ErrorRule, Phase
@@ -49,10 +48,10 @@ _ERRORS: tuple[ErrorRule, ...] = (
     ErrorRule(InsufficientCredits, _NO_CREDIT, status=CLIENT_ERROR, pattern="insufficient|balance"),
     ErrorRule(ProviderRejected, "ImagePipeline has no job {job} (HTTP 404: {detail}); its record may have "
               "expired. Start a new job with generate_image.", status=404, phase="poll"),
-    ErrorRule(ProviderRejected, "ImagePipeline rejected the request (HTTP {status}: {code_detail}). Adjust the "
-              "arguments and call again.{advice}", status=(400, 404, 422), coded=True),
-    ErrorRule(ProviderRejected, "ImagePipeline rejected the parameters (HTTP 422: {detail}). Fix them and call "
-              "again.{advice}", status=422),
+    ErrorRule(ProviderRejected, "ImagePipeline rejected the request (HTTP {status}: {code_detail}). Adjust "
+              "the arguments and call again.{advice}", status=(400, 404, 422), coded=True),
+    ErrorRule(ProviderRejected, "ImagePipeline rejected the parameters (HTTP 422: {detail}). Fix them and "
+              "call again.{advice}", status=422),
 )
 """ImagePipeline's error answers, as the job API documents them; the rest are the shared ones. `advice`
 is the hint about IMAGEPIPELINE_SERVER_ID when a refused submit mentions the server."""
@@ -204,14 +203,16 @@ class ImagePipeline(Provider):
                             empty="ImagePipeline reported success but returned no image URL")
         if word in _FAILED:
             reason = answer.reason() or "ImagePipeline reported the job failed without giving a reason"
-            return JobState(status="failed", error=self.http.redactor.scrub(reason), error_code=answer.error_code)
+            return JobState(status="failed", error=self.http.redactor.scrub(reason),
+                            error_code=answer.error_code)
         raise ProviderUnavailable(
             f"ImagePipeline reported an unknown status {word or 'none'!r}"
             + (f" for job {native_id}" if native_id else "") + "; try check_prediction again later.")
 
     def _error(self, response: httpx2.Response, phase: Phase, **fields: str) -> Exception:
         """Maps an HTTP error answer with `_ERRORS`, then the shared rules."""
-        hint = self._server_hint() if phase == "submit" and "server" in self.http.message_of(response).lower() else ""
+        about_server = "server" in self.http.message_of(response).lower()
+        hint = self._server_hint() if phase == "submit" and about_server else ""
         return self.http.error_for(response, _ERRORS, phase=phase, advice=hint, **fields)
 
     def _server_hint(self) -> str:

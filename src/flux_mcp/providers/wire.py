@@ -21,7 +21,14 @@ from typing import Annotated, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import httpx2
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
 from .base import JobState, OutputRef
 
@@ -79,7 +86,8 @@ def read(model: type[M], response: httpx2.Response) -> M | None:
 # --- outputs ------------------------------------------------------------------------------------
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
-_DATA_URI = re.compile(r"^data:([a-z0-9.+-]+/[a-z0-9.+-]+)?((?:;[a-z0-9=.-]+)*);base64,(.*)$", re.I | re.S)
+_DATA_URI = re.compile(r"^data:([a-z0-9.+-]+/[a-z0-9.+-]+)?((?:;[a-z0-9=.-]+)*);base64,(.*)$",
+                       re.IGNORECASE | re.DOTALL)
 _RELATIVE = re.compile(r"^[\w.~%+-]+(/[\w.~%+=-]*)+(\?\S*)?$")
 """A relative path with at least one folder (`files/x.png`); a bare word is not taken for one."""
 
@@ -115,14 +123,15 @@ def resolve_output(value: str, base_url: str, *, inline: bool) -> OutputRef:
         return OutputRef(data=data, mime_type=m.group(1).lower() if m and m.group(1) else None)
     scheme = _SCHEME.match(text)
     if scheme:
-        raise UnusableOutput(f"is a {scheme.group(1).lower()}: URL, not an http(s) one this server can fetch")
+        raise UnusableOutput(f"is a URL with the {scheme.group(1).lower()}: scheme, not http(s)")
     if _RELATIVE.match(text):
         return OutputRef(url=urljoin(base_url.rstrip("/") + "/", text))
     raise UnusableOutput("is neither an http(s) URL nor image data")
 
 
-def resolve_outputs(values: Sequence[str], base_url: str, *, inline: bool) -> tuple[list[OutputRef], list[str]]:
-    """Every result string resolved: the usable ones, and one reason per unusable one (`output 2 of 3 is ...`)."""
+def resolve_outputs(values: Sequence[str], base_url: str, *,
+                    inline: bool) -> tuple[list[OutputRef], list[str]]:
+    """Every result string resolved: the usable ones, and why each other one is not (`output 2 of 3 is`)."""
     refs: list[OutputRef] = []
     problems: list[str] = []
     for i, value in enumerate(values):
@@ -150,9 +159,9 @@ def finished(label: str, values: Sequence[str], base_url: str, *, inline: bool, 
     if problems:
         return JobState(status="failed", error_code="bad_output", cost_usd=cost_usd,
                         remaining_credits=remaining_credits,
-                        error=f"{label} reported the job done, but {'; '.join(problems)}. This server fetches "
-                              "only http(s) URLs, paths on the provider's own host and (where the provider "
-                              "documents it) base64 image data. The job may have been charged.")
+                        error=f"{label} reported the job done, but {'; '.join(problems)}. This server "
+                              "fetches only http(s) URLs, paths on the provider's own host and (where the "
+                              "provider documents it) base64 image data. The job may have been charged.")
     return JobState(status="failed", error_code="no_output", error=empty, cost_usd=cost_usd,
                     remaining_credits=remaining_credits)
 
