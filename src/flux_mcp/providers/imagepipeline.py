@@ -28,6 +28,7 @@ import uuid
 from typing import Any, ClassVar
 
 import httpx2
+from pydantic import StrictInt, StrictStr
 
 from ..errors import InsufficientCredits, ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
 from ..http import CLIENT_ERROR, ErrorRule, Phase
@@ -70,7 +71,7 @@ class _Answer(WireModel):
     """A submit or status answer: a status word, an id, result URLs or a failure message."""
 
     status: str | None = None
-    id: Loose[str | int] = None
+    id: Loose[StrictStr | StrictInt] = None
     download_urls: list[Loose[str]] | Loose[str] = None
     message: Text = None
     error: Loose[str | _Detail] = None
@@ -83,7 +84,7 @@ class _Answer(WireModel):
 
     @property
     def native_id(self) -> str | None:
-        if self.id is None or isinstance(self.id, bool):
+        if self.id is None:
             return None
         text = str(self.id).strip()
         return text if _SAFE_ID.match(text) else None
