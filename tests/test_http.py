@@ -335,3 +335,16 @@ def test_every_adapter_declares_rules_whose_templates_fill():
             known = {"who", "status", "detail", "code", "code_detail", "var", "var_in", "when", "reset",
                      "then", "advice", *extra.get(name, {})}
             assert fields <= known, (name, rule.text, fields - known)
+
+
+async def test_a_status_answer_that_fails_to_decompress_is_retried_like_a_network_error():
+    async def corrupt():
+        yield b"not gzip at all"
+
+    answers = [httpx2.Response(200, content=corrupt(), headers={"content-encoding": "gzip"}),
+               httpx2.Response(200, json={"code": 200, "data": {"id": "p1", "status": "processing"}})]
+    client = httpx2.AsyncClient(transport=httpx2.MockTransport(lambda request: answers.pop(0)))
+    http = ProviderHttp(client, "atlascloud", Redactor(), retry=FAST_RETRY)
+    async with client:
+        response = await http.fetch("GET", "http://atlas.test/x")
+    assert response.status_code == 200 and answers == []

@@ -120,7 +120,8 @@ class RetryPolicy:
 
 
 class Retryable(Exception):
-    """Raised by an attempt whose failure another attempt may not repeat; `after` is the server's hint."""
+    """Raised by an attempt that failed for a passing reason (a busy server, a name that did not resolve);
+    `after` is the server's wait hint, when it gave one."""
 
     def __init__(self, reason: str, *, after: float | None = None):
         super().__init__(reason)
@@ -142,8 +143,8 @@ async def with_retries(attempt: Callable[[bool], Awaitable[T]], policy: RetryPol
                        label: str = "request", deadline: float | None = None) -> T:
     """Runs `attempt(final)` until it returns, at most `policy.attempts` times.
 
-    Network errors, timeouts (each attempt has `deadline`, default `policy.deadline`, seconds in all)
-    and `Retryable` are retried; anything else propagates at once. `final` is true on the last try, so
+    Network errors, bodies that fail to decompress, timeouts (each attempt has `deadline`, default
+    `policy.deadline`, seconds in all) and `Retryable` are retried; anything else propagates at once. `final` is true on the last try, so
     an attempt can return a retryable answer as it is instead of raising. Raises `GaveUp` at the end.
     """
     limit = deadline or policy.deadline
@@ -156,7 +157,7 @@ async def with_retries(attempt: Callable[[bool], Awaitable[T]], policy: RetryPol
                 return await attempt(final)
         except TimeoutError:
             reason, kind = f"no complete answer within {limit:g} s", "TimeoutError"
-        except httpx2.TransportError as exc:
+        except (httpx2.TransportError, httpx2.DecodingError) as exc:
             reason, kind = str(exc) or type(exc).__name__, type(exc).__name__
         except Retryable as exc:
             reason, kind, after = exc.reason, "Retryable", exc.after
@@ -401,7 +402,7 @@ class ProviderHttp:
                 f"Could not reach {self.provider_id} ({type(exc).__name__}); the request was not sent, "
                 "so nothing was charged. Try again in a moment."
             ) from None
-        except (httpx2.TransportError, TimeoutError, BodyTooLarge) as exc:
+        except (httpx2.TransportError, httpx2.DecodingError, TimeoutError, BodyTooLarge) as exc:
             log.warning("%s submit got no answer: %s", self.provider_id, self.redactor.scrub(repr(exc)))
             raise SubmitOutcomeUnknown(
                 f"The request to {self.provider_id} was sent but no answer came back ({type(exc).__name__}). "
