@@ -144,8 +144,9 @@ async def with_retries(attempt: Callable[[bool], Awaitable[T]], policy: RetryPol
     """Runs `attempt(final)` until it returns, at most `policy.attempts` times.
 
     Network errors, bodies that fail to decompress, timeouts (each attempt has `deadline`, default
-    `policy.deadline`, seconds in all) and `Retryable` are retried; anything else propagates at once. `final` is true on the last try, so
-    an attempt can return a retryable answer as it is instead of raising. Raises `GaveUp` at the end.
+    `policy.deadline`, seconds in all) and `Retryable` are retried; anything else propagates at once.
+    `final` is true on the last try, so an attempt can return a retryable answer as it is instead of
+    raising. Raises `GaveUp` at the end.
     """
     limit = deadline or policy.deadline
     reason, kind = "no attempt", "GaveUp"
