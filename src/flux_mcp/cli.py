@@ -14,6 +14,7 @@ from . import __version__
 from .config import Settings
 from .errors import ConfigError
 from .redact import RedactingFilter, Redactor
+from .request import add_cli_flags
 
 log = logging.getLogger("flux_mcp")
 
@@ -81,19 +82,11 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images from a terminal (same code path as the tool)")
     gen.add_argument("prompt")
-    gen.add_argument("--provider")
-    gen.add_argument("--model")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=1024)
-    gen.add_argument("-n", "--num-images", type=int, default=1, dest="num_images")
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--guidance-scale", type=float, dest="guidance_scale")
+    gen.set_defaults(job_fields=add_cli_flags(gen, "generate"))  # --provider, --model, --width, -n, ...
     gen.add_argument("--wait", type=float, dest="wait_seconds", help="seconds to wait (default 600 here)")
     gen.add_argument("-o", "--output", dest="save_to",
                      help="file or folder to write the image(s) to, as typed: relative to the current "
                           "directory, any folder you can write")
-    gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     gen.add_argument("--json", action="store_true", help="print the structured result as JSON")
 
     prov = sub.add_parser("providers", help="show which providers are configured, their models and capabilities")

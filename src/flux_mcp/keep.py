@@ -13,7 +13,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import anyio
 
@@ -146,8 +145,7 @@ class Keeper:
         targets = plan.targets
         if plan.root is not None:
             paths = PathPolicy([plan.root], paths.home)
-        host = urlsplit(base_url).hostname
-        trusted = frozenset({host.lower()}) if host else frozenset()
+        trusted = frozenset({base_url})  # the provider's own origin (scheme, host and port), not just its host
         count = len(outputs) if outputs is not None else len(urls)
         slots: list[tuple[ImageOutput, str | None]] = [(ImageOutput(), None)] * count
         kept = Kept()

@@ -16,6 +16,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -24,12 +25,23 @@ import anyio
 import httpx2
 
 from .errors import DownloadFailed, InvalidInput, PathNotAllowed
-from .http import LazyClient, resolve
+from .http import (
+    USER_AGENT,
+    BodyTooLarge,
+    GaveUp,
+    LazyClient,
+    Retryable,
+    RetryPolicy,
+    read_capped,
+    resolve,
+    retry_after,
+    with_retries,
+)
 from .images import FORMATS, MAX_PIXELS, ImageInfo, convert, embed_provenance, inspect_image, make_preview
 
 __all__ = ["FORMATS", "MAX_PIXELS", "Downloader", "DownloadLimits", "ImageInfo", "atomic_write",
            "convert", "decode_data_uri", "embed_provenance", "flush_pending", "inspect_image", "make_preview",
-           "to_data_uri"]
+           "origin_of", "to_data_uri"]
 
 log = logging.getLogger("flux_mcp.media")
 
@@ -64,39 +76,59 @@ class DownloadLimits:
     attempts: int = 3
 
 
+def origin_of(url: str) -> str | None:
+    """`scheme://host:port` of a URL (default ports made explicit, names lowercased); None if it has none."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:  # a port that is not a number, or out of range
+        return None
+    host = (parts.hostname or "").lower()
+    if scheme not in _DEFAULT_PORTS or not host or port is None:
+        return None
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 class Downloader:
-    """Fetches result images: http(s) only, public addresses only (except the provider's own host),
-    every redirect re-checked, the body streamed under a byte cap and an overall deadline."""
+    """Fetches result images: http(s) only, public addresses only (except the trusted origins: the
+    provider's own scheme, host and port), every redirect re-checked, the body read under a byte cap,
+    each attempt under an overall deadline. Shares the retry loop and body reader of provider calls."""
 
     def __init__(self, client: httpx2.AsyncClient | LazyClient, *, max_bytes: int = MAX_IMAGE_BYTES,
                  deadline: float = DOWNLOAD_DEADLINE, attempts: int = 3):
         self.client = client
         self.max_bytes = max_bytes
-        self.deadline = deadline
-        self.attempts = attempts
+        self.policy = RetryPolicy(attempts=attempts, base_delay=0.5, max_delay=4.0, max_retry_after=10.0,
+                                  deadline=deadline, retry_statuses=frozenset({408, 429, 500, 502, 503, 504}))
 
-    async def fetch(self, url: str, trusted_hosts: frozenset[str] = frozenset()) -> bytes:
-        last = "no attempt"
-        for attempt in range(self.attempts):
-            try:
-                with anyio.fail_after(self.deadline):
-                    return await self._fetch_once(url, trusted_hosts)
-            except _Permanent as exc:
-                raise DownloadFailed(str(exc)) from None
-            except TimeoutError:
-                last = f"no complete answer within {self.deadline:g} s"
-            except (httpx2.TransportError, _Transient) as exc:
-                last = str(exc) or type(exc).__name__
-            if attempt < self.attempts - 1:
-                await anyio.sleep(0.5 * 2**attempt)
-        raise DownloadFailed(f"download failed after {self.attempts} tries: {last}")
+    async def fetch(self, url: str, trusted: Iterable[str] = ()) -> bytes:
+        """The image at `url`. `trusted`: origins (or URLs, e.g. the provider's base URL) whose
+        addresses may be private — a local gateway or test server — matched on scheme, host and port."""
+        origins = frozenset(o for o in map(origin_of, trusted) if o)
 
-    async def _fetch_once(self, url: str, trusted: frozenset[str]) -> bytes:
+        async def attempt(final: bool) -> bytes:
+            return await self._fetch_once(url, origins)
+
+        try:
+            return await with_retries(attempt, self.policy, label="download")
+        except _Permanent as exc:
+            raise DownloadFailed(str(exc)) from None
+        except BodyTooLarge as exc:
+            size = f"{exc.declared} bytes, " if exc.declared is not None else ""
+            raise DownloadFailed(f"the image is {size}over the {self.max_bytes}-byte limit") from None
+        except GaveUp as exc:
+            raise DownloadFailed(f"download failed after {exc.attempts} tries: {exc.reason}") from None
+
+    async def _fetch_once(self, url: str, origins: frozenset[str]) -> bytes:
         current = url
         for _ in range(MAX_REDIRECTS + 1):
-            await check_public_url(current, trusted)
+            await check_public_url(current, origins)
             client = resolve(self.client)
-            request = client.build_request("GET", current, headers={"User-Agent": "flux-mcp"})
+            request = client.build_request("GET", current, headers={"User-Agent": USER_AGENT})
             response = await client.send(request, stream=True, follow_redirects=False)
             try:
                 if response.is_redirect:
@@ -105,23 +137,14 @@ class Downloader:
                         raise _Permanent("redirect without a Location header")
                     current = urljoin(current, location)
                     continue
-                if response.status_code in (404, 410):
-                    raise _Permanent(f"the image URL answered HTTP {response.status_code} (expired or removed)")
-                if response.status_code in (408, 429) or response.status_code >= 500:
-                    raise _Transient(f"HTTP {response.status_code}")
-                if response.status_code != 200:
-                    raise _Permanent(f"the image URL answered HTTP {response.status_code}")
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                    raise _Permanent(f"the image is {declared} bytes, over the {self.max_bytes}-byte limit")
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise _Permanent(f"the image is over the {self.max_bytes}-byte limit")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                status = response.status_code
+                if status in (404, 410):
+                    raise _Permanent(f"the image URL answered HTTP {status} (expired or removed)")
+                if status in self.policy.retry_statuses or status >= 500:
+                    raise Retryable(f"HTTP {status}", after=retry_after(response))
+                if status != 200:
+                    raise _Permanent(f"the image URL answered HTTP {status}")
+                return await read_capped(response, self.max_bytes)
             finally:
                 await response.aclose()
         raise _Permanent(f"more than {MAX_REDIRECTS} redirects")
@@ -131,28 +154,28 @@ class _Permanent(Exception):
     pass
 
 
-class _Transient(Exception):
-    pass
-
-
-async def check_public_url(url: str, trusted_hosts: frozenset[str]) -> None:
+async def check_public_url(url: str, trusted: frozenset[str]) -> None:
     """Refuses non-http(s) URLs and hosts that resolve to private, loopback or link-local addresses,
-    except `trusted_hosts` (the configured providers' own hosts, so local fakes work in tests)."""
+    except on the `trusted` origins (`scheme://host:port`: the configured provider's own, so a local
+    gateway works — but not another port or scheme on the same host)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise _Permanent(f"only http(s) image URLs are fetched (got {parts.scheme or 'no'} scheme)")
     host = (parts.hostname or "").lower()
     if not host:
         raise _Permanent("the image URL has no host")
-    if host in trusted_hosts:
+    origin = origin_of(url)
+    if origin is None:
+        raise _Permanent("the image URL has an invalid port")
+    if origin in trusted:
         return
     try:
         infos = await anyio.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
                                         type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise _Transient(f"cannot resolve {host}: {exc}") from None
+        raise Retryable(f"cannot resolve {host}: {exc}") from None
     for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not addr.is_global or addr.is_multicast:
             raise _Permanent(f"refusing to fetch from {host}: it resolves to a non-public address")
 

@@ -8,7 +8,9 @@ that use it.
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -90,3 +92,35 @@ def tool_parameters(kind: Kind, descriptions: dict[str, str] | None = None) -> l
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=inspect.Parameter.empty if required else info.default))
     return params
+
+
+CLI_SHORT = {"num_images": "-n"}
+"""Short flags of `flux-mcp generate`; every other field is `--field-name`."""
+CLI_OWN = frozenset({"prompt", "save_to", "wait_seconds"})
+"""Fields the CLI spells its own way (the prompt is positional, `-o PATH`, `--wait`)."""
+
+
+def add_cli_flags(parser: argparse.ArgumentParser, kind: Kind = "generate") -> list[str]:
+    """Adds one flag per parameter of `kind` (types and help from the fields); returns the field names.
+    Unset flags are None, so the field's own default applies."""
+    names: list[str] = []
+    for param in tool_parameters(kind):
+        name = param.name
+        if name in CLI_OWN:
+            continue
+        info = JobRequest.model_fields[name]
+        flags = [f"--{name.replace('_', '-')}", *([CLI_SHORT[name]] if name in CLI_SHORT else [])]
+        helptext = (info.description or "").replace("%", "%%")
+        base = _plain_type(info.annotation)
+        if base is bool:
+            parser.add_argument(*flags, dest=name, action="store_true", default=None, help=helptext)
+        else:
+            parser.add_argument(*flags, dest=name, type=base, default=None, help=helptext)
+        names.append(name)
+    return names
+
+
+def _plain_type(annotation: Any) -> Any:
+    """`int | None` -> int: the type a command-line value is parsed as."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation

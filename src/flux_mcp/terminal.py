@@ -53,12 +53,9 @@ async def _generate(settings: Settings, args: argparse.Namespace) -> int:
         except PathNotAllowed as exc:
             print(f"flux-mcp: -o {args.save_to}: {exc}", file=sys.stderr)
             return 2
-    arguments = {
-        "prompt": args.prompt, "provider": args.provider, "model": args.model, "width": args.width,
-        "height": args.height, "num_images": args.num_images, "seed": args.seed, "steps": args.steps,
-        "guidance_scale": args.guidance_scale, "save_to": save_to, "overwrite": args.overwrite,
-        "wait_seconds": args.wait_seconds if args.wait_seconds is not None else 600,
-    }
+    arguments = {name: getattr(args, name) for name in args.job_fields}  # the flags JobRequest's fields gave
+    arguments.update(prompt=args.prompt, save_to=save_to,
+                     wait_seconds=args.wait_seconds if args.wait_seconds is not None else 600)
     arguments = {k: v for k, v in arguments.items() if v is not None}
     bar = _Progress(sys.stderr)
     # A person at a terminal has no client timeout to stay under: the call may wait as long as asked.

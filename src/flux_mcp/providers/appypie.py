@@ -1,30 +1,75 @@
-"""AppyPie (the Pixazo gateway on Azure API Management): synchronous FLUX.1 [schnell] at
-/flux-1-schnell/v1/getData, one image per call.
+"""AppyPie (the Pixazo gateway on Azure API Management): synchronous FLUX.1 [schnell], one image per call.
 
-There is no job id, status, upload or edit API: the answer is final when it arrives, so this
-adapter makes its own id and the service journals the result. Several images mean several
-calls, each sent exactly once. Wire details and the documentation's gaps: shared/providers/
-API-NOTES.md section 5 (and section 6 for the size/count mapping).
+The wire, as this adapter relies on it:
+
+* `POST https://gateway.appypie.com/flux-1-schnell/v1/getData` (the same API is served at
+  gateway.pixazo.ai, AppyPie's API brand), with the key in `Ocp-Apim-Subscription-Key` and
+  `Content-Type: application/json`, `Cache-Control: no-cache`.
+* The body is `{prompt, num_steps (default 4, at most 8), seed, height, width}` (width and height
+  default to 1024; no bounds are documented). The page's code samples are broken (a missing comma,
+  an undefined variable, no key header), so they are not taken as authoritative.
+* The answer is final: HTTP 200 `{"output": "<image URL>"}` (a public bucket; its lifetime is not
+  documented, so the image is copied at once). A 200 may instead say `{"msg": "Image Getting
+  Created"}`, and there is no way to fetch that result later: such a call is a failed image that may
+  have been billed, and it is never resent.
+* There is no job id, status, upload or edit API, so this adapter makes its own id and the result is
+  journaled as it arrives. Several images mean several calls, each sent exactly once.
+* The page's errors: 400 `{"error": "Invalid request parameters"}` or "Invalid prompt parameter", 401
+  "Invalid or missing authentication", 403 "Access denied for this operation", 404 "Endpoint not
+  found", 429 "Rate limit exceeded, please retry later", 500 "An unexpected error occurred". The
+  gateway answers in its own shape, `{"statusCode", "message"}`: 401 "Access denied due to missing /
+  invalid subscription key", 429 "Rate limit is exceeded. Try again in 60 seconds." with
+  `retry-after`, and 403 "Out of call volume quota" when the plan's quota is used up.
+* Pixazo's page calls the API free; AppyPie's own page states no price.
 """
 
 from __future__ import annotations
 
 import random
-import re
 import uuid
 from typing import Any
 
 import httpx2
 
 from ..errors import AuthFailed, FluxError, InsufficientCredits, ProviderRejected, RateLimited
-from ..http import parse_json
+from ..http import ErrorRule
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
 from .registry import APPYPIE
+from .wire import Loose, Text, UnusableOutput, WireModel, read, resolve_output
 
 PATH = "/flux-1-schnell/v1/getData"
 DEFAULT_STEPS = 4
 _MAX_SEED = 2_147_483_647
-_SECONDS_IN_TEXT = re.compile(r"(?i)try again in (\d+(?:\.\d+)?) seconds?")
+_CHECK_KEY = ("Check APPYPIE_SUBSCRIPTION_KEY: it must be the current primary or secondary key of a "
+              "subscription to Flux Schnell, copied whole; then restart the server.")
+
+_ERRORS: tuple[ErrorRule, ...] = (
+    ErrorRule(InsufficientCredits, "AppyPie says the subscription's call quota is used up (HTTP 403: "
+              "{detail}). Wait until it renews or upgrade the plan behind APPYPIE_SUBSCRIPTION_KEY, or use "
+              "another provider.", status=403, pattern="quota"),
+    ErrorRule(AuthFailed, "AppyPie refused the subscription key (HTTP 401: {detail}). " + _CHECK_KEY,
+              status=401),
+    ErrorRule(AuthFailed, "AppyPie denied access; the subscription may not include the Flux Schnell API "
+              "(HTTP 403: {detail}). " + _CHECK_KEY, status=403),
+    ErrorRule(RateLimited, "AppyPie is rate limiting requests (HTTP 429: {detail}); the image was not made. "
+              "Try again {when}.", status=429),
+    ErrorRule(ProviderRejected, "AppyPie answered HTTP 404 ({detail}) for " + PATH + ". Check "
+              "APPYPIE_BASE_URL (default https://gateway.appypie.com).", status=404),
+    ErrorRule(ProviderRejected, "AppyPie rejected the request (HTTP 400: {detail}). It takes a non-empty "
+              "prompt, steps 1-8 and whole-pixel width/height; adjust them and call again.", status=400),
+)
+"""The page's and the gateway's error answers; a 5xx is the shared "may or may not have started" (the
+image may have been made and billed), and it is never resent."""
+
+
+class _Answer(WireModel):
+    output: Loose[list[Loose[str]] | str] = None
+    msg: Text = None
+
+    @property
+    def found(self) -> str | None:
+        values = self.output if isinstance(self.output, list) else [self.output]
+        return next((v.strip() for v in values if v and v.strip()), None)
 
 
 class AppyPie(Provider):
@@ -38,7 +83,7 @@ class AppyPie(Provider):
             steps=Range(1, 8),
             # One call per image (the API returns one); the cap is this server's choice, not AppyPie's.
             max_images=4,
-            # Pixazo titles the page "(Free)", but the AppyPie page (S-APP) states no price: leave it unknown.
+            # Pixazo titles the page "(Free)", but AppyPie's own page states no price: leave it unknown.
             price_usd=None,
         ),
     )
@@ -113,63 +158,19 @@ class AppyPie(Provider):
         response = await self.http.submit("POST", url, headers=self._headers(), json=body)
         if response.status_code >= 300:
             raise self._error(response)
-        payload = parse_json(response)
-        output = _output_of(payload)
-        if output is not None:
-            return output
-        said = self.http.message_of(response) if payload is not None else "no JSON body"
+        answer = read(_Answer, response)
+        found = answer.found if answer else None
+        if found is not None:
+            try:
+                return resolve_output(found, self.base_url, inline=False)
+            except UnusableOutput as exc:
+                return (f"AppyPie answered HTTP {response.status_code}, but its image {exc}. It offers no "
+                        "way to fetch a result later, and this server did not resend the request; the call "
+                        "may still have been billed")
+        said = self.http.message_of(response) if answer is not None else "no JSON body"
         return (f"AppyPie answered HTTP {response.status_code} without an image ({said}). It offers no way "
                 "to fetch a result later, and this server did not resend the request; the call may still "
                 "have been billed")
 
     def _error(self, response: httpx2.Response) -> FluxError:
-        status = response.status_code
-        detail = self.http.message_of(response)
-        lowered = detail.lower()
-        if status == 403 and "quota" in lowered:
-            # Azure APIM's quota policy answers 403 "Out of call volume quota ..." with Retry-After
-            # (learn.microsoft.com/azure/api-management/quota-policy).
-            return InsufficientCredits(
-                f"AppyPie says the subscription's call quota is used up (HTTP 403: {detail}). Wait until it "
-                "renews or upgrade the plan behind APPYPIE_SUBSCRIPTION_KEY, or use another provider.",
-                status_code=status)
-        if status in (401, 403):
-            why = ("refused the subscription key" if status == 401 else
-                   "denied access; the subscription may not include the Flux Schnell API")
-            return AuthFailed(
-                f"AppyPie {why} (HTTP {status}: {detail}). Check APPYPIE_SUBSCRIPTION_KEY: it must be the "
-                "current primary or secondary key of a subscription to Flux Schnell, copied whole; then "
-                "restart the server.", status_code=status)
-        if status == 429:
-            shared = self.http.error_for(response, submit=True)
-            seconds = shared.retry_after if isinstance(shared, RateLimited) else None
-            if seconds is None and (found := _SECONDS_IN_TEXT.search(detail)):
-                seconds = float(found.group(1))
-            when = f"in {seconds:g} seconds" if seconds is not None else "in a minute"
-            return RateLimited(
-                f"AppyPie is rate limiting requests (HTTP 429: {detail}); the image was not made. "
-                f"Try again {when}.",
-                status_code=status, retry_after=seconds)
-        if status == 404:
-            return ProviderRejected(
-                f"AppyPie answered HTTP 404 ({detail}) for {PATH}. Check APPYPIE_BASE_URL (default "
-                f"{self.default_base_url}).", status_code=status)
-        if status == 400:
-            return ProviderRejected(
-                f"AppyPie rejected the request (HTTP 400: {detail}). It takes a non-empty prompt, steps 1-8 "
-                "and whole-pixel width/height; adjust them and call again.", status_code=status)
-        # 5xx: the image may or may not have been made (and billed); never resent.
-        return self.http.error_for(response, submit=True)
-
-
-def _output_of(payload: Any) -> OutputRef | None:
-    """The image in a 200 answer: `output` as a URL (documented), also accepted inside a list."""
-    if not isinstance(payload, dict):
-        return None
-    value = payload.get("output")
-    if isinstance(value, list):
-        value = next((v for v in value if isinstance(v, str) and v), None)
-    if not isinstance(value, str):
-        return None
-    value = value.strip()
-    return OutputRef(url=value) if value.startswith(("http://", "https://")) else None
+        return self.http.error_for(response, _ERRORS, phase="submit")

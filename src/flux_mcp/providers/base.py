@@ -195,7 +195,7 @@ class Provider:
             if not self.allow_unknown_models:
                 known = ", ".join(m.id for m in self.models if req.kind in m.kinds)
                 raise InvalidInput(f"Unknown model {req.model!r} for {self.id}. Known {req.kind} models: {known}.")
-            info = ModelInfo(req.model, frozenset({"generate", "edit"}), "", max_images=1)
+            info = ModelInfo(req.model or "", frozenset({"generate", "edit"}), "", max_images=1)
         elif req.kind not in info.kinds:
             other = ", ".join(m.id for m in self.models if req.kind in m.kinds) or "none"
             raise InvalidInput(f"{where} does not support {req.kind}; {req.kind} models on {self.id}: {other}.")

@@ -1,12 +1,24 @@
-"""ImagePipeline: FLUX Schnell through the `generate/v3` endpoint (dedicated servers).
+"""ImagePipeline: FLUX Schnell through the legacy `generate/v3` endpoint (dedicated servers).
 
-`POST /generate/v3` answers either at once (`status: SUCCESS` with `download_urls`, one per sample)
-or with `status: PENDING` and an `id` to poll at `GET /generate/v3/status/{id}` until it is no
-longer PENDING; `FAILURE` (docs) or `FAILED` (third-party callers) carry only a message. v3 has no
-edit, upload or error-code documentation: error answers are read the way the newer job API
-documents them (401, 422 `detail` list, 429 + Retry-After, `{error, error_code, message}`).
-Wire details and the documentation's gaps: shared/providers/API-NOTES.md section 4 (and section 6
-for the size/count mapping).
+The wire, as this adapter relies on it:
+
+* Base `https://api.imagepipeline.io`; v3 takes the key in `API-Key`, the newer job API in
+  `X-API-Key` (different header names, not a case difference): both are sent.
+* `POST /generate/v3` with `prompt`, `samples` (1-4; the server makes **2** when it is left out, so
+  it is always sent), `width`/`height` (at most 1536; no minimum or multiple is documented),
+  `num_inference_steps` (default 20, no bounds documented), `seed` (-1 = random) and `server_id`.
+  FLUX on v3 runs only on dedicated servers, so the server id is in practice required.
+* The answer is either final at once — `{status: "SUCCESS", download_urls: [...]}`, one URL per
+  sample, maybe without an id — or `{status: "PENDING", id}`, polled at
+  `GET /generate/v3/status/{id}` until it is no longer PENDING. A failure is `FAILURE` (docs) or
+  `FAILED` (third-party callers) with only a message, under `message`, `error` or `detail`.
+* There is no model field (any model id would silently run FLUX Schnell), and v3 has no edit,
+  upload or error-code documentation. The account pays for its dedicated server (test servers
+  $1/hour, unlimited images), not per image.
+* Error answers are read the way the newer job API documents them: 401 invalid key, 422
+  `{"detail": [{"loc": [...], "msg": ...}]}` for invalid fields, 429 with `Retry-After`, and
+  otherwise `{error, error_code, message}` with codes such as `INVALID_PARAMETERS`,
+  `INSUFFICIENT_BALANCE`, `INSUFFICIENT_CREDITS`, `CREDIT_CHARGE_FAILED`, `NOT_FOUND`.
 """
 
 from __future__ import annotations
@@ -16,17 +28,75 @@ import uuid
 from typing import Any
 
 import httpx2
+from pydantic import StrictInt, StrictStr
 
 from ..errors import InsufficientCredits, ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
-from ..http import parse_json
-from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
+from ..http import CLIENT_ERROR, ErrorRule, Phase
+from .base import ImageRequest, JobState, ModelInfo, Provider, Range, Submitted
 from .registry import IMAGEPIPELINE
+from .wire import Loose, Text, WireModel, finished, read
 
 PATH = "/generate/v3"
-_NO_CREDIT_CODES = frozenset({"INSUFFICIENT_BALANCE", "INSUFFICIENT_CREDITS", "CREDIT_CHARGE_FAILED"})
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Ids go into a URL path and into the prediction id, so only plain ones are taken from the wire."""
 _FAILED = frozenset({"FAILURE", "FAILED"})
+
+_NO_CREDIT = ("ImagePipeline says the account balance is insufficient (HTTP {status}: {code_detail}). Top up "
+              "at imagepipeline.io, or use another provider.")
+_ERRORS: tuple[ErrorRule, ...] = (
+    ErrorRule(InsufficientCredits, _NO_CREDIT, status=402),
+    ErrorRule(InsufficientCredits, _NO_CREDIT,
+              code=("INSUFFICIENT_BALANCE", "INSUFFICIENT_CREDITS", "CREDIT_CHARGE_FAILED")),
+    ErrorRule(InsufficientCredits, _NO_CREDIT, status=CLIENT_ERROR, pattern="insufficient|balance"),
+    ErrorRule(ProviderRejected, "ImagePipeline has no job {job} (HTTP 404: {detail}); its record may have "
+              "expired. Start a new job with generate_image.", status=404, phase="poll"),
+    ErrorRule(ProviderRejected, "ImagePipeline rejected the request (HTTP {status}: {code_detail}). Adjust "
+              "the arguments and call again.{advice}", status=(400, 404, 422), coded=True),
+    ErrorRule(ProviderRejected, "ImagePipeline rejected the parameters (HTTP 422: {detail}). Fix them and "
+              "call again.{advice}", status=422),
+)
+"""ImagePipeline's error answers, as the job API documents them; the rest are the shared ones. `advice`
+is the hint about IMAGEPIPELINE_SERVER_ID when a refused submit mentions the server."""
+
+
+class _Detail(WireModel):
+    message: Text = None
+    error: Text = None
+    detail: Text = None
+
+    def reason(self) -> str | None:
+        return self.message or self.error or self.detail
+
+
+class _Answer(WireModel):
+    """A submit or status answer: a status word, an id, result URLs or a failure message."""
+
+    status: str | None = None
+    id: Loose[StrictStr | StrictInt] = None
+    download_urls: list[Loose[str]] | Loose[str] = None
+    message: Text = None
+    error: Loose[str | _Detail] = None
+    detail: Loose[str | _Detail] = None
+    error_code: Text = None
+
+    @property
+    def word(self) -> str | None:
+        return self.status.strip().upper() or None if self.status else None
+
+    @property
+    def native_id(self) -> str | None:
+        if self.id is None:
+            return None
+        text = str(self.id).strip()
+        return text if _SAFE_ID.match(text) else None
+
+    def reason(self) -> str | None:
+        """The failure text: `message`, `error` or `detail` (which one is undocumented)."""
+        for value in (self.message, self.error, self.detail):
+            text = value if isinstance(value, str) else value.reason() if value else None
+            if text and text.strip():
+                return text.strip()
+        return None
 
 
 class ImagePipeline(Provider):
@@ -79,138 +149,71 @@ class ImagePipeline(Provider):
     async def submit(self, req: ImageRequest, *, inline: bool = False) -> Submitted:
         response = await self.http.submit("POST", f"{self.base_url}{PATH}", headers=self._headers(),
                                           json=self.body(req))
-        payload = parse_json(response)
         if response.status_code >= 400:
-            raise self._error(response, submit=True)
-        if not isinstance(payload, dict):
+            raise self._error(response, "submit")
+        answer = read(_Answer, response)
+        if answer is None:
             raise SubmitOutcomeUnknown(
                 f"ImagePipeline answered HTTP {response.status_code} with no readable job status. It may "
                 "have started the job; this server did not resend it. Check the ImagePipeline dashboard "
                 "before asking again, to avoid paying twice.")
-        word = _status_word(payload)
-        native = _native_id(payload)
-        if word == "PENDING":
+        native = answer.native_id
+        if answer.word == "PENDING":
             if native is None:
                 raise SubmitOutcomeUnknown(
                     "ImagePipeline queued the job but gave no usable id to follow it, so its images cannot "
                     "be fetched here. This server did not resend it; check the ImagePipeline dashboard.")
             return Submitted(native_id=native)
-        if word == "SUCCESS" or word in _FAILED:
-            state = self._state(payload, succeeded=word == "SUCCESS")
-            if state.status == "failed" and state.error and "server" in state.error.lower():
-                state.error += self._server_hint()
-            return Submitted(native_id=native or uuid.uuid4().hex, state=state)
-        raise SubmitOutcomeUnknown(
-            f"ImagePipeline answered with an unknown status {word or 'none'!r}"
-            + (f" for job {native}" if native else "")
-            + ". It may have started the job; this server did not resend it. Check the ImagePipeline "
-            "dashboard before asking again, to avoid paying twice.")
+        try:
+            state = self._state(answer)
+        except ProviderUnavailable:
+            raise SubmitOutcomeUnknown(
+                f"ImagePipeline answered with an unknown status {answer.word or 'none'!r}"
+                + (f" for job {native}" if native else "")
+                + ". It may have started the job; this server did not resend it. Check the ImagePipeline "
+                "dashboard before asking again, to avoid paying twice.") from None
+        if state.status == "failed" and state.error and "server" in state.error.lower():
+            state.error += self._server_hint()
+        return Submitted(native_id=native or uuid.uuid4().hex, state=state)
 
     async def poll(self, native_id: str, submitted_at: float) -> JobState:
         response = await self.http.fetch("GET", f"{self.base_url}{PATH}/status/{native_id}",
                                          headers=self._headers())
-        payload = parse_json(response)
-        if response.status_code == 404:
-            raise ProviderRejected(
-                f"ImagePipeline has no job {native_id} (HTTP 404: {self.http.message_of(response)}); its "
-                "record may have expired. Start a new job with generate_image.", status_code=404)
         if response.status_code >= 400:
-            raise self._error(response)
-        word = _status_word(payload) if isinstance(payload, dict) else None
+            raise self._error(response, "poll", job=native_id)
+        answer = read(_Answer, response)
+        if answer is None:
+            raise ProviderUnavailable(f"ImagePipeline's status answer for job {native_id} could not be read; "
+                                      "try check_prediction again later.", status_code=response.status_code)
+        return self._state(answer, native_id)
+
+    # --- the one mapping to the shared state ----------------------------------------------------
+
+    def _state(self, answer: _Answer, native_id: str | None = None) -> JobState:
+        """PENDING, SUCCESS or FAILURE/FAILED as the shared state; any other word is an error, not a guess."""
+        word = answer.word
         if word == "PENDING":
             return JobState(status="processing")
-        if isinstance(payload, dict) and (word == "SUCCESS" or word in _FAILED):
-            return self._state(payload, succeeded=word == "SUCCESS")
+        if word == "SUCCESS":
+            urls = answer.download_urls if isinstance(answer.download_urls, list) else [answer.download_urls]
+            return finished(self.label, [u for u in urls if u], self.base_url, inline=False,
+                            empty="ImagePipeline reported success but returned no image URL")
+        if word in _FAILED:
+            reason = answer.reason() or "ImagePipeline reported the job failed without giving a reason"
+            return JobState(status="failed", error=self.http.redactor.scrub(reason),
+                            error_code=answer.error_code)
         raise ProviderUnavailable(
-            f"ImagePipeline reported an unknown status {word or 'none'!r} for job {native_id}; "
-            "try check_prediction again later.", status_code=response.status_code)
+            f"ImagePipeline reported an unknown status {word or 'none'!r}"
+            + (f" for job {native_id}" if native_id else "") + "; try check_prediction again later.")
 
-    def _state(self, payload: dict[str, Any], *, succeeded: bool) -> JobState:
-        """A SUCCESS or FAILURE/FAILED answer as a final state; a success without images is a failure."""
-        if succeeded:
-            outputs = [OutputRef(url=u) for u in _urls(payload.get("download_urls"))]
-            if not outputs:
-                return JobState(status="failed", error_code="no_output",
-                                error="ImagePipeline reported success but returned no image URL")
-            return JobState(status="succeeded", outputs=outputs)
-        code = payload.get("error_code")
-        reason = _message(payload) or "ImagePipeline reported the job failed without giving a reason"
-        return JobState(status="failed", error=self.http.redactor.scrub(reason),
-                        error_code=code if isinstance(code, str) else None)
-
-    def _error(self, response: httpx2.Response, *, submit: bool = False) -> Exception:
-        """Maps an HTTP error answer; unknown ones go to the shared mapping."""
-        status = response.status_code
-        payload = parse_json(response)
-        body = payload if isinstance(payload, dict) else {}
-        code = str(body.get("error_code") or "").upper()
-        detail = self.http.message_of(response)
-        if status == 402 or code in _NO_CREDIT_CODES or (
-                status < 500 and ("insufficient" in detail.lower() or "balance" in detail.lower())):
-            label = f"{code}: " if code else ""
-            return InsufficientCredits(
-                f"ImagePipeline says the account balance is insufficient (HTTP {status}: {label}{detail}). "
-                "Top up at imagepipeline.io, or use another provider.", status_code=status, code=code or None)
-        hint = self._server_hint() if submit and "server" in detail.lower() else ""
-        if status == 422 and isinstance(body.get("detail"), list):
-            return ProviderRejected(
-                f"ImagePipeline rejected the parameters (HTTP 422: {self._validation(body['detail'])}). Fix "
-                "them and call again." + hint, status_code=422)
-        if status in (400, 404, 422) and code:
-            return ProviderRejected(
-                f"ImagePipeline rejected the request (HTTP {status}: {code}: {detail}). Adjust the arguments "
-                "and call again." + hint, status_code=status, code=code)
-        error = self.http.error_for(response, submit=submit)
-        if hint and type(error) is ProviderRejected:
-            return ProviderRejected(str(error) + hint, status_code=status)
-        return error
-
-    def _validation(self, items: list[Any]) -> str:
-        """A 422 `detail` list (`[{"loc": ["body", "prompt"], "msg": "field required"}]`) as one line."""
-        parts = []
-        for item in items[:3]:
-            if not isinstance(item, dict):
-                parts.append(str(item))
-                continue
-            raw_loc = item.get("loc")
-            loc = [str(p) for p in raw_loc if p != "body"] if isinstance(raw_loc, list) else []
-            msg = str(item.get("msg", "invalid"))
-            parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
-        return self.http.redactor.scrub("; ".join(parts) or "invalid parameters")
+    def _error(self, response: httpx2.Response, phase: Phase, **fields: str) -> Exception:
+        """Maps an HTTP error answer with `_ERRORS`, then the shared rules."""
+        about_server = "server" in self.http.message_of(response).lower()
+        hint = self._server_hint() if phase == "submit" and about_server else ""
+        return self.http.error_for(response, _ERRORS, phase=phase, advice=hint, **fields)
 
     def _server_hint(self) -> str:
         if self.server_id:
             return " Check that IMAGEPIPELINE_SERVER_ID names a running server of this account."
         return (" FLUX on ImagePipeline runs on dedicated servers: set IMAGEPIPELINE_SERVER_ID to the "
                 "account's server id and restart the server.")
-
-
-def _status_word(payload: Any) -> str | None:
-    raw = payload.get("status") if isinstance(payload, dict) else None
-    return raw.strip().upper() if isinstance(raw, str) and raw.strip() else None
-
-
-def _native_id(payload: dict[str, Any]) -> str | None:
-    raw = payload.get("id")
-    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
-        return None
-    text = str(raw).strip()
-    return text if _SAFE_ID.match(text) else None
-
-
-def _urls(raw: Any) -> list[str]:
-    items = raw if isinstance(raw, list) else [raw]
-    return [u.strip() for u in items if isinstance(u, str) and u.strip().startswith(("http://", "https://"))]
-
-
-def _message(payload: dict[str, Any]) -> str | None:
-    """The failure text: `message`, `error` or `detail` (which one is undocumented)."""
-    for key in ("message", "error", "detail"):
-        value = payload.get(key)
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-        if isinstance(value, dict):
-            inner = _message(value)
-            if inner:
-                return inner
-    return None

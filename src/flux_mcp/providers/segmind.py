@@ -1,9 +1,31 @@
 """Segmind: synchronous v1 calls, `POST /v1/{model}` answered with the image itself.
 
-There is no job id and nothing to poll: the server makes the prediction id, and `num_images > 1`
-becomes that many parallel calls with consecutive seeds, each sent exactly once. Uploads go to a
-different host (`workflows-api.segmind.com/upload-asset`). Wire details and the documentation's
-contradictions: shared/providers/API-NOTES.md section 2.
+The wire, as this adapter relies on it:
+
+* Base `https://api.segmind.com`, the key in `x-api-key` (the gateway does not take a Bearer token).
+* `POST /v1/{slug}` with a JSON body runs the model and answers HTTP 200 with the image bytes
+  (`image/jpeg`). Newer model pages show a JSON answer instead, so the answer is read by its type:
+  an image, or JSON carrying the image under `image`, `images`, `output`, `output_url`, `outputs` or
+  `url` (a URL, or base64 — that JSON shape is not documented). Text is a failed call.
+* There is no job id and nothing to poll on v1: the server makes the prediction id. Several images
+  in one v1 call are not documented, so `num_images > 1` becomes that many parallel calls with
+  consecutive seeds, each sent exactly once (Segmind offers no idempotency: never re-POST).
+* Every HTTP 200 is billed, image or not; errors are not. Headers: `x-remaining-credits`, `x-cost`.
+* Fields per model: flux-schnell `prompt, steps (1-8), seed, sampler_name, scheduler, samples,
+  width/height (512-2048, multiples of 8), denoise`; flux-dev `aspect_ratio` from a fixed list,
+  `guidance` (0-10), `steps`, `output_format`; flux-kontext-pro `input_image`, `aspect_ratio`
+  (`match_input_image` or a ratio), `safety_tolerance` (at most 2 with an input image); flux-img2img
+  `image, steps (1-50), denoise, scheduler, sampler_name, base64` (`base64`'s default differs
+  between pages, so it is always sent). Image inputs are a URL or a raw base64 string. Segmind's
+  default seed is a constant, so a random one is always sent.
+* Uploads go to another host: `POST https://workflows-api.segmind.com/upload-asset` with JSON
+  `{"data_urls": ["data:<mime>;base64,..."]}`, answered `{"urls": [...]}` (the SDK documents
+  `file_urls`; both are read).
+* Errors carry `{"error": "<message>"}`: 401 bad or missing key, 403 model not allowed for the key's
+  team, 404 no such endpoint, 405 (an HTML page), 406 insufficient credits, a team spend limit, or a
+  wrong content type (told apart by the message), 410 model retired, 422 failed, 429 rate limited
+  with `x-rate-limit-reset-at-utc` (no Retry-After), 500 (often a parameter value the model cannot
+  handle).
 """
 
 from __future__ import annotations
@@ -14,12 +36,11 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import httpx2
+from pydantic import AliasChoices, BeforeValidator, Field
 
 from ..errors import (
     AuthFailed,
@@ -31,10 +52,11 @@ from ..errors import (
     RateLimited,
     SubmitOutcomeUnknown,
 )
-from ..http import parse_json
-from ..media import decode_data_uri, to_data_uri
+from ..http import CLIENT_ERROR, SERVER_ERROR, ErrorRule
+from ..media import to_data_uri
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
 from .registry import SEGMIND
+from .wire import Loose, UnusableOutput, WireModel, first_string, looks_like_image, read, resolve_output
 
 DEFAULT_UPLOAD_BASE_URL = "https://workflows-api.segmind.com"
 SEED_LIMIT = 2**31
@@ -46,7 +68,55 @@ KONTEXT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "4:5", "5:4
 DEV_RATIOS = ("1:1", "16:9", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", "9:21")
 _ANY_SIZE = Range(256, 2048)
 """For aspect-ratio models width/height only choose the nearest ratio."""
-_IMAGE_KEYS = ("image", "images", "output", "output_url", "outputs", "url")
+
+_ERRORS: tuple[ErrorRule, ...] = (
+    ErrorRule(ProviderRejected, "Segmind refused the request's content type (HTTP 406: {detail}). This is a "
+              "flux-mcp bug; please report it.", status=406, pattern=r"content[ -]?type"),
+    ErrorRule(InsufficientCredits, "Segmind refused the call: the team's spend limit is reached (HTTP 406: "
+              "{detail}). Ask the team admin to raise it on segmind.com, or use another provider.",
+              status=406, pattern="limit"),
+    ErrorRule(InsufficientCredits, "Segmind says the account does not have enough credits (HTTP {status}: "
+              "{detail}). Top up at segmind.com (Billing), or use another provider.", status=406),
+    ErrorRule(InsufficientCredits, "Segmind says the account does not have enough credits (HTTP {status}: "
+              "{detail}). Top up at segmind.com (Billing), or use another provider.",
+              status=CLIENT_ERROR, pattern="insufficient.*credit|credit.*insufficient"),
+    ErrorRule(AuthFailed, "Segmind does not let this key use {what} (HTTP 403: {detail}). Enable it for the "
+              "key's team on segmind.com{instead}.", status=403),
+    ErrorRule(ProviderRejected, "Segmind has no endpoint for {what} (HTTP 404: {detail}). Check the model id "
+              "and {where}.", status=404),
+    ErrorRule(ProviderRejected, "Segmind answered 405 Method Not Allowed ({detail}) for {what}. Check that "
+              "SEGMIND_BASE_URL points at the Segmind API (https://api.segmind.com).", status=405),
+    ErrorRule(ProviderRejected, "Segmind has retired {what} (HTTP 410: {detail}). Choose another model: "
+              "{choices}.", status=410),
+    ErrorRule(RateLimited, "Segmind is rate limiting requests (HTTP 429: {detail}); {then} {when}{reset}.",
+              status=429),
+    ErrorRule(ProviderRejected, "Segmind rejected the parameters (HTTP {status}: {detail}); nothing was "
+              "charged. Adjust them and call again.", status=(400, 422)),
+    ErrorRule(ProviderUnavailable, "Segmind had a server error (HTTP {status}: {detail}). Segmind bills only "
+              "successful answers, so this call should not have been charged. A 500 is often a parameter "
+              "value the model cannot handle: adjust it, or try again later.", status=SERVER_ERROR),
+)
+"""Segmind's documented error answers, each with what to do next. Every v1 call is a submit (never
+resent), but a 5xx is not an unknown outcome here: Segmind bills only HTTP 200."""
+
+_Item = Annotated[str | None, BeforeValidator(first_string("url", "image", "data"))]
+
+
+class _JsonAnswer(WireModel):
+    """A v1 answer in JSON: the image under one of several names (undocumented), maybe inside `data`."""
+
+    image: list[_Item] | _Item = Field(None, validation_alias=AliasChoices(
+        "image", "images", "output", "output_url", "outputs", "url"))
+    data: Loose[_JsonAnswer] = None
+
+    def found(self) -> str | None:
+        values = self.image if isinstance(self.image, list) else [self.image]
+        value = next((v for v in values if v), None)
+        return value or (self.data.found() if self.data else None)
+
+
+class _UploadAnswer(WireModel):
+    urls: list[Loose[str]] | Loose[str] = Field(None, validation_alias=AliasChoices("urls", "file_urls"))
 
 
 class Segmind(Provider):
@@ -144,21 +214,25 @@ class Segmind(Provider):
         call.output, call.problem = self._output_of(response)
 
     def _output_of(self, response: httpx2.Response) -> tuple[OutputRef | None, str | None]:
+        """The image of a billed (HTTP 200) answer, or why there is none."""
         ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype.startswith("image/") or (ctype in ("", "application/octet-stream") and _looks_like_image(
+        if ctype.startswith("image/") or (ctype in ("", "application/octet-stream") and looks_like_image(
                 response.content)):
             if not response.content:
                 return None, "Segmind answered HTTP 200 with an empty image"
             mime = ctype if ctype.startswith("image/") else None
             return OutputRef(data=response.content, mime_type=mime), None
-        payload = parse_json(response)
-        if isinstance(payload, dict):
-            found = _find_output(payload)
-            if found is not None:
-                return found, None
+        answer = read(_JsonAnswer, response)
+        if answer is None:
+            return None, (f"Segmind answered HTTP 200 with {ctype or 'an untyped body'} instead of an image "
+                          f"({self.http.message_of(response)})")
+        found = answer.found()
+        if found is None:
             return None, f"Segmind answered HTTP 200 without an image ({self.http.message_of(response)})"
-        return None, (f"Segmind answered HTTP 200 with {ctype or 'an untyped body'} instead of an image "
-                      f"({self.http.message_of(response)})")
+        try:
+            return resolve_output(found, self.base_url, inline=True), None
+        except UnusableOutput as exc:
+            return None, f"Segmind answered HTTP 200, but its image {exc}"
 
     def _combine(self, req: ImageRequest, calls: list[_Call]) -> JobState:
         info = self.model_info(req.model)
@@ -200,76 +274,21 @@ class Segmind(Provider):
         response = await self.http.submit(
             "POST", f"{base}/upload-asset", json={"data_urls": [to_data_uri(data, mime_type)]},
             headers={**self._headers(), "accept": "application/json, text/plain, */*"})
-        payload = parse_json(response)
-        if not 200 <= response.status_code < 300 or not isinstance(payload, dict):
+        answer = read(_UploadAnswer, response)
+        if not 200 <= response.status_code < 300 or answer is None:
             raise self._error(response, None)
-        for key in ("urls", "file_urls"):
-            urls = payload.get(key)
-            urls = urls if isinstance(urls, list) else [urls]
-            for url in urls:
-                if isinstance(url, str) and url.startswith(("http://", "https://")):
-                    return url
+        for url in answer.urls if isinstance(answer.urls, list) else [answer.urls]:
+            if url and url.strip().lower().startswith(("http://", "https://")):
+                return url.strip()
         raise ProviderUnavailable("Segmind accepted the upload but returned no file URL; try again.")
 
     def _error(self, response: httpx2.Response, model: str | None) -> Exception:
-        """Segmind's documented error answers, each with what to do next."""
-        status = response.status_code
-        detail = self.http.message_of(response)
-        low = detail.lower()
-        what = f"model {model}" if model else "the upload"
-        if status == 406 and "content type" in low.replace("-", " "):
-            return ProviderRejected(
-                f"Segmind refused the request's content type (HTTP 406: {detail}). This is a flux-mcp bug; "
-                "please report it.", status_code=406)
-        if status == 406 and "limit" in low:
-            return InsufficientCredits(
-                f"Segmind refused the call: the team's spend limit is reached (HTTP 406: {detail}). Ask the "
-                "team admin to raise it on segmind.com, or use another provider.", status_code=406)
-        if status == 406 or (status < 500 and "insufficient" in low and "credit" in low):
-            return InsufficientCredits(
-                f"Segmind says the account does not have enough credits (HTTP {status}: {detail}). Top up at "
-                "segmind.com (Billing), or use another provider.", status_code=status)
-        if status == 403:
-            instead = f", or choose another model: {self._choices()}" if model else ""
-            return AuthFailed(
-                f"Segmind does not let this key use {what} (HTTP 403: {detail}). Enable it for the key's "
-                f"team on segmind.com{instead}.", status_code=403)
-        if status == 404:
-            where = "SEGMIND_UPLOAD_BASE_URL" if model is None else "SEGMIND_BASE_URL"
-            return ProviderRejected(
-                f"Segmind has no endpoint for {what} (HTTP 404: {detail}). Check the model id and {where}.",
-                status_code=404)
-        if status == 405:
-            return ProviderRejected(
-                f"Segmind answered 405 Method Not Allowed ({detail}) for {what}. Check that SEGMIND_BASE_URL "
-                "points at the Segmind API (https://api.segmind.com).", status_code=405)
-        if status == 410:
-            return ProviderRejected(
-                f"Segmind has retired {what} (HTTP 410: {detail}). Choose another model: {self._choices()}.",
-                status_code=410)
-        if status == 429:
-            return self._rate_limited(response, detail)
-        if status in (400, 422):
-            return ProviderRejected(
-                f"Segmind rejected the parameters (HTTP {status}: {detail}); nothing was charged. Adjust "
-                "them and call again.", status_code=status)
-        if status >= 500:
-            return ProviderUnavailable(
-                f"Segmind had a server error (HTTP {status}: {detail}). Segmind bills only successful "
-                "answers, so this call should not have been charged. A 500 is often a parameter value the model cannot handle: "
-                "adjust it, or try again later.", status_code=status)
-        return self.http.error_for(response, submit=True)
-
-    def _rate_limited(self, response: httpx2.Response, detail: str) -> Exception:
-        raw = response.headers.get("x-rate-limit-reset-at-utc", "").strip()
-        wait = _seconds_until(raw) if raw else None
-        if wait is None:
-            return self.http.error_for(response, submit=True)
-        seconds = max(1, math.ceil(wait))
-        return RateLimited(
-            f"Segmind is rate limiting requests (HTTP 429: {detail}); the job was not created. Try again in "
-            f"about {seconds} seconds (the limit resets at {self.http.redactor.scrub(raw)}).",
-            status_code=429, retry_after=float(seconds))
+        """Segmind's documented error answers (`_ERRORS`), each with what to do next."""
+        instead = f", or choose another model: {self._choices()}" if model else ""
+        return self.http.error_for(
+            response, _ERRORS, phase="submit" if model else "upload",
+            what=f"model {model}" if model else "the upload", instead=instead, choices=self._choices(),
+            where="SEGMIND_UPLOAD_BASE_URL" if model is None else "SEGMIND_BASE_URL")
 
     def _choices(self) -> str:
         return ", ".join(m.id for m in self.models)
@@ -301,39 +320,10 @@ def nearest_ratio(width: int, height: int, ratios: tuple[str, ...]) -> str:
 
 
 def _inline(image: str | None) -> str | None:
-    """Segmind takes a URL or a raw base64 string [SEG-M-I2I]: a data: URI loses its prefix."""
+    """Segmind takes a URL or a raw base64 string: a data: URI loses its prefix."""
     if image and image.startswith("data:"):
         return image.split(",", 1)[1] if "," in image else image
     return image
-
-
-def _find_output(payload: dict[str, Any]) -> OutputRef | None:
-    """The image in a JSON answer: `image`, `images`, `output`, `output_url` ... as a URL or base64."""
-    for key in _IMAGE_KEYS:
-        value = payload.get(key)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, dict):
-            value = next((value[k] for k in ("url", "image", "data") if isinstance(value.get(k), str)), None)
-        if not isinstance(value, str) or not value.strip():
-            continue
-        value = value.strip()
-        if value.startswith(("http://", "https://")):
-            return OutputRef(url=value)
-        try:
-            data = decode_data_uri(value)
-        except FluxError:
-            continue
-        if _looks_like_image(data):
-            return OutputRef(data=data)
-    data = payload.get("data")
-    return _find_output(data) if isinstance(data, dict) else None
-
-
-def _looks_like_image(data: bytes) -> bool:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return True
-    return data.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8"))
 
 
 def _number(raw: str | None) -> float | None:
@@ -342,21 +332,3 @@ def _number(raw: str | None) -> float | None:
     except ValueError:
         return None
     return value if value is not None and math.isfinite(value) else None
-
-
-def _seconds_until(raw: str) -> float | None:
-    """Seconds until `x-rate-limit-reset-at-utc` (ISO 8601, HTTP date, or epoch seconds/milliseconds)."""
-    when: datetime | None = None
-    number = _number(raw)
-    if number is not None:
-        return max(0.0, (number / 1000 if number > 1e11 else number) - time.time())
-    try:
-        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(raw)
-        except (TypeError, ValueError):
-            return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
