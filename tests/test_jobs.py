@@ -16,7 +16,7 @@ import pytest
 from flux_mcp.config import Settings
 from flux_mcp.http import ProviderHttp
 from flux_mcp.jobs import JobRunner
-from flux_mcp.journal import JournalUnusable, Record, SqliteJournal, open_journal
+from flux_mcp.journal import SCHEMA_VERSION, JournalUnusable, Record, SqliteJournal, open_journal
 from flux_mcp.keep import Keeper, SavePlan
 from flux_mcp.media import Downloader
 from flux_mcp.paths import PathPolicy
@@ -215,7 +215,7 @@ async def test_later_versions_of_an_unwritten_record_land_in_order(rig: Rig):
 
 @pytest.mark.parametrize("change", [
     "PRAGMA user_version=99",
-    "ALTER TABLE predictions ADD COLUMN principal TEXT NOT NULL DEFAULT 'x'",
+    "ALTER TABLE predictions ADD COLUMN tenant TEXT NOT NULL DEFAULT 'x'",
     "ALTER TABLE predictions DROP COLUMN error",
 ])
 async def test_a_journal_this_version_cannot_write_is_refused_at_start_naming_the_folder(home: Path, change: str):
@@ -239,9 +239,9 @@ async def test_a_required_column_unknown_to_this_version_is_refused(home: Path):
                      " model TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL, request TEXT NOT NULL,"
                      " images TEXT NOT NULL DEFAULT '[]', outputs TEXT NOT NULL DEFAULT '[]', error TEXT,"
                      " cost_usd REAL, remaining_credits REAL, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
-                     " completed_at REAL, principal TEXT NOT NULL);")
+                     " completed_at REAL, tenant TEXT NOT NULL);")
     db.close()
-    with pytest.raises(JournalUnusable, match="principal"):
+    with pytest.raises(JournalUnusable, match="tenant"):
         open_journal(home)
 
 
@@ -259,7 +259,7 @@ async def test_an_older_journal_without_a_version_is_migrated_and_keeps_its_rows
         record = await journal.get("atlascloud:old")
         assert record is not None and record.status == "succeeded"
         with journal._lock:
-            assert journal._db.execute("PRAGMA user_version").fetchone()[0] >= 1
+            assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         await journal.close()
 
@@ -270,3 +270,34 @@ async def test_a_file_that_is_not_a_database_is_one_clear_error(home: Path):
     with pytest.raises(JournalUnusable) as caught:
         open_journal(home)
     assert str(home) in str(caught.value)
+
+
+def test_servers_starting_at_once_on_an_old_journal_migrate_it_once(home: Path):
+    home.mkdir(parents=True)
+    db = sqlite3.connect(home / "journal.sqlite3", isolation_level=None)
+    from flux_mcp.journal import _MIGRATIONS
+
+    db.executescript(_MIGRATIONS[1])
+    db.execute("PRAGMA user_version=1")
+    db.close()
+    import threading
+
+    errors: list[BaseException] = []
+    opened: list[SqliteJournal] = []
+
+    def start() -> None:
+        try:
+            opened.append(open_journal(home))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(opened) == 4
+    for journal in opened:
+        with journal._lock:
+            assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+            journal._db.close()

@@ -44,7 +44,7 @@ RECENT = 20
 """A model's typical duration is the median of its last this-many successful jobs."""
 _RECENT_TTL = 60.0
 """Seconds the remembered durations are trusted before the file is read again."""
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The layout this code reads and writes (`PRAGMA user_version`)."""
 _RETRY_EVERY = 1.0
 """Seconds between the background thread's attempts to write the backlog."""
@@ -52,7 +52,8 @@ _SLOW_TIMEOUT = 10.0
 """Busy timeout (seconds) of the connections used off the event loop."""
 
 _COLUMNS = ("id", "provider", "native_id", "model", "kind", "status", "request", "images", "outputs", "error",
-            "cost_usd", "remaining_credits", "created_at", "updated_at", "completed_at")
+            "cost_usd", "remaining_credits", "created_at", "updated_at", "completed_at", "principal", "request_key",
+            "idempotency_key", "delivered")
 
 _MIGRATIONS: dict[int, str] = {
     # 0 -> 1: the first layout. Journals written before versions existed have exactly these tables.
@@ -83,6 +84,18 @@ CREATE TABLE IF NOT EXISTS uploads (
     PRIMARY KEY (sha256, provider)
 );
 """,
+    # 1 -> 2: who asked (the connection's principal), what exactly (a key of the normalised request), the
+    # caller's idempotency key, and whether the answer reached the caller (a re-issued call joins a job whose
+    # answer never did).
+    2: """
+ALTER TABLE predictions ADD COLUMN principal TEXT NOT NULL DEFAULT 'local';
+ALTER TABLE predictions ADD COLUMN request_key TEXT;
+ALTER TABLE predictions ADD COLUMN idempotency_key TEXT;
+ALTER TABLE predictions ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS predictions_rejoin ON predictions (principal, request_key, created_at);
+CREATE UNIQUE INDEX IF NOT EXISTS predictions_idempotency ON predictions (principal, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+""",
 }
 
 
@@ -111,6 +124,14 @@ class Record:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     completed_at: float | None = None
+    principal: str = "local"
+    """Who asked: the local user (stdio, terminal) or the authenticated identity over HTTP."""
+    request_key: str | None = None
+    """A digest of the normalised request: an identical re-issued call from the same principal joins this job."""
+    idempotency_key: str | None = None
+    """The caller's own key: the same key from the same principal always returns this job."""
+    delivered: bool = False
+    """Whether a finished answer for this job reached the caller."""
 
     def result(self) -> PredictionResult:
         return PredictionResult(
@@ -162,7 +183,8 @@ class Journal(Protocol):
 def _row(rec: Record) -> tuple[Any, ...]:
     return (rec.id, rec.provider, rec.native_id, rec.model, rec.kind, rec.status, json.dumps(rec.request),
             json.dumps([i.model_dump() for i in rec.images]), json.dumps(rec.outputs), rec.error, rec.cost_usd,
-            rec.remaining_credits, rec.created_at, rec.updated_at, rec.completed_at)
+            rec.remaining_credits, rec.created_at, rec.updated_at, rec.completed_at, rec.principal, rec.request_key,
+            rec.idempotency_key, int(rec.delivered))
 
 
 def _record(row: tuple[Any, ...]) -> Record:
@@ -170,7 +192,8 @@ def _record(row: tuple[Any, ...]) -> Record:
         id=row[0], provider=row[1], native_id=row[2], model=row[3], kind=row[4], status=row[5],
         request=json.loads(row[6]), images=[ImageOutput(**i) for i in json.loads(row[7])],
         outputs=json.loads(row[8]), error=row[9], cost_usd=row[10], remaining_credits=row[11],
-        created_at=row[12], updated_at=row[13], completed_at=row[14],
+        created_at=row[12], updated_at=row[13], completed_at=row[14], principal=row[15], request_key=row[16],
+        idempotency_key=row[17], delivered=bool(row[18]),
     )
 
 
@@ -223,7 +246,7 @@ class SqliteJournal:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             for step in range(version + 1, SCHEMA_VERSION + 1):
-                db.executescript(f"BEGIN IMMEDIATE;{_MIGRATIONS[step]}PRAGMA user_version={step};COMMIT;")
+                self._migrate(step)
         except sqlite3.OperationalError as exc:
             if "readonly" not in str(exc) and "read-only" not in str(exc):
                 raise
@@ -232,6 +255,21 @@ class SqliteJournal:
         self._check_layout()
         with contextlib.suppress(OSError):
             self.path.chmod(0o600)
+
+    def _migrate(self, step: int) -> None:
+        """Applies one migration in a write transaction, re-reading the version inside it: several servers
+        starting at once on one folder migrate it once."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if int(db.execute("PRAGMA user_version").fetchone()[0]) < step:
+                for statement in filter(str.strip, _MIGRATIONS[step].split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={step}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _check_layout(self) -> None:
         """A layout this code cannot write (a column it needs is gone, or one it does not know is required)
