@@ -161,8 +161,8 @@ async def test_the_atlas_adapter_allows_a_larger_status_answer_once_one_was_over
                         retry=FAST_RETRY)
     atlas = AtlasCloud(ProviderSettings(api_key=SecretStr(ATLAS_KEY), base_url="http://atlas.test"), http)
     async with client:
-        submitted = await atlas.submit(ImageRequest(kind="generate", prompt="p", model=atlas.default_model,
-                                                    inline=True))
+        submitted = await atlas.submit(ImageRequest(kind="generate", prompt="p", model=atlas.default_model),
+                                       inline=True)
         fake.finish(submitted.native_id)
         fresh = AtlasCloud(atlas.settings, http)  # as after a restart: it never saw the submit
         with pytest.raises(AnswerTooLarge, match="may hold the images themselves"):
