@@ -45,6 +45,8 @@ class Settings(BaseModel):
     cwd: Path
     wait_seconds: float = DEFAULT_WAIT_SECONDS
     max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS
+    rejoin_seconds: float = 600.0
+    """FLUX_MCP_REJOIN_SECONDS: how long an identical call joins an earlier one whose answer never arrived."""
     keep_days: float | None = None
     """FLUX_MCP_KEEP_DAYS: finished jobs older than this are pruned at start (None: keep everything)."""
     auth_token: SecretStr | None = None
@@ -106,6 +108,7 @@ class Settings(BaseModel):
             cwd=cwd,
             wait_seconds=wait,
             max_wait_seconds=max_wait,
+            rejoin_seconds=_number(env, "FLUX_MCP_REJOIN_SECONDS", 600.0, 0, 30 * 86_400),
             keep_days=_number(env, "FLUX_MCP_KEEP_DAYS", -1, 0, 100_000) if env.get("FLUX_MCP_KEEP_DAYS", "").strip()
             else None,
             auth_token=SecretStr(token) if token else None,

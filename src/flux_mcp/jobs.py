@@ -42,6 +42,11 @@ from .waiting import PollSchedule
 log = logging.getLogger("flux_mcp.jobs")
 
 ProgressFn = Callable[[float, float | None, str], Coroutine[Any, Any, None]]
+Alive = Callable[[], Coroutine[Any, Any, bool]]
+
+
+async def _always() -> bool:
+    return True
 PROGRESS_EVERY = 5.0
 """Seconds between progress notifications while waiting (they keep client timeouts alive)."""
 INLINE_LONGEST = 10.0
@@ -61,6 +66,8 @@ class Outcome:
     """When the status request that found the job final was sent."""
     kept: dict[str, bytes] = field(default_factory=dict)
     """The bytes just written at each image's path (previews are made from them, not read back)."""
+    joined: bool = False
+    """The call joined an earlier identical call's job instead of paying for a new one."""
 
 
 def scrub_record(record: Record, redactor: Redactor) -> Record:
@@ -85,19 +92,28 @@ class JobRunner:
         self.redactor = redactor
         self._held = 0
         """Submits held open right now (sync mode)."""
+        self.in_flight: dict[str, Alive] = {}
+        """Jobs whose call is still running here, with a check of whether its caller is still there: a call
+        whose caller is there is not abandoned, so not for an identical call to join."""
 
     # --- a new job ----------------------------------------------------------------------------
 
     async def run(self, provider: Provider, req: JobRequest, plan: SavePlan, wait: float, paths: PathPolicy,
-                  progress: ProgressFn | None = None, *, image_source: str | None = None) -> Outcome:
+                  progress: ProgressFn | None = None, *, image_source: str | None = None,
+                  owner: tuple[str, str | None] = ("local", None), alive: Alive | None = None) -> Outcome:
         """The whole life of a new job. `req` is prepared (validated, model and image resolved),
-        `plan` says where its save_to copies go (checked), `image_source` is the edit input as given. Raises FluxError only when no job was created (or its
+        `plan` says where its save_to copies go (checked), `image_source` is the edit input as given,
+        `owner` the caller's principal and the request's key (a re-issued identical call finds the job by them),
+        `alive` tells whether the caller is still there to receive the answer (None: it is, as long as the call runs). Raises FluxError only when no job was created (or its
         creation is unknowable: SubmitOutcomeUnknown); after the submit it always returns the job."""
         inline = await self._inline(provider, req.model, wait)
         sent = time.time()
         with anyio.CancelScope(shield=True):
             submitted = await self._submit(provider, req, inline, progress, wait)
             record = self._record(provider, req, plan, submitted, sent, image_source)
+            record.principal, record.request_key = owner
+            record.idempotency_key = req.idempotency_key
+            self.in_flight[record.id] = alive or _always
             log.info("submitted %s (%s, %s%s)", record.id, provider.id, record.model, ", held" if inline else "")
             outcome = Outcome(record)
             state = submitted.state
@@ -116,6 +132,12 @@ class JobRunner:
             outcome.notes.append(f"An internal error ({type(exc).__name__}) interrupted the server after the job "
                                  f"was accepted; the job is kept: call check_prediction with "
                                  f"prediction_id=\"{record.id}\".")
+        except anyio.get_cancelled_exc_class():
+            log.info("the call for %s ended before its answer (cancelled or disconnected); the job is kept and an "
+                     "identical call joins it", record.id)
+            raise
+        finally:
+            self.in_flight.pop(record.id, None)
         return self._scrubbed(outcome)
 
     async def _inline(self, provider: Provider, model: str | None, wait: float) -> bool:

@@ -167,6 +167,18 @@ class Journal(Protocol):
         """Ids of records not yet on stable storage."""
         ...
 
+    async def rejoinable(self, principal: str, request_key: str, since: float) -> list[Record]:
+        """Jobs of `principal` for this request since `since` whose answer never reached the caller, newest first."""
+        ...
+
+    async def by_idempotency_key(self, principal: str, key: str) -> Record | None:
+        """The job `principal` started with this idempotency key, if the journal holds it."""
+        ...
+
+    async def mark_delivered(self, prediction_id: str) -> None:
+        """Records that an answer for this job reached its caller (a later identical call is a new job)."""
+        ...
+
     async def finished_before(self, before: float, limit: int) -> list[Record]:
         """Up to `limit` final (succeeded, failed, canceled) records last updated before `before`, oldest first."""
         ...
@@ -197,7 +209,10 @@ def _record(row: tuple[Any, ...]) -> Record:
     )
 
 
-_INSERT = f"INSERT OR REPLACE INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
+_INSERT = (f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
+           f" ON CONFLICT(id) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in _COLUMNS[1:-1])},"
+           " delivered=MAX(predictions.delivered, excluded.delivered)")
+"""An upsert; `delivered` only ever goes from 0 to 1 (a late write of an older copy cannot undo it)."""
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE id=?"
 
 
@@ -424,6 +439,37 @@ class SqliteJournal:
         if row and time.time() - row[1] < max_age:
             return str(row[0])
         return None
+
+    async def rejoinable(self, principal: str, request_key: str, since: float) -> list[Record]:
+        with self._lock:
+            pending = [r.copy() for r in self._backlog.values() if r.principal == principal
+                       and r.request_key == request_key and not r.delivered and r.created_at >= since]
+        rows = await self._read(
+            f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE principal=? AND request_key=? AND delivered=0"
+            " AND created_at >= ? ORDER BY created_at DESC LIMIT 5", (principal, request_key, since), many=True)
+        found = {r.id: r for r in [*(_record(row) for row in rows), *pending]}
+        return sorted(found.values(), key=lambda r: r.created_at, reverse=True)
+
+    async def by_idempotency_key(self, principal: str, key: str) -> Record | None:
+        with self._lock:
+            pending = next((r.copy() for r in self._backlog.values()
+                            if r.principal == principal and r.idempotency_key == key), None)
+        if pending is not None:
+            return pending
+        row = await self._read(f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE principal=? AND"
+                               " idempotency_key=?", (principal, key))
+        return None if row is None else _record(row)
+
+    async def mark_delivered(self, prediction_id: str) -> None:
+        with self._lock:
+            pending = self._backlog.get(prediction_id)
+            if pending is not None:
+                pending.delivered = True
+                return
+            try:
+                self._db.execute("UPDATE predictions SET delivered=1 WHERE id=?", (prediction_id,))
+            except sqlite3.Error as exc:  # losing it only means a later identical call may join this job
+                log.info("delivery of %s not recorded: %s", prediction_id, exc)
 
     async def finished_before(self, before: float, limit: int) -> list[Record]:
         rows = await self._read(

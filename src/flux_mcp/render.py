@@ -24,7 +24,7 @@ _TEXT_RESERVE = 40_000
 """Bytes of the result budget kept for text and structured content."""
 
 
-def next_step(record: Record, settings: Settings) -> str:
+def next_step(record: Record, settings: Settings, *, joined: bool = False) -> str:
     """The sentence that tells the model what to know or do next (also in structuredContent: some clients
     show the model nothing else)."""
     check = f'call check_prediction with prediction_id="{record.id}"'
@@ -43,6 +43,9 @@ def next_step(record: Record, settings: Settings) -> str:
         step = "The job was canceled; call the tool again to start a new job."
     if is_placeholder(record):
         step += f" {PLACEHOLDER_NOTE}"
+    if joined:
+        step = (f"This call joined the earlier identical call {record.id}, whose answer never arrived: nothing "
+                f"was paid twice. {step}")
     return step
 
 
@@ -50,9 +53,9 @@ def is_placeholder(record: Record) -> bool:
     return record.provider == PLACEHOLDER_ID
 
 
-def structured(record: Record, settings: Settings) -> dict[str, object]:
+def structured(record: Record, settings: Settings, *, joined: bool = False) -> dict[str, object]:
     """The structuredContent of a prediction: the tool results and the prediction resource say the same."""
-    result = record.result().model_copy(update={"message": next_step(record, settings),
+    result = record.result().model_copy(update={"message": next_step(record, settings, joined=joined),
                                                 "placeholder": is_placeholder(record)})
     return result.model_dump(mode="json")
 
@@ -77,7 +80,7 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
                 lines.append(f"  provider URL (expires): {img.url}")
         if record.error:
             lines.append(f"Note: {record.error}")
-        lines.append(next_step(record, settings))
+        lines.append(next_step(record, settings, joined=outcome.joined))
     elif record.status == "succeeded":
         lines.append(f"The job {record.id} on {who} finished, but its images could not be saved locally: "
                      f"{record.error}")
@@ -88,10 +91,10 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
     elif record.status in PENDING:
         waited = f" after {outcome.waited:.0f} s" if outcome.waited >= 1 else ""
         lines.append(f"Still {record.status} on {who}{waited}. prediction_id: {record.id}")
-        lines.append(next_step(record, settings))
+        lines.append(next_step(record, settings, joined=outcome.joined))
     elif record.status == "failed":
         lines.append(f"The job {record.id} on {who} failed: {record.error or 'no reason given'}.")
-        lines.append(next_step(record, settings))
+        lines.append(next_step(record, settings, joined=outcome.joined))
     else:
         lines.append(f"The job {record.id} on {who} was canceled: {record.error or 'no reason given'}.")
     if record.cost_usd is not None and record.cost_usd > 0:
@@ -105,7 +108,8 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
     # No resource_link blocks: some clients turn an image link into an image source URL (flux://...) that
     # model APIs refuse; the text names each image's URI instead.
     failed = record.status in ("failed", "canceled")
-    return CallToolResult(content=content, structured_content=structured(record, settings), is_error=failed)
+    return CallToolResult(content=content, structured_content=structured(record, settings, joined=outcome.joined),
+                          is_error=failed)
 
 
 def _budget(count: int, settings: Settings) -> int | None:

@@ -9,7 +9,9 @@ that use it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
+import json
 import typing
 from typing import Annotated, Any, Literal
 
@@ -62,13 +64,24 @@ class JobRequest(BaseModel):
                                             "format) or a folder, relative to the project folder. E.g. "
                                             "'public/images/hero.webp'.")
     overwrite: bool = Field(default=False, description="Replace an existing save_to file.")
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200,
+                                        description="The same key always returns the same job (a retry never "
+                                                    "pays twice).")
 
     def journaled(self) -> dict[str, Any]:
-        """The request as the journal keeps it: every field, an inline image shortened to its size."""
-        data = self.model_dump(exclude={"kind", "provider", "model"})
+        """The request as the journal keeps it: every field, an inline image shortened to its size (the
+        idempotency key has its own column)."""
+        data = self.model_dump(exclude={"kind", "provider", "model", "idempotency_key"})
         if self.image and self.image.startswith("data:"):
             data["image"] = f"data: URI ({len(self.image)} chars)"
         return data
+
+
+def request_key(req: JobRequest) -> str:
+    """A digest of what the call asked for: identical calls (how long they wait aside) have the same key."""
+    data = req.model_dump(mode="json", exclude={"wait_seconds", "idempotency_key"})
+    data["provider"] = (data.get("provider") or "").strip().lower() or None
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 SERVICE_ONLY = frozenset({"kind"})

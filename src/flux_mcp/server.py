@@ -41,7 +41,8 @@ from .providers import overview, registry
 from .redact import Redactor, protect_logs
 from .render import error_result, needs_image_work, prediction_result, structured
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
-from .service import FluxService, ProgressFn
+from .jobs import Alive, Outcome
+from .service import LOCAL, FluxService, ProgressFn
 
 log = logging.getLogger("flux_mcp.server")
 
@@ -170,10 +171,11 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
-            outcome = await state.service.check(prediction_id, wait_seconds, paths, _progress(ctx, state))
+            outcome = await state.service.check(prediction_id, wait_seconds, paths, _progress(ctx, state),
+                                                principal=principal_of(ctx))
         except FluxError as exc:
             return error_result(state.service.redactor.scrub(str(exc)))
-        return await _render(outcome, paths, state.settings, "Finished")
+        return await _deliver(ctx, state, outcome, await _render(outcome, paths, state.settings, "Finished"))
 
     server.tool(title="Check prediction", annotations=ToolAnnotations(
         title="Check prediction", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
@@ -251,10 +253,41 @@ async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str)
     state = _state(ctx)
     try:
         paths = await _path_policy(ctx, state)
-        outcome = await state.service.run(req, paths, _progress(ctx, state))
+        outcome = await state.service.run(req, paths, _progress(ctx, state), principal=principal_of(ctx),
+                                          alive=_caller_alive(ctx))
     except FluxError as exc:
         return error_result(state.service.redactor.scrub(str(exc)))
-    return await _render(outcome, paths, state.settings, action)
+    return await _deliver(ctx, state, outcome, await _render(outcome, paths, state.settings, action))
+
+
+def principal_of(ctx: Context[AppState, Any]) -> str:
+    """Who is calling: the authenticated identity over HTTP once there is one, else the local user."""
+    return LOCAL
+
+
+def _caller_alive(ctx: Context[AppState, Any]) -> Alive | None:
+    """Whether the caller of this request is still connected (HTTP transports; None where it cannot be told)."""
+    is_disconnected = getattr(ctx.request_context.request, "is_disconnected", None)
+    if is_disconnected is None:
+        return None
+
+    async def alive() -> bool:
+        return not await is_disconnected()
+
+    return alive
+
+
+async def _deliver(ctx: Context[AppState, Any], state: AppState, outcome: Outcome,
+                   result: CallToolResult) -> CallToolResult:
+    """Records that this answer reaches the caller, unless the caller is known to be gone (its HTTP request
+    was dropped): a job whose answer never arrived is joined by the caller's identical next call instead of
+    paid for again. A cancelled call never gets here."""
+    alive = _caller_alive(ctx)
+    if alive is not None and not await alive():
+        log.info("the caller of %s is gone; its answer is not delivered", outcome.record.id)
+        return result
+    await state.service.journal.mark_delivered(outcome.record.id)
+    return result
 
 
 async def _render(outcome: Any, paths: PathPolicy, settings: Settings, action: str) -> CallToolResult:

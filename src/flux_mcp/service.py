@@ -8,10 +8,15 @@ providers exist and are configured, what a request resolves to, and the checks m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import anyio
 
 import httpx2
 
@@ -25,19 +30,21 @@ from .errors import (
     UnsupportedOperation,
 )
 from .http import LazyClient, ProviderHttp, RetryPolicy
-from .jobs import JobRunner, Outcome, ProgressFn
-from .journal import Journal
+from .jobs import Alive, JobRunner, Outcome, ProgressFn
+from .journal import Journal, Record
 from .keep import Keeper, save_targets
 from .media import Downloader, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, UploadResult
 from .paths import PathPolicy
 from .providers import Provider, registry
 from .redact import Redactor
-from .request import JobRequest
+from .request import JobRequest, request_key
 from .store import FolderStore, ImageStore
 
 log = logging.getLogger("flux_mcp.service")
 
+LOCAL = "local"
+"""The principal of calls that carry no identity: stdio, the terminal, an HTTP server with one shared token."""
 UPLOAD_REUSE_SECONDS = 3600.0
 """Uploaded files are temporary on the providers; a cached upload URL is reused for an hour."""
 _PREDICTION_ID = re.compile(r"^[a-z]{2,20}:[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
@@ -59,6 +66,7 @@ class FluxService:
             cls = spec.load()
             http = ProviderHttp(client, cls.id, self.redactor, key_env=cls.key_env, retry=retry)
             self.providers[cls.id] = cls(settings.providers[cls.id], http)
+        self._key_locks: dict[tuple[str, str], anyio.Lock] = {}
         self.runner = JobRunner(journal, self.store, Keeper(self.store, downloader or Downloader(client)),
                                 self.redactor)
 
@@ -95,8 +103,45 @@ class FluxService:
 
     # --- generate / edit / check ---------------------------------------------------------------
 
-    async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None) -> Outcome:
-        """Runs a generate or edit job: everything that can be checked is checked before paying."""
+    async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None, *,
+                  principal: str = LOCAL, alive: Alive | None = None) -> Outcome:
+        """Runs a generate or edit job, unless it joins an earlier one: the same `idempotency_key` from the
+        same caller always returns its job; an identical call whose earlier answer never reached the caller
+        (cancelled, timed out, connection dropped) within FLUX_MCP_REJOIN_SECONDS joins that job instead of
+        paying again. Everything that can be checked is checked before paying."""
+        key = request_key(req)
+        if req.idempotency_key:
+            async with self._key_lock(principal, req.idempotency_key):
+                earlier = await self.journal.by_idempotency_key(principal, req.idempotency_key)
+                if earlier is not None and earlier.request_key != key:
+                    raise InvalidInput(
+                        f"idempotency_key {req.idempotency_key!r} already belongs to {earlier.id}, made with other "
+                        "arguments. Use a new key for a new job, or the same arguments to get that job back.")
+                if earlier is not None:
+                    return await self._join(earlier, req, paths, progress)
+                return await self._new(req, key, paths, progress, principal, alive)
+        for earlier in await self.journal.rejoinable(principal, key, time.time() - self.settings.rejoin_seconds):
+            alive = self.runner.in_flight.get(earlier.id)
+            if alive is None or not await alive():  # a call whose caller still waits on it is not abandoned
+                return await self._join(earlier, req, paths, progress)
+        return await self._new(req, key, paths, progress, principal, alive)
+
+    async def _join(self, record: Record, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None) -> Outcome:
+        """Answers with an earlier job: its images when it finished, or waits on it while it runs."""
+        log.info("joined %s (an identical call's answer never reached the caller)", record.id)
+        provider = self.providers.get(record.provider)
+        if provider is None or not provider.configured:
+            outcome = Outcome(record, notes=[f"Set {provider.key_env if provider else record.provider} to check "
+                                             "on this job again."])
+        elif record.status in FINAL and not await self.runner.missing_files(record):
+            outcome = Outcome(record)
+        else:
+            outcome = await self.runner.check(record, provider, self.wait_for(req.wait_seconds), paths, progress)
+        outcome.joined = True
+        return outcome
+
+    async def _new(self, req: JobRequest, key: str, paths: PathPolicy, progress: ProgressFn | None,
+                   principal: str, alive: Alive | None) -> Outcome:
         provider = self.provider(req.provider, need="edit" if req.kind == "edit" else None)
         model = req.model or (provider.default_edit_model if req.kind == "edit" else provider.default_model)
         req = provider.prepare(req.model_copy(update={"provider": provider.id, "model": model}))
@@ -105,10 +150,22 @@ class FluxService:
         if req.kind == "edit":
             req = req.model_copy(update={"image": await self._image_input(provider, req.image or "", paths)})
         wait = self.wait_for(req.wait_seconds)
-        return await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source)
+        return await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source,
+                                     owner=(principal, key), alive=alive)
+
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, principal: str, key: str) -> AsyncIterator[None]:
+        """Calls with one idempotency key run one at a time (the second finds the first's job)."""
+        lock = self._key_locks.setdefault((principal, key), anyio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._key_locks.pop((principal, key), None)
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
-                    progress: ProgressFn | None = None) -> Outcome:
+                    progress: ProgressFn | None = None, *, principal: str = LOCAL) -> Outcome:
         pid = prediction_id.strip()
         if not _PREDICTION_ID.match(pid) or ".." in pid:
             raise InvalidInput(
@@ -116,7 +173,7 @@ class FluxService:
                 "by generate_image or edit_image."
             )
         record = await self.journal.get(pid)
-        if record is None:
+        if record is None or record.principal != principal:  # another user's job is not theirs to see
             raise UnknownPrediction(
                 f"No prediction {pid!r} was made by this server (its journal is in {self.settings.home}). Check "
                 "the id, or start a new job with generate_image."
