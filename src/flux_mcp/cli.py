@@ -18,6 +18,13 @@ log = logging.getLogger("flux_mcp")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before serving began (or in a terminal command): no traceback
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -90,9 +97,12 @@ def _configure_logging(level: str, redactor: Redactor) -> None:
 
 
 def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
+    from .media import STALE_IN_DATA_FOLDER, sweep_stale_temp_files
     from .server import build_server
     from .service import FluxService
 
+    # Temp files a killed process left mid-write (a live process's own are younger than this).
+    sweep_stale_temp_files(settings.home / "images", STALE_IN_DATA_FOLDER, recursive=True)
     default = FluxService.default_for(settings)
     if transport == "stdio":
         log.info("flux-mcp %s serving stdio; default provider %s; data folder %s", __version__, default,
@@ -133,10 +143,10 @@ def _providers(settings: Settings, *, as_json: bool) -> int:
             status = "configured" + (" (default)" if row["id"] == default else "")
         else:
             status = f"set {row['key_variable']}"
-        caps = ", ".join(k for k, v in row["capabilities"].items() if v is True)  # type: ignore[union-attr]
+        caps = ", ".join(k for k, v in row["capabilities"].items() if v is True)
         print(f"{row['id']:<14} {status:<34} {row['default_model']:<38} {caps}")
     print("\nModels:")
     for row in rows:
-        for m in row["models"]:  # type: ignore[union-attr]
+        for m in row["models"]:
             print(f"  {row['id']:<14} {m['id']:<42} {'/'.join(m['kinds']):<14} {m['description']}")
     return 0

@@ -31,6 +31,7 @@ from .errors import (
 from .http import HELD_REQUESTS, LazyClient, ProviderHttp, RetryPolicy
 from .images import light_work
 from .journal import Journal, Record
+from .lifecycle import inflight
 from .media import FORMATS, Downloader, ImageStore, convert, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, ImageOutput, UploadResult
 from .paths import PathPolicy
@@ -147,6 +148,7 @@ class FluxService:
 
     async def run(self, kind: str, params: JobParams, paths: PathPolicy,
                   progress: ProgressFn | None = None) -> Outcome:
+        inflight.refuse_new()
         provider = self.provider(params.provider, need="edit" if kind == "edit" else None)
         model = params.model or (provider.default_edit_model if kind == "edit" else provider.default_model)
         assert model is not None
@@ -204,8 +206,9 @@ class FluxService:
     async def _submit(self, provider: Provider, req: ImageRequest, progress: ProgressFn | None,
                       wait: float) -> Submitted:
         """Sends the paid request. Shielded from cancellation: once it is out, its answer (the job's id)
-        is awaited and journaled even if the call is cancelled meanwhile."""
-        with anyio.CancelScope(shield=True):
+        is awaited and journaled even if the call is cancelled meanwhile. A stopping server waits for it
+        (and the caller's journal write, which follows with no await in between), within a deadline."""
+        with inflight.submitting(f"a {provider.id} {req.model} job"):
             if not req.inline:
                 return await provider.submit(req)
             self._held += 1
@@ -219,6 +222,7 @@ class FluxService:
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
                     progress: ProgressFn | None = None) -> Outcome:
+        inflight.refuse_new()
         pid = prediction_id.strip()
         if not _PREDICTION_ID.match(pid) or ".." in pid:
             raise InvalidInput(
@@ -472,12 +476,13 @@ class FluxService:
 
     def _save_copy(self, target: Path, data: bytes, info, provenance: dict[str, str], paths: PathPolicy,
                    overwrite: bool, *, labelled: bool = False) -> tuple[Path, str, bytes]:
-        from .media import atomic_write
+        from .media import atomic_write, sweep_save_folder_once
 
         checked = paths.check_write(str(target))
         ext = checked.suffix.lower().lstrip(".") or "png"
         payload = convert(data, info, ext, provenance, labelled=labelled)
         atomic_write(checked, payload, overwrite=overwrite)
+        sweep_save_folder_once(checked.parent)  # temp files a killed process left next to the user's files
         return checked, FORMATS[ext][1], payload
 
     async def _image_input(self, provider: Provider, image: str, paths: PathPolicy) -> str:
@@ -517,6 +522,7 @@ class FluxService:
         return url, False
 
     async def upload(self, path: str, provider_name: str | None, paths: PathPolicy) -> UploadResult:
+        inflight.refuse_new()
         provider = self.provider(provider_name, need="upload")
         resolved, data = paths.read_bytes(path)
         try:
