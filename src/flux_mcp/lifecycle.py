@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import anyio
 
 from .errors import FluxError
+from .media import remove_temp_files
 
 log = logging.getLogger("flux_mcp.lifecycle")
 
@@ -175,6 +177,14 @@ class GracefulStop:
             log.info("every paid submit in flight was answered and journaled")
         self._stop_serving(self._hurry.is_set())
 
+    def finish(self) -> None:
+        """The last step of every stop: the temp files of writes still under way are removed."""
+        removed = remove_temp_files()
+        if removed:
+            log.info("removed %d unfinished temp file(s)", removed)
+        if self.reason is not None:
+            log.info("stopped")
+
     async def watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
@@ -188,12 +198,10 @@ async def graceful_stop(stop_serving: Callable[[bool], None] | None = None, *, r
     once the submits in flight are answered (or abandoned), `stop_serving(hurried)` is called (by default:
     the stop's `serving` scope is cancelled), and the serving code inside should then end. On the way out
     the temp files of writes still under way are removed."""
-    from .media import remove_temp_files
-
     stop = GracefulStop(registry or inflight, timeout, stop_serving)
     try:
         async with anyio.create_task_group() as tg:
-            if signals:
+            if signals and sys.platform != "win32":  # there, Ctrl-C stays KeyboardInterrupt (the CLI catches it)
                 tg.start_soon(stop.watch_signals)
             tg.start_soon(stop.run)
             try:
@@ -201,8 +209,4 @@ async def graceful_stop(stop_serving: Callable[[bool], None] | None = None, *, r
             finally:
                 tg.cancel_scope.cancel()
     finally:
-        removed = remove_temp_files()
-        if removed:
-            log.info("removed %d unfinished temp file(s)", removed)
-        if stop.reason is not None:
-            log.info("stopped")
+        stop.finish()

@@ -208,7 +208,7 @@ class FluxService:
         """Sends the paid request. Shielded from cancellation: once it is out, its answer (the job's id)
         is awaited and journaled even if the call is cancelled meanwhile. A stopping server waits for it
         (and the caller's journal write, which follows with no await in between), within a deadline."""
-        with inflight.submitting(f"a {provider.id} {req.model} job"):
+        with inflight.submitting(f"the {provider.id} {req.model} job"):
             if not req.inline:
                 return await provider.submit(req)
             self._held += 1

@@ -79,6 +79,11 @@ async def serve_stdio(server: MCPServer[Any]) -> None:
                 return
         async with stdio_server() as (read_stream, write_stream):  # stdin/stdout are not pipes (or not POSIX)
             await serve_streams(_lowlevel(server), read_stream, write_stream, stop=stop)
+            if stop.reason is not None and stop.reason != "stdin closed":
+                # Stopped by a signal while the SDK's reader thread waits on stdin (a terminal: Ctrl-C), which
+                # nothing can interrupt. The journal is closed and the images flushed: nothing is left to do.
+                stop.finish()
+                os._exit(0)
 
 
 _FLUSH_SECONDS = 10.0
