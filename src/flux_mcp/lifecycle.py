@@ -34,6 +34,8 @@ from .media import remove_temp_files
 
 log = logging.getLogger("flux_mcp.lifecycle")
 
+END_OF_INPUT = "stdin closed"
+"""The reason of a stop that the client began by closing the server's stdin."""
 STOP_TIMEOUT = 60.0
 """The longest a stop waits for paid submits to be answered (a held sync-mode submit can take a while)."""
 
@@ -128,9 +130,13 @@ class GracefulStop:
         self.reason: str | None = None
         self.serving = anyio.CancelScope()
         """Cancelled when the stop is ready for serving to end, unless the caller stops serving its own way."""
-        self._stop_serving = stop_serving or (lambda hurried: self.serving.cancel())
+        self._stop_serving = stop_serving or self._cancel_serving
         self._requested = anyio.Event()
         self._hurry = anyio.Event()
+
+    def _cancel_serving(self, hurried: bool) -> None:
+        if self.reason != END_OF_INPUT:  # at the end of input, serving ends once every request read is answered
+            self.serving.cancel()
 
     def request(self, reason: str) -> None:
         """Starts the stop (once); a later Ctrl-C skips what is left of the wait."""

@@ -48,7 +48,7 @@ from mcp_types import (
 )
 from pydantic import ValidationError
 
-from .lifecycle import GracefulStop, graceful_stop
+from .lifecycle import END_OF_INPUT, GracefulStop, graceful_stop
 
 if sys.platform != "win32":
     import fcntl
@@ -79,7 +79,7 @@ async def serve_stdio(server: MCPServer[Any]) -> None:
                 return
         async with stdio_server() as (read_stream, write_stream):  # stdin/stdout are not pipes (or not POSIX)
             await serve_streams(_lowlevel(server), read_stream, write_stream, stop=stop)
-            if stop.reason is not None and stop.reason != "stdin closed":
+            if stop.reason is not None and stop.reason != END_OF_INPUT:
                 # Stopped by a signal while the SDK's reader thread waits on stdin (a terminal: Ctrl-C), which
                 # nothing can interrupt. The journal is closed and the images flushed: nothing is left to do.
                 stop.finish()
@@ -232,7 +232,7 @@ async def _answer_probes_then_relay(server: Server[Any], state: Any, read_stream
                     deciding = False  # this request decides the era; the SDK loop sees it first
                 await relay.send(item)
         if stop is not None:
-            stop.request("stdin closed")
+            stop.request(END_OF_INPUT)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         log.debug("stdio connection closed while relaying")
 
