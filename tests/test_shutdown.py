@@ -155,20 +155,19 @@ async def test_the_mcp_clients_own_shutdown_during_a_held_submit_journals_the_jo
         await wait_until_async(lambda: "SIGTERM received; still waiting for the atlascloud" in log.read_text())
         held.finish(next(iter(held.jobs)))
 
-    with log.open("w") as errlog:
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as outer:
-                outer.start_soon(finish_the_job_once_sigterm_arrived)
-                async with Client(stdio_client(stdio(env, workspace), errlog=errlog)) as client:
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(client.call_tool, "generate_image", {"prompt": "a held job"})
-                        await wait_until_async(lambda: held.jobs)  # the submit is out, its answer held
-                        tg.cancel_scope.cancel()
-                # Leaving the client is the SDK's shutdown: stdin closed, SIGTERM, SIGKILL if still alive;
-                # it returns once the server is gone.
-                outer.cancel_scope.cancel()
+    with log.open("w") as errlog, anyio.fail_after(60):
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(finish_the_job_once_sigterm_arrived)
+            async with (Client(stdio_client(stdio(env, workspace), errlog=errlog)) as client,
+                        anyio.create_task_group() as tg):
+                tg.start_soon(client.call_tool, "generate_image", {"prompt": "a held job"})
+                await wait_until_async(lambda: held.jobs)  # the submit is out, its answer held
+                tg.cancel_scope.cancel()
+            # Leaving the client is the SDK's shutdown: stdin closed, SIGTERM, SIGKILL if still alive; it
+            # returns once the server is gone.
+            outer.cancel_scope.cancel()
     logged = log.read_text()
-    assert "every paid submit in flight was answered and journaled" in logged, logged
+    assert "every job a provider accepted is journaled" in logged, logged
     assert "Traceback" not in logged
     [job_id] = held.jobs
     assert held.ledger[0]["enable_sync_mode"] is True  # it was a held submit
@@ -209,18 +208,18 @@ async def test_sigterm_over_http_keeps_the_held_job_and_exits_quietly(held, home
         url = f"http://127.0.0.1:{port}/mcp" if transport == "streamable-http" else f"http://127.0.0.1:{port}/sse"
         results: list[Any] = []
         with anyio.fail_after(60):
-            async with Client(url if transport == "streamable-http" else sse_client(url)) as client:
-                async with anyio.create_task_group() as tg:
+            async with (Client(url if transport == "streamable-http" else sse_client(url)) as client,
+                        anyio.create_task_group() as tg):
 
-                    async def held_call() -> None:
-                        results.append(await client.call_tool("generate_image", {"prompt": "a held job"}))
+                async def held_call() -> None:
+                    results.append(await client.call_tool("generate_image", {"prompt": "a held job"}))
 
-                    tg.start_soon(held_call)
-                    await wait_until_async(lambda: held.jobs)
-                    server.proc.send_signal(signal.SIGTERM)
-                    await wait_until_async(lambda: "stopping (SIGTERM)" in server.logged())
-                    refused = await client.call_tool("generate_image", {"prompt": "one more"})
-                    held.finish(next(iter(held.jobs)))
+                tg.start_soon(held_call)
+                await wait_until_async(lambda: held.jobs)
+                server.proc.send_signal(signal.SIGTERM)
+                await wait_until_async(lambda: "stopping (SIGTERM)" in server.logged())
+                refused = await client.call_tool("generate_image", {"prompt": "one more"})
+                held.finish(next(iter(held.jobs)))
             status = await anyio.to_thread.run_sync(server.exit_status)
         logged = server.logged()
     assert status == 0, logged

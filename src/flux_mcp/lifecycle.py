@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import anyio
 
 from .errors import FluxError
-from .media import remove_temp_files
+from .media import flush_pending, remove_temp_files
 
 log = logging.getLogger("flux_mcp.lifecycle")
 
@@ -100,10 +100,13 @@ class Inflight:
 
     async def drain(self, timeout: float) -> bool:
         """Waits until no submit is in flight (True), or `timeout` seconds pass (False)."""
-        with anyio.move_on_after(timeout):
-            while self._submits:
-                self._idle = anyio.Event()
-                await self._idle.wait()
+        try:
+            with anyio.move_on_after(timeout):
+                while self._submits:
+                    self._idle = anyio.Event()
+                    await self._idle.wait()
+        finally:
+            self._idle = None
         return not self._submits
 
     def describe(self) -> str:
@@ -180,11 +183,14 @@ class GracefulStop:
                         "with no record here", self.registry.describe())
             self.registry.abandon()
         elif count:
-            log.info("every paid submit in flight was answered and journaled")
+            log.info("the paid submits in flight have ended: every job a provider accepted is journaled")
         self._stop_serving(self._hurry.is_set())
 
     def finish(self) -> None:
-        """The last step of every stop: the temp files of writes still under way are removed."""
+        """The last step of every stop: the images written are flushed to stable storage, the temp files of
+        writes still under way are removed."""
+        if not flush_pending(timeout=10.0):
+            log.warning("the disk did not confirm the last images written within 10 s")
         removed = remove_temp_files()
         if removed:
             log.info("removed %d unfinished temp file(s)", removed)

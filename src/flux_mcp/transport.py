@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
-
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
