@@ -20,6 +20,13 @@ log = logging.getLogger("flux_mcp")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before serving began (or in a terminal command): no traceback
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -147,8 +154,11 @@ def _configure_logging(level: str, redactor: Redactor) -> None:
 
 def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
     from .providers import registry
+    from .media import STALE_IN_DATA_FOLDER, sweep_stale_temp_files
     from .server import build_server
 
+    # Temp files a killed process left mid-write (a live process's own are younger than this).
+    sweep_stale_temp_files(settings.home / "images", STALE_IN_DATA_FOLDER, recursive=True)
     default = registry.default_provider(settings)
     if transport == "stdio":
         log.info("flux-mcp %s serving stdio; default provider %s; data folder %s", __version__, default,

@@ -31,6 +31,7 @@ from .errors import FluxError, ProviderError, ProviderUnavailable, UnsupportedOp
 from .http import HELD_REQUESTS
 from .journal import Journal, Record
 from .keep import Keeper, SavePlan
+from .lifecycle import inflight
 from .models import FINAL
 from .paths import PathPolicy
 from .providers.base import JobState, Provider, Submitted
@@ -108,7 +109,9 @@ class JobRunner:
         creation is unknowable: SubmitOutcomeUnknown); after the submit it always returns the job."""
         inline = await self._inline(provider, req.model, wait)
         sent = time.time()
-        with anyio.CancelScope(shield=True):
+        # Shielded from cancellation, and awaited by a stopping server (within its deadline), from the moment
+        # the paid request leaves until its answer (the job's id) is journaled.
+        with inflight.submitting(f"the {provider.id} {req.model} job"):
             submitted = await self._submit(provider, req, inline, progress, wait)
             record = self._record(provider, req, plan, submitted, sent, image_source)
             record.principal, record.request_key = owner

@@ -27,6 +27,7 @@ from .media import (
     decode_data_uri,
     embed_provenance,
     inspect_image,
+    sweep_save_folder_once,
 )
 from .models import ImageOutput
 from .paths import PathPolicy
@@ -243,6 +244,7 @@ def _save_copy(target: Path, data: bytes, info: ImageInfo, provenance: dict[str,
             return candidate, FORMATS[ext][1], payload
         try:
             atomic_write(candidate, payload, overwrite=overwrite)
+            sweep_save_folder_once(candidate.parent)  # temp files a killed process left beside the user's files
             return candidate, FORMATS[ext][1], payload
         except PathNotAllowed:
             if not free_names or not candidate.exists():

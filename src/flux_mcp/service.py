@@ -33,6 +33,7 @@ from .http import LazyClient, ProviderHttp, RetryPolicy
 from .jobs import Alive, JobRunner, Outcome, ProgressFn
 from .journal import Journal, Record
 from .keep import Keeper, save_targets
+from .lifecycle import inflight
 from .media import Downloader, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, UploadResult
 from .paths import PathPolicy
@@ -109,6 +110,7 @@ class FluxService:
         same caller always returns its job; an identical call whose earlier answer never reached the caller
         (cancelled, timed out, connection dropped) within FLUX_MCP_REJOIN_SECONDS joins that job instead of
         paying again. Everything that can be checked is checked before paying."""
+        inflight.refuse_new()
         key = request_key(req)
         if req.idempotency_key:
             async with self._key_lock(principal, req.idempotency_key):
@@ -166,6 +168,7 @@ class FluxService:
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
                     progress: ProgressFn | None = None, *, principal: str = LOCAL) -> Outcome:
+        inflight.refuse_new()
         pid = prediction_id.strip()
         if not _PREDICTION_ID.match(pid) or ".." in pid:
             raise InvalidInput(
@@ -230,6 +233,7 @@ class FluxService:
         return url, False
 
     async def upload(self, path: str, provider_name: str | None, paths: PathPolicy) -> UploadResult:
+        inflight.refuse_new()
         provider = self.provider(provider_name, need="upload")
         resolved, data = paths.read_bytes(path)
         try:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
+from collections.abc import Iterator
 from typing import Any
 
+import anyio
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
+from .lifecycle import graceful_stop
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 """Large enough for an edit_image call carrying a data: URI, small enough to refuse abuse early."""
@@ -93,9 +97,26 @@ def http_app(settings: Settings, transport: str, host: str, port: int, **server_
 
 
 def serve_http(settings: Settings, transport: str, host: str, port: int) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully (see `flux_mcp.lifecycle`): calls arriving
+    meanwhile are refused, paid submits in flight are answered and journaled, then uvicorn shuts down."""
     import uvicorn
+
+    class Uvicorn(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the graceful stop has the signals (uvicorn's own would stop before the paid submits end)
 
     app = http_app(settings, transport, host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False,
                             log_config=None, lifespan="on", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+    server = Uvicorn(config)
+
+    def stop_serving(hurried: bool) -> None:
+        server.should_exit = True
+        server.force_exit = hurried
+
+    async def serve() -> None:
+        async with graceful_stop(stop_serving):
+            await server.serve()
+
+    anyio.run(serve)
