@@ -329,14 +329,16 @@ class _Server(MCPServer[AppState]):
     * `tools/list` serves every tool's schemas in `schema`'s compact form, in registration order.
     * A call with an argument its tool does not have is refused before the tool runs: a misspelt
       or imagined parameter (`num_image`, `dry_run`) must not silently run a paid job without it.
+      An optional argument sent as null is taken as omitted (the schemas list no null: see `schema`).
     * Each binary resource is labelled with the type of its bytes: a resource template declares one
       MIME type when it is registered, but one prediction's images are PNG and another's JPEG or WebP.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._arguments: dict[str, list[str]] | None = None
-        """Each tool's parameter names as clients send them, in order; None until asked (or after a change)."""
+        self._arguments: dict[str, tuple[list[str], frozenset[str]]] | None = None
+        """Each tool's parameter names as clients send them, in order, and the required ones; None until
+        asked (or after a tool was added or removed)."""
 
     def add_tool(self, fn: Callable[..., Any], name: str | None = None, title: str | None = None,
                  description: str | None = None, annotations: ToolAnnotations | None = None,
@@ -364,12 +366,16 @@ class _Server(MCPServer[AppState]):
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context[AppState, Any] | None = None
                         ) -> CallToolResult | InputRequiredResult:
         if self._arguments is None:
-            self._arguments = {t.name: list(t.input_schema.get("properties", {})) for t in await super().list_tools()}
-        known = self._arguments.get(name)
-        unknown = [arg for arg in arguments if known is not None and arg not in known]
-        if known is not None and unknown:
-            log.info("Tool %r refused unknown arguments %r", name, unknown)
-            return error_result(unknown_arguments_text(name, unknown, known))
+            self._arguments = {t.name: (list(t.input_schema.get("properties", {})),
+                                        frozenset(t.input_schema.get("required", ())))
+                               for t in await super().list_tools()}
+        if name in self._arguments:
+            known, required = self._arguments[name]
+            unknown = [arg for arg in arguments if arg not in known]
+            if unknown:
+                log.info("Tool %r refused unknown arguments %r", name, unknown)
+                return error_result(unknown_arguments_text(name, unknown, known))
+            arguments = {k: v for k, v in arguments.items() if v is not None or k in required}
         return await super().call_tool(name, arguments, context)
 
     async def read_resource(self, uri: AnyUrl | str, context: Context[AppState, Any] | None = None
