@@ -392,7 +392,8 @@ def unknown_arguments_text(tool: str, unknown: list[str], known: list[str]) -> s
     parameter where one is close, and the parameters there are."""
     named = []
     for arg in unknown:
-        close = difflib.get_close_matches(arg, known, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(arg, known, n=1, cutoff=0.6) or [
+            k for k in known if len(arg) >= 3 and (k.startswith(arg) or arg.startswith(k))][:1]
         named.append(f"{arg!r} (did you mean {close[0]!r}?)" if close else repr(arg))
     plural = "s" if len(unknown) > 1 else ""
     return (f"{tool} has no parameter{plural} {', '.join(named)}. Nothing was run. "
