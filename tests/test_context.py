@@ -78,14 +78,17 @@ async def test_job_tools_share_one_output_shape_that_keeps_every_field_and_refus
 
     assert list(shape["properties"]) == list(PredictionResult.model_fields)
     assert list(shape["properties"]["images"]["items"]["properties"]) == list(ImageOutput.model_fields)
-    assert shape["additionalProperties"] is False and shape["properties"]["images"]["items"]["additionalProperties"] is False
+    images = shape["properties"]["images"]
+    assert shape["additionalProperties"] is False and images["items"]["additionalProperties"] is False
     assert list(tools["upload_media"].output_schema["properties"]) == list(UploadResult.model_fields)
+    assert images["type"] == "array" and shape["properties"]["error"] == {"anyOf": [{"type": "string"},
+                                                                                     {"type": "null"}]}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"prediction_id": "a:b", "provider": "a", "model": "m", "status": "succeeded",
                              "surprise": 1}, shape)
 
 
-def test_compact_output_accepts_what_the_full_schema_accepts_and_refuses_what_it_refuses_by_shape():
+def test_compact_output_accepts_what_the_full_schema_accepts_and_refuses_other_fields_and_types():
     from flux_mcp.models import PredictionResult
 
     full = PredictionResult.model_json_schema()
@@ -95,8 +98,8 @@ def test_compact_output_accepts_what_the_full_schema_accepts_and_refuses_what_it
                                      "height": 8}], error=None, cost_usd=None).model_dump(mode="json")
     for schema in (full, compact):
         jsonschema.validate(good, schema)
-        for bad in ({**good, "extra": 1}, {k: v for k, v in good.items() if k != "status"},
-                    {**good, "images": [{"pixels": 1}]}, {**good, "images": {}}):
+        for bad in ({**good, "extra": 1}, {**good, "images": [{"pixels": 1}]}, {**good, "images": {}},
+                    {**good, "cost_usd": "free"}, {**good, "images": [{"width": "8"}]}, [good]):
             with pytest.raises(jsonschema.ValidationError):
                 jsonschema.validate(bad, schema)
 
@@ -110,7 +113,7 @@ def test_compact_input_keeps_what_decides_validity_and_drops_null_arms():
         "title": {"type": "string", "title": "Title"}}, "required": ["title"]}
     assert compact_input(schema) == {"type": "object", "properties": {
         "seed": {"type": "integer", "minimum": 0, "description": "d"},
-        "kind": {"enum": ["a", "b"]},
+        "kind": {"enum": ["a", "b"], "type": "string"},  # a type beside an enum: Gemini's dialect wants one
         "many": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
         "title": {"type": "string"}}, "required": ["title"]}  # a property may be called "title"
 
@@ -183,17 +186,20 @@ async def test_tools_are_listed_in_the_same_order_byte_for_byte(make_settings, t
     assert first.model_dump_json() == second.model_dump_json()
 
 
-async def test_server_and_every_tool_carry_an_embedded_svg_icon(make_settings):
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_the_server_carries_an_embedded_svg_icon_and_the_tools_none(make_settings, mode):
+    """Tools carry no icon of their own: each costs its bytes in every tools/list (158 for this mark),
+    four of them more than the bound leaves; clients show the server's beside its tools."""
     server = build_server(make_settings())
-    async with connect(make_settings()) as client:
+    async with connect(make_settings(), mode=mode) as client:
         tools = (await client.list_tools()).tools
         info = client.server_info
     assert server.icons and info is not None and info.icons == server.icons
-    for icon in [*info.icons, *(i for t in tools for i in t.icons or [])]:
-        assert icon.src.startswith("data:image/svg+xml;base64,")
-        svg = base64.b64decode(icon.src.removeprefix("data:image/svg+xml;base64,"), validate=True)
-        assert svg.startswith(b'<svg xmlns="http://www.w3.org/2000/svg"') and b"http" not in svg[40:]
-    assert all(t.icons for t in tools)
+    [icon] = info.icons
+    assert icon.src.startswith("data:image/svg+xml;base64,")
+    svg = base64.b64decode(icon.src.removeprefix("data:image/svg+xml;base64,"), validate=True)
+    assert svg.startswith(b'<svg xmlns="http://www.w3.org/2000/svg"') and b"http" not in svg[40:]
+    assert not [t.name for t in tools if t.icons]
 
 
 async def test_prompts_capability_is_advertised_only_with_prompts_to_list(make_settings):
@@ -203,13 +209,14 @@ async def test_prompts_capability_is_advertised_only_with_prompts_to_list(make_s
     assert (caps.prompts is not None) == bool(prompts) and prompts
 
 
-async def test_annotations_on_the_wire_differ_from_the_protocol_defaults_only(settings):
+async def test_annotations_say_read_only_and_the_hints_that_differ_from_the_protocol_defaults(settings):
     async with connect(settings) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert tools["generate_image"].annotations is None  # not read-only, destructive, not idempotent, open world
+    wire = {name: t.annotations.model_dump(exclude_none=True) for name, t in tools.items()}
+    assert wire["generate_image"] == wire["edit_image"] == {"read_only_hint": False}  # destructive, open world
     for name in ("upload_media", "check_prediction"):
-        hints = tools[name].annotations.model_dump(exclude_none=True)
-        assert hints == {"destructive_hint": False, "idempotent_hint": True}
+        assert wire[name] == {"read_only_hint": False, "destructive_hint": False, "idempotent_hint": True}
+    assert all(t.title for t in tools.values())  # the tool's own title; annotations.title would repeat it
 
 
 def test_the_bench_reports_the_figure_against_the_same_bound():

@@ -6,14 +6,15 @@ conversation with this server pays for `tools/list`, so the server serves the sa
 compact form these two functions make, for every tool it lists (nothing is edited by hand):
 
 * `compact_input`: no titles; an optional parameter is simply not required (its `null` arm and
-  `default: null` go; the server still takes null as "omitted"); `additionalProperties: false`,
-  because the server refuses arguments a tool does not have.
-* `compact_output`: the shape of the result and nothing else: its fields (and no others:
-  `additionalProperties: false` stays), which are required, and the lists and objects in it; no
-  titles, descriptions, defaults, scalar types or enums. No model reads an output schema; clients
-  validate results against it, and the values are the server's own, checked against the full
-  pydantic model before they are sent. The types would otherwise cost some 900 bytes in every
-  conversation (each of the three job tools returns a prediction).
+  `default: null` go; the server still takes null as "omitted").
+* `compact_output`: the fields of the result (and no others: `additionalProperties: false` stays)
+  with their types, and nothing else: no titles, descriptions, defaults, `required` lists or enums,
+  references inlined. No model reads an output schema; clients check results against it, and the
+  values are the server's own, validated against the full pydantic model before they are sent.
+  A nullable field keeps its `anyOf: [{type: T}, {type: null}]`: one `type` per schema is what the
+  most clients map (Gemini's function declarations, say), and a schema without a type accepts
+  anything (the MCP Inspector's `--strict` lint flags both). Output schemas are still about half
+  of `tools/list`: each of the three job tools returns a prediction.
 
 The input side keeps every constraint that decides whether an argument is valid, except the
 ones a field marks `quiet`: caps that only guard the server (a 1,024-character path, an 8,192-pixel
@@ -30,6 +31,8 @@ from mcp_types import ToolAnnotations
 
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_VALUES = ("items", "additionalProperties", "not", "contains")
+HINT_DEFAULTS = {"destructive_hint": True, "idempotent_hint": False, "open_world_hint": True}
+"""What the protocol says a tool annotation hint is when a tool leaves it out (readOnlyHint: false)."""
 
 
 def quiet(*keywords: str) -> Callable[[dict[str, Any]], None]:
@@ -50,8 +53,20 @@ def compact_input(schema: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def compact_output(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """The compact form of a tool's `outputSchema`: it accepts every result the original accepts."""
+    """The compact form of a tool's `outputSchema`: it accepts every result the original accepts, and
+    refuses any with other fields or other types."""
     return _Compactor(schema, output=True).node(schema)
+
+
+def compact_annotations(annotations: ToolAnnotations | None) -> ToolAnnotations | None:
+    """`annotations` with `readOnlyHint` (the hint clients act on most) and the other hints only where
+    they differ from what the protocol says their absence means (destructive, not idempotent, open
+    world). A tool states all four in code; the wire needs no more to say the same."""
+    if annotations is None:
+        return None
+    kept = {k: v for k, v in annotations.model_dump(exclude_none=True).items()
+            if k == "read_only_hint" or HINT_DEFAULTS.get(k) != v}
+    return ToolAnnotations(**kept)
 
 
 class _Compactor:
@@ -60,12 +75,15 @@ class _Compactor:
         self.output = output
 
     def node(self, schema: Mapping[str, Any]) -> dict[str, Any]:
-        schema = self._fold_null(dict(self._inline(schema)))
+        schema = self._inline(schema)
+        if not self.output:
+            schema = _drop_null(schema)
+        dropped = {"title", "$defs", "description", "default", "required", "enum"} if self.output else {"title"}
         out: dict[str, Any] = {}
         for key, value in schema.items():
-            if key in ("title", "$defs") or (key == "default" and (value is None or self.output)):
+            if key in dropped and (key != "enum" or "type" in schema):
                 continue
-            if key == "description" and self.output:
+            if key == "default" and value is None:
                 continue
             if key == "properties":
                 out[key] = {name: self.node(sub) for name, sub in value.items()}
@@ -75,13 +93,6 @@ class _Compactor:
                 out[key] = self.node(value)
             else:
                 out[key] = value
-        out = _drop_redundant_type(out)
-        if self.output:
-            out.pop("enum", None)
-            if _is_scalar_type(out.get("type")):
-                del out["type"]
-        if {} in out.get("anyOf", ()):
-            del out["anyOf"]  # one arm accepts anything, so the union does
         return out
 
     def _inline(self, schema: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -91,58 +102,14 @@ class _Compactor:
         target = self._inline(self.defs[ref.removeprefix("#/$defs/")])
         return {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
 
-    def _fold_null(self, schema: dict[str, Any]) -> dict[str, Any]:
-        """`anyOf: [X, {type: null}]` -> X (inputs) or X that also admits null (outputs)."""
-        arms = schema.get("anyOf")
-        if not isinstance(arms, list):
-            return schema
-        others = [arm for arm in arms if arm != {"type": "null"}]
-        if len(others) == len(arms):
-            return schema
-        rest = {k: v for k, v in schema.items() if k != "anyOf"}
-        if not self.output:
-            return {**others[0], **rest} if len(others) == 1 else {**rest, "anyOf": others}
-        if len(others) != 1:
-            return schema
-        [arm] = others
-        if "enum" in arm:
-            return {**{k: v for k, v in arm.items() if k != "type"}, "enum": [*arm["enum"], None], **rest}
-        if isinstance(arm.get("type"), str) and "const" not in arm:
-            # Every other keyword applies to values of the arm's type only, so null passes them all.
-            return {**arm, "type": [arm["type"], "null"], **rest}
+
+def _drop_null(schema: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An input's `anyOf: [X, {type: null}]` -> X: the parameter is optional, and null means omitted."""
+    arms = schema.get("anyOf")
+    if not isinstance(arms, list):
         return schema
-
-
-HINT_DEFAULTS = {"read_only_hint": False, "destructive_hint": True, "idempotent_hint": False, "open_world_hint": True}
-"""What the protocol says a tool annotation hint means when a tool leaves it out."""
-
-
-def compact_annotations(annotations: ToolAnnotations | None) -> ToolAnnotations | None:
-    """`annotations` without the hints that say what their absence says; None when nothing is left.
-    A tool states all four hints in code; the wire needs only the ones that differ."""
-    if annotations is None:
-        return None
-    kept = {k: v for k, v in annotations.model_dump(exclude_none=True).items() if HINT_DEFAULTS.get(k, not v) != v}
-    return ToolAnnotations(**kept) if kept else None
-
-
-_SCALARS = frozenset({"string", "integer", "number", "boolean", "null"})
-
-
-def _is_scalar_type(kind: object) -> bool:
-    kinds = kind if isinstance(kind, list) else [kind]
-    return bool(kinds) and all(k in _SCALARS for k in kinds)
-
-
-_JSON_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float),
-                                            "boolean": (bool,)}
-
-
-def _drop_redundant_type(schema: dict[str, Any]) -> dict[str, Any]:
-    """An `enum` of strings needs no `type: string` beside it."""
-    enum, kind = schema.get("enum"), schema.get("type")
-    if isinstance(enum, list) and isinstance(kind, str) and kind in _JSON_TYPES:
-        types = _JSON_TYPES[kind]
-        if all(isinstance(v, types) and (kind == "boolean" or not isinstance(v, bool)) for v in enum):
-            return {k: v for k, v in schema.items() if k != "type"}
-    return schema
+    others = [arm for arm in arms if arm != {"type": "null"}]
+    if len(others) == len(arms):
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+    return {**others[0], **rest} if len(others) == 1 else {**rest, "anyOf": others}

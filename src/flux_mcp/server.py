@@ -61,8 +61,10 @@ returns is not lost: call check_prediction with its prediction_id. Never call ge
 again for the same request just because it is pending: each call is a new paid job."""
 
 ICON_SVG = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 4 4"><path d="M0 4 2 1l2 3z"/></svg>'
-"""The server's mark, a mountain as in a picture: small, because each tool in `tools/list` carries it."""
+"""The server's mark, a mountain as in a picture. Small: every 2026-07-28 answer carries the server's
+identity, `tools/list` included. The tools have none of their own (each would cost as much again)."""
 ICONS = [Icon(src="data:image/svg+xml;base64," + base64.b64encode(ICON_SVG).decode())]
+
 
 @dataclass
 class AppState:
@@ -142,7 +144,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         ctx: Context[AppState, Any],
         provider: ProviderArg = None,
     ) -> UploadOut:
-        """Put a local image on the provider's storage and return its URL (edit_image also takes paths)."""
+        """A provider URL for a local image (edit_image takes paths too); provider as generate_image."""
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
@@ -157,7 +159,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
     server.tool(title="Upload image", annotations=ToolAnnotations(
         read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))(
-        _redescribe(upload_media, provider=provider))
+        upload_media)
 
     async def check_prediction(
         prediction_id: Annotated[str, Field(min_length=3, max_length=230,
@@ -167,7 +169,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
                                              description="Seconds to wait if still running (0 = just look).")]
         = 0,
     ) -> PredictionOut:
-        """Status and images of a prediction_id from generate_image or edit_image, also after a restart."""
+        """Status and images of a generate_image or edit_image prediction_id, even after a restart."""
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
@@ -209,10 +211,9 @@ async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyR
     return EmptyResult()
 
 
-GENERATE_DOC = """Generate images with FLUX. Returns local paths (use them in code), URLs and a preview, or,
-still running after wait_seconds, a prediction_id for check_prediction (a new call pays again)."""
-EDIT_DOC = """Edit an image by instruction (FLUX Kontext or image-to-image); other parameters and answer
-as generate_image."""
+GENERATE_DOC = """Generate images with FLUX: local paths (use them in code), URLs, a preview. Still running
+after wait_seconds: a prediction_id for check_prediction (calling again pays again)."""
+EDIT_DOC = """Edit an image by instruction (FLUX Kontext or img2img); parameters and answer as generate_image."""
 
 
 def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str | None]) -> Any:
@@ -324,9 +325,9 @@ async def _record(ctx: Context[AppState, Any], prediction_id: str) -> Record | N
 class _Server(MCPServer[AppState]):
     """An MCPServer that serves the model what it reads compactly, and its calls strictly.
 
-    * A tool's description is its docstring without the indentation (`inspect.cleandoc`), and a
-      tool registered without icons gets the server's.
-    * `tools/list` serves every tool's schemas in `schema`'s compact form, in registration order.
+    * A tool's or prompt's description is its docstring without the indentation (`inspect.cleandoc`).
+    * `tools/list` serves every tool's schemas and annotations in `schema`'s compact form, in
+      registration order.
     * A call with an argument its tool does not have is refused before the tool runs: a misspelt
       or imagined parameter (`num_image`, `dry_run`) must not silently run a paid job without it.
       An optional argument sent as null is taken as omitted (the schemas list no null: see `schema`).
@@ -334,18 +335,16 @@ class _Server(MCPServer[AppState]):
       MIME type when it is registered, but one prediction's images are PNG and another's JPEG or WebP.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._arguments: dict[str, tuple[list[str], frozenset[str]]] | None = None
-        """Each tool's parameter names as clients send them, in order, and the required ones; None until
-        asked (or after a tool was added or removed)."""
+    _arguments: dict[str, tuple[list[str], frozenset[str]]] | None = None
+    """Each tool's parameter names as clients send them, in order, and the required ones; None until
+    asked (or after a tool was added or removed)."""
 
     def add_tool(self, fn: Callable[..., Any], name: str | None = None, title: str | None = None,
                  description: str | None = None, annotations: ToolAnnotations | None = None,
                  icons: list[Icon] | None = None, meta: dict[str, Any] | None = None,
                  structured_output: bool | None = None) -> None:
         super().add_tool(fn, name=name, title=title, description=inspect.cleandoc(description or fn.__doc__ or ""),
-                         annotations=annotations, icons=ICONS if icons is None else icons, meta=meta,
+                         annotations=annotations, icons=icons, meta=meta,
                          structured_output=structured_output)
         self._arguments = None
 
