@@ -84,9 +84,11 @@ def summary(r: dict[str, Any]) -> list[str]:
             ratio = f"{x['tools_list_ratio']:.2f}x"
         else:
             other, ratio = f"atlascloud-mcp: {atlas.get('skipped')}", "n/a"
+        bound = ft.get("bound")
         rows.append(
             f"| context cost: `tools/list` | {kb(ft['bytes'])} (~{ft['tokens_est']} tokens, {ft['tools']} tools) "
-            f"| {other} | {ratio} | reported | |"
+            f"| {other} | {ratio} | " + (f"at most {bound:,} bytes | {verdict(ft['within_bound'])} |"
+                                          if bound else "reported | |")
         )
         if res := flux.get("result"):
             rows.append(

@@ -13,9 +13,12 @@ import hashlib
 import inspect
 import json
 import typing
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from .schema import quiet
 
 Kind = Literal["generate", "edit"]
 MAX_WAIT_SECONDS = 600.0
@@ -36,37 +39,30 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Kind = "generate"
-    prompt: Annotated[str, Field(min_length=1, max_length=4000,
-                                 description="What the image should show: subject, style, composition, lighting, "
-                                             "text."), AfterValidator(_plain_text)]
+    prompt: Annotated[str, Field(min_length=1, max_length=4000, json_schema_extra=quiet("minLength", "maxLength")),
+                      AfterValidator(_plain_text)]
     image: str | None = Field(default=None, min_length=1, max_length=20_000_000,
-                              description="The image to edit: an http(s) URL, a local file path, or a data: URI.")
-    provider: str | None = Field(default=None, max_length=40,
-                                 description="Provider id. Omit to use the server's default.")
+                              json_schema_extra=quiet("minLength", "maxLength"),
+                              description="A URL, local path or data: URI.")
+    provider: str | None = Field(default=None, max_length=40, json_schema_extra=quiet("maxLength"))
     model: str | None = Field(default=None, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
-                              description="Model id on that provider; omit for its default FLUX model.")
-    width: int = Field(default=1024, ge=16, le=8192,
-                       description="Pixels. Most FLUX models take 256-1536; default 1024.")
-    height: int = Field(default=1024, ge=16, le=8192,
-                        description="Pixels. Most FLUX models take 256-1536; default 1024.")
-    num_images: int = Field(default=1, ge=1, le=8, description="How many images (most providers: 1-4).")
-    seed: int | None = Field(default=None, ge=0, le=2_147_483_647,
-                             description="Same seed + prompt gives the same image; omit for random.")
-    steps: int | None = Field(default=None, ge=1, le=100,
-                              description="Inference steps, where the model has the setting; omit for default.")
-    guidance_scale: float | None = Field(default=None, ge=0, le=50,
-                                         description="Prompt adherence, where the model has it; omit for default.")
+                              json_schema_extra=quiet("maxLength", "pattern"), description="List: flux://providers")
+    width: int = Field(default=1024, ge=16, le=8192, json_schema_extra=quiet("minimum", "maximum"),
+                       description="Most models take 256-1536, as height.")
+    height: int = Field(default=1024, ge=16, le=8192, json_schema_extra=quiet("minimum", "maximum"))
+    num_images: int = Field(default=1, ge=1, le=8, json_schema_extra=quiet("minimum", "maximum"))
+    seed: int | None = Field(default=None, ge=0, le=2_147_483_647, json_schema_extra=quiet("maximum"))
+    steps: int | None = Field(default=None, ge=1, le=100, json_schema_extra=quiet("minimum", "maximum"))
+    guidance_scale: float | None = Field(default=None, ge=0, le=50, json_schema_extra=quiet("minimum", "maximum"))
     wait_seconds: float | None = Field(default=None, ge=0, le=MAX_WAIT_SECONDS,
-                                       description="Seconds to wait for the result before returning a pending "
-                                                   "prediction (default 45).")
-    save_to: str | None = Field(default=None, max_length=1024,
-                                description="Also write the image(s) here: a file (.png/.jpg/.webp picks the "
-                                            "format) or a folder, relative to the project folder. E.g. "
-                                            "'public/images/hero.webp'.")
-    overwrite: bool = Field(default=False, description="Replace an existing save_to file.")
+                                       json_schema_extra=quiet("minimum", "maximum"))
+    save_to: str | None = Field(default=None, max_length=1024, json_schema_extra=quiet("maxLength"),
+                                description="Also save here, in the project: a file (.png/.jpg/.webp) or folder.")
+    overwrite: bool = Field(default=False)
+    """Replace an existing save_to file."""
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200,
-                                        description="The same key always returns the same job (a retry never "
-                                                    "pays twice).")
+                                        json_schema_extra=quiet("minLength", "maxLength"),
+                                        description="Same key, same job: a retry never pays twice.")
 
     def journaled(self) -> dict[str, Any]:
         """The request as the journal keeps it: every field, an inline image shortened to its size (the
@@ -90,9 +86,9 @@ EDIT_ONLY = frozenset({"image"})
 GENERATE_ONLY = frozenset({"num_images"})
 
 
-def tool_parameters(kind: Kind, descriptions: dict[str, str] | None = None) -> list[inspect.Parameter]:
+def tool_parameters(kind: Kind, descriptions: Mapping[str, str | None] | None = None) -> list[inspect.Parameter]:
     """The tool parameters of `kind`, derived from the fields (order, types, limits, defaults, text).
-    `descriptions` replaces a field's description for this tool."""
+    `descriptions` replaces a field's description for this tool (None: no description)."""
     skip = SERVICE_ONLY | (GENERATE_ONLY if kind == "edit" else EDIT_ONLY)
     params: list[inspect.Parameter] = []
     for name, info in JobRequest.model_fields.items():
@@ -101,7 +97,7 @@ def tool_parameters(kind: Kind, descriptions: dict[str, str] | None = None) -> l
         required = info.is_required() or (kind == "edit" and name in EDIT_ONLY)
         base: Any = str if kind == "edit" and name in EDIT_ONLY else info.annotation
         text = (descriptions or {}).get(name, info.description)
-        annotation = Annotated[base, *info.metadata, Field(description=text)]
+        annotation = Annotated[base, *info.metadata, Field(description=text, json_schema_extra=info.json_schema_extra)]
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=inspect.Parameter.empty if required else info.default))
     return params

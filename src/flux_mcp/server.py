@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import difflib
 import functools
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -17,14 +19,17 @@ import httpx2
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.server.mcpserver.prompts import Prompt
 from mcp_types import (
     CallToolResult,
     EmptyResult,
+    Icon,
     InputRequiredResult,
     SetLevelRequestParams,
     TextContent,
     ToolAnnotations,
 )
+from mcp_types import Tool as MCPTool
 from pydantic import AnyUrl, Field
 
 from . import __version__
@@ -37,11 +42,13 @@ from .journal import Record, open_journal
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
 from .paths import PathPolicy
+from .prompts import add_prompts
 from .providers import overview, registry
 from .redact import Redactor, protect_logs
 from .render import error_result, needs_image_work, prediction_result, structured
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
 from .jobs import Alive, Outcome
+from .schema import compact_annotations, compact_input, compact_output, quiet
 from .service import LOCAL, FluxService, ProgressFn
 
 log = logging.getLogger("flux_mcp.server")
@@ -53,6 +60,12 @@ Finished images are saved locally: use the path from the result in code (pass sa
 the file straight into the project, e.g. "public/hero.png"). A job still running when the call
 returns is not lost: call check_prediction with its prediction_id. Never call generate_image
 again for the same request just because it is pending: each call is a new paid job."""
+
+ICON_SVG = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 4 4"><path d="M0 4 2 1l2 3z"/></svg>'
+"""The server's mark, a mountain as in a picture. Small: every 2026-07-28 answer carries the server's
+identity, `tools/list` included. The tools have none of their own (each would cost as much again)."""
+ICONS = [Icon(src="data:image/svg+xml;base64," + base64.b64encode(ICON_SVG).decode())]
+
 
 @dataclass
 class AppState:
@@ -68,8 +81,7 @@ class AppState:
     the roots and the settings."""
 
 
-PROVIDER_TEXT = f"Provider id ({', '.join(registry.ids())}). Omit to use the server's default."
-ProviderArg = Annotated[str | None, Field(max_length=40, description=PROVIDER_TEXT)]
+ProviderArg = Annotated[str | None, Field(max_length=40, json_schema_extra=quiet("maxLength"))]
 
 PredictionOut = Annotated[CallToolResult, PredictionResult]
 UploadOut = Annotated[CallToolResult, UploadResult]
@@ -104,7 +116,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
                     await _close_state(live.pop(), own_client=http_client is None)
 
     server: MCPServer[AppState] = _Server(
-        "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS,
+        "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS, icons=ICONS,
         lifespan=lifespan, log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
     )
@@ -121,28 +133,25 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True)
 
-    described = {"provider": PROVIDER_TEXT, "wait_seconds": (
-        f"Seconds to wait for the result before returning a pending prediction (default "
-        f"{settings.wait_seconds:g}, at most {settings.max_wait_seconds:g}).")}
-    server.tool(title="Generate image", annotations=job_annotations.model_copy(update={"title": "Generate image"}))(
+    provider = provider_text(settings)
+    described = {"provider": provider, "wait_seconds": (
+        f"Default {settings.wait_seconds:g}, at most {settings.max_wait_seconds:g}.")}
+    server.tool(title="Generate image", annotations=job_annotations)(
         _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {**described}))
-    server.tool(title="Edit image", annotations=job_annotations.model_copy(update={"title": "Edit image"}))(
+    # edit_image's other parameters mean what generate_image's do, and its description says so: the
+    # model reads both tools, so their descriptions are not paid for twice.
+    as_generate = dict.fromkeys(JobRequest.model_fields.keys() - {"prompt", "image"})
+    server.tool(title="Edit image", annotations=job_annotations)(
         _job_tool("edit_image", "edit", "Edited", EDIT_DOC, {
-            **described, "prompt": "The change to make, e.g. 'make the sky a sunset'."}))
+            **as_generate, "prompt": "The change, e.g. 'make the sky a sunset'."}))
 
-    @server.tool(title="Upload image", annotations=ToolAnnotations(
-        title="Upload image", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-        open_world_hint=True))
     async def upload_media(
-        path: Annotated[str, Field(min_length=1, max_length=4096,
-                                   description="Local image file (PNG, JPEG, WebP, GIF) inside the project.")],
+        path: Annotated[str, Field(min_length=1, max_length=4096, json_schema_extra=quiet("minLength", "maxLength"),
+                                   description="A PNG, JPEG, WebP or GIF in the project.")],
         ctx: Context[AppState, Any],
         provider: ProviderArg = None,
     ) -> UploadOut:
-        """Upload a local image to the provider's storage and return its URL (for edit_image's `image`).
-
-        edit_image already accepts local paths, so this is only needed to reuse one URL many times.
-        """
+        """A provider URL for a local image (edit_image takes paths too); provider as generate_image."""
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
@@ -155,19 +164,19 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         return CallToolResult(content=[TextContent(type="text", text=text)],
                               structured_content=result.model_dump(mode="json"))
 
+    server.tool(title="Upload image", annotations=ToolAnnotations(
+        read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))(
+        upload_media)
+
     async def check_prediction(
         prediction_id: Annotated[str, Field(min_length=3, max_length=230,
-                                            description="The prediction_id from generate_image or edit_image.")],
+                                            json_schema_extra=quiet("minLength", "maxLength"))],
         ctx: Context[AppState, Any],
-        wait_seconds: Annotated[float, Field(ge=0, le=MAX_WAIT_SECONDS,
+        wait_seconds: Annotated[float, Field(ge=0, le=MAX_WAIT_SECONDS, json_schema_extra=quiet("minimum", "maximum"),
                                              description="Seconds to wait if still running (0 = just look).")]
         = 0,
     ) -> PredictionOut:
-        """Get the status and images of an earlier generate_image or edit_image call.
-
-        Works for any prediction_id this server returned, also after a restart. Set wait_seconds to
-        wait for a running job instead of polling in a loop.
-        """
+        """Status and images of a generate_image or edit_image prediction_id, even after a restart."""
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
@@ -178,11 +187,12 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         return await _deliver(ctx, state, outcome, await _render(outcome, paths, state.settings, "Finished"))
 
     server.tool(title="Check prediction", annotations=ToolAnnotations(
-        title="Check prediction", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-        open_world_hint=True))(_redescribe(check_prediction, wait_seconds=(
-            f"Seconds to wait if still running (0 = just look; at most {settings.max_wait_seconds:g}).")))
+        read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))(
+        _redescribe(check_prediction, wait_seconds=(
+            f"Wait if still running: at most {settings.max_wait_seconds:g}.")))
 
     _add_resources(server, settings)
+    add_prompts(server)
     return server
 
 
@@ -209,21 +219,12 @@ async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyR
     return EmptyResult()
 
 
-GENERATE_DOC = """Generate new images from a text prompt with a FLUX model.
-
-Waits for the result up to wait_seconds, then returns the images: a preview you can look at,
-the local file path (use it in code) and the provider URL. If the job is still running it
-returns status "processing" and a prediction_id: call check_prediction with it later instead
-of calling generate_image again (every call is a new paid job).
-"""
-EDIT_DOC = """Edit an existing image following a text instruction (FLUX Kontext or image-to-image).
-
-Local files are uploaded to the provider (or sent inline) for you. Returns like
-generate_image: preview, local path, URL; or a pending prediction_id for check_prediction.
-"""
+GENERATE_DOC = """Generate images with FLUX: local paths (use them in code), URLs, a preview. Still running
+after wait_seconds: a prediction_id for check_prediction (calling again pays again)."""
+EDIT_DOC = """Edit an image by instruction (FLUX Kontext or img2img); parameters and answer as generate_image."""
 
 
-def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str]) -> Any:
+def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str | None]) -> Any:
     """A generate/edit tool whose parameters are `JobRequest`'s fields (see request.tool_parameters)."""
 
     async def tool(ctx: Context[AppState, Any], **args: Any) -> CallToolResult:
@@ -364,11 +365,59 @@ async def _record(ctx: Context[AppState, Any], prediction_id: str) -> Record | N
 
 
 class _Server(MCPServer[AppState]):
-    """An MCPServer that labels each binary resource with the type of its bytes.
+    """An MCPServer that serves the model what it reads compactly, and its calls strictly.
 
-    A resource template declares one MIME type when it is registered, but the images of one
-    prediction are PNG and of another JPEG or WebP: the label is read from the bytes served.
+    * A tool's or prompt's description is its docstring without the indentation (`inspect.cleandoc`).
+    * `tools/list` serves every tool's schemas and annotations in `schema`'s compact form, in
+      registration order.
+    * A call with an argument its tool does not have is refused before the tool runs: a misspelt
+      or imagined parameter (`num_image`, `dry_run`) must not silently run a paid job without it.
+      An optional argument sent as null is taken as omitted (the schemas list no null: see `schema`).
+    * Each binary resource is labelled with the type of its bytes: a resource template declares one
+      MIME type when it is registered, but one prediction's images are PNG and another's JPEG or WebP.
     """
+
+    _arguments: dict[str, tuple[list[str], frozenset[str]]] | None = None
+    """Each tool's parameter names as clients send them, in order, and the required ones; None until
+    asked (or after a tool was added or removed)."""
+
+    def add_tool(self, fn: Callable[..., Any], name: str | None = None, title: str | None = None,
+                 description: str | None = None, annotations: ToolAnnotations | None = None,
+                 icons: list[Icon] | None = None, meta: dict[str, Any] | None = None,
+                 structured_output: bool | None = None) -> None:
+        super().add_tool(fn, name=name, title=title, description=inspect.cleandoc(description or fn.__doc__ or ""),
+                         annotations=annotations, icons=icons, meta=meta,
+                         structured_output=structured_output)
+        self._arguments = None
+
+    def remove_tool(self, name: str) -> None:
+        super().remove_tool(name)
+        self._arguments = None
+
+    def add_prompt(self, prompt: Prompt) -> None:
+        super().add_prompt(prompt.model_copy(update={"description": inspect.cleandoc(prompt.description or "")}))
+
+    async def list_tools(self) -> list[MCPTool]:
+        return [tool.model_copy(update={
+            "input_schema": compact_input(tool.input_schema),
+            "output_schema": None if tool.output_schema is None else compact_output(tool.output_schema),
+            "annotations": compact_annotations(tool.annotations),
+        }) for tool in await super().list_tools()]
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context[AppState, Any] | None = None
+                        ) -> CallToolResult | InputRequiredResult:
+        if self._arguments is None:
+            self._arguments = {t.name: (list(t.input_schema.get("properties", {})),
+                                        frozenset(t.input_schema.get("required", ())))
+                               for t in await super().list_tools()}
+        if name in self._arguments:
+            known, required = self._arguments[name]
+            unknown = [arg for arg in arguments if arg not in known]
+            if unknown:
+                log.info("Tool %r refused unknown arguments %r", name, unknown)
+                return error_result(unknown_arguments_text(name, unknown, known))
+            arguments = {k: v for k, v in arguments.items() if v is not None or k in required}
+        return await super().call_tool(name, arguments, context)
 
     async def read_resource(self, uri: AnyUrl | str, context: Context[AppState, Any] | None = None
                             ) -> Iterable[ReadResourceContents] | InputRequiredResult:
@@ -377,6 +426,27 @@ class _Server(MCPServer[AppState]):
             return results
         return [dataclasses.replace(item, mime_type=image_type(item.content) or item.mime_type)
                 if isinstance(item.content, bytes) else item for item in results]
+
+
+def unknown_arguments_text(tool: str, unknown: list[str], known: list[str]) -> str:
+    """What a model reads when it sent arguments `tool` does not have: each one, the closest real
+    parameter where one is close, and the parameters there are."""
+    named = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg, known, n=1, cutoff=0.6) or [
+            k for k in known if len(arg) >= 3 and (k.startswith(arg) or arg.startswith(k))][:1]
+        named.append(f"{arg!r} (did you mean {close[0]!r}?)" if close else repr(arg))
+    plural = "s" if len(unknown) > 1 else ""
+    return (f"{tool} has no parameter{plural} {', '.join(named)}. Nothing was run. "
+            f"Its parameters: {', '.join(known)}.")
+
+
+def provider_text(settings: Settings) -> str:
+    """The `provider` parameter's description: the providers this server has keys for and the default
+    (the offline placeholder only when it is the default, i.e. no key is set)."""
+    default = registry.default_provider(settings)
+    listed = [s.id for s in registry.SPECS if s.id == default or (s.key_env and settings.has_key(s.id))]
+    return ", ".join(f"{p} (default)" if p == default else p for p in listed)
 
 
 def image_type(data: bytes) -> str | None:
