@@ -68,7 +68,8 @@ def table(among: Iterable[str] | None = None) -> dict[str, dict[str, dict[str, s
     for name in CANONICAL:
         row: dict[str, dict[str, str]] = {}
         for cls in classes:
-            kinds = {kind: info.id for kind in KINDS if (info := cls.model_for(name, kind)) is not None}
+            kinds: dict[str, str] = {kind: info.id for kind in KINDS
+                                     if (info := cls.model_for(name, kind)) is not None}
             if kinds:
                 row[cls.id] = kinds
         if row:
