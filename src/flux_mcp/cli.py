@@ -203,4 +203,8 @@ def _providers(settings: Settings, *, as_json: bool) -> int:
     for row in rows:
         for m in row["models"]:
             print(f"  {row['id']:<14} {m['id']:<42} {'/'.join(m['kinds']):<14} {m['description']}")
+    print("\nFLUX models by name (`model` takes the name on any provider listed; * configured):")
+    for name, about in listing["canonical_models"].items():
+        served = ", ".join(("*" if pid in about["configured"] else "") + pid for pid in about["served_by"])
+        print(f"  {name:<18} {about['label']:<22} {served}")
     return 0

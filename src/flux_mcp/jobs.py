@@ -314,7 +314,8 @@ class JobRunner:
     async def _wait(self, record: Record, provider: Provider, wait: float, progress: ProgressFn | None,
                     outcome: Outcome, *, poll_now: bool) -> JobState | None:
         """Polls until the job is final or `wait` seconds pass; returns the last state seen (None: none)."""
-        schedule = PollSchedule(expected=await self.journal.typical_duration(record.provider, record.model))
+        schedule = PollSchedule(expected=await self.journal.typical_duration(record.provider, record.model),
+                                documented=provider.typical_seconds(record.model))
         start = time.monotonic()
         deadline = start + wait
         state: JobState | None = None

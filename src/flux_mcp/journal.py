@@ -336,10 +336,9 @@ class SqliteJournal:
         """Writes the backlog on a connection of its own that may wait on locks, until it is empty."""
         db: sqlite3.Connection | None = None
         try:
-            while not self._closed.is_set():
+            while not self._closed.wait(_RETRY_EVERY):  # the write just failed: give the cause a moment
                 if self._flush_backlog(db := db or _connect(self.path, timeout=_SLOW_TIMEOUT)):
                     return
-                self._closed.wait(_RETRY_EVERY)
         except sqlite3.Error as exc:
             log.warning("journal retry stopped: %s", exc)
         finally:

@@ -396,8 +396,9 @@ IMAGEPIPELINE = Case(
     polled=lambda fake: setattr(fake, "answer", "pending"),
     pending=_ip_pending,
     busy_body={"error": "busy", "message": "try later"},
-    can_edit=False,
-    can_upload=False,
+    # Edits and uploads go to ImagePipeline's job API (`/edit/image/v1`, `/upload/image/v1`).
+    can_edit=True,
+    can_upload=True,
     errors=(
         err(
             401,
