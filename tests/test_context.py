@@ -67,7 +67,7 @@ async def test_schemas_carry_no_titles_no_null_unions_and_are_valid_json_schema(
         assert not [n for n in inputs if "default" in n and n["default"] is None], tool.name
 
 
-async def test_job_tools_share_one_output_shape_that_keeps_every_field_and_refuses_others(settings):
+async def test_job_tools_share_one_output_shape_listing_the_fields_a_model_acts_on(settings):
     async with connect(settings) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
     shapes = {json.dumps(tools[n].output_schema, sort_keys=True)
@@ -76,19 +76,23 @@ async def test_job_tools_share_one_output_shape_that_keeps_every_field_and_refus
     shape = tools["check_prediction"].output_schema
     from flux_mcp.models import ImageOutput, PredictionResult, UploadResult
 
-    assert list(shape["properties"]) == list(PredictionResult.model_fields)
-    assert list(shape["properties"]["images"]["items"]["properties"]) == list(ImageOutput.model_fields)
+    def core(model) -> list[str]:
+        return [n for n, f in model.model_fields.items() if not (f.json_schema_extra or {}).get("x-detail")]
+
+    assert list(shape["properties"]) == core(PredictionResult)
+    assert {"prediction_id", "status", "images", "message", "error", "placeholder"} <= set(shape["properties"])
+    assert list(shape["properties"]["images"]["items"]["properties"]) == core(ImageOutput) == ["url", "path"]
+    assert list(tools["upload_media"].output_schema["properties"]) == core(UploadResult)
     images = shape["properties"]["images"]
-    assert shape["additionalProperties"] is False and images["items"]["additionalProperties"] is False
-    assert list(tools["upload_media"].output_schema["properties"]) == list(UploadResult.model_fields)
     assert images["type"] == "array" and shape["properties"]["error"] == {"anyOf": [{"type": "string"},
                                                                                      {"type": "null"}]}
+    # The details (provider, model, sizes, costs) are in every structuredContent, admitted by the schema.
+    assert "additionalProperties" not in shape
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"prediction_id": "a:b", "provider": "a", "model": "m", "status": "succeeded",
-                             "surprise": 1}, shape)
+        jsonschema.validate({"prediction_id": "a:b", "status": 3}, shape)
 
 
-def test_compact_output_accepts_what_the_full_schema_accepts_and_refuses_other_fields_and_types():
+def test_compact_output_accepts_what_the_full_schema_accepts_and_refuses_wrong_types():
     from flux_mcp.models import PredictionResult
 
     full = PredictionResult.model_json_schema()
@@ -98,10 +102,13 @@ def test_compact_output_accepts_what_the_full_schema_accepts_and_refuses_other_f
                                      "height": 8}], error=None, cost_usd=None).model_dump(mode="json")
     for schema in (full, compact):
         jsonschema.validate(good, schema)
-        for bad in ({**good, "extra": 1}, {**good, "images": [{"pixels": 1}]}, {**good, "images": {}},
-                    {**good, "cost_usd": "free"}, {**good, "images": [{"width": "8"}]}, [good]):
+        for bad in ({**good, "images": {}}, {**good, "images": [{"path": 8}]}, {**good, "message": None},
+                    {**good, "status": 1}, [good]):
             with pytest.raises(jsonschema.ValidationError):
                 jsonschema.validate(bad, schema)
+    for bad in ({**good, "extra": 1}, {**good, "cost_usd": "free"}):  # what only the full model refuses
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, full)
 
 
 def test_compact_input_keeps_what_decides_validity_and_drops_null_arms():

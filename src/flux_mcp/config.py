@@ -39,6 +39,8 @@ class Settings(BaseModel):
 
     providers: dict[str, ProviderSettings]
     default_provider: str | None = None
+    fallback: tuple[str, ...] = ()
+    """FLUX_MCP_FALLBACK: providers to move on to, in order, when one provably did not create the job."""
     home: Path
     allowed_dirs: tuple[Path, ...] | None = None
     """Set by FLUX_MCP_ALLOWED_DIRS; None means: the client's roots, else the working directory."""
@@ -73,8 +75,14 @@ class Settings(BaseModel):
             providers[spec.id] = ProviderSettings(api_key=SecretStr(key) if key else None, base_url=base, extra=extra)
 
         default = env.get("FLUX_MCP_PROVIDER", "").strip().lower() or None
-        if default is not None and default not in providers:
-            raise ConfigError(f"FLUX_MCP_PROVIDER={default!r} is not a provider; choose one of {', '.join(providers)}.")
+        if default is not None and default not in providers and default != "auto":
+            raise ConfigError(f"FLUX_MCP_PROVIDER={default!r} is not a provider; choose one of {', '.join(providers)} "
+                              "or auto.")
+        fallback = tuple(p.strip().lower() for p in env.get("FLUX_MCP_FALLBACK", "").split(",") if p.strip())
+        unknown = [p for p in fallback if p not in providers]
+        if unknown:
+            raise ConfigError(f"FLUX_MCP_FALLBACK names {', '.join(unknown)}, not a provider; choose from "
+                              f"{', '.join(providers)}.")
 
         home_raw = env.get("FLUX_MCP_HOME", "").strip()
         if home_raw:
@@ -103,6 +111,7 @@ class Settings(BaseModel):
         return cls(
             providers=providers,
             default_provider=default,
+            fallback=fallback,
             home=home.resolve(),
             allowed_dirs=allowed,
             cwd=cwd,

@@ -101,11 +101,13 @@ class JobRunner:
 
     async def run(self, provider: Provider, req: JobRequest, plan: SavePlan, wait: float, paths: PathPolicy,
                   progress: ProgressFn | None = None, *, image_source: str | None = None,
-                  owner: tuple[str, str | None] = ("local", None), alive: Alive | None = None) -> Outcome:
+                  owner: tuple[str, str | None] = ("local", None), alive: Alive | None = None,
+                  selection: str | None = None) -> Outcome:
         """The whole life of a new job. `req` is prepared (validated, model and image resolved),
         `plan` says where its save_to copies go (checked), `image_source` is the edit input as given,
         `owner` the caller's principal and the request's key (a re-issued identical call finds the job by them),
-        `alive` tells whether the caller is still there to receive the answer (None: it is, as long as the call runs). Raises FluxError only when no job was created (or its
+        `alive` tells whether the caller is still there to receive the answer (None: it is, as long as the call runs),
+        `selection` why this provider serves the call (kept with the job, shown in its results). Raises FluxError only when no job was created (or its
         creation is unknowable: SubmitOutcomeUnknown); after the submit it always returns the job."""
         inline = await self._inline(provider, req.model, wait)
         sent = time.time()
@@ -116,6 +118,8 @@ class JobRunner:
             record = self._record(provider, req, plan, submitted, sent, image_source)
             record.principal, record.request_key = owner
             record.idempotency_key = req.idempotency_key
+            if selection:
+                record.request["selection_reason"] = selection
             self.in_flight[record.id] = alive or _always
             log.info("submitted %s (%s, %s%s)", record.id, provider.id, record.model, ", held" if inline else "")
             outcome = Outcome(record)

@@ -137,7 +137,7 @@ class Record:
         return PredictionResult(
             prediction_id=self.id, provider=self.provider, model=self.model, status=self.status,
             images=self.images, error=self.error, cost_usd=self.cost_usd,
-            remaining_credits=self.remaining_credits,
+            remaining_credits=self.remaining_credits, selection_reason=self.request.get("selection_reason"),
         )
 
     def copy(self) -> Record:

@@ -101,6 +101,8 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
         lines.append(f"Cost: ${record.cost_usd:.4f}")
     if record.remaining_credits is not None:
         lines.append(f"Remaining credits: {record.remaining_credits:g}")
+    if record.request.get("selection_reason"):
+        lines.append(f"Provider choice: {record.request['selection_reason']}")
     lines.extend(outcome.notes)
 
     content: list = [TextContent(type="text", text="\n".join(lines))]

@@ -7,9 +7,11 @@ compact form these two functions make, for every tool it lists (nothing is edite
 
 * `compact_input`: no titles; an optional parameter is simply not required (its `null` arm and
   `default: null` go; the server still takes null as "omitted").
-* `compact_output`: the fields of the result (and no others: `additionalProperties: false` stays)
-  with their types, and nothing else: no titles, descriptions, defaults, `required` lists or enums,
-  references inlined. No model reads an output schema; clients check results against it, and the
+* `compact_output`: the fields of the result a model acts on, with their types, and nothing else: no
+  titles, descriptions, defaults, `required` lists or enums, references inlined. A field marked as a
+  detail (`models.DETAIL`: provider, model, sizes, costs, ...) is left out of the schema and the
+  schema then admits further fields: every structuredContent still carries the details, which the
+  three job tools' schemas would otherwise repeat at ~500 bytes each in every conversation. No model reads an output schema; clients check results against it, and the
   values are the server's own, validated against the full pydantic model before they are sent.
   A nullable field keeps its `anyOf: [{type: T}, {type: null}]`: one `type` per schema is what the
   most clients map (Gemini's function declarations, say), and a schema without a type accepts
@@ -79,6 +81,10 @@ class _Compactor:
         if not self.output:
             schema = _drop_null(schema)
         dropped = {"title", "$defs", "description", "default", "required", "enum"} if self.output else {"title"}
+        details = [name for name, sub in schema.get("properties", {}).items()
+                   if self.output and self._inline(sub).get("x-detail")]
+        if details:
+            dropped = dropped | {"additionalProperties"}  # the details are still there: admit them
         out: dict[str, Any] = {}
         for key, value in schema.items():
             if key in dropped and (key != "enum" or "type" in schema):
@@ -86,7 +92,7 @@ class _Compactor:
             if key == "default" and value is None:
                 continue
             if key == "properties":
-                out[key] = {name: self.node(sub) for name, sub in value.items()}
+                out[key] = {name: self.node(sub) for name, sub in value.items() if name not in details}
             elif key in _SCHEMA_LISTS:
                 out[key] = [self.node(sub) for sub in value]
             elif key in _SCHEMA_VALUES and isinstance(value, Mapping):

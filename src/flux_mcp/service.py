@@ -30,6 +30,7 @@ from .errors import (
     UnsupportedOperation,
 )
 from .http import LazyClient, ProviderHttp, RetryPolicy
+from .choose import AUTO, Chooser, Plan, short
 from .jobs import Alive, JobRunner, Outcome, ProgressFn
 from .journal import Journal, Record
 from .keep import Keeper, save_targets
@@ -68,6 +69,7 @@ class FluxService:
             http = ProviderHttp(client, cls.id, self.redactor, key_env=cls.key_env, retry=retry)
             self.providers[cls.id] = cls(settings.providers[cls.id], http)
         self._key_locks: dict[tuple[str, str], anyio.Lock] = {}
+        self.chooser = Chooser(self.providers, journal, settings.fallback)
         self.runner = JobRunner(journal, self.store, Keeper(self.store, downloader or Downloader(client)),
                                 self.redactor)
 
@@ -144,16 +146,42 @@ class FluxService:
 
     async def _new(self, req: JobRequest, key: str, paths: PathPolicy, progress: ProgressFn | None,
                    principal: str, alive: Alive | None) -> Outcome:
-        provider = self.provider(req.provider, need="edit" if req.kind == "edit" else None)
-        model = req.model or (provider.default_edit_model if req.kind == "edit" else provider.default_model)
-        req = provider.prepare(req.model_copy(update={"provider": provider.id, "model": model}))
-        plan = save_targets(paths, req.save_to, req.num_images, req.overwrite, req.prompt)
-        source = req.image
-        if req.kind == "edit":
-            req = req.model_copy(update={"image": await self._image_input(provider, req.image or "", paths)})
-        wait = self.wait_for(req.wait_seconds)
-        return await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source,
-                                     owner=(principal, key), alive=alive)
+        """A new job: on the provider the call named (or the default), moving on to the next of the plan
+        only when a provider provably created nothing (see `choose`)."""
+        auto = (req.provider or self.default_provider_id()).strip().lower() == AUTO
+        first = None if auto else self.provider(req.provider, need="edit" if req.kind == "edit" else None)
+        plan = await self.chooser.plan(req, first)
+        refusals: list[str] = []
+        for i, (provider, model) in enumerate(plan.steps):
+            last = i == len(plan.steps) - 1
+            try:
+                prepared = provider.prepare(req.model_copy(update={"provider": provider.id, "model": model}))
+                saves = save_targets(paths, prepared.save_to, prepared.num_images, prepared.overwrite,
+                                     prepared.prompt)
+                source = prepared.image
+                if prepared.kind == "edit":
+                    prepared = prepared.model_copy(
+                        update={"image": await self._image_input(provider, prepared.image or "", paths)})
+                reason = _selection(plan, provider, refusals)
+                return await self.runner.run(provider, prepared, saves, self.wait_for(prepared.wait_seconds), paths,
+                                             progress, image_source=source, owner=(principal, key), alive=alive,
+                                             selection=reason)
+            except ProviderError as exc:  # refused, or never sent: this provider created nothing
+                self.chooser.refused(provider.id, type(exc).__name__)
+                if len(plan.steps) == 1:
+                    raise
+                refusals.append(f"{provider.id}: {short(exc)}")
+                log.info("%s created nothing (%s)%s", provider.id, type(exc).__name__,
+                         "" if last else f"; trying {plan.steps[i + 1][0].id}")
+                if last:
+                    raise type(exc)("Every provider refused, so nothing was charged: " + " | ".join(refusals)
+                                    + ". Fix what each says (a key, credit, a setting), then call again.",
+                                    status_code=exc.status_code) from None
+            except InvalidInput:
+                if i == 0 or last:
+                    raise
+                refusals.append(f"{provider.id}: does not take these arguments")
+        raise AssertionError("unreachable: a plan has at least one step")  # pragma: no cover
 
     @contextlib.asynccontextmanager
     async def _key_lock(self, principal: str, key: str) -> AsyncIterator[None]:
@@ -246,3 +274,10 @@ class FluxService:
 
 
 __all__ = ["FluxService", "Outcome", "ProgressFn", "ProviderError"]
+
+
+def _selection(plan: Plan, provider: Provider, refusals: list[str]) -> str | None:
+    """The one line that says why `provider` serves the call (None: it is simply the one asked for)."""
+    if refusals:
+        return f"{provider.id} served it after {'; '.join(refusals)} (nothing was charged there)"
+    return plan.reason
