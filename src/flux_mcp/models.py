@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
-DETAIL = {"x-detail": True}
+DETAIL: JsonDict = {"x-detail": True}
 """`json_schema_extra` of a result field that the compact outputSchema leaves out (see schema.compact_output):
 the field is still in every structuredContent; the schema lists the ones a model acts on."""
 

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-
 import httpx2
 
+from .choose import AUTO, Chooser, Plan, short
 from .config import Settings
 from .errors import (
     ConfigError,
@@ -30,7 +30,6 @@ from .errors import (
     UnsupportedOperation,
 )
 from .http import LazyClient, ProviderHttp, RetryPolicy
-from .choose import AUTO, Chooser, Plan, short
 from .jobs import Alive, JobRunner, Outcome, ProgressFn
 from .journal import Journal, Record
 from .keep import Keeper, save_targets
