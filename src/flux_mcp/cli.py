@@ -108,8 +108,11 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
 
         run_stdio(build_server(settings))
         return 0
-    from .transport import is_loopback
+    from .transport import is_loopback, token_problem
 
+    if settings.auth_token is not None and (problem := token_problem(settings.auth_token.get_secret_value())):
+        print(f"flux-mcp: refusing to serve {transport}: {problem}", file=sys.stderr)
+        return 2
     if not is_loopback(host) and settings.auth_token is None:
         print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN; set a token (clients then "
               "send 'Authorization: Bearer <token>') or bind 127.0.0.1.", file=sys.stderr)
