@@ -21,7 +21,7 @@ lets one line through per minute, with the count of the others.
 
 The protocol extends uvicorn's h11 implementation (uvicorn takes a protocol class as its `http`
 setting) and relies on its attributes `conn` (the h11 connection), `transport`, `flow` (read
-pausing), `connections` and `loop`, as of uvicorn 0.30-0.54; tests/test_hardening_http.py pins the
+pausing), `cycle` (whether a response began), `connections` and `loop`, as of uvicorn 0.30-0.54; tests/test_hardening_http.py pins the
 behaviour over a real socket.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -130,8 +131,7 @@ class QuietRepeats(logging.Filter):
             return False
         more = f"; {held} more in the last minute" if held else ""
         if line.count("%s") == 2:  # accept(): say why
-            exc = record.exc_info[1] if record.exc_info else None
-            record.args = (getattr(exc, "strerror", None) or "out of resources", more)
+            record.args = (_reason(record), more)
         else:
             record.args = (more,)
         record.msg, record.exc_info, record.exc_text = line, None, None
@@ -144,6 +144,15 @@ class QuietRepeats(logging.Filter):
             target = logging.getLogger(name)
             if not any(isinstance(f, cls) for f in target.filters):
                 target.addFilter(cls())
+
+
+def _reason(record: logging.LogRecord) -> str:
+    """The OS error's text (the log redactor may have turned the exception into text already)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    found = re.findall(r"\[Errno \d+\] ([^\n]+)", record.exc_text or "")
+    return found[-1].strip() if found else "out of system resources"
 
 
 _WAITING, _HEADERS, _BODY = "waiting", "headers", "body"
@@ -236,8 +245,8 @@ class GuardedH11Protocol(H11Protocol):
             log.info("closed an HTTP connection from %s: its request %s did not arrive in time%s",
                      self.client[0] if self.client else "?", phase,
                      f" ({held} more in the last minute)" if held else "")
-        if self.conn.our_state is h11.IDLE:
-            self.transport.write(_TIMED_OUT)
+        if phase == _HEADERS or (self.cycle is not None and not self.cycle.response_started):
+            self.transport.write(_TIMED_OUT)  # nothing else was written for this request
         self.transport.close()
 
     def _cancel(self) -> None:

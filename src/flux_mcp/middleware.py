@@ -119,21 +119,30 @@ class SessionLimit:
                 "or reuse one; idle sessions expire on their own."), [(b"retry-after", b"60")])
             return
 
+        opening = True
+        self._opening[client] = self._opening.get(client, 0) + 1
+
+        def opened() -> None:
+            nonlocal opening
+            if opening:
+                opening = False
+                self._opening[client] -= 1
+                if not self._opening[client]:
+                    del self._opening[client]
+
         async def noting_session(message: Message) -> None:
             if message["type"] == "http.response.start":
                 session = next((v.decode("latin-1") for k, v in message.get("headers", [])
                                 if k.lower() == MCP_SESSION_ID), None)
                 if session:
                     self._owned.setdefault(client, set()).add(session)
+                opened()  # counted as owned from here on (an SSE answer's call lasts as long as its stream)
             await send(message)
 
-        self._opening[client] = self._opening.get(client, 0) + 1
         try:
             await self.app(scope, receive, noting_session)
         finally:
-            self._opening[client] -= 1
-            if not self._opening[client]:
-                del self._opening[client]
+            opened()
 
     def _prune(self, client: str) -> set[str]:
         owned = self._owned.get(client)
