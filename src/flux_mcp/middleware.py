@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .surrogates import repair_surrogates
@@ -107,8 +108,7 @@ class SessionLimit:
         self._opening: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or any(
-                k == MCP_SESSION_ID for k, _ in scope.get("headers", [])):
+        if not _opens_session(scope):
             await self.app(scope, receive, send)
             return
         client = client_key(scope)
@@ -153,6 +153,20 @@ class SessionLimit:
         if not owned:
             del self._owned[client]
         return owned
+
+
+def _opens_session(scope: Scope) -> bool:
+    """Whether the SDK opens a session for this request: a POST without a session id, in a handshake-era
+    protocol version (or none). Requests of the 2026-07-28 era carry a newer version and no session."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return False
+    version: bytes | None = None
+    for name, value in scope.get("headers", []):
+        if name == MCP_SESSION_ID:
+            return False
+        if name == b"mcp-protocol-version":
+            version = value
+    return version is None or version.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS
 
 
 class FailureThrottle:
