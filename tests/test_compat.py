@@ -162,3 +162,18 @@ async def test_resource_reads_go_through_mcpserver_read_resource():
         result = await client.read_resource("pin://blob/3")
     assert result.contents[0].mime_type == "image/x-relabelled", \
         "flux_mcp.server._Server: resources/read no longer goes through MCPServer.read_resource"
+
+
+def test_open_sessions_lists_the_session_managers_live_sessions():
+    from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+    manager = StreamableHTTPSessionManager(MCPServer("pin")._lowlevel_server)
+    assert isinstance(getattr(manager, "_server_instances", None), dict), \
+        SHIM.format("open_sessions") + "StreamableHTTPSessionManager._server_instances is gone or no dict"
+    assert list(compat.open_sessions(manager)) == []
+    transport = manager._admit_session(None)
+    assert transport is not None and transport.mcp_session_id in compat.open_sessions(manager), \
+        SHIM.format("open_sessions") + "an admitted session is not listed"
+    manager._server_instances.pop(transport.mcp_session_id)
+    assert transport.mcp_session_id not in compat.open_sessions(manager), \
+        SHIM.format("open_sessions") + "the listing is not live"
