@@ -30,7 +30,7 @@ from .media import (
     inspect_image,
 )
 from .models import ImageOutput
-from .paths import PathPolicy
+from .paths import PathPolicy, name_problem
 from .providers.base import OutputRef
 from .store import ImageStore
 
@@ -50,6 +50,7 @@ def save_targets(paths: PathPolicy, save_to: str | None, count: int, overwrite: 
     if not save_to:
         return []
     raw = save_to.strip()
+    paths.check_new_names(raw)
     is_folder = raw.endswith(("/", "\\")) or paths.absolute(raw).is_dir() or not Path(raw).suffix
     if is_folder:
         folder = paths.check_write(str(Path(raw) / "x.png")).parent
@@ -179,7 +180,8 @@ def _save_copy(target: Path, data: bytes, info: ImageInfo, provenance: dict[str,
 
 def _slug(text: str) -> str:
     words = re.findall(r"[a-z0-9]+", text.lower())[:6]
-    return "-".join(words)[:60] or "image"
+    slug = "-".join(words)[:60] or "image"
+    return slug if name_problem(f"{slug}.png") is None else f"{slug}-image"  # a prompt "con" names no device
 
 
 def _free_name(target: Path, taken: set[Path]) -> Path:
