@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from .errors import DownloadFailed, FluxError, InvalidInput, PathNotAllowed
-from .images import light_work
+from .images import Converted, light_work
 from .media import (
     FORMATS,
     Downloader,
@@ -43,6 +43,8 @@ class Kept:
     problems: list[str] = field(default_factory=list)
     written: dict[str, bytes] = field(default_factory=dict)
     """The bytes now at each image's path (previews are made from them, not read back)."""
+    notes: list[str] = field(default_factory=list)
+    """What the images kept could not carry over (e.g. the frames of an animated image saved as PNG)."""
 
 
 def save_targets(paths: PathPolicy, save_to: str | None, count: int, overwrite: bool, prompt: str) -> list[Path]:
@@ -85,13 +87,15 @@ class Keeper:
 
     async def keep(self, *, prediction_id: str, provenance: dict[str, str], base_url: str,
                    outputs: Sequence[OutputRef] | None, urls: Sequence[str | None], targets: Sequence[Path],
-                   overwrite: bool, paths: PathPolicy) -> Kept:
+                   overwrite: bool, paths: PathPolicy, max_pixels: int | None = None) -> Kept:
         """Keeps every output. `outputs` is what the provider just answered (None: keep again from the
-        copies already stored, else from `urls`, the URLs the journal holds)."""
+        copies already stored, else from `urls`, the URLs the journal holds). An image that would decode
+        to more than `max_pixels` (`images.pixel_bound` of the size asked for) is refused unread."""
         host = urlsplit(base_url).hostname
         trusted = frozenset({host.lower()}) if host else frozenset()
         count = len(outputs) if outputs is not None else len(urls)
         slots: list[tuple[ImageOutput, str | None]] = [(ImageOutput(), None)] * count
+        notes: list[list[str]] = [[] for _ in range(count)]
         kept = Kept()
 
         async def one(i: int) -> None:
@@ -106,8 +110,8 @@ class Keeper:
                     data = await self.store.read(stored)
                 else:
                     data = await self._download(url, trusted)
-                image, problem, written = await self._keep_one(
-                    prediction_id, i, data, url, stored, target, paths, overwrite, provenance)
+                image, problem, written, notes[i] = await self._keep_one(
+                    prediction_id, i, data, url, stored, target, paths, overwrite, provenance, max_pixels)
                 slots[i] = (image, problem)
                 if image.path and written is not None:
                     kept.written[image.path] = written
@@ -125,14 +129,15 @@ class Keeper:
                     tg.start_soon(one, i)
         kept.images = [image for image, _ in slots]
         kept.problems = [problem for _, problem in slots if problem]
+        kept.notes = [f"image {i + 1}: {note}" for i, image_notes in enumerate(notes) for note in image_notes]
         return kept
 
     async def _keep_one(self, prediction_id: str, i: int, data: bytes, url: str | None, stored: str | None,
-                        target: Path | None, paths: PathPolicy, overwrite: bool, provenance: dict[str, str]
-                        ) -> tuple[ImageOutput, str | None, bytes | None]:
+                        target: Path | None, paths: PathPolicy, overwrite: bool, provenance: dict[str, str],
+                        max_pixels: int | None) -> tuple[ImageOutput, str | None, bytes | None, list[str]]:
         """Checks one image, stores it and writes its save_to copy. Returns the image, a problem with its
-        save_to copy if any, and the bytes now at the image's path."""
-        work = functools.partial(_prepare, data, stored is None, target)
+        save_to copy if any, the bytes now at the image's path, and notes on what its copy could not keep."""
+        work = functools.partial(_prepare, data, stored is None, max_pixels)
         if stored is None and light_work(data, target.suffix.lstrip(".") if target else None):
             info, payload = work(provenance)
         else:
@@ -142,18 +147,18 @@ class Keeper:
             location, written = await self.store.put(prediction_id, i, payload, info.ext), payload
         else:
             location, written = stored, data
-        mime, problem = info.mime_type, None
+        mime, problem, notes = info.mime_type, None, []
         if target is not None:
             try:
                 copy = functools.partial(_save_copy, target, data, info, provenance, paths, overwrite,
                                          labelled=stored is not None)
-                saved, mime, written = (copy() if light_work(data, target.suffix.lstrip("."))
-                                        else await anyio.to_thread.run_sync(copy))
-                location = str(saved)  # the result points at the copy the caller asked for
+                saved, mime, converted = (copy() if light_work(data, target.suffix.lstrip("."))
+                                          else await anyio.to_thread.run_sync(copy))
+                location, written, notes = str(saved), converted.data, converted.notes  # the copy asked for
             except FluxError as exc:
                 problem = f"image {i + 1} was not written to {target}: {exc}"
         image = ImageOutput(url=url, path=location, mime_type=mime, width=info.width, height=info.height)
-        return image, problem, written
+        return image, problem, written, notes
 
     async def _download(self, url: str | None, trusted: frozenset[str]) -> bytes:
         if not url:
@@ -163,19 +168,20 @@ class Keeper:
         return await self.downloader.fetch(url, trusted)
 
 
-def _prepare(data: bytes, fresh: bool, target: Path | None, provenance: dict[str, str]) -> tuple[ImageInfo, bytes]:
+def _prepare(data: bytes, fresh: bool, max_pixels: int | None, provenance: dict[str, str]
+             ) -> tuple[ImageInfo, bytes]:
     """Inspects the image and, when it is new, labels it with its provenance (no re-encoding)."""
-    info = inspect_image(data)
+    info = inspect_image(data, max_pixels)
     return info, (embed_provenance(data, info, provenance) if fresh else data)
 
 
 def _save_copy(target: Path, data: bytes, info: ImageInfo, provenance: dict[str, str], paths: PathPolicy,
-               overwrite: bool, *, labelled: bool = False) -> tuple[Path, str, bytes]:
+               overwrite: bool, *, labelled: bool = False) -> tuple[Path, str, Converted]:
     checked = paths.check_write(str(target))
     ext = checked.suffix.lower().lstrip(".") or "png"
-    payload = convert(data, info, ext, provenance, labelled=labelled)
-    atomic_write(checked, payload, overwrite=overwrite)
-    return checked, FORMATS[ext][1], payload
+    converted = convert(data, info, ext, provenance, labelled=labelled)
+    atomic_write(checked, converted.data, overwrite=overwrite)
+    return checked, FORMATS[ext][1], converted
 
 
 def _slug(text: str) -> str:
