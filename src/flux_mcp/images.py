@@ -7,8 +7,10 @@ the provider's own EXIF (its Orientation above all) is kept, with the provenance
 
 Memory is bounded three ways. An image may decode to at most `pixel_bound` of the size asked for
 (a 300 kB PNG can claim 10000x10000 pixels, 300 MB decoded, and more for every copy made while
-converting). Previews of JPEGs are decoded at a reduced scale. And at most `IMAGE_WORKERS` images
-are decoded or encoded at a time in the whole process, so parallel calls queue rather than add up.
+converting). Previews of JPEGs are decoded at a reduced scale. And every decode and encode runs on
+one of `IMAGE_WORKERS` threads of the whole process, so parallel calls queue rather than add up (the
+threads are few and fixed, not merely counted: the C allocator keeps memory freed by a thread for
+that thread's next use, so image work spread over many threads leaves each holding its peak).
 
 Conversions normalise what other formats or viewers cannot take: 16-bit grayscale is scaled to 8
 bits (not clipped to white), CMYK becomes RGB, palette images keep their transparency as alpha,
@@ -18,19 +20,19 @@ animated image says so in a note.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import re
 import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 from xml.sax.saxutils import escape
 
 from .errors import DownloadFailed
@@ -43,7 +45,9 @@ PIXEL_FLOOR = 4096 * 4096
 FLUX Ultra's ~4 MP at whatever size was asked), so a provider's own choice of size is never refused."""
 IMAGE_WORKERS = 2
 """Images decoded or encoded at once, process-wide (each can take tens of MB while it is worked on)."""
-_IMAGE_WORK = threading.BoundedSemaphore(IMAGE_WORKERS)
+_IMAGE_THREAD = "flux-mcp-image"
+_IMAGE_POOL = ThreadPoolExecutor(max_workers=IMAGE_WORKERS, thread_name_prefix=_IMAGE_THREAD)
+_T = TypeVar("_T")
 MAX_PREVIEW_SIDE = 8000
 PREVIEW_START_SIDE = 1568
 """Vision models downscale past ~1568 px anyway: previews start there and shrink until they fit."""
@@ -79,12 +83,12 @@ def pixel_bound(width: int, height: int) -> int:
     return min(MAX_PIXELS, max(PIXEL_FLOOR, PIXEL_FACTOR * width * height))
 
 
-@contextlib.contextmanager
-def image_work() -> Iterator[None]:
-    """Holds one of the process's `IMAGE_WORKERS` slots for decoding or encoding (blocks until one is
-    free: call it from a worker thread, never on the event loop)."""
-    with _IMAGE_WORK:
-        yield
+def on_image_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """Runs `fn(*args)` on one of the process's `IMAGE_WORKERS` image threads and returns its result
+    (waiting for a free one). Blocks: call it from a worker thread, never on the event loop."""
+    if threading.current_thread().name.startswith(_IMAGE_THREAD):
+        return fn(*args)
+    return _IMAGE_POOL.submit(fn, *args).result()
 
 
 @cache
@@ -151,12 +155,16 @@ def embed_provenance(data: bytes, info: ImageInfo, provenance: dict[str, str]) -
     if info.mime_type == "image/jpeg":
         return _jpeg_with_segments(data, provenance)
     if info.mime_type == "image/webp":
-        with image_work(), _pil().open(io.BytesIO(data)) as im:
-            im.load()
-            buf = io.BytesIO()
-            _save(_normalised(im, "WEBP"), buf, "WEBP", provenance, _exif_of(im))
-            return buf.getvalue()
+        return on_image_thread(_relabelled_webp, data, provenance)
     return data
+
+
+def _relabelled_webp(data: bytes, provenance: dict[str, str]) -> bytes:
+    with _pil().open(io.BytesIO(data)) as im:
+        im.load()
+        buf = io.BytesIO()
+        _save(_normalised(im, "WEBP"), buf, "WEBP", provenance, _exif_of(im))
+        return buf.getvalue()
 
 
 @dataclass(frozen=True)
@@ -178,8 +186,12 @@ def convert(data: bytes, info: ImageInfo, ext: str, provenance: dict[str, str], 
     pil_format, mime = FORMATS[ext]
     if mime == info.mime_type:
         return Converted(data if labelled else embed_provenance(data, info, provenance))
+    return on_image_thread(_reencoded, data, pil_format, provenance)
+
+
+def _reencoded(data: bytes, pil_format: str, provenance: dict[str, str]) -> Converted:
     notes: list[str] = []
-    with image_work(), _pil().open(io.BytesIO(data)) as im:
+    with _pil().open(io.BytesIO(data)) as im:
         frames = getattr(im, "n_frames", 1) if getattr(im, "is_animated", False) else 1
         if frames > 1:
             notes.append(f"the image is animated ({frames} frames); a {pil_format} file holds only its first "
@@ -373,8 +385,12 @@ def make_preview(path: Path, budget: int, data: bytes | None = None) -> tuple[by
     A JPEG is decoded at a reduced scale (it needs no more than the preview's pixels); every image is
     shown upright (its EXIF Orientation applied) and in RGB."""
     data = path.read_bytes() if data is None else data
+    return on_image_thread(_preview, data, budget)
+
+
+def _preview(data: bytes, budget: int) -> tuple[bytes, str]:
     image = _pil()
-    with image_work(), image.open(io.BytesIO(data)) as im:
+    with image.open(io.BytesIO(data)) as im:
         mime = _PIL_MIME.get(im.format or "")
         width, height = im.size
         if shown_as_is(mime, width, height, len(data), budget, data):
