@@ -149,6 +149,13 @@ async def test_a_still_image_gets_no_frame_note(settings):
     assert got["data"]["error"] is None
 
 
+async def test_a_provider_may_answer_larger_than_asked_within_reason(settings):
+    """FLUX Ultra answers ~4 MP whatever the size asked; the bound never refuses that."""
+    got = await generate(settings, encoded(Image.new("RGB", (2752, 1536), (9, 9, 9)), "PNG"), width=256, height=256)
+    assert got["data"]["status"] == "succeeded" and got["data"]["images"][0]["path"], got["text"]
+    assert (got["data"]["images"][0]["width"], got["data"]["images"][0]["height"]) == (2752, 1536)
+
+
 # --- memory ----------------------------------------------------------------------------------------
 
 PROBE = r"""
