@@ -97,3 +97,20 @@ async def test_lone_surrogates_in_an_http_call_are_answered_and_the_server_keeps
         assert message["id"] == i and message["result"]["structuredContent"]["status"] == "succeeded"
     assert [job["prompt"] for job in fake.ledger] == [sent for _, sent in VARIANTS]
     assert _message(pong)["result"] == {}
+
+
+@pytest.mark.subprocess
+def test_lone_surrogates_are_answered_on_the_sdk_stdio_transport_too(home, workspace):
+    """Standard input from a file (not a pipe) is read by the SDK's own stdio transport."""
+    import subprocess
+
+    from tests.subprocess_helpers import flux_command
+
+    requests = workspace / "requests.jsonl"
+    requests.write_text("\n".join([json.dumps(INIT), json.dumps(INITIALIZED), call(1, VARIANTS[0][0])]) + "\n")
+    with requests.open("rb") as stdin:  # no provider key: the offline placeholder draws the image
+        done = subprocess.run([*flux_command()], env=child_env(home), cwd=workspace, stdin=stdin,
+                              capture_output=True, timeout=120)
+    answers = {m.get("id"): m for m in map(json.loads, done.stdout.decode().splitlines())}
+    assert answers[1]["result"]["structuredContent"]["status"] == "succeeded", answers
+    assert None not in answers  # no message went unanswered with a null id
