@@ -20,7 +20,7 @@ import httpx2
 import pytest
 import uvicorn
 
-from flux_mcp.httpguard import HttpLimits, QuietRepeats, uvicorn_config
+from flux_mcp.httpguard import FD_RESERVE, HttpLimits, QuietRepeats, uvicorn_config
 from flux_mcp.transport import http_app
 from tests.conftest import ATLAS_KEY
 from tests.fakes.wire import free_port
@@ -95,7 +95,7 @@ async def test_idle_and_slow_header_connections_are_closed_while_real_clients_ar
             served = await initialize(http, url)
         got = await anyio.to_thread.run_sync(wait_closed, idle + partial)
     assert served.status_code == 200
-    assert all(data in (b"", ) or data.startswith(b"HTTP/1.1 408") for data in got.values())
+    assert all(data.startswith(b"HTTP/1.1 408") for data in got.values())
     for s in idle + partial:
         s.close()
 
@@ -213,10 +213,9 @@ def test_a_low_descriptor_limit_keeps_the_log_small_and_the_server_serving(loopb
         try:
             wait_for_port(port, proc)
             url = f"http://127.0.0.1:{port}"
-            socks = []
-            for _ in range(250):
-                socks.append(connect(url))
-            time.sleep(2)  # let the server take every connection it will take
+            socks = [connect(url) for _ in range(250)]
+            surplus = 250 - (192 - FD_RESERVE)  # the cap keeps FD_RESERVE descriptors free
+            refused = _refused(socks, surplus)
             for s in socks:
                 s.close()
             with httpx2.Client(timeout=10) as http:
@@ -230,9 +229,24 @@ def test_a_low_descriptor_limit_keeps_the_log_small_and_the_server_serving(loopb
             proc.terminate()
             proc.wait(timeout=20)
     text = log_path.read_text()
+    assert refused >= surplus
     assert served.status_code == 200
     assert len(text.splitlines()) < 40, text[:3000]
     assert "Traceback" not in text
+
+
+def _refused(socks: list[socket.socket], expected: int, limit: float = 30.0) -> int:
+    """Waits until `expected` of the sockets were answered 503 and closed; returns how many were."""
+    refused, pending = 0, set(socks)
+    deadline = time.monotonic() + limit
+    while refused < expected:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"only {refused} of {len(socks)} connections were refused"
+        ready, _, _ = select.select(list(pending), [], [], min(remaining, 1.0))
+        for s in ready:
+            pending.discard(s)
+            refused += s.recv(4096).startswith(b"HTTP/1.1 503")
+    return refused
 
 
 def test_repeated_accept_failures_are_logged_once_a_minute(caplog):
