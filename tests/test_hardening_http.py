@@ -7,10 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import resource
 import select
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -203,13 +203,13 @@ def test_a_low_descriptor_limit_keeps_the_log_small_and_the_server_serving(loopb
     port = free_port()
     log_path = workspace / "server.log"
 
-    def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (192, 192))
-
+    script = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (192, 192)); "
+              f"sys.argv = ['flux-mcp', 'serve', '--transport', 'streamable-http', '--port', '{port}']; "
+              "runpy.run_module('flux_mcp', run_name='__main__')")
+    limited = [sys.executable, "-c", script]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(flux_command("serve", "--transport", "streamable-http", "--port", str(port)),
-                                env=env, cwd=workspace, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, preexec_fn=low_limit)
+        proc = subprocess.Popen(limited, env=env, cwd=workspace, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
         try:
             wait_for_port(port, proc)
             url = f"http://127.0.0.1:{port}"
@@ -257,7 +257,7 @@ def test_repeated_accept_failures_are_logged_once_a_minute(caplog):
             try:
                 raise OSError(24, "Too many open files")
             except OSError:
-                logger.error("socket.accept() out of system resource\nsocket: <x>", exc_info=True)
+                logger.error("socket.accept() out of system resource\nsocket: <x>", exc_info=True)  # noqa: G201
     [record] = caplog.records
     assert "Too many open files" in record.getMessage() and "ulimit -n" in record.getMessage()
     assert record.exc_info is None
@@ -300,7 +300,7 @@ def test_the_defaults_reap_idle_sessions_well_before_the_sdks_half_hour():
 def test_a_weak_token_refuses_to_start_and_says_how_to_make_one(home, workspace, token):
     env = child_env(home, FLUX_MCP_AUTH_TOKEN=token)
     proc = subprocess.run(flux_command("serve", "--transport", "streamable-http", "--port", str(free_port())),
-                          env=env, cwd=workspace, capture_output=True, text=True, timeout=60)
+                          env=env, cwd=workspace, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "FLUX_MCP_AUTH_TOKEN" in proc.stderr and "secrets.token_urlsafe(32)" in proc.stderr
     if len(token) > 1:

@@ -27,8 +27,8 @@ VARIANTS = [
 
 def call(request_id: int, prompt_json: str) -> str:
     """A tools/call line with the prompt spliced in as JSON text (json.dumps would re-escape it)."""
-    return ('{"jsonrpc": "2.0", "id": %d, "method": "tools/call", "params": {"name": "generate_image", '
-            '"arguments": {"prompt": "%s"}}}' % (request_id, prompt_json))
+    return (f'{{"jsonrpc": "2.0", "id": {request_id}, "method": "tools/call", "params": {{"name": '
+            f'"generate_image", "arguments": {{"prompt": "{prompt_json}"}}}}}}')
 
 
 @pytest.fixture
@@ -109,8 +109,8 @@ def test_lone_surrogates_are_answered_on_the_sdk_stdio_transport_too(home, works
     requests = workspace / "requests.jsonl"
     requests.write_text("\n".join([json.dumps(INIT), json.dumps(INITIALIZED), call(1, VARIANTS[0][0])]) + "\n")
     with requests.open("rb") as stdin:  # no provider key: the offline placeholder draws the image
-        done = subprocess.run([*flux_command()], env=child_env(home), cwd=workspace, stdin=stdin,
-                              capture_output=True, timeout=120)
+        done = subprocess.run(flux_command(), env=child_env(home), cwd=workspace, stdin=stdin,
+                              capture_output=True, timeout=120, check=False)
     answers = {m.get("id"): m for m in map(json.loads, done.stdout.decode().splitlines())}
     assert answers[1]["result"]["structuredContent"]["status"] == "succeeded", answers
     assert None not in answers  # no message went unanswered with a null id

@@ -237,7 +237,7 @@ def _gray8(im: Any) -> Any:
     low, high = im.getextrema()
     if im.mode == "F" and 0 <= low and high <= 1.0:
         return im.point(lambda v: v * 255).convert("L")
-    top = 65535 if high <= 65535 else high
+    top = max(65535, high)
     return (im.point(lambda v: v * (255 / top)) if high > 255 else im).convert("L")
 
 

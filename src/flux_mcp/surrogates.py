@@ -22,7 +22,7 @@ _HINT = re.compile(rb"\\u[dD][89a-fA-F]")
 # a high+low pair (kept), a lone surrogate (replaced), or any other escape (kept).
 _ESCAPE = re.compile(
     rb"\\(?:(u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})|(u[dD][89a-fA-F][0-9a-fA-F]{2})|.)",
-    re.S)
+    re.DOTALL)
 
 
 def repair_surrogates(data: bytes) -> bytes | None:

@@ -110,7 +110,7 @@ class BearerTokenMiddleware:
                 break
         if not hmac.compare_digest(supplied or b"", self.token):
             failures = self.throttle.failed(client)
-            log.warning("refused an HTTP request from %s: %s bearer token (%d failed attempt%s in a row)", client,
+            log.warning("refused an HTTP request from %s: %s bearer token (%d recent failed attempt%s)", client,
                         "no" if supplied is None else "a wrong", failures, "" if failures == 1 else "s")
             await send_json(send, 401, {"error": "unauthorized",
                                         "error_description": "Send 'Authorization: Bearer <FLUX_MCP_AUTH_TOKEN>'."},
