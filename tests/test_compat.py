@@ -210,3 +210,18 @@ async def test_tools_and_prompts_go_through_the_public_methods_the_server_overri
 
     assert list(inspect.signature(_Server.add_tool).parameters) == list(overridden), \
         where + "MCPServer.add_tool changed its parameters"
+
+
+def test_open_sessions_lists_the_session_managers_live_sessions():
+    from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+    manager = StreamableHTTPSessionManager(MCPServer("pin")._lowlevel_server)
+    assert isinstance(getattr(manager, "_server_instances", None), dict), \
+        SHIM.format("open_sessions") + "StreamableHTTPSessionManager._server_instances is gone or no dict"
+    assert list(compat.open_sessions(manager)) == []
+    transport = manager._admit_session(None)
+    assert transport is not None and transport.mcp_session_id in compat.open_sessions(manager), \
+        SHIM.format("open_sessions") + "an admitted session is not listed"
+    manager._server_instances.pop(transport.mcp_session_id)
+    assert transport.mcp_session_id not in compat.open_sessions(manager), \
+        SHIM.format("open_sessions") + "the listing is not live"

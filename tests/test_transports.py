@@ -84,7 +84,7 @@ async def test_sse_serves_the_tools(env, fake, workspace):
 
 
 async def test_http_transport_requires_the_bearer_token_when_set(env, fake, workspace):
-    token = "tok-canary-5d1e8a2c9b7f4e6a"
+    token = "tok-canary-5d1e8a2c9b7f4e6a-3c0e9b7d1f"  # at least 32 characters: shorter ones are refused
     with http_server("streamable-http", {**env, "FLUX_MCP_AUTH_TOKEN": token}, workspace) as (url, _):
         async with httpx2.AsyncClient() as http:
             denied = await http.post(f"{url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})

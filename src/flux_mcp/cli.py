@@ -8,7 +8,6 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from .config import Settings
@@ -153,8 +152,8 @@ def _configure_logging(level: str, redactor: Redactor) -> None:
 
 
 def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
-    from .providers import registry
     from .media import STALE_IN_DATA_FOLDER, sweep_stale_temp_files
+    from .providers import registry
     from .server import build_server
 
     # Temp files a killed process left mid-write (a live process's own are younger than this).
@@ -167,8 +166,11 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
 
         run_stdio(build_server(settings))
         return 0
-    from .transport import is_loopback
+    from .transport import is_loopback, token_problem
 
+    if settings.auth_token is not None and (problem := token_problem(settings.auth_token.get_secret_value())):
+        print(f"flux-mcp: refusing to serve {transport}: {problem}", file=sys.stderr)
+        return 2
     if not is_loopback(host) and settings.auth_token is None:
         print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN; set a token (clients then "
               "send 'Authorization: Bearer <token>') or bind 127.0.0.1.", file=sys.stderr)

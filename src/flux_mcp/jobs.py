@@ -29,6 +29,7 @@ import anyio
 
 from .errors import FluxError, ProviderError, ProviderUnavailable, UnsupportedOperation
 from .http import HELD_REQUESTS
+from .images import pixel_bound
 from .journal import Journal, Record
 from .keep import Keeper, SavePlan
 from .lifecycle import inflight
@@ -282,10 +283,10 @@ class JobRunner:
             prediction_id=record.id, provenance=provenance, base_url=provider.settings.base_url,
             outputs=state.outputs if state else None, urls=record.outputs,
             plan=SavePlan.from_journal(req), overwrite=bool(req.get("overwrite")),
-            paths=paths)
+            paths=paths, max_pixels=pixel_bound(int(req.get("width") or 1024), int(req.get("height") or 1024)))
         outcome.kept.update(kept.written)
         record.images = kept.images
-        note = req.get("provider_note")
+        note = "; ".join(n for n in [req.get("provider_note"), *kept.notes] if n) or None
         if kept.problems:
             record.error = "; ".join(([note] if note else []) + kept.problems) + (
                 ". The job succeeded; call check_prediction "

@@ -6,7 +6,6 @@ import atexit
 import base64
 import binascii
 import contextlib
-import hashlib
 import ipaddress
 import logging
 import os

@@ -127,7 +127,7 @@ def _fits(image: ImageOutput, data: bytes | None, budget: int | None) -> bool:
     """Whether `data` (the bytes just written at `image.path`) can be shown as it is, judged from what is
     known of them (make_preview applies the same rule after opening the bytes)."""
     return data is not None and shown_as_is(image.mime_type, image.width or 0, image.height or 0, len(data),
-                                            budget)
+                                            budget, data)
 
 
 def needs_image_work(outcome: Outcome, settings: Settings) -> bool:

@@ -38,6 +38,7 @@ from .config import Settings
 from .errors import FluxError
 from .folders import Folders
 from .http import LazyClient, RetryPolicy
+from .jobs import Alive, Outcome
 from .journal import Record, open_journal
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
@@ -47,7 +48,6 @@ from .providers import overview, registry
 from .redact import Redactor, protect_logs
 from .render import error_result, needs_image_work, prediction_result, structured
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
-from .jobs import Alive, Outcome
 from .schema import compact_annotations, compact_input, compact_output, quiet
 from .service import LOCAL, FluxService, ProgressFn
 

@@ -9,7 +9,9 @@ does (`initialize` opens the handshake era, a request carrying the 2026-07-28 `_
 modern one), exactly as the SDK would have without the probe.
 
 A line that is not a JSON-RPC message gets JSON-RPC 2.0's answer (-32700 or -32600, id null) instead
-of silence, so a client waiting on it learns why.
+of silence, so a client waiting on it learns why. A line whose only fault is a lone surrogate escape
+(a JavaScript client that cut a string inside an emoji) is read with U+FFFD in its place, so its
+request is answered (see `surrogates`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from pydantic import ValidationError
 
 from .compat import lowlevel, message_streams
 from .lifecycle import END_OF_INPUT, GracefulStop, graceful_stop
+from .surrogates import repair_surrogates
 
 if sys.platform != "win32":
     import fcntl
@@ -223,8 +226,11 @@ async def _answer_probes_then_relay(server: Server[Any], state: Any, read_stream
         async with read_stream, relay:
             async for item in read_stream:
                 if isinstance(item, Exception):  # the stdio reader could not parse the line
-                    await write_stream.send(SessionMessage(_unreadable(item)))
-                    continue
+                    repaired = _repaired(item)
+                    if isinstance(repaired, Exception):
+                        await write_stream.send(SessionMessage(_unreadable(repaired)))
+                        continue
+                    item = repaired
                 request = _request_of(item)
                 if deciding and request is not None and request.method == DISCOVER:
                     await write_stream.send(SessionMessage(await _discover(server, state, request)))
@@ -236,6 +242,23 @@ async def _answer_probes_then_relay(server: Server[Any], state: Any, read_stream
             stop.request(END_OF_INPUT)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         log.debug("stdio connection closed while relaying")
+
+
+def _repaired(exc: Exception) -> SessionMessage | Exception:
+    """The message of a line refused only for its lone surrogate escapes, read with U+FFFD in their
+    place (both stdio readers hand on pydantic's error, which carries the line); else `exc` itself."""
+    if not isinstance(exc, ValidationError):
+        return exc
+    line = next((e.get("input") for e in exc.errors() if e["type"] == "json_invalid"), None)
+    if not isinstance(line, (bytes, str)):
+        return exc
+    fixed = repair_surrogates(line.encode() if isinstance(line, str) else line)
+    if fixed is None:
+        return exc
+    try:
+        return SessionMessage(jsonrpc_message_adapter.validate_json(fixed, by_name=False))
+    except ValidationError as again:
+        return again
 
 
 def _unreadable(exc: Exception) -> JSONRPCError:
