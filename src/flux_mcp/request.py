@@ -62,6 +62,9 @@ class JobRequest(BaseModel):
                                             "format) or a folder, relative to the project folder. E.g. "
                                             "'public/images/hero.webp'.")
     overwrite: bool = Field(default=False, description="Replace an existing save_to file.")
+    dry_run: bool = Field(default=False, description="Check everything and estimate the cost; submit nothing.")
+    max_cost_usd: float | None = Field(default=None, ge=0, le=10_000,
+                                       description="Refuse the call if its estimated cost (USD) is higher.")
 
     def journaled(self) -> dict[str, Any]:
         """The request as the journal keeps it: every field, an inline image shortened to its size."""

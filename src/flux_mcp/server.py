@@ -7,13 +7,15 @@ import functools
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
 import httpx2
+from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
@@ -30,12 +32,14 @@ from pydantic import AnyUrl, Field
 from . import __version__
 from .compat import add_request_handler, drop_middleware
 from .config import Settings
+from .consent import InputNeeded, asker
 from .errors import FluxError
 from .folders import Folders
 from .http import LazyClient, RetryPolicy
 from .journal import Record, open_journal
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
+from .money import LOCAL, Planned
 from .paths import PathPolicy
 from .providers import overview, registry
 from .redact import Redactor, protect_logs
@@ -76,11 +80,12 @@ UploadOut = Annotated[CallToolResult, UploadResult]
 
 def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
                  retry: RetryPolicy | None = None, downloads: DownloadLimits | None = None,
-                 paths: PathPolicy | None = None) -> MCPServer[AppState]:
+                 paths: PathPolicy | None = None, clock: Callable[[], float] = time.time) -> MCPServer[AppState]:
     """Builds a server; nothing is opened until its lifespan starts. `http_client` lets tests inject a
     client over `httpx2.MockTransport`; `retry` and `downloads` tune the network limits. `paths` fixes
     the folders every call may use (the terminal's `generate -o`: the person chose the path), instead
-    of FLUX_MCP_ALLOWED_DIRS and the client's roots."""
+    of FLUX_MCP_ALLOWED_DIRS and the client's roots. `clock` is the time the budgets and confirmations
+    are kept by (tests move it)."""
 
     # One state per server, shared by every lifespan entry (SSE enters it once per connection).
     live: list[AppState] = []
@@ -92,7 +97,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         nonlocal users
         async with lock:
             if not live:
-                live.append(_open_state(settings, http_client, retry, downloads, paths))
+                live.append(_open_state(settings, http_client, retry, downloads, paths, clock))
             users += 1
         try:
             yield live[0]
@@ -185,14 +190,15 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
 
 def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
-                downloads: DownloadLimits | None, paths: PathPolicy | None = None) -> AppState:
+                downloads: DownloadLimits | None, paths: PathPolicy | None = None,
+                clock: Callable[[], float] = time.time) -> AppState:
     protect_logs(settings.secrets())
     journal = open_journal(settings.home)
     client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
     limits = downloads or DownloadLimits()
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
     service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry,
-                          downloader=downloader)
+                          downloader=downloader, clock=clock)
     return AppState(settings, service, Folders(settings), paths=paths)
 
 
@@ -224,7 +230,7 @@ generate_image: preview, local path, URL; or a pending prediction_id for check_p
 def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str]) -> Any:
     """A generate/edit tool whose parameters are `JobRequest`'s fields (see request.tool_parameters)."""
 
-    async def tool(ctx: Context[AppState, Any], **args: Any) -> CallToolResult:
+    async def tool(ctx: Context[AppState, Any], **args: Any) -> CallToolResult | InputRequiredResult:
         return await _run_job(ctx, JobRequest(kind=kind, **args), action=action)
 
     params = tool_parameters(kind, descriptions)
@@ -247,14 +253,29 @@ def _redescribe(fn: Any, **texts: str) -> Any:
     return fn
 
 
-async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str) -> CallToolResult:
+async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str
+                   ) -> CallToolResult | InputRequiredResult:
     state = _state(ctx)
     try:
         paths = await _path_policy(ctx, state)
-        outcome = await state.service.run(req, paths, _progress(ctx, state))
+        outcome = await state.service.run(req, paths, _progress(ctx, state), asker(ctx, state.service.money.clock),
+                                          _principal())
+    except InputNeeded as needed:  # 2026-07-28: the user is asked first; the client calls again with the answer
+        return needed.result
     except FluxError as exc:
         return error_result(state.service.redactor.scrub(str(exc)))
+    if isinstance(outcome, Planned):
+        return CallToolResult(content=[TextContent(type="text", text=outcome.message)],
+                              structured_content=outcome.result().model_dump(mode="json"))
     return await _render(outcome, paths, state.settings, action)
+
+
+def _principal() -> str:
+    """Whose budget a call spends: the authenticated identity (OAuth over HTTP), else the local user."""
+    token = get_access_token()
+    if token is None:
+        return LOCAL
+    return token.subject or token.client_id
 
 
 async def _render(outcome: Any, paths: PathPolicy, settings: Settings, action: str) -> CallToolResult:

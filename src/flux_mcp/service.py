@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import httpx2
 
 from .config import Settings
@@ -30,6 +33,7 @@ from .journal import Journal
 from .keep import Keeper, save_targets
 from .media import Downloader, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, UploadResult
+from .money import LOCAL, Ask, Money, Planned
 from .paths import PathPolicy
 from .providers import Provider, registry
 from .redact import Redactor
@@ -48,7 +52,8 @@ class FluxService:
 
     def __init__(self, settings: Settings, client: httpx2.AsyncClient | LazyClient, journal: Journal, *,
                  store: ImageStore | None = None, redactor: Redactor | None = None,
-                 retry: RetryPolicy | None = None, downloader: Downloader | None = None):
+                 retry: RetryPolicy | None = None, downloader: Downloader | None = None,
+                 clock: Callable[[], float] = time.time):
         self.settings = settings
         self.client = client
         self.journal = journal
@@ -59,8 +64,9 @@ class FluxService:
             cls = spec.load()
             http = ProviderHttp(client, cls.id, self.redactor, key_env=cls.key_env, retry=retry)
             self.providers[cls.id] = cls(settings.providers[cls.id], http)
+        self.money = Money(settings, journal, clock=clock)
         self.runner = JobRunner(journal, self.store, Keeper(self.store, downloader or Downloader(client)),
-                                self.redactor)
+                                self.redactor, money=self.money)
 
     # --- choosing a provider ------------------------------------------------------------------
 
@@ -95,17 +101,33 @@ class FluxService:
 
     # --- generate / edit / check ---------------------------------------------------------------
 
-    async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None) -> Outcome:
-        """Runs a generate or edit job: everything that can be checked is checked before paying."""
+    async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None,
+                  ask: Ask | None = None, principal: str = LOCAL) -> Outcome | Planned:
+        """Runs a generate or edit job: everything that can be checked is checked before paying (a dry run
+        stops there). `ask` puts a confirmation to the user (None: nobody can be asked); `principal` is
+        whose budget pays."""
         provider = self.provider(req.provider, need="edit" if req.kind == "edit" else None)
         model = req.model or (provider.default_edit_model if req.kind == "edit" else provider.default_model)
         req = provider.prepare(req.model_copy(update={"provider": provider.id, "model": model}))
         plan = save_targets(paths, req.save_to, req.num_images, req.overwrite, req.prompt)
         source = req.image
-        if req.kind == "edit":
-            req = req.model_copy(update={"image": await self._image_input(provider, req.image or "", paths)})
-        wait = self.wait_for(req.wait_seconds)
-        return await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source)
+        estimate = self.money.estimate(provider, req)
+        if req.dry_run:
+            if req.kind == "edit":
+                await self._image_input(provider, req.image or "", paths, send=False)
+            return await self.money.plan(estimate, req, [str(t) for t in plan.targets], principal)
+        hold = await self.money.before_paying(estimate, req, principal, ask)
+        try:
+            if req.kind == "edit":
+                req = req.model_copy(update={"image": await self._image_input(provider, req.image or "", paths)})
+            wait = self.wait_for(req.wait_seconds)
+            outcome = await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source,
+                                            hold=hold)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await hold.release()  # a no-op once the job was created (or may have been)
+        outcome.notes.extend(hold.notes)
+        return outcome
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
                     progress: ProgressFn | None = None) -> Outcome:
@@ -136,8 +158,9 @@ class FluxService:
 
     # --- files --------------------------------------------------------------------------------
 
-    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy) -> str:
-        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI."""
+    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy, *, send: bool = True) -> str:
+        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI.
+        With `send` false (a dry run) it is only checked: nothing is uploaded."""
         text = image.strip()
         if text.startswith(("http://", "https://")):
             return text
@@ -151,6 +174,8 @@ class FluxService:
             info = inspect_image(data)
         except DownloadFailed as exc:
             raise InvalidInput(f"`image` is not a usable image: {exc}.") from None
+        if provider.can_upload and not send:
+            return text
         if provider.can_upload:
             url, _ = await self._upload_bytes(provider, data, f"{Path(name).stem}.{info.ext}", info.mime_type)
             return url
@@ -184,4 +209,4 @@ class FluxService:
                             size_bytes=len(data), reused=reused)
 
 
-__all__ = ["FluxService", "Outcome", "ProgressFn", "ProviderError"]
+__all__ = ["FluxService", "Outcome", "Planned", "ProgressFn", "ProviderError"]
