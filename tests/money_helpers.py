@@ -36,7 +36,7 @@ class Clock:
 
 
 def at(moment: str) -> float:
-    return dt.datetime.fromisoformat(moment.replace("Z", "+00:00")).timestamp()
+    return dt.datetime.fromisoformat(moment).timestamp()
 
 
 @contextlib.asynccontextmanager

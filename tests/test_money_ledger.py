@@ -10,8 +10,10 @@ import uuid
 import anyio
 import pytest
 
-from flux_mcp.journal import Charge, open_journal
-from flux_mcp.money import month_start
+from flux_mcp.errors import SpendRefused
+from flux_mcp.journal import Charge, LedgerUnavailable, open_journal
+from flux_mcp.money import Estimate, Money, month_start
+from flux_mcp.request import JobRequest
 from tests.conftest import ATLAS_BASE, ATLAS_KEY, text_of
 from tests.fakes.atlascloud import AtlasFake
 from tests.fakes.base import RESET
@@ -199,3 +201,23 @@ async def test_the_offline_placeholder_is_free_and_stays_out_of_the_ledger(make_
             result = await client.call_tool("generate_image", {"prompt": "p"})
             assert not result.is_error and result.structured_content["placeholder"] is True
     assert await charges(home) == []
+
+
+class _FullDisk:
+    """A journal whose spend ledger can be neither read nor written (the disk is full)."""
+
+    async def totals(self, *args: object) -> None:
+        raise LedgerUnavailable("The spend ledger in /data cannot be written (database or disk is full).")
+
+    reserve = totals
+
+
+async def test_a_ledger_that_cannot_be_written_refuses_under_a_budget_and_is_skipped_without(make_settings):
+    est = Estimate("atlascloud", "Atlas Cloud", "black-forest-labs/flux-schnell", 1, 0.003, "documented price")
+    req = JobRequest(prompt="p")
+    budgeted = Money(make_settings(FLUX_MCP_BUDGET_DAY_USD="1"), _FullDisk())  # type: ignore[arg-type]
+    with pytest.raises(SpendRefused, match="cannot be kept without it, so nothing was submitted"):
+        await budgeted.before_paying(est, req, "local", None)
+    free = Money(make_settings(), _FullDisk())  # type: ignore[arg-type]
+    hold = await free.before_paying(est, req, "local", None)
+    assert hold.charge is None  # no budget to keep: the call goes ahead, unrecorded

@@ -50,7 +50,7 @@ class Confirm(BaseModel):
                           description="Leave checked and accept to pay; decline (or uncheck) to not pay.")
 
 
-class InputNeeded(Exception):  # noqa: N818 - not an error: the tool returns `result` to the client
+class InputNeeded(Exception):
     """The call must ask the client first (2026-07-28): the tool returns `result` and is called again."""
 
     def __init__(self, result: InputRequiredResult):

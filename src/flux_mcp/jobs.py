@@ -110,13 +110,13 @@ class JobRunner:
                 raise
             record = self._record(provider, req, plan, submitted, sent, image_source, hold)
             log.info("submitted %s (%s, %s%s)", record.id, provider.id, record.model, ", held" if inline else "")
-            if hold is not None:
-                await hold.billed(record.id)
             outcome = Outcome(record)
             state = submitted.state
             if state is not None and state.status in FINAL:
                 state = self._settle(record, state, time.time())
-            await self._save(outcome)
+            await self._save(outcome)  # the id first; then the ledger learns the job exists (and maybe its cost)
+            if hold is not None:
+                await hold.billed(record.id)
             await self._charge(record)
         try:
             if state is None or state.status not in FINAL:

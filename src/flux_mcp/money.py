@@ -169,19 +169,19 @@ class Hold:
 
     async def billed(self, prediction_id: str) -> None:
         """The provider created the job: the reservation is its charge until it ends."""
-        await self.money._update(self, "billed", prediction_id)
+        await self.money.mark(self, "billed", prediction_id)
 
     async def unknown(self) -> None:
         """The submit may have created a job: the reservation keeps counting."""
-        await self.money._update(self, "unknown", None)
+        await self.money.mark(self, "unknown", None)
 
     async def release(self) -> None:
         """No job was created (the submit was refused or never sent): the reservation goes, unless the
         job was created or may have been."""
-        charge, self.charge = self.charge, None
+        charge = self.charge
         if charge is None or charge.state != "reserved":
-            self.charge = charge
             return
+        self.charge = None
         try:
             await self.money.journal.release_charge(charge.id)
         except LedgerUnavailable as exc:
@@ -385,7 +385,8 @@ class Money:
         hold.charge = charge
         return hold
 
-    async def _update(self, hold: Hold, state: Literal["billed", "unknown"], prediction_id: str | None) -> None:
+    async def mark(self, hold: Hold, state: Literal["billed", "unknown"], prediction_id: str | None) -> None:
+        """Records what became of a held job: created (with its id), or perhaps created."""
         charge = hold.charge
         if charge is None:
             return
@@ -463,7 +464,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     limits = report["limits"]
     day_limit, month_limit, cap = (limits["FLUX_MCP_BUDGET_DAY_USD"], limits["FLUX_MCP_BUDGET_MONTH_USD"],
                                    limits["FLUX_MCP_MAX_IMAGES_PER_DAY"])
-    lines = [f"Spend today (UTC day from {report['day_start']}) and this month (UTC, from {report['month_start']}):"]
+    lines = [f"Spend today ({report['day_start'][:10]}) and this month ({report['month_start'][:7]}), UTC:"]
 
     def cell(bucket: Mapping[str, Any], limit: float | None = None, images: int | None = None) -> str:
         text = usd(bucket["usd"]) + (f" of {usd(limit)}" if limit is not None else "")

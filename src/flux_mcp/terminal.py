@@ -8,10 +8,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import anyio
-from mcp_types import ElicitResult, TextContent
+from mcp.client.session import ClientRequestContext
+from mcp_types import ElicitRequestParams, ElicitResult, ErrorData, TextContent
 
 from .config import Settings
 from .errors import PathNotAllowed
@@ -81,7 +82,7 @@ async def _generate(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if structured.get("status") == "succeeded" else 3
 
 
-async def _confirm_at_terminal(_ctx: Any, params: Any) -> ElicitResult:
+async def _confirm_at_terminal(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult | ErrorData:
     """Puts a cost confirmation to the person at the terminal: y accepts, anything else declines."""
     sys.stderr.write(f"\n{params.message} [y/N] ")
     sys.stderr.flush()
