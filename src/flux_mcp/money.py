@@ -85,6 +85,8 @@ class Estimate:
 
     def describe(self) -> str:
         """`$0.006 (2 images x $0.003, documented price)`, or why the cost is unknown."""
+        if not self.billed:
+            return "free (drawn offline)"
         if self.usd is None:
             return f"unknown ({self.provider} states no price for {self.model}; FLUX_MCP_PRICES can set one)"
         each = f"{self.images} images x {usd(self.per_image_usd or 0)}, " if self.images != 1 else ""
@@ -352,9 +354,9 @@ class Money:
         limit = self.limits.confirm_above_usd or 0
         if est.usd is None:
             allow = (f"set a price for {est.provider} {est.model} in a FLUX_MCP_PRICES file at or below "
-                     f"{usd(limit)}, or remove FLUX_MCP_CONFIRM_ABOVE_USD")
+                     f"{usd(limit)} (or remove FLUX_MCP_CONFIRM_ABOVE_USD)")
         else:
-            allow = (f"set FLUX_MCP_CONFIRM_ABOVE_USD to {_at_least(est.usd)} or more, or remove it")
+            allow = f"set FLUX_MCP_CONFIRM_ABOVE_USD to {_at_least(est.usd)} or more (or remove it)"
         return (f"This call costs {cost} ({est.what}), above FLUX_MCP_CONFIRM_ABOVE_USD={usd(limit)}, and this "
                 "client cannot ask the user to confirm it (it offers no form elicitation). Nothing was submitted. "
                 f"To allow such calls without asking, the user can {allow} in the server's environment and "
