@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import Settings
@@ -40,7 +41,7 @@ def _main(argv: Sequence[str] | None) -> int:
     level = (args.log_level or settings.log_level).upper()
     _configure_logging(level, Redactor(settings.secrets()))
     command = args.command or "serve"
-    if command in ("serve", "generate", "prune"):
+    if command in ("serve", "generate", "prune", "spend"):
         from .journal import check_journal
 
         try:
@@ -61,6 +62,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return generate(settings, args)
     if command == "prune":
         return _prune(settings, older_than=args.older_than, dry_run=args.dry_run)
+    if command == "spend":
+        return _spend(settings, as_json=args.json)
     parser.error(f"unknown command {command}")
     return 2
 
@@ -97,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
 
     prov = sub.add_parser("providers", help="show which providers are configured, their models and capabilities")
     prov.add_argument("--json", action="store_true", help="print as JSON")
+
+    spend = sub.add_parser("spend", help="today's and this month's spend per provider against the budgets (UTC days "
+                                         "and calendar months)")
+    spend.add_argument("--json", action="store_true", help="print as JSON")
 
     prune = sub.add_parser("prune", help="remove old images and journal rows from the data folder (never a "
                                          "pending job's, never a save_to copy)")
@@ -136,6 +143,24 @@ def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet
         return 0
 
     return anyio.run(run)
+
+
+def _spend(settings: Settings, *, as_json: bool) -> int:
+    import anyio
+
+    from .journal import open_journal
+    from .money import Money, format_report
+
+    async def run() -> dict[str, Any]:
+        journal = open_journal(settings.home)
+        try:
+            return await Money(settings, journal).report()
+        finally:
+            await journal.close()
+
+    report = anyio.run(run)
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
+    return 0
 
 
 def _configure_logging(level: str, redactor: Redactor) -> None:

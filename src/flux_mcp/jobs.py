@@ -27,13 +27,14 @@ from typing import Any
 
 import anyio
 
-from .errors import FluxError, ProviderError, ProviderUnavailable, UnsupportedOperation
+from .errors import FluxError, ProviderError, ProviderUnavailable, SubmitOutcomeUnknown, UnsupportedOperation
 from .http import HELD_REQUESTS
 from .images import pixel_bound
 from .journal import Journal, Record
 from .keep import Keeper, SavePlan
 from .lifecycle import inflight
 from .models import FINAL
+from .money import Hold, Money
 from .paths import PathPolicy
 from .providers.base import JobState, Provider, Submitted
 from .redact import Redactor
@@ -87,8 +88,11 @@ def scrub_record(record: Record, redactor: Redactor) -> Record:
 class JobRunner:
     """Runs jobs against providers, recording every step in the journal and keeping every image."""
 
-    def __init__(self, journal: Journal, store: ImageStore, keeper: Keeper, redactor: Redactor):
+    def __init__(self, journal: Journal, store: ImageStore, keeper: Keeper, redactor: Redactor, *,
+                 money: Money | None = None):
         self.journal = journal
+        self.money = money
+        """Where a job's charge learns its cost when the job ends (None: no ledger)."""
         self.store = store
         self.keeper = keeper
         self.redactor = redactor
@@ -103,20 +107,26 @@ class JobRunner:
     async def run(self, provider: Provider, req: JobRequest, plan: SavePlan, wait: float, paths: PathPolicy,
                   progress: ProgressFn | None = None, *, image_source: str | None = None,
                   owner: tuple[str, str | None] = ("local", None), alive: Alive | None = None,
-                  selection: str | None = None) -> Outcome:
+                  selection: str | None = None, hold: Hold | None = None) -> Outcome:
         """The whole life of a new job. `req` is prepared (validated, model and image resolved),
         `plan` says where its save_to copies go (checked), `image_source` is the edit input as given,
         `owner` the caller's principal and the request's key (a re-issued identical call finds the job by them),
         `alive` tells whether the caller is still there to receive the answer (None: it is, as long as the call runs),
-        `selection` why this provider serves the call (kept with the job, shown in its results). Raises FluxError only when no job was created (or its
+        `selection` why this provider serves the call (kept with the job, shown in its results), `hold` its
+        reservation in the spend ledger. Raises FluxError only when no job was created (or its
         creation is unknowable: SubmitOutcomeUnknown); after the submit it always returns the job."""
         inline = await self._inline(provider, req.model, wait)
         sent = time.time()
         # Shielded from cancellation, and awaited by a stopping server (within its deadline), from the moment
         # the paid request leaves until its answer (the job's id) is journaled.
         with inflight.submitting(f"the {provider.id} {req.model} job"):
-            submitted = await self._submit(provider, req, inline, progress, wait)
-            record = self._record(provider, req, plan, submitted, sent, image_source)
+            try:
+                submitted = await self._submit(provider, req, inline, progress, wait)
+            except SubmitOutcomeUnknown:
+                if hold is not None:
+                    await hold.unknown()  # it may have started: it keeps counting
+                raise
+            record = self._record(provider, req, plan, submitted, sent, image_source, hold)
             record.principal, record.request_key = owner
             record.idempotency_key = req.idempotency_key
             if selection:
@@ -127,7 +137,10 @@ class JobRunner:
             state = submitted.state
             if state is not None and state.status in FINAL:
                 state = self._settle(record, state, time.time())
-            await self._save(outcome)
+            await self._save(outcome)  # the id first; then the ledger learns the job exists (and maybe its cost)
+            if hold is not None:
+                await hold.billed(record.id)
+            await self._charge(record)
         try:
             if state is None or state.status not in FINAL:
                 state = await self._observe(outcome, await self._wait(record, provider, wait, progress, outcome,
@@ -173,7 +186,7 @@ class JobRunner:
 
     @staticmethod
     def _record(provider: Provider, req: JobRequest, plan: SavePlan, submitted: Submitted,
-                sent: float, image_source: str | None) -> Record:
+                sent: float, image_source: str | None, hold: Hold | None) -> Record:
         request = {**req.journaled(), **plan.journaled()}
         if image_source is not None:
             request["image"] = req.model_copy(update={"image": image_source}).journaled()["image"]
@@ -181,7 +194,8 @@ class JobRunner:
             id=f"{provider.id}:{submitted.native_id}", provider=provider.id, native_id=submitted.native_id,
             model=req.model or "", kind=req.kind, status="starting", request=request,
             # The job's clock starts when the request leaves: a held submit's answer comes only at its end.
-            cost_usd=provider.price(req), created_at=min(sent, submitted.submitted_at), updated_at=time.time(),
+            cost_usd=hold.estimate.usd if hold else provider.price(req), cost_estimated=True,
+            created_at=min(sent, submitted.submitted_at), updated_at=time.time(),
         )
 
     # --- an earlier job -----------------------------------------------------------------------
@@ -239,6 +253,8 @@ class JobRunner:
         else:
             record.status = state.status
         await self._save(outcome)
+        if state.status in FINAL:
+            await self._charge(record)
         return state
 
     async def _finish(self, outcome: Outcome, provider: Provider, state: JobState | None,
@@ -264,7 +280,7 @@ class JobRunner:
         record.completed_at = record.completed_at or seen_at or time.time()
         record.error = state.error
         if state.cost_usd is not None:
-            record.cost_usd = state.cost_usd
+            record.cost_usd, record.cost_estimated = state.cost_usd, state.cost_estimated
         if state.remaining_credits is not None:
             record.remaining_credits = state.remaining_credits
         if state.status == "succeeded":
@@ -298,6 +314,11 @@ class JobRunner:
             record.status = "failed"
             record.error = record.error or f"{provider.label} reported success but returned no image."
         await self._save(outcome)
+
+    async def _charge(self, record: Record) -> None:
+        """A final job's charge in the ledger becomes its cost."""
+        if self.money is not None and record.status in FINAL:
+            await self.money.settle(record)
 
     async def _save(self, outcome: Outcome) -> None:
         """Journals the record (scrubbed). A write that cannot land yet is kept by the journal; the

@@ -35,24 +35,44 @@ class ImageOutput(BaseModel):
     height: int | None = Field(default=None, description="Height in pixels of the local copy.", json_schema_extra=DETAIL)
 
 
+class DryRun(BaseModel):
+    """What a dry run checked; nothing was submitted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int
+    height: int
+    num_images: int
+    save_to: list[str] = Field(default_factory=list, description="Files the images would be written to.")
+    allowed: bool = Field(description="False: the real call would be refused now (message says why).")
+    confirm: bool = Field(description="True: the real call first asks the user to confirm its cost.")
+
+
 class PredictionResult(BaseModel):
     """The structured result of generate_image, edit_image and check_prediction."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prediction_id: str = Field(description="'<provider>:<id>'; pass it to check_prediction at any later time.")
+    prediction_id: str | None = Field(
+        description="'<provider>:<id>'; pass it to check_prediction at any later time. null: a dry run.")
     provider: str = Field(description="Provider id that ran the job.", json_schema_extra=DETAIL)
     model: str = Field(description="Model that ran the job.", json_schema_extra=DETAIL)
-    status: Status = Field(description="starting/processing (pending), succeeded, failed or canceled.")
+    status: Status | None = Field(
+        description="starting/processing (pending), succeeded, failed or canceled. null: a dry run.")
     images: list[ImageOutput] = Field(default_factory=list, description="Finished images (empty while pending).")
     error: str | None = Field(default=None, description="Why the job failed, or why images are missing.")
     message: str = Field(default="", description="What to know or do next.")
     placeholder: bool = Field(default=False, description="True: an offline placeholder, not a FLUX image.")
-    selection_reason: str | None = Field(default=None, description="Why this provider served the call.", json_schema_extra=DETAIL)
-    cost_usd: float | None = Field(default=None, description="Cost in USD when the provider reported or priced it.", json_schema_extra=DETAIL)
+    selection_reason: str | None = Field(default=None, description="Why this provider served the call.",
+                                         json_schema_extra=DETAIL)
+    cost_usd: float | None = Field(default=None, description="Cost in USD; null when unpriced.",
+                                   json_schema_extra=DETAIL)
+    cost_estimated: bool = Field(default=False, description="True: cost_usd is from the price table, not the "
+                                                            "provider.", json_schema_extra=DETAIL)
     remaining_credits: float | None = Field(
         default=None, description="Credit left on the account when the provider reported it.",
         json_schema_extra=DETAIL)
+    dry_run: DryRun | None = Field(default=None, description="Set by a dry run: what was checked.")
 
 
 class UploadResult(BaseModel):

@@ -98,7 +98,7 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
     else:
         lines.append(f"The job {record.id} on {who} was canceled: {record.error or 'no reason given'}.")
     if record.cost_usd is not None and record.cost_usd > 0:
-        lines.append(f"Cost: ${record.cost_usd:.4f}")
+        lines.append(f"Cost: ${record.cost_usd:.4f}{' (estimated from the price table)' if record.cost_estimated else ''}")
     if record.remaining_credits is not None:
         lines.append(f"Remaining credits: {record.remaining_credits:g}")
     if record.request.get("selection_reason"):

@@ -63,6 +63,9 @@ class JobRequest(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200,
                                         json_schema_extra=quiet("minLength", "maxLength"),
                                         description="Same key, same job: a retry never pays twice.")
+    dry_run: bool = Field(default=False, description="Check and estimate; submit nothing.")
+    max_cost_usd: float | None = Field(default=None, ge=0, le=10_000, json_schema_extra=quiet("minimum", "maximum"),
+                                       description="Refuse if the estimate (USD) is higher.")
 
     def journaled(self) -> dict[str, Any]:
         """The request as the journal keeps it: every field, an inline image shortened to its size (the

@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 
 import anyio
 import httpx2
+from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
@@ -35,6 +37,7 @@ from pydantic import AnyUrl, Field
 from . import __version__
 from .compat import add_request_handler, drop_middleware
 from .config import Settings
+from .consent import InputNeeded, asker
 from .errors import FluxError
 from .folders import Folders
 from .http import LazyClient, RetryPolicy
@@ -42,6 +45,7 @@ from .jobs import Alive, Outcome
 from .journal import Record, open_journal
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
+from .money import LOCAL, Planned
 from .paths import PathPolicy
 from .prompts import add_prompts
 from .providers import overview, registry
@@ -89,11 +93,12 @@ UploadOut = Annotated[CallToolResult, UploadResult]
 
 def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
                  retry: RetryPolicy | None = None, downloads: DownloadLimits | None = None,
-                 paths: PathPolicy | None = None) -> MCPServer[AppState]:
+                 paths: PathPolicy | None = None, clock: Callable[[], float] = time.time) -> MCPServer[AppState]:
     """Builds a server; nothing is opened until its lifespan starts. `http_client` lets tests inject a
     client over `httpx2.MockTransport`; `retry` and `downloads` tune the network limits. `paths` fixes
     the folders every call may use (the terminal's `generate -o`: the person chose the path), instead
-    of FLUX_MCP_ALLOWED_DIRS and the client's roots."""
+    of FLUX_MCP_ALLOWED_DIRS and the client's roots. `clock` is the time the budgets and confirmations
+    are kept by (tests move it)."""
 
     # One state per server, shared by every lifespan entry (SSE enters it once per connection).
     live: list[AppState] = []
@@ -105,7 +110,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         nonlocal users
         async with lock:
             if not live:
-                live.append(_open_state(settings, http_client, retry, downloads, paths))
+                live.append(_open_state(settings, http_client, retry, downloads, paths, clock))
             users += 1
         try:
             yield live[0]
@@ -197,14 +202,15 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
 
 def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
-                downloads: DownloadLimits | None, paths: PathPolicy | None = None) -> AppState:
+                downloads: DownloadLimits | None, paths: PathPolicy | None = None,
+                clock: Callable[[], float] = time.time) -> AppState:
     protect_logs(settings.secrets())
     journal = open_journal(settings.home)
     client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
     limits = downloads or DownloadLimits()
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
     service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry,
-                          downloader=downloader)
+                          downloader=downloader, clock=clock)
     return AppState(settings, service, Folders(settings), paths=paths)
 
 
@@ -227,7 +233,7 @@ EDIT_DOC = """Edit an image by instruction (FLUX Kontext or img2img); parameters
 def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str | None]) -> Any:
     """A generate/edit tool whose parameters are `JobRequest`'s fields (see request.tool_parameters)."""
 
-    async def tool(ctx: Context[AppState, Any], **args: Any) -> CallToolResult:
+    async def tool(ctx: Context[AppState, Any], **args: Any) -> CallToolResult | InputRequiredResult:
         return await _run_job(ctx, JobRequest(kind=kind, **args), action=action)
 
     params = tool_parameters(kind, descriptions)
@@ -250,20 +256,29 @@ def _redescribe(fn: Any, **texts: str) -> Any:
     return fn
 
 
-async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str) -> CallToolResult:
+async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str
+                   ) -> CallToolResult | InputRequiredResult:
     state = _state(ctx)
     try:
         paths = await _path_policy(ctx, state)
-        outcome = await state.service.run(req, paths, _progress(ctx, state), principal=principal_of(ctx),
-                                          alive=_caller_alive(ctx))
+        outcome = await state.service.run(req, paths, _progress(ctx, state), asker(ctx, state.service.money.clock),
+                                          principal_of(ctx), alive=_caller_alive(ctx))
+    except InputNeeded as needed:  # 2026-07-28: the user is asked first; the client calls again with the answer
+        return needed.result
     except FluxError as exc:
         return error_result(state.service.redactor.scrub(str(exc)))
+    if isinstance(outcome, Planned):
+        return CallToolResult(content=[TextContent(type="text", text=outcome.message)],
+                              structured_content=outcome.result().model_dump(mode="json"))
     return await _deliver(ctx, state, outcome, await _render(outcome, paths, state.settings, action))
 
 
 def principal_of(ctx: Context[AppState, Any]) -> str:
-    """Who is calling: the authenticated identity over HTTP once there is one, else the local user."""
-    return LOCAL
+    """Who is calling (whose jobs, whose budget): the authenticated identity over HTTP, else the local user."""
+    token = get_access_token()
+    if token is None:
+        return LOCAL
+    return token.subject or token.client_id
 
 
 def _caller_alive(ctx: Context[AppState, Any]) -> Alive | None:
@@ -289,6 +304,7 @@ async def _deliver(ctx: Context[AppState, Any], state: AppState, outcome: Outcom
         return result
     await state.service.journal.mark_delivered(outcome.record.id)
     return result
+
 
 
 async def _render(outcome: Any, paths: PathPolicy, settings: Settings, action: str) -> CallToolResult:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -36,6 +36,7 @@ from .keep import Keeper, save_targets
 from .lifecycle import inflight
 from .media import Downloader, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, UploadResult
+from .money import LOCAL, Ask, Money, Planned
 from .paths import PathPolicy
 from .providers import Provider, registry
 from .redact import Redactor
@@ -56,7 +57,8 @@ class FluxService:
 
     def __init__(self, settings: Settings, client: httpx2.AsyncClient | LazyClient, journal: Journal, *,
                  store: ImageStore | None = None, redactor: Redactor | None = None,
-                 retry: RetryPolicy | None = None, downloader: Downloader | None = None):
+                 retry: RetryPolicy | None = None, downloader: Downloader | None = None,
+                 clock: Callable[[], float] = time.time):
         self.settings = settings
         self.client = client
         self.journal = journal
@@ -69,8 +71,9 @@ class FluxService:
             self.providers[cls.id] = cls(settings.providers[cls.id], http)
         self._key_locks: dict[tuple[str, str], anyio.Lock] = {}
         self.chooser = Chooser(self.providers, journal, settings.fallback)
+        self.money = Money(settings, journal, clock=clock)
         self.runner = JobRunner(journal, self.store, Keeper(self.store, downloader or Downloader(client)),
-                                self.redactor)
+                                self.redactor, money=self.money)
 
     # --- choosing a provider ------------------------------------------------------------------
 
@@ -105,13 +108,17 @@ class FluxService:
 
     # --- generate / edit / check ---------------------------------------------------------------
 
-    async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None, *,
-                  principal: str = LOCAL, alive: Alive | None = None) -> Outcome:
+    async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None,
+                  ask: Ask | None = None, principal: str = LOCAL, *, alive: Alive | None = None) -> Outcome | Planned:
         """Runs a generate or edit job, unless it joins an earlier one: the same `idempotency_key` from the
         same caller always returns its job; an identical call whose earlier answer never reached the caller
         (cancelled, timed out, connection dropped) within FLUX_MCP_REJOIN_SECONDS joins that job instead of
-        paying again. Everything that can be checked is checked before paying."""
+        paying again. Everything that can be checked is checked before paying (a dry run stops there).
+        `ask` puts a confirmation to the user (None: nobody can be asked); `principal` is whose jobs and
+        budget these are."""
         inflight.refuse_new()
+        if req.dry_run:  # checks and estimates only: nothing to join, nothing paid
+            return await self._new(req, "", paths, progress, principal, alive, ask)
         key = request_key(req)
         if req.idempotency_key:
             async with self._key_lock(principal, req.idempotency_key):
@@ -122,12 +129,12 @@ class FluxService:
                         "arguments. Use a new key for a new job, or the same arguments to get that job back.")
                 if earlier is not None:
                     return await self._join(earlier, req, paths, progress)
-                return await self._new(req, key, paths, progress, principal, alive)
+                return await self._new(req, key, paths, progress, principal, alive, ask)
         for earlier in await self.journal.rejoinable(principal, key, time.time() - self.settings.rejoin_seconds):
             alive = self.runner.in_flight.get(earlier.id)
             if alive is None or not await alive():  # a call whose caller still waits on it is not abandoned
                 return await self._join(earlier, req, paths, progress)
-        return await self._new(req, key, paths, progress, principal, alive)
+        return await self._new(req, key, paths, progress, principal, alive, ask)
 
     async def _join(self, record: Record, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None) -> Outcome:
         """Answers with an earlier job: its images when it finished, or waits on it while it runs."""
@@ -144,7 +151,7 @@ class FluxService:
         return outcome
 
     async def _new(self, req: JobRequest, key: str, paths: PathPolicy, progress: ProgressFn | None,
-                   principal: str, alive: Alive | None) -> Outcome:
+                   principal: str, alive: Alive | None, ask: Ask | None = None) -> Outcome | Planned:
         """A new job: on the provider the call named (or the default), moving on to the next of the plan
         only when a provider provably created nothing (see `choose`)."""
         auto = (req.provider or self.default_provider_id()).strip().lower() == AUTO
@@ -158,13 +165,25 @@ class FluxService:
                 saves = save_targets(paths, prepared.save_to, prepared.num_images, prepared.overwrite,
                                      prepared.prompt)
                 source = prepared.image
-                if prepared.kind == "edit":
-                    prepared = prepared.model_copy(
-                        update={"image": await self._image_input(provider, prepared.image or "", paths)})
-                reason = _selection(plan, provider, refusals)
-                return await self.runner.run(provider, prepared, saves, self.wait_for(prepared.wait_seconds), paths,
-                                             progress, image_source=source, owner=(principal, key), alive=alive,
-                                             selection=reason)
+                estimate = self.money.estimate(provider, prepared)
+                if prepared.dry_run:
+                    if prepared.kind == "edit":
+                        await self._image_input(provider, prepared.image or "", paths, send=False)
+                    return await self.money.plan(estimate, prepared, [str(t) for t in saves.targets], principal)
+                hold = await self.money.before_paying(estimate, prepared, principal, ask)
+                try:
+                    if prepared.kind == "edit":
+                        prepared = prepared.model_copy(
+                            update={"image": await self._image_input(provider, prepared.image or "", paths)})
+                    outcome = await self.runner.run(
+                        provider, prepared, saves, self.wait_for(prepared.wait_seconds), paths, progress,
+                        image_source=source, owner=(principal, key), alive=alive,
+                        selection=_selection(plan, provider, refusals), hold=hold)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await hold.release()  # a no-op once the job was created (or may have been)
+                outcome.notes.extend(hold.notes)
+                return outcome
             except ProviderError as exc:  # refused, or never sent: this provider created nothing
                 self.chooser.refused(provider.id, type(exc).__name__)
                 if len(plan.steps) == 1:
@@ -223,8 +242,9 @@ class FluxService:
 
     # --- files --------------------------------------------------------------------------------
 
-    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy) -> str:
-        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI."""
+    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy, *, send: bool = True) -> str:
+        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI.
+        With `send` false (a dry run) it is only checked: nothing is uploaded."""
         text = image.strip()
         if text.startswith(("http://", "https://")):
             return text
@@ -238,6 +258,8 @@ class FluxService:
             info = inspect_image(data)
         except DownloadFailed as exc:
             raise InvalidInput(f"`image` is not a usable image: {exc}.") from None
+        if provider.can_upload and not send:
+            return text
         if provider.can_upload:
             url, _ = await self._upload_bytes(provider, data, f"{Path(name).stem}.{info.ext}", info.mime_type)
             return url
@@ -272,7 +294,7 @@ class FluxService:
                             size_bytes=len(data), reused=reused)
 
 
-__all__ = ["FluxService", "Outcome", "ProgressFn", "ProviderError"]
+__all__ = ["FluxService", "Outcome", "Planned", "ProgressFn", "ProviderError"]
 
 
 def _selection(plan: Plan, provider: Provider, refusals: list[str]) -> str | None:

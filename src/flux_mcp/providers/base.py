@@ -140,6 +140,9 @@ class JobState:
     message: str | None = None
     """The provider's own progress text while pending (queue position, phase), shown in progress messages."""
     cost_usd: float | None = None
+    """What the job cost, as the provider reported it (None: it reported nothing)."""
+    cost_estimated: bool = False
+    """`cost_usd` is partly the documented price (e.g. one of several calls came without its cost)."""
     remaining_credits: float | None = None
 
 

@@ -246,23 +246,25 @@ class Segmind(Provider):
         costs = [c.cost if c.cost is not None else price for c in billed]
         known = [c for c in costs if c is not None]
         cost = sum(known) if billed and len(known) == len(costs) else None
+        guessed = any(c.cost is None for c in billed)
         remaining = min((c.remaining for c in calls if c.remaining is not None), default=None)
         done = [c for c in calls if c.output is not None]
         failed = [c for c in calls if c.output is None]
         outputs = [c.output for c in done if c.output]
         if done and not failed:
-            return JobState("succeeded", outputs=outputs, cost_usd=cost, remaining_credits=remaining)
+            return JobState("succeeded", outputs=outputs, cost_usd=cost, cost_estimated=guessed,
+                            remaining_credits=remaining)
         reasons = "; ".join(
             f"image {calls.index(c) + 1} (seed {c.seed}): {c.problem or c.error}" for c in failed)
         if done:
             return JobState(
-                "succeeded", outputs=outputs, cost_usd=cost, remaining_credits=remaining,
+                "succeeded", outputs=outputs, cost_usd=cost, cost_estimated=guessed, remaining_credits=remaining,
                 error=self.http.redactor.scrub(
                     f"{len(failed)} of {len(calls)} Segmind calls failed and were not resent: {reasons}."))
         if billed:
             what = reasons if len(calls) > 1 else (calls[0].problem or str(calls[0].error))
             return JobState("failed", error=self.http.redactor.scrub(what), error_code="no_output",
-                            cost_usd=cost, remaining_credits=remaining)
+                            cost_usd=cost, cost_estimated=guessed, remaining_credits=remaining)
         errors = [c.error for c in calls if c.error is not None]
         first = next((e for e in errors if isinstance(e, SubmitOutcomeUnknown)), errors[0])
         if len(calls) == 1:
