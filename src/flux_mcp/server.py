@@ -10,10 +10,11 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import httpx2
+from mcp.server.apps import Apps
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
@@ -27,11 +28,13 @@ from mcp_types import (
 )
 from pydantic import AnyUrl, Field
 
-from . import __version__
+from . import __version__, history
 from .compat import add_request_handler, drop_middleware
 from .config import Settings
 from .errors import FluxError
 from .folders import Folders
+from .gallery import static_text
+from .gallery.thumbs import Thumbnails
 from .http import LazyClient, RetryPolicy
 from .journal import Record, open_journal
 from .media import Downloader, DownloadLimits, flush_pending
@@ -70,6 +73,11 @@ class AppState:
 PROVIDER_TEXT = f"Provider id ({', '.join(registry.ids())}). Omit to use the server's default."
 ProviderArg = Annotated[str | None, Field(max_length=40, description=PROVIDER_TEXT)]
 
+APP_URI = "ui://flux-mcp/gallery"
+"""The MCP App: a result's images and the recent gallery, in clients that render Apps."""
+APP_META = {"ui": {"resourceUri": APP_URI}}
+"""What a tool carries in `tools/list` to be shown through the App (other clients ignore it)."""
+
 PredictionOut = Annotated[CallToolResult, PredictionResult]
 UploadOut = Annotated[CallToolResult, UploadResult]
 
@@ -104,7 +112,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
     server: MCPServer[AppState] = _Server(
         "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS,
-        lifespan=lifespan, log_level=settings.log_level if settings.log_level in
+        lifespan=lifespan, extensions=[_app()], log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
     )
 
@@ -123,9 +131,11 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     described = {"provider": PROVIDER_TEXT, "wait_seconds": (
         f"Seconds to wait for the result before returning a pending prediction (default "
         f"{settings.wait_seconds:g}, at most {settings.max_wait_seconds:g}).")}
-    server.tool(title="Generate image", annotations=job_annotations.model_copy(update={"title": "Generate image"}))(
+    server.tool(title="Generate image", annotations=job_annotations.model_copy(update={"title": "Generate image"}),
+                meta=APP_META)(
         _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {**described}))
-    server.tool(title="Edit image", annotations=job_annotations.model_copy(update={"title": "Edit image"}))(
+    server.tool(title="Edit image", annotations=job_annotations.model_copy(update={"title": "Edit image"}),
+                meta=APP_META)(
         _job_tool("edit_image", "edit", "Edited", EDIT_DOC, {
             **described, "prompt": "The change to make, e.g. 'make the sky a sunset'."}))
 
@@ -177,9 +187,10 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
     server.tool(title="Check prediction", annotations=ToolAnnotations(
         title="Check prediction", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-        open_world_hint=True))(_redescribe(check_prediction, wait_seconds=(
+        open_world_hint=True), meta=APP_META)(_redescribe(check_prediction, wait_seconds=(
             f"Seconds to wait if still running (0 = just look; at most {settings.max_wait_seconds:g}).")))
 
+    _add_history(server)
     _add_resources(server, settings)
     return server
 
@@ -289,10 +300,79 @@ async def _path_policy(ctx: Context[AppState, Any], state: AppState) -> PathPoli
     return await state.folders.policy_for(ctx)
 
 
+# --- history ------------------------------------------------------------------------------------------
+
+def principal_of(ctx: Context[AppState, Any]) -> str:
+    """Whose journal rows a call sees. Every job is recorded as the local user's until the HTTP transports
+    name their callers; this is the one place that then reads the caller's identity."""
+    return "local"
+
+
+def _add_history(server: MCPServer[AppState]) -> None:
+    """list_predictions and the paginated flux://history resource: the journal for the model, newest first."""
+
+    @server.tool(title="List predictions", annotations=ToolAnnotations(
+        read_only_hint=True, destructive_hint=False, idempotent_hint=True,
+        open_world_hint=False), meta=APP_META)
+    async def list_predictions(
+        ctx: Context[AppState, Any],
+        query: Annotated[str, Field(max_length=300, description="Words in the prompt.")] = "",
+        provider: Annotated[str, Field(max_length=40)] = "",
+        status: Literal["any", "succeeded", "failed", "canceled", "pending"] = "any",
+        since: Annotated[str, Field(max_length=40, description='e.g. "2d", "yesterday", "2025-06-01".')] = "",
+        limit: Annotated[int, Field(ge=1, le=history.MAX_LIMIT)] = 20,
+    ) -> CallToolResult:
+        """Earlier generate/edit calls, newest first: id, time, prompt, status, local path, cost."""
+        state = _state(ctx)
+        try:
+            found = await history.page(
+                state.service.journal, principal=principal_of(ctx), query=query, provider=provider.strip().lower(),
+                status=None if status == "any" else status, since=history.parse_since(since) if since else None,
+                limit=limit)
+        except FluxError as exc:
+            return error_result(str(exc))
+        rows = [history.compact(r) for r in found.records]
+        return CallToolResult(content=[TextContent(type="text", text=history.model_text(found.records,
+                                                                                         found.next is not None))],
+                              structured_content={"predictions": rows, "more": found.next is not None})
+
+    @server.resource("flux://history{?before,query,provider,status,since,limit}", name="history",
+                     mime_type="application/json",
+                     description="Earlier predictions, newest first, a page at a time (`next` is the next page's URI).")
+    async def history_resource(ctx: Context[AppState, Any], before: str = "", query: str = "", provider: str = "",
+                               status: str = "", since: str = "", limit: str = "20") -> str:
+        try:
+            count = int(limit) if limit.isascii() and limit.isdigit() else 20
+            found = await history.page(
+                _state(ctx).service.journal, principal=principal_of(ctx), query=query, provider=provider,
+                status=status, since=history.parse_since(since) if since else None, limit=count, before=before or None)
+        except FluxError as exc:
+            raise ResourceNotFoundError(str(exc)) from None
+        args = {k: v for k, v in {"query": query, "provider": provider, "status": status, "since": since,
+                                  "limit": limit if limit != "20" else ""}.items() if v}
+        following = None
+        if found.next:
+            from urllib.parse import urlencode
+
+            following = "flux://history?" + urlencode({**args, "before": found.next})
+        return json.dumps({"predictions": [history.compact(r) for r in found.records], "next": following}, indent=1)
+
+
+def _app() -> Apps:
+    """The MCP App (the SDK's Apps extension): one self-contained page, `static/app.html`, that shows the
+    images of the result it is given and the recent gallery, reading them through the host as resources
+    (flux://thumbnails, flux://images, flux://history). Clients without Apps get the same results as ever."""
+    apps = Apps()
+    apps.add_html_resource(APP_URI, static_text("app.html"), name="gallery-app", title="FLUX gallery",
+                           description="The images of a result and the recent gallery (MCP App).", prefers_border=True)
+    return apps
+
+
 # --- resources ---------------------------------------------------------------------------------------
 
 def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
-    """The three resources. The templated ones read the journal of the server answering the request
+    """The prediction, image and thumbnail resources, and the providers. The templated ones read the journal
+    of the server answering the request
     (through its request context); an id this server never returned is the SDK's not-found error
     (-32602), logged at INFO without a traceback."""
 
@@ -324,6 +404,22 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
             pass
         raise ResourceNotFoundError(
             f"Image {index} of {prediction_id!r} is not on disk; call check_prediction to fetch it again.")
+
+
+    thumbs: list[Thumbnails] = []
+
+    @server.resource("flux://thumbnails/{prediction_id}/{index}", name="thumbnail", mime_type="image/webp",
+                     description="A small WebP of a finished image (at most 512 px a side).")
+    async def thumbnail_resource(prediction_id: str, index: str, ctx: Context[AppState, Any]) -> bytes:
+        record = await _record(ctx, prediction_id)
+        if not thumbs:
+            thumbs.append(Thumbnails(_state(ctx).service.store))
+        small = None
+        if record is not None and index.isascii() and index.isdigit() and len(index) < 4:
+            small = await thumbs[0].get(record, int(index))
+        if small is None:
+            raise ResourceNotFoundError(f"No image {index} for prediction {prediction_id!r} on this server.")
+        return small
 
 
 async def _record(ctx: Context[AppState, Any], prediction_id: str) -> Record | None:
