@@ -14,7 +14,9 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, NotRequired
+
+from typing_extensions import TypedDict
 
 from .errors import InvalidInput
 from .journal import Journal, Record
@@ -121,9 +123,9 @@ def prompt_start(record: Record, length: int = PROMPT_START) -> str:
     return text if len(text) <= length else text[: length - 1].rstrip() + "…"
 
 
-def compact(record: Record) -> dict[str, Any]:
+def compact(record: Record) -> Row:
     """A row for the model: id, when, prompt start, status, the first image's path, cost (where known)."""
-    row: dict[str, Any] = {"id": record.id, "when": when(record.created_at), "prompt": prompt_start(record),
+    row: Row = {"id": record.id, "when": when(record.created_at), "prompt": prompt_start(record),
                            "status": record.status}
     paths = [i.path for i in record.images if i.path]
     if paths:
@@ -149,6 +151,26 @@ def full(record: Record) -> dict[str, Any]:
         "cost_estimated": getattr(record, "cost_estimated", None), "error": record.error,
         "images": [i.model_dump(mode="json") for i in record.images],
     }
+
+
+class Row(TypedDict):
+    """One earlier job; keys without a value are left out."""
+
+    id: str
+    when: str
+    prompt: str
+    status: str
+    path: NotRequired[str]
+    images: NotRequired[int]
+    cost_usd: NotRequired[float]
+    error: NotRequired[str]
+
+
+class Listing(TypedDict):
+    """The structured result of list_predictions."""
+
+    predictions: list[Row]
+    more: bool
 
 
 def model_text(records: list[Record], more: bool) -> str:

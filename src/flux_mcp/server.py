@@ -80,6 +80,7 @@ APP_META = {"ui": {"resourceUri": APP_URI}}
 
 PredictionOut = Annotated[CallToolResult, PredictionResult]
 UploadOut = Annotated[CallToolResult, UploadResult]
+ListingOut = Annotated[CallToolResult, history.Listing]
 
 
 def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
@@ -321,7 +322,7 @@ def _add_history(server: MCPServer[AppState]) -> None:
         status: Literal["any", "succeeded", "failed", "canceled", "pending"] = "any",
         since: Annotated[str, Field(max_length=40, description='e.g. "2d", "yesterday", "2025-06-01".')] = "",
         limit: Annotated[int, Field(ge=1, le=history.MAX_LIMIT)] = 20,
-    ) -> CallToolResult:
+    ) -> ListingOut:
         """Earlier generate/edit calls, newest first: id, time, prompt, status, local path, cost."""
         state = _state(ctx)
         try:

@@ -87,9 +87,27 @@ def http_app(settings: Settings, transport: str, host: str, port: int, **server_
     else:
         app = server.streamable_http_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES,
                                          host=host)
+    _mount_gallery(app, settings, host)
     if settings.auth_token is not None:
         app = BearerTokenMiddleware(app, settings.auth_token.get_secret_value())
     return app
+
+
+def _mount_gallery(app: ASGIApp, settings: Settings, host: str) -> None:
+    """The gallery page at /gallery, behind the same token as the MCP endpoint (without a token the server
+    is loopback-only, and the gallery refuses a Host that is not this machine's: DNS rebinding)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from .gallery import LOOPBACK_HOSTS, Gallery
+    from .journal import open_journal
+    from .store import FolderStore
+
+    if not isinstance(app, Starlette):  # pragma: no cover - both SDK transports build a Starlette app
+        return
+    hosts = None if settings.auth_token is not None else (*LOOPBACK_HOSTS, host)
+    gallery = Gallery(lambda: open_journal(settings.home), FolderStore(settings.home), allowed_hosts=hosts)
+    app.router.routes.append(Mount("/gallery", app=gallery.app()))
 
 
 def serve_http(settings: Settings, transport: str, host: str, port: int) -> None:
