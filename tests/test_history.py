@@ -248,7 +248,7 @@ async def test_flux_history_pages_through_every_job_once(settings, fake):
 
 async def test_the_mcp_app_is_offered_without_changing_the_ordinary_result(settings, fake):
     async with connect(settings, fake) as client:
-        caps = client.initialize_result.capabilities if hasattr(client, "initialize_result") else None
+        caps = client.server_capabilities
         tools = {t.name: t for t in (await client.list_tools()).tools}
         app = (await client.read_resource("ui://flux-mcp/gallery")).contents[0]
         result = await client.call_tool("generate_image", {"prompt": "a lighthouse"})
@@ -259,8 +259,7 @@ async def test_the_mcp_app_is_offered_without_changing_the_ordinary_result(setti
         assert tools[name].meta == {"ui": {"resourceUri": uri}}
     assert app.mime_type == "text/html;profile=mcp-app" and "ui/initialize" in app.text
     assert "http://" not in app.text and "https://" not in app.text  # no external asset: works offline
-    if caps is not None and getattr(caps, "extensions", None) is not None:
-        assert "io.modelcontextprotocol/ui" in caps.extensions
+    assert caps.extensions is not None and "io.modelcontextprotocol/ui" in caps.extensions
     assert [b.type for b in result.content] == ["text", "image"]  # the text and the preview, as for every client
     assert thumb.mime_type == "image/webp"
 
