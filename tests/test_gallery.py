@@ -263,3 +263,86 @@ async def test_the_gallery_in_a_browser(settings, fake, home: Path, chromium: st
         finally:
             await browser.close()
     assert errors == []
+
+
+# --- the MCP App, in a real browser inside a minimal host -----------------------------------------------------
+
+HOST_PAGE = """<!doctype html><html><body style="margin:0;background:#111">
+<iframe id="app" sandbox="allow-scripts" style="border:0;width:860px;height:640px"></iframe>
+<script>
+const frame = document.getElementById("app");
+const post = (msg) => frame.contentWindow.postMessage({ jsonrpc: "2.0", ...msg }, "*");
+window.hostLog = [];
+window.deliver = (result) => post({ method: "ui/notifications/tool-result", params: result });
+window.addEventListener("message", async (event) => {
+  if (event.source !== frame.contentWindow) return;
+  const m = event.data;
+  window.hostLog.push(m.method || "response");
+  if (m.method === "ui/initialize") {
+    post({ id: m.id, result: { protocolVersion: "2026-01-26", hostInfo: { name: "test-host", version: "1" },
+      hostCapabilities: { serverResources: {}, serverTools: {} },
+      hostContext: { theme: "dark", styles: { variables: { "--color-background-primary": "#101216" } } } } });
+  } else if (m.method === "ui/notifications/initialized") {
+    window.appReady = true;
+  } else if (m.method === "resources/read" || m.method === "tools/call") {
+    try { post({ id: m.id, result: await window.mcp(m.method, m.params) }); }
+    catch (err) { post({ id: m.id, error: { code: -32000, message: String(err) } }); }
+  }
+});
+</script></body></html>"""
+
+
+@pytest.mark.browser
+async def test_the_mcp_app_shows_a_result_and_the_recent_gallery(settings, fake, chromium: str):
+    from playwright.async_api import async_playwright
+
+    await make_journal(settings, fake)
+    ARTIFACTS.mkdir(exist_ok=True)
+    errors: list[str] = []
+    async with connect(settings, fake) as client, async_playwright() as pw:
+        app_html = (await client.read_resource("ui://flux-mcp/gallery")).contents[0].text
+        fake.hold = True
+        pending = await client.call_tool("generate_image", {"prompt": "a kite over dunes", "wait_seconds": 0})
+        calls: list[str] = []
+
+        async def mcp(method: str, params: dict[str, Any]) -> dict[str, Any]:
+            calls.append(method if method != "tools/call" else params["name"])
+            if method == "resources/read":
+                answer: Any = await client.read_resource(params["uri"])
+            else:
+                answer = await client.call_tool(params["name"], params.get("arguments") or {})
+            return answer.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+        browser = await pw.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 860, "height": 640})
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.expose_function("mcp", mcp)
+            await page.set_content(HOST_PAGE)
+            await page.evaluate("(html) => { document.getElementById('app').srcdoc = html; }", app_html)
+            await page.wait_for_function("() => window.appReady === true", timeout=10_000)
+            app = page.frames[1]
+            # The recent gallery: every finished job's thumbnail, read through the host as resources.
+            await app.wait_for_function("() => { const i = [...document.querySelectorAll('.recent img')];"
+                                        " return i.length === 3 && i.every((x) => x.complete && x.naturalWidth > 0); }",
+                                        timeout=10_000)
+            # A pending result: shown as pending, then (the app checking on it) finished, without a new job.
+            await page.evaluate("(r) => window.deliver(r)", pending.model_dump(mode="json", by_alias=True,
+                                                                               exclude_none=True))
+            await app.locator(".result .s-starting, .result .s-processing").wait_for(timeout=5_000)
+            fake.hold = False
+            fake.finish(next(iter(reversed(fake.jobs))))  # the kite
+            await app.wait_for_function("() => { const i = document.querySelector('.result .images img');"
+                                        " return i && i.complete && i.naturalWidth > 0; }", timeout=15_000)
+            assert await app.locator(".result .s-succeeded").count() == 1
+            assert "check_prediction" in calls and "generate_image" not in calls
+            await app.wait_for_function("() => [...document.querySelectorAll('.recent img')].length === 4", timeout=10_000)
+            await page.screenshot(path=str(ARTIFACTS / "mcp-app.png"))
+            await app.locator(".recent button").first.click()
+            await app.wait_for_function("() => { const i = document.querySelector('.view.on img');"
+                                        " return i && i.complete && i.naturalWidth > 0; }", timeout=10_000)
+            await page.screenshot(path=str(ARTIFACTS / "mcp-app-image.png"))
+        finally:
+            await browser.close()
+    assert errors == []
+    assert len(fake.ledger) == 4  # hero, failed, pending and the kite: the app never submitted a job
