@@ -30,7 +30,7 @@ def ensure_chromium() -> str | None:
         return "Chromium is not installed and installing it needs root: run `apt-get install -y chromium`"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for step in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
-        done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=1200)
+        done = subprocess.run(step, check=False, env=env, capture_output=True, text=True, timeout=1200)
         if done.returncode != 0:
             return f"`{' '.join(step)}` failed: {(done.stderr or done.stdout).strip()[-300:]}"
     return None if CHROMIUM.exists() else "apt-get installed chromium, but /usr/bin/chromium is not there"

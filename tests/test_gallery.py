@@ -300,7 +300,7 @@ async def test_the_mcp_app_shows_a_result_and_the_recent_gallery(settings, fake,
     ARTIFACTS.mkdir(exist_ok=True)
     errors: list[str] = []
     async with connect(settings, fake) as client, async_playwright() as pw:
-        app_html = (await client.read_resource("ui://flux-mcp/gallery")).contents[0].text
+        app_html = (await client.read_resource("ui://flux-mcp/app")).contents[0].text
         fake.hold = True
         pending = await client.call_tool("generate_image", {"prompt": "a kite over dunes", "wait_seconds": 0})
         calls: list[str] = []

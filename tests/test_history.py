@@ -250,13 +250,14 @@ async def test_the_mcp_app_is_offered_without_changing_the_ordinary_result(setti
     async with connect(settings, fake) as client:
         caps = client.server_capabilities
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        app = (await client.read_resource("ui://flux-mcp/gallery")).contents[0]
+        app = (await client.read_resource("ui://flux-mcp/app")).contents[0]
         result = await client.call_tool("generate_image", {"prompt": "a lighthouse"})
         pid = result.structured_content["prediction_id"]
         thumb = (await client.read_resource(f"flux://thumbnails/{pid}/0")).contents[0]
-    uri = "ui://flux-mcp/gallery"
-    for name in ("generate_image", "edit_image", "check_prediction", "list_predictions"):
+    uri = "ui://flux-mcp/app"
+    for name in ("generate_image", "edit_image", "list_predictions"):
         assert tools[name].meta == {"ui": {"resourceUri": uri}}
+    assert not (tools["upload_media"].meta or {}).get("ui") and not (tools["check_prediction"].meta or {}).get("ui")
     assert app.mime_type == "text/html;profile=mcp-app" and "ui/initialize" in app.text
     assert "http://" not in app.text and "https://" not in app.text  # no external asset: works offline
     assert caps.extensions is not None and "io.modelcontextprotocol/ui" in caps.extensions
@@ -267,7 +268,7 @@ async def test_the_mcp_app_is_offered_without_changing_the_ordinary_result(setti
 # --- flux-mcp history ------------------------------------------------------------------------------------
 
 def run_history(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flux_mcp", "history", *args], env=child_env(home),
+    return subprocess.run([sys.executable, "-m", "flux_mcp", "history", *args], check=False, env=child_env(home),
                           capture_output=True, text=True, timeout=60)
 
 

@@ -24,6 +24,8 @@ from .models import PENDING
 
 MAX_LIMIT = 100
 """The most rows one page holds."""
+MAX_QUERY = 400
+"""Characters of a prompt query: a few words, each a condition of the search."""
 PROMPT_START = 80
 """Characters of the prompt a compact row keeps."""
 STATUSES = ("pending", "succeeded", "failed", "canceled", "starting", "processing")
@@ -53,7 +55,7 @@ def parse_since(text: str, now: float | None = None) -> float:
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", raw):
             return datetime.combine(date.fromisoformat(raw), datetime.min.time()).timestamp()
-        return datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
+        return datetime.fromisoformat(text.strip()).timestamp()
     except ValueError:
         raise InvalidInput(f"since={text!r} is not a date or a span back from now ({SINCE_HELP}).") from None
 
@@ -99,6 +101,8 @@ async def page(journal: Journal, *, principal: str | None, query: str | None = N
                before: str | None = None) -> Page:
     """Up to `limit` records matching the filters, newest first, after the cursor `before`."""
     limit = max(1, min(limit, MAX_LIMIT))
+    if query and len(query) > MAX_QUERY:
+        raise InvalidInput(f"query is {len(query)} characters; use a few words of the prompt (at most {MAX_QUERY}).")
     found = await journal.search(principal=principal, query=query or None, provider=provider or None,
                                  status=check_status(status), since=since, limit=limit + 1,
                                  before=decode_cursor(before) if before else None)
@@ -167,9 +171,10 @@ class Row(TypedDict):
 
 
 class Listing(TypedDict):
-    """The structured result of list_predictions."""
+    """The structured result of list_predictions: `Row`s (declared as plain objects, so that the schema every
+    conversation reads in `tools/list` stays small) and whether older ones match too."""
 
-    predictions: list[Row]
+    predictions: list[dict[str, Any]]
     more: bool
 
 

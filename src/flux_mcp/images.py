@@ -207,7 +207,7 @@ def read_provenance(data: bytes) -> dict[str, str]:
     xmp = info.get("xmp")
     if isinstance(xmp, bytes | str):
         packet = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else xmp
-        fields = {k: unescape(v) for k, v in re.findall(r"<flux:([a-z_]+)>(.*?)</flux:\1>", packet, re.S)}
+        fields = {k: unescape(v) for k, v in re.findall(r"<flux:([a-z_]+)>(.*?)</flux:\1>", packet, re.DOTALL)}
         if fields:
             return fields
     if exif and exif.get(0x0131) == "flux-mcp":

@@ -73,7 +73,7 @@ class AppState:
 PROVIDER_TEXT = f"Provider id ({', '.join(registry.ids())}). Omit to use the server's default."
 ProviderArg = Annotated[str | None, Field(max_length=40, description=PROVIDER_TEXT)]
 
-APP_URI = "ui://flux-mcp/gallery"
+APP_URI = "ui://flux-mcp/app"
 """The MCP App: a result's images and the recent gallery, in clients that render Apps."""
 APP_META = {"ui": {"resourceUri": APP_URI}}
 """What a tool carries in `tools/list` to be shown through the App (other clients ignore it)."""
@@ -188,7 +188,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
     server.tool(title="Check prediction", annotations=ToolAnnotations(
         title="Check prediction", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-        open_world_hint=True), meta=APP_META)(_redescribe(check_prediction, wait_seconds=(
+        open_world_hint=True))(_redescribe(check_prediction, wait_seconds=(
             f"Seconds to wait if still running (0 = just look; at most {settings.max_wait_seconds:g}).")))
 
     _add_history(server)
@@ -313,23 +313,22 @@ def _add_history(server: MCPServer[AppState]) -> None:
     """list_predictions and the paginated flux://history resource: the journal for the model, newest first."""
 
     @server.tool(title="List predictions", annotations=ToolAnnotations(
-        read_only_hint=True, destructive_hint=False, idempotent_hint=True,
-        open_world_hint=False), meta=APP_META)
+        read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False), meta=APP_META)
     async def list_predictions(
         ctx: Context[AppState, Any],
-        query: Annotated[str, Field(max_length=300, description="Words in the prompt.")] = "",
-        provider: Annotated[str, Field(max_length=40)] = "",
-        status: Literal["any", "succeeded", "failed", "canceled", "pending"] = "any",
-        since: Annotated[str, Field(max_length=40, description='e.g. "2d", "yesterday", "2025-06-01".')] = "",
+        query: str | None = None,
+        provider: str | None = None,
+        status: Literal["succeeded", "failed", "canceled", "pending"] | None = None,
+        since: Annotated[str | None, Field(description='"2d", "yesterday", a date...')] = None,
         limit: Annotated[int, Field(ge=1, le=history.MAX_LIMIT)] = 20,
     ) -> ListingOut:
-        """Earlier generate/edit calls, newest first: id, time, prompt, status, local path, cost."""
+        """Earlier generate/edit jobs, newest first, found by prompt words."""
         state = _state(ctx)
         try:
             found = await history.page(
-                state.service.journal, principal=principal_of(ctx), query=query, provider=provider.strip().lower(),
-                status=None if status == "any" else status, since=history.parse_since(since) if since else None,
-                limit=limit)
+                state.service.journal, principal=principal_of(ctx), query=query,
+                provider=(provider or "").strip().lower(), status=status,
+                since=history.parse_since(since) if since else None, limit=limit)
         except FluxError as exc:
             return error_result(str(exc))
         rows = [history.compact(r) for r in found.records]

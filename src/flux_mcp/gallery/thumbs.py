@@ -20,8 +20,9 @@ CACHE_BYTES = 48 * 1024 * 1024
 def make_thumbnail(data: bytes, side: int = SIDE) -> bytes:
     """A WebP no larger than `side` px a side (keeps transparency); the decoding is Pillow's, so the
     pixel limit the server sets for every image applies."""
-    from ..images import inspect_image  # sets Pillow's decompression-bomb limit before anything is decoded
     from PIL import Image
+
+    from ..images import inspect_image  # sets Pillow's decompression-bomb limit before anything is decoded
 
     inspect_image(data)
     with Image.open(io.BytesIO(data)) as opened:
