@@ -346,3 +346,29 @@ async def test_the_mcp_app_shows_a_result_and_the_recent_gallery(settings, fake,
             await browser.close()
     assert errors == []
     assert len(fake.ledger) == 4  # hero, failed, pending and the kite: the app never submitted a job
+
+
+@pytest.mark.subprocess
+def test_gallery_command_opens_the_browser_unless_told_not_to(home: Path, tmp_path: Path):
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
+    browser.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, "-m", "flux_mcp", "gallery"], env=child_env(home, BROWSER=f"{browser} %s"),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        printed = proc.stdout.readline()
+        address = re.search(r"http://127\.0\.0\.1:(\d+)/", printed)
+        assert address, printed
+        # Answered only once the browser command returned (it runs before the server starts serving).
+        assert httpx2.get(address.group(0), timeout=30).status_code == 200
+        busy = subprocess.run([sys.executable, "-m", "flux_mcp", "gallery", "--no-open", "--port", address.group(1)],
+                              env=child_env(home), capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout:
+            proc.stdout.close()
+    assert opened.read_text().strip() == address.group(0)  # webbrowser ran the user's $BROWSER on it
+    assert busy.returncode == 2 and "pick another --port" in busy.stderr

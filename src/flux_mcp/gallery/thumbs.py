@@ -28,7 +28,7 @@ def make_thumbnail(data: bytes, side: int = SIDE) -> bytes:
     with Image.open(io.BytesIO(data)) as opened:
         opened.draft("RGB", (side, side))  # JPEG: decode at a reduced scale, far faster for big photos
         opened.load()
-        opened.thumbnail((side, side), Image.Resampling.LANCZOS)
+        opened.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=3.0)  # shrink fast, then finely
         im: Image.Image = opened
         if im.mode not in ("RGB", "RGBA"):
             im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
