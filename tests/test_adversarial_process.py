@@ -130,7 +130,7 @@ def test_malformed_json_rpc_on_stdio_gets_errors_and_the_server_keeps_serving(en
     assert parse_error["error"]["code"] == -32700
     assert unknown["error"]["code"] in (-32601, -32600, -32602)
     assert init["result"]["serverInfo"]["name"] == "flux-mcp"
-    assert len(listed["result"]["tools"]) == 4
+    assert len(listed["result"]["tools"]) == 5
     assert "Traceback" not in stderr
 
 

@@ -317,7 +317,7 @@ def _add_history(server: MCPServer[AppState]) -> None:
     async def list_predictions(
         ctx: Context[AppState, Any],
         query: str | None = None,
-        provider: str | None = None,
+        provider: ProviderArg = None,
         status: Literal["succeeded", "failed", "canceled", "pending"] | None = None,
         since: Annotated[str | None, Field(description='"2d", "yesterday", a date...')] = None,
         limit: Annotated[int, Field(ge=1, le=history.MAX_LIMIT)] = 20,
