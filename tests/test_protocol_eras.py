@@ -26,7 +26,7 @@ from tests.subprocess_helpers import child_env, flux_command
 pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
 
 MODERN = "2026-07-28"
-TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction"}
+TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction", "list_predictions"}
 CLAUDE_CODE_INFO = {"description": "Anthropic's agentic coding tool", "name": "claude-code",
                     "title": "Claude Code", "version": "2.1.280",
                     "websiteUrl": "https://claude.com/claude-code"}

@@ -16,7 +16,7 @@ from tests.fakes.wire import png_bytes
 from tests.subprocess_helpers import child_env, flux_command, http_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
-TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction"}
+TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction", "list_predictions"}
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import __version__
 from .config import Settings
-from .errors import ConfigError
+from .errors import ConfigError, FluxError
 from .redact import RedactingFilter, Redactor
 from .request import add_cli_flags
 
@@ -41,7 +41,7 @@ def _main(argv: Sequence[str] | None) -> int:
     level = (args.log_level or settings.log_level).upper()
     _configure_logging(level, Redactor(settings.secrets()))
     command = args.command or "serve"
-    if command in ("serve", "generate", "prune", "spend"):
+    if command in ("serve", "generate", "prune", "spend", "history", "gallery"):
         from .journal import check_journal
 
         try:
@@ -64,6 +64,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return _prune(settings, older_than=args.older_than, dry_run=args.dry_run)
     if command == "spend":
         return _spend(settings, as_json=args.json)
+    if command == "history":
+        return _history(settings, args)
+    if command == "gallery":
+        from .gallery import serve
+
+        return serve(settings, port=args.port, open_browser=not args.no_open)
     parser.error(f"unknown command {command}")
     return 2
 
@@ -110,7 +116,52 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than", type=float, dest="older_than", metavar="DAYS",
                        help="age in days (default FLUX_MCP_KEEP_DAYS, else 30)")
     prune.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+
+    hist = sub.add_parser("history", help="the journal, newest first: when, status, provider, cost, prompt, path")
+    hist.add_argument("query", nargs="?", default="", help="words the prompt must contain (any case)")
+    hist.add_argument("--since", help="only jobs since then: 2d, 3h, today, yesterday, 2025-06-01, ...")
+    hist.add_argument("--provider", help="only this provider's jobs")
+    hist.add_argument("--status", help="succeeded, failed, canceled, or pending (starting/processing)")
+    hist.add_argument("-n", "--limit", type=int, default=50, help="how many (default 50, at most 100)")
+    hist.add_argument("--json", action="store_true", help="print the jobs as JSON")
+
+    gal = sub.add_parser("gallery", help="a local web page of every image made, with prompts, costs and paths")
+    gal.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    gal.add_argument("--no-open", action="store_true", help="do not open a browser; just print the address")
     return parser
+
+
+def _history(settings: Settings, args: argparse.Namespace) -> int:
+    import shutil
+
+    import anyio
+
+    from . import history
+    from .journal import open_journal
+
+    async def run() -> history.Page:
+        journal = open_journal(settings.home)
+        try:
+            since = history.parse_since(args.since) if args.since else None
+            return await history.page(journal, principal=None, query=args.query, provider=args.provider,
+                                      status=args.status, since=since, limit=args.limit)
+        finally:
+            await journal.close()
+
+    try:
+        found = anyio.run(run)
+    except FluxError as exc:
+        print(f"flux-mcp: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"predictions": [history.full(r) for r in found.records], "more": found.next is not None},
+                         indent=2))
+        return 0
+    print(history.table(found.records, shutil.get_terminal_size((120, 24)).columns))
+    if found.next:
+        print(f"(more, older jobs match: raise -n, at most {history.MAX_LIMIT}, or narrow with --since)",
+              file=sys.stderr)
+    return 0
 
 
 def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet: bool = False) -> int:

@@ -33,7 +33,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, unescape
 
 from .errors import DownloadFailed
 
@@ -343,6 +343,34 @@ def _xmp(provenance: dict[str, str]) -> bytes:
         '<rdf:Description rdf:about="" xmlns:flux="https://github.com/flux-mcp/ns/1.0/">'
         f"{fields}</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end=\"w\"?>"
     ).encode()
+
+
+def read_provenance(data: bytes) -> dict[str, str]:
+    """The provenance flux-mcp embedded in image bytes (PNG text chunks; the XMP packet of JPEG and WebP,
+    else their EXIF description); {} when the file carries none or cannot be read."""
+    try:
+        with _pil().open(io.BytesIO(data)) as im:
+            info = dict(im.info)
+            text = dict(getattr(im, "text", {}) or {}) if im.format == "PNG" else {}
+            exif = im.getexif() if im.format != "PNG" else None
+    except Exception:  # noqa: BLE001 - any unreadable file simply carries no provenance
+        return {}
+    if text:
+        return {str(k): str(v) for k, v in text.items()}
+    xmp = info.get("xmp")
+    if isinstance(xmp, bytes | str):
+        packet = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else xmp
+        fields = {k: unescape(v) for k, v in re.findall(r"<flux:([a-z_]+)>(.*?)</flux:\1>", packet, re.DOTALL)}
+        if fields:
+            return fields
+    if exif and exif.get(0x0131) == "flux-mcp":
+        found = {"prompt": str(exif.get(0x010E, ""))}
+        for part in str(exif.get(0x9286, "")).split("; "):
+            key, sep, value = part.partition("=")
+            if sep:
+                found[key] = value
+        return found
+    return {}
 
 
 # --- previews --------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ RECENT = 20
 """A model's typical duration is the median of its last this-many successful jobs."""
 _RECENT_TTL = 60.0
 """Seconds the remembered durations are trusted before the file is read again."""
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The layout this code reads and writes (`PRAGMA user_version`)."""
 _RETRY_EVERY = 1.0
 """Seconds between the background thread's attempts to write the backlog."""
@@ -120,6 +120,12 @@ CREATE TABLE IF NOT EXISTS charges (
 );
 CREATE INDEX IF NOT EXISTS charges_when ON charges (principal, created_at);
 CREATE INDEX IF NOT EXISTS charges_prediction ON charges (prediction_id);
+""",
+    # 3 -> 4: history listings (newest first, one page at a time), for one caller and for everyone (the
+    # person at the terminal sees the whole journal).
+    4: """
+CREATE INDEX IF NOT EXISTS predictions_history ON predictions (principal, created_at, id);
+CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created_at, id);
 """,
 }
 
@@ -254,6 +260,14 @@ class Journal(Protocol):
         """Deletes these records (and cached upload URLs older than `uploads_before`); returns how many went."""
         ...
 
+    async def search(self, *, principal: str | None, query: str | None, provider: str | None, status: str | None,
+                     since: float | None, limit: int, before: tuple[float, str] | None) -> list[Record]:
+        """Up to `limit` records, newest first (by `created_at`, then id), that match every filter given:
+        `principal` (None: everyone's), `query` (each of its words appears in the prompt, in any case),
+        `provider`, `status` (a status, or "pending" for starting and processing), `since` (created at or
+        after, epoch seconds). `before` is the (created_at, id) of the last record of the previous page."""
+        ...
+
     async def close(self) -> None:
         """Writes what it can of the backlog and releases the store."""
         ...
@@ -337,6 +351,70 @@ _INSERT = (f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('
            f" ON CONFLICT(id) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in _COLUMNS[1:] if c != 'delivered')},"
            " delivered=MAX(predictions.delivered, excluded.delivered)")
 """An upsert; `delivered` only ever goes from 0 to 1 (a late write of an older copy cannot undo it)."""
+
+
+def _fold(text: str | None) -> str:
+    return text.casefold() if isinstance(text, str) else ""
+
+
+_PENDING_STATUSES = ("starting", "processing")
+
+
+@dataclass(frozen=True)
+class Search:
+    """The filters of `Journal.search`, as SQL for a store that speaks it and as a test of one record."""
+
+    principal: str | None = None
+    words: tuple[str, ...] = ()
+    provider: str | None = None
+    statuses: tuple[str, ...] = ()
+    since: float | None = None
+    before: tuple[float, str] | None = None
+
+    @classmethod
+    def of(cls, *, principal: str | None, query: str | None, provider: str | None, status: str | None,
+           since: float | None, before: tuple[float, str] | None) -> Search:
+        statuses = _PENDING_STATUSES if status == "pending" else (status,) if status else ()
+        return cls(principal=principal, words=tuple(_fold(query).split()), provider=provider or None,
+                   statuses=statuses, since=since, before=before)
+
+    def sql(self, limit: int) -> tuple[str, tuple[Any, ...]]:
+        """The SELECT (SQLite dialect; the prompt is folded by a `flux_fold` function on the connection)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if self.principal is not None:
+            where.append("principal = ?")
+            args.append(self.principal)
+        if self.provider:
+            where.append("provider = ?")
+            args.append(self.provider)
+        if self.statuses:
+            where.append(f"status IN ({','.join('?' * len(self.statuses))})")
+            args.extend(self.statuses)
+        if self.since is not None:
+            where.append("created_at >= ?")
+            args.append(self.since)
+        if self.before is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args.extend((self.before[0], self.before[0], self.before[1]))
+        for word in self.words:
+            where.append("instr(flux_fold(json_extract(request, '$.prompt')), ?) > 0")
+            args.append(word)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        return (f"SELECT {', '.join(_COLUMNS)} FROM predictions{clause} ORDER BY created_at DESC, id DESC LIMIT ?",
+                (*args, max(limit, 0)))
+
+    def matches(self, rec: Record) -> bool:
+        prompt = _fold(str(rec.request.get("prompt", "")))
+        return ((self.principal is None or rec.principal == self.principal)
+                and (not self.provider or rec.provider == self.provider)
+                and (not self.statuses or rec.status in self.statuses)
+                and (self.since is None or rec.created_at >= self.since)
+                and (self.before is None or (rec.created_at, rec.id) < self.before)
+                and all(word in prompt for word in self.words))
+
+
+_INSERT = f"INSERT OR REPLACE INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE id=?"
 
 
@@ -679,6 +757,32 @@ class SqliteJournal:
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"The spend ledger in {self._where} cannot be read ({exc}).") from None
         return [_charge(row) for row in rows]
+
+    async def search(self, *, principal: str | None, query: str | None, provider: str | None, status: str | None,
+                     since: float | None, limit: int, before: tuple[float, str] | None) -> list[Record]:
+        """Runs in a worker thread on a connection of its own: a text query reads every prompt of the
+        caller's journal (no index serves a substring match), which must not hold the event loop."""
+        search = Search.of(principal=principal, query=query, provider=provider, status=status, since=since,
+                           before=before)
+        with self._lock:  # records not yet on disk are found too, in their latest version
+            unwritten = [rec.copy() for rec in self._backlog.values()]
+        sql, args = search.sql(limit + len(unwritten))  # an unwritten version may replace a row read
+
+        def run() -> list[tuple[Any, ...]]:
+            db = _connect(self.path, timeout=_SLOW_TIMEOUT)
+            try:
+                db.create_function("flux_fold", 1, _fold, deterministic=True)
+                return db.execute(sql, args).fetchall()
+            finally:
+                db.close()
+
+        found = {rec.id: rec for rec in map(_record, await anyio.to_thread.run_sync(run))}
+        for rec in unwritten:
+            if search.matches(rec):
+                found[rec.id] = rec
+            else:
+                found.pop(rec.id, None)
+        return sorted(found.values(), key=lambda r: (r.created_at, r.id), reverse=True)[:limit]
 
     # --- closing ------------------------------------------------------------------------------
 

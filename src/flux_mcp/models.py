@@ -72,7 +72,8 @@ class PredictionResult(BaseModel):
     remaining_credits: float | None = Field(
         default=None, description="Credit left on the account when the provider reported it.",
         json_schema_extra=DETAIL)
-    dry_run: DryRun | None = Field(default=None, description="Set by a dry run: what was checked.")
+    dry_run: DryRun | None = Field(default=None, description="Set by a dry run: what was checked.",
+                                   json_schema_extra=DETAIL)
 
 
 class UploadResult(BaseModel):

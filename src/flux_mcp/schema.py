@@ -66,8 +66,10 @@ def compact_annotations(annotations: ToolAnnotations | None) -> ToolAnnotations 
     world). A tool states all four in code; the wire needs no more to say the same."""
     if annotations is None:
         return None
-    kept = {k: v for k, v in annotations.model_dump(exclude_none=True).items()
-            if k == "read_only_hint" or HINT_DEFAULTS.get(k) != v}
+    dump = annotations.model_dump(exclude_none=True)
+    if dump.get("read_only_hint"):  # the protocol gives the other hints meaning only for tools that write
+        return ToolAnnotations(read_only_hint=True)
+    kept = {k: v for k, v in dump.items() if k == "read_only_hint" or HINT_DEFAULTS.get(k) != v}
     return ToolAnnotations(**kept)
 
 
@@ -89,7 +91,7 @@ class _Compactor:
         for key, value in schema.items():
             if key in dropped and (key != "enum" or "type" in schema):
                 continue
-            if key == "default" and value is None:
+            if key == "default" and (value is None or value is False):  # absent, or off: what omitting means
                 continue
             if key == "properties":
                 out[key] = {name: self.node(sub) for name, sub in value.items() if name not in details}

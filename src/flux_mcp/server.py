@@ -13,10 +13,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import httpx2
+from mcp.server.apps import Apps
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
@@ -34,12 +35,14 @@ from mcp_types import (
 from mcp_types import Tool as MCPTool
 from pydantic import AnyUrl, Field
 
-from . import __version__
+from . import __version__, history
 from .compat import add_request_handler, drop_middleware
 from .config import Settings
 from .consent import InputNeeded, asker
 from .errors import FluxError
 from .folders import Folders
+from .gallery import static_text
+from .gallery.thumbs import Thumbnails
 from .http import LazyClient, RetryPolicy
 from .jobs import Alive, Outcome
 from .journal import Record, open_journal
@@ -87,8 +90,14 @@ class AppState:
 
 ProviderArg = Annotated[str | None, Field(max_length=40, json_schema_extra=quiet("maxLength"))]
 
+APP_URI = "ui://flux-mcp/app"
+"""The MCP App: a result's images and the recent gallery, in clients that render Apps."""
+APP_META = {"ui": {"resourceUri": APP_URI}}
+"""What a tool carries in `tools/list` to be shown through the App (other clients ignore it)."""
+
 PredictionOut = Annotated[CallToolResult, PredictionResult]
 UploadOut = Annotated[CallToolResult, UploadResult]
+ListingOut = Annotated[CallToolResult, history.Listing]
 
 
 def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
@@ -122,7 +131,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
     server: MCPServer[AppState] = _Server(
         "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS, icons=ICONS,
-        lifespan=lifespan, log_level=settings.log_level if settings.log_level in
+        lifespan=lifespan, extensions=[_app()], log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
     )
 
@@ -141,12 +150,12 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     provider = provider_text(settings)
     described = {"provider": provider, "wait_seconds": (
         f"Default {settings.wait_seconds:g}, at most {settings.max_wait_seconds:g}.")}
-    server.tool(title="Generate image", annotations=job_annotations)(
+    server.tool(title="Generate image", annotations=job_annotations, meta=APP_META)(
         _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {**described}))
     # edit_image's other parameters mean what generate_image's do, and its description says so: the
     # model reads both tools, so their descriptions are not paid for twice.
     as_generate = dict.fromkeys(JobRequest.model_fields.keys() - {"prompt", "image"})
-    server.tool(title="Edit image", annotations=job_annotations)(
+    server.tool(title="Edit image", annotations=job_annotations, meta=APP_META)(
         _job_tool("edit_image", "edit", "Edited", EDIT_DOC, {
             **as_generate, "prompt": "The change, e.g. 'make the sky a sunset'."}))
 
@@ -196,6 +205,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         _redescribe(check_prediction, wait_seconds=(
             f"Wait if still running: at most {settings.max_wait_seconds:g}.")))
 
+    _add_history(server)
     _add_resources(server, settings)
     add_prompts(server)
     return server
@@ -339,10 +349,72 @@ async def _path_policy(ctx: Context[AppState, Any], state: AppState) -> PathPoli
     return await state.folders.policy_for(ctx)
 
 
+# --- history ------------------------------------------------------------------------------------------
+
+def _add_history(server: MCPServer[AppState]) -> None:
+    """list_predictions and the paginated flux://history resource: the journal for the model, newest first."""
+
+    @server.tool(title="List predictions", annotations=ToolAnnotations(
+        read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False), meta=APP_META)
+    async def list_predictions(
+        ctx: Context[AppState, Any],
+        query: str | None = None,
+        provider: Annotated[str | None, Field(max_length=40, description="Only this provider's jobs.")] = None,
+        status: Literal["succeeded", "failed", "canceled", "pending"] | None = None,
+        since: Annotated[str | None, Field(description='"2d", "yesterday", a date...')] = None,
+        limit: Annotated[int, Field(ge=1, le=history.MAX_LIMIT)] = 20,
+    ) -> ListingOut:
+        """Earlier generate/edit jobs, newest first, found by prompt words."""
+        state = _state(ctx)
+        try:
+            found = await history.page(
+                state.service.journal, principal=principal_of(ctx), query=query,
+                provider=(provider or "").strip().lower(), status=status,
+                since=history.parse_since(since) if since else None, limit=limit)
+        except FluxError as exc:
+            return error_result(str(exc))
+        rows = [history.compact(r) for r in found.records]
+        return CallToolResult(content=[TextContent(type="text", text=history.model_text(found.records,
+                                                                                         found.next is not None))],
+                              structured_content={"predictions": rows, "more": found.next is not None})
+
+    @server.resource("flux://history{?before,query,provider,status,since,limit}", name="history",
+                     mime_type="application/json",
+                     description="Earlier predictions, newest first, a page at a time (`next` is the next page's URI).")
+    async def history_resource(ctx: Context[AppState, Any], before: str = "", query: str = "", provider: str = "",
+                               status: str = "", since: str = "", limit: str = "20") -> str:
+        try:
+            count = int(limit) if limit.isascii() and limit.isdigit() else 20
+            found = await history.page(
+                _state(ctx).service.journal, principal=principal_of(ctx), query=query, provider=provider,
+                status=status, since=history.parse_since(since) if since else None, limit=count, before=before or None)
+        except FluxError as exc:
+            raise ResourceNotFoundError(str(exc)) from None
+        args = {k: v for k, v in {"query": query, "provider": provider, "status": status, "since": since,
+                                  "limit": limit if limit != "20" else ""}.items() if v}
+        following = None
+        if found.next:
+            from urllib.parse import urlencode
+
+            following = "flux://history?" + urlencode({**args, "before": found.next})
+        return json.dumps({"predictions": [history.compact(r) for r in found.records], "next": following}, indent=1)
+
+
+def _app() -> Apps:
+    """The MCP App (the SDK's Apps extension): one self-contained page, `static/app.html`, that shows the
+    images of the result it is given and the recent gallery, reading them through the host as resources
+    (flux://thumbnails, flux://images, flux://history). Clients without Apps get the same results as ever."""
+    apps = Apps()
+    apps.add_html_resource(APP_URI, static_text("app.html"), name="gallery-app", title="FLUX gallery",
+                           description="The images of a result and the recent gallery (MCP App).", prefers_border=True)
+    return apps
+
+
 # --- resources ---------------------------------------------------------------------------------------
 
 def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
-    """The three resources. The templated ones read the journal of the server answering the request
+    """The prediction, image and thumbnail resources, and the providers. The templated ones read the journal
+    of the server answering the request
     (through its request context); an id this server never returned is the SDK's not-found error
     (-32602), logged at INFO without a traceback."""
 
@@ -374,6 +446,22 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
             pass
         raise ResourceNotFoundError(
             f"Image {index} of {prediction_id!r} is not on disk; call check_prediction to fetch it again.")
+
+
+    thumbs: list[Thumbnails] = []
+
+    @server.resource("flux://thumbnails/{prediction_id}/{index}", name="thumbnail", mime_type="image/webp",
+                     description="A small WebP of a finished image (at most 512 px a side).")
+    async def thumbnail_resource(prediction_id: str, index: str, ctx: Context[AppState, Any]) -> bytes:
+        record = await _record(ctx, prediction_id)
+        if not thumbs:
+            thumbs.append(Thumbnails(_state(ctx).service.store))
+        small = None
+        if record is not None and index.isascii() and index.isdigit() and len(index) < 4:
+            small = await thumbs[0].get(record, int(index))
+        if small is None:
+            raise ResourceNotFoundError(f"No image {index} for prediction {prediction_id!r} on this server.")
+        return small
 
 
 async def _record(ctx: Context[AppState, Any], prediction_id: str) -> Record | None:

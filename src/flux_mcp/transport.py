@@ -140,6 +140,7 @@ def http_app(settings: Settings, transport: str, host: str, port: int, limits: H
         app = server.streamable_http_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES,
                                          host=host, session_idle_timeout=limits.session_idle_seconds,
                                          max_sessions=limits.max_sessions)
+    _mount_gallery(app, settings, host)
     app = BodyGuard(app, MAX_BODY_BYTES)
     if transport != "sse":
         manager = server.session_manager
@@ -149,9 +150,27 @@ def http_app(settings: Settings, transport: str, host: str, port: int, limits: H
     return app
 
 
+def _mount_gallery(app: ASGIApp, settings: Settings, host: str) -> None:
+    """The gallery page at /gallery, behind the same token as the MCP endpoint (without a token the server
+    is loopback-only, and the gallery refuses a Host that is not this machine's: DNS rebinding)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from .gallery import LOOPBACK_HOSTS, Gallery
+    from .journal import open_journal
+    from .store import FolderStore
+
+    if not isinstance(app, Starlette):  # pragma: no cover - both SDK transports build a Starlette app
+        return
+    hosts = None if settings.auth_token is not None else (*LOOPBACK_HOSTS, host)
+    gallery = Gallery(lambda: open_journal(settings.home), FolderStore(settings.home), allowed_hosts=hosts)
+    app.router.routes.append(Mount("/gallery", app=gallery.app()))
+
+
 def serve_http(settings: Settings, transport: str, host: str, port: int, limits: HttpLimits | None = None) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully (see `flux_mcp.lifecycle`): calls arriving
     meanwhile are refused, paid submits in flight are answered and journaled, then uvicorn shuts down."""
+
     import uvicorn
 
     class Uvicorn(uvicorn.Server):
