@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 
+from .assets import provenance_fields
 from .errors import FluxError, ProviderError, ProviderUnavailable, UnsupportedOperation
 from .http import HELD_REQUESTS
 from .journal import Journal, Record
@@ -61,6 +62,8 @@ class Outcome:
     """When the status request that found the job final was sent."""
     kept: dict[str, bytes] = field(default_factory=dict)
     """The bytes just written at each image's path (previews are made from them, not read back)."""
+    source_image: bytes | None = None
+    """An edit's input image, when the service has its bytes (the preview shows before and after)."""
 
 
 def scrub_record(record: Record, redactor: Redactor) -> Record:
@@ -248,7 +251,8 @@ class JobRunner:
         record = outcome.record
         req = record.request
         provenance = {"prompt": str(req.get("prompt", "")), "model": record.model, "provider": record.provider,
-                      "prediction_id": record.id, "seed": str(req.get("seed")), "software": "flux-mcp"}
+                      "prediction_id": record.id, "seed": str(req.get("seed")), "software": "flux-mcp",
+                      **provenance_fields(req, record.kind)}
         kept = await self.keeper.keep(
             prediction_id=record.id, provenance=provenance, base_url=provider.settings.base_url,
             outputs=state.outputs if state else None, urls=record.outputs,
@@ -256,6 +260,7 @@ class JobRunner:
             paths=paths)
         outcome.kept.update(kept.written)
         record.images = kept.images
+        req.update(kept.delivery)  # a planned delivery's files and notes (assets.result_fields)
         note = req.get("provider_note")
         if kept.problems:
             record.error = "; ".join(([note] if note else []) + kept.problems) + (

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Kind = Literal["generate", "edit"]
+Preset = Literal["og-image", "twitter-card", "favicon", "app-icon", "hero"]
+"""The asset sets of `preset` (sizes and files: presets.PRESETS)."""
 MAX_WAIT_SECONDS = 600.0
 
 
@@ -62,6 +64,12 @@ class JobRequest(BaseModel):
                                             "format) or a folder, relative to the project folder. E.g. "
                                             "'public/images/hero.webp'.")
     overwrite: bool = Field(default=False, description="Replace an existing save_to file.")
+    transparent: bool = Field(default=False, description="Real alpha background (matted locally, verified).")
+    preset: Preset | None = Field(default=None, description="Write this asset set (exact sizes, snippet) into "
+                                                            "the save_to folder.")
+    variation_of: str | None = Field(default=None, min_length=1, max_length=1024,
+                                     description="An image flux-mcp made: reuse its prompt (plus `prompt`), "
+                                                 "model, provider and size; new seed.")
 
     def journaled(self) -> dict[str, Any]:
         """The request as the journal keeps it: every field, an inline image shortened to its size."""
@@ -74,7 +82,7 @@ class JobRequest(BaseModel):
 SERVICE_ONLY = frozenset({"kind"})
 """Fields the service sets itself; never a tool parameter."""
 EDIT_ONLY = frozenset({"image"})
-GENERATE_ONLY = frozenset({"num_images"})
+GENERATE_ONLY = frozenset({"num_images", "variation_of"})
 
 
 def tool_parameters(kind: Kind, descriptions: dict[str, str] | None = None) -> list[inspect.Parameter]:
@@ -112,7 +120,9 @@ def add_cli_flags(parser: argparse.ArgumentParser, kind: Kind = "generate") -> l
         flags = [f"--{name.replace('_', '-')}", *([CLI_SHORT[name]] if name in CLI_SHORT else [])]
         helptext = (info.description or "").replace("%", "%%")
         base = _plain_type(info.annotation)
-        if base is bool:
+        if typing.get_origin(base) is Literal:
+            parser.add_argument(*flags, dest=name, choices=typing.get_args(base), default=None, help=helptext)
+        elif base is bool:
             parser.add_argument(*flags, dest=name, action="store_true", default=None, help=helptext)
         else:
             parser.add_argument(*flags, dest=name, type=base, default=None, help=helptext)

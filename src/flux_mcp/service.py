@@ -8,13 +8,16 @@ providers exist and are configured, what a request resolves to, and the checks m
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
 
+from . import assets
 from .config import Settings
 from .errors import (
     ConfigError,
@@ -27,7 +30,7 @@ from .errors import (
 from .http import LazyClient, ProviderHttp, RetryPolicy
 from .jobs import JobRunner, Outcome, ProgressFn
 from .journal import Journal
-from .keep import Keeper, save_targets
+from .keep import Keeper, SavePlan, save_targets
 from .media import Downloader, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, UploadResult
 from .paths import PathPolicy
@@ -97,15 +100,34 @@ class FluxService:
 
     async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None) -> Outcome:
         """Runs a generate or edit job: everything that can be checked is checked before paying."""
+        if req.variation_of:
+            req = assets.variation(req, paths)
         provider = self.provider(req.provider, need="edit" if req.kind == "edit" else None)
         model = req.model or (provider.default_edit_model if req.kind == "edit" else provider.default_model)
-        req = provider.prepare(req.model_copy(update={"provider": provider.id, "model": model}))
-        plan = save_targets(paths, req.save_to, req.num_images, req.overwrite, req.prompt)
-        source = req.image
+        req = req.model_copy(update={"provider": provider.id, "model": model})
+        # Exact size, transparency, preset: planned (and checked) before the provider's own limits.
+        asset = assets.plan(req, provider, [p for p in self.providers.values() if p.configured])
+        asked = req
+        req = provider.prepare(assets.sent(req, asset) if asset else req)
+        if asset is not None and asset.preset:
+            asset = assets.preset_folder(paths, req.save_to, asset, req.overwrite)
+            plan = SavePlan(asset=asset, root=next((f for f in paths.folders if Path(asset.folder or "")
+                                                    .is_relative_to(f)), None))
+        else:
+            plan = save_targets(paths, req.save_to, req.num_images, req.overwrite, asked.prompt)
+            if asset is not None:
+                assets.check_targets(plan.targets, asset, paths, req.overwrite, plan.free_names)
+                plan = dataclasses.replace(plan, asset=asset)
+        source, source_bytes = req.image, None
         if req.kind == "edit":
-            req = req.model_copy(update={"image": await self._image_input(provider, req.image or "", paths)})
+            shown = source if source and not source.startswith("data:") else "the image"
+            image, source_bytes = await self._image_input(
+                provider, req.image or "", paths, check=lambda data: assets.check_source(asset, data, shown))
+            req = req.model_copy(update={"image": image})
         wait = self.wait_for(req.wait_seconds)
-        return await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source)
+        outcome = await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source)
+        outcome.source_image = source_bytes
+        return outcome
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
                     progress: ProgressFn | None = None) -> Outcome:
@@ -124,11 +146,14 @@ class FluxService:
         provider = self.providers.get(record.provider)
         if provider is None:
             return Outcome(record, notes=[f"Provider {record.provider!r} is no longer known to this server."])
+        source = assets.source_of(record.request, paths) if record.kind == "edit" else None
         if record.status in FINAL and not await self.runner.missing_files(record):
-            return Outcome(record)
+            return Outcome(record, source_image=source)
         if not provider.configured:
             return Outcome(record, notes=[f"Set {provider.key_env} to check on this job again."])
-        return await self.runner.check(record, provider, self.wait_for(wait_seconds), paths, progress)
+        outcome = await self.runner.check(record, provider, self.wait_for(wait_seconds), paths, progress)
+        outcome.source_image = source
+        return outcome
 
     def wait_for(self, asked: float | None) -> float:
         """How long a call waits: what it asked (else the default), never past FLUX_MCP_MAX_WAIT_SECONDS."""
@@ -136,11 +161,13 @@ class FluxService:
 
     # --- files --------------------------------------------------------------------------------
 
-    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy) -> str:
-        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI."""
+    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy,
+                           check: Callable[[bytes], None] | None = None) -> tuple[str, bytes | None]:
+        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI;
+        with the image's bytes when they were read here (not for a URL), checked by `check` first."""
         text = image.strip()
         if text.startswith(("http://", "https://")):
-            return text
+            return text, None
         if text.startswith("data:"):
             data = decode_data_uri(text)
             name = "image"
@@ -151,11 +178,13 @@ class FluxService:
             info = inspect_image(data)
         except DownloadFailed as exc:
             raise InvalidInput(f"`image` is not a usable image: {exc}.") from None
+        if check is not None:
+            check(data)
         if provider.can_upload:
             url, _ = await self._upload_bytes(provider, data, f"{Path(name).stem}.{info.ext}", info.mime_type)
-            return url
+            return url, data
         if provider.accepts_data_uri:
-            return to_data_uri(data, info.mime_type)
+            return to_data_uri(data, info.mime_type), data
         raise UnsupportedOperation(
             f"{provider.label} takes input images only as public http(s) URLs and has no upload API here. Pass a "
             "public URL as `image`, or use a provider that accepts local files: "

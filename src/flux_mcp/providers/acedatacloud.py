@@ -238,7 +238,8 @@ def _pixels(model: str, description: str) -> ModelInfo:
 
 def _ratio(model: str, description: str, kinds: frozenset[Kind] = _BOTH) -> ModelInfo:
     return ModelInfo(model, kinds, f"{description} width/height choose the nearest aspect ratio "
-                     f"({', '.join(RATIOS)}).", size=_SHAPE, max_images=_MAX_COUNT)
+                     f"({', '.join(RATIOS)}).", size=_SHAPE, max_images=_MAX_COUNT, exact_size=False,
+                     key_background=_BOTH)
 
 
 class AceDataCloud(Provider):
