@@ -124,7 +124,7 @@ def matte(rgb: Image, key: str, *, allow_checkers: bool = False) -> Matte:
     px[mixed] = np.clip((px[mixed] - (1.0 - a) * painted) / a, 0.0, 255.0)
     # Despill the edge band (a few pixels around every edge): no key-coloured fringe.
     edge = PILImage.fromarray(((alpha < 0.98) * 255).astype(np.uint8)).filter(
-        ImageFilter.MaxFilter(_odd(max(3, min(height, width) // 150))))
+        ImageFilter.BoxBlur(max(1, min(height, width) // 300)))  # a dilation (any neighbour is clear)
     band = (np.asarray(edge) > 0) & (alpha > 0.02)
     _despill(px, band, key)
 
@@ -260,10 +260,6 @@ def _border(height: int, width: int) -> Any:
     ring[:band, :] = ring[-band:, :] = True
     ring[:, :band] = ring[:, -band:] = True
     return ring
-
-
-def _odd(n: int) -> int:
-    return n if n % 2 else n + 1
 
 
 def _hex(rgb: Any) -> str:

@@ -99,8 +99,7 @@ def snippet(preset: Preset) -> str | None:
         return '<meta name="twitter:card" content="summary_large_image"><meta name="twitter:image" ' \
                'content="/twitter-card.png">'
     if preset.id == "favicon":
-        return ('<link rel="icon" href="/favicon.ico" sizes="48x48">\n'
-                '<link rel="icon" type="image/png" sizes="32x32" href="/favicon-32x32.png">\n'
+        return ('<link rel="icon" href="/favicon.ico" sizes="any">\n'
                 '<link rel="apple-touch-icon" href="/apple-touch-icon.png">\n'
                 'manifest "icons": [{"src":"/icon-192.png","sizes":"192x192","type":"image/png"},'
                 '{"src":"/icon-512.png","sizes":"512x512","type":"image/png"}]')
