@@ -159,9 +159,9 @@ def _info(provider: Provider, model: str | None) -> ModelInfo:
 
 
 def _alternatives(configured: Iterable[Provider], kind: str, fits: Any) -> list[str]:
-    found = [f"{p.id} {m.id}" for p in configured for m in p.models if kind in m.kinds and fits(m)]
-    real = [f for f in found if not f.startswith("placeholder ")]
-    return real or found
+    """'provider model' of every configured model of `kind` that `fits` (not the offline placeholder's)."""
+    return [f"{p.id} {m.id}" for p in configured if p.id != "placeholder" for m in p.models
+            if kind in m.kinds and fits(m)]
 
 
 def _beyond(req: JobRequest, info: ModelInfo, where: str, target: tuple[int, int],
