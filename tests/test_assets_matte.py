@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +172,37 @@ async def test_transparent_into_a_jpeg_is_refused_before_paying(settings):
         result = await client.call_tool("generate_image", {"prompt": "a fox logo", "transparent": True,
                                                            "save_to": "public/logo.jpg"})
     assert result.is_error and "use .png or .webp" in text_of(result) and fake.requests == []
+
+
+async def test_a_deleted_transparent_image_comes_back_matted_from_its_kept_original(make_settings, workspace):
+    async with connect(make_settings()) as client:
+        made = await client.call_tool("generate_image", {"prompt": "a fox logo", "transparent": True,
+                                                         "save_to": "public/logo.png"})
+        logo, beside = workspace / "public" / "logo.png", workspace / "public" / "logo.unmatted.png"
+        first = logo.read_bytes()
+        logo.unlink()
+        beside.unlink()
+        again = await client.call_tool("check_prediction",
+                                       {"prediction_id": made.structured_content["prediction_id"]})
+    assert again.structured_content["status"] == "succeeded", text_of(again)
+    assert logo.read_bytes() == first and beside.is_file()
+    with opened(logo) as im:
+        assert matte.verify(im).failure is None
+
+
+async def test_prune_removes_the_kept_unmatted_original_too(make_settings, home):
+    from flux_mcp.journal import open_journal
+    from flux_mcp.prune import prune
+    from flux_mcp.store import FolderStore
+
+    async with connect(make_settings()) as client:
+        made = await client.call_tool("generate_image", {"prompt": "a fox logo", "transparent": True})
+    [original] = made.structured_content["files"]
+    assert "unmatted" not in original and original.endswith("-1000.png") and Path(original).is_file()
+    journal = open_journal(home)
+    try:
+        done = await prune(journal, FolderStore(home), older_than_days=0, now=time.time() + 60)
+    finally:
+        await journal.close()
+    assert original in done.files and not Path(original).exists()
+    assert not Path(made.structured_content["images"][0]["path"]).exists()

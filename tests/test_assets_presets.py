@@ -122,3 +122,18 @@ async def test_favicon_from_a_non_square_image_is_refused_before_paying(settings
         text_of(result)
     assert "generate_image with preset='favicon'" in text_of(result)
     assert fake.requests == []  # nothing paid, nothing even uploaded
+
+
+async def test_a_deleted_set_is_written_again_by_check_prediction(make_settings, workspace):
+    async with connect(make_settings()) as client:
+        made = await client.call_tool("generate_image", {"prompt": "a fox logo", "preset": "favicon",
+                                                         "save_to": "public/"})
+        public = workspace / "public"
+        before = {p.name: p.read_bytes() for p in public.iterdir()}
+        (public / "icon-512.png").unlink()
+        (public / "favicon.ico").unlink()
+        again = await client.call_tool("check_prediction",
+                                       {"prediction_id": made.structured_content["prediction_id"]})
+    assert again.structured_content["status"] == "succeeded", text_of(again)
+    assert {p.name: p.read_bytes() for p in public.iterdir()} == before
+    assert again.structured_content["files"] == made.structured_content["files"]

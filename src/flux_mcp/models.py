@@ -47,9 +47,8 @@ class PredictionResult(BaseModel):
     remaining_credits: float | None = Field(
         default=None, description="Credit left on the account when the provider reported it."
     )
-    files: list[str] = Field(default_factory=list, description="Files written by a preset or beside a "
-                                                               "transparent image (project-relative).")
-    snippet: str | None = Field(default=None, description="HTML/manifest lines for a preset's files.")
+    files: list[str] = Field(default_factory=list, description="Files written by a preset or transparent=true.")
+    snippet: str | None = Field(default=None, description="Lines to paste for a preset's files.")
 
 
 class UploadResult(BaseModel):

@@ -64,12 +64,11 @@ class JobRequest(BaseModel):
                                             "format) or a folder, relative to the project folder. E.g. "
                                             "'public/images/hero.webp'.")
     overwrite: bool = Field(default=False, description="Replace an existing save_to file.")
-    transparent: bool = Field(default=False, description="Real alpha background (matted locally, verified).")
-    preset: Preset | None = Field(default=None, description="Write this asset set (exact sizes, snippet) into "
-                                                            "the save_to folder.")
+    transparent: bool = Field(default=False, description="Real alpha background (verified).")
+    preset: Preset | None = Field(default=None, description="Asset set written into the save_to folder.")
     variation_of: str | None = Field(default=None, min_length=1, max_length=1024,
-                                     description="An image flux-mcp made: reuse its prompt (plus `prompt`), "
-                                                 "model, provider and size; new seed.")
+                                     description="A flux-mcp image: same prompt (+ `prompt`), model, provider, "
+                                                 "size; new seed.")
 
     def journaled(self) -> dict[str, Any]:
         """The request as the journal keeps it: every field, an inline image shortened to its size."""
