@@ -46,8 +46,8 @@ async def test_the_preview_of_an_edit_shows_the_input_beside_the_result(make_set
         shown = np.asarray(edited.convert("RGB").resize((after.shape[1], after.shape[0]))).astype(int)
     assert np.abs(after.mean(axis=(0, 1)) - shown.mean(axis=(0, 1))).max() < 12  # the result, on the right
     assert np.abs(after.mean(axis=(0, 1)) - RED).max() > 30
-    assert len(base64.b64decode([b for b in result.content if b.type == "image"][0].data)) < \
-        settings.preview_budget
+    shown_bytes = next(b for b in result.content if b.type == "image").data
+    assert len(base64.b64decode(shown_bytes)) < settings.preview_budget
 
 
 async def test_check_prediction_of_an_edit_shows_before_and_after_too(make_settings, workspace):

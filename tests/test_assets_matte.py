@@ -49,7 +49,7 @@ def test_a_green_subject_is_keyed_on_magenta_and_keeps_its_green():
     assert matte.choose_key("a fox logo") == "green"
     result = matte.matte(subject_on((240, 20, 230), colour=(40, 200, 60)), "magenta")
     assert result.failure is None and abs(result.coverage - DISC) < 0.01
-    r, g, b, a = np.asarray(result.image)[300, 256].astype(int)  # inside the disc, outside the square
+    r, g, _, a = np.asarray(result.image)[300, 256].astype(int)  # inside the disc, outside the square
     assert a == 255 and g > 150 and g > r + 80
 
 

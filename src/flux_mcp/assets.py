@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import matte, provenance
 from .errors import InvalidInput, PathNotAllowed, UnsupportedOperation
 from .paths import PathPolicy
-from .presets import Preset, presets, snippet
+from .presets import Preset, presets
 from .request import JobRequest
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ DEFAULT_SIZE = (1024, 1024)
 """JobRequest's default width/height: for edits and aspect-ratio models it means "the model's own size"."""
 ORIGINAL_INDEX = 1000
 """The image store keeps the unmatted original of image i at index ORIGINAL_INDEX + i."""
-_CHECKER_WORDS = re.compile(r"\b(chess\w*|checker\w*|chequer\w*|gingham|plaid|tartan|tiles?)\b", re.I)
+_CHECKER_WORDS = re.compile(r"\b(chess\w*|checker\w*|chequer\w*|gingham|plaid|tartan|tiles?)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

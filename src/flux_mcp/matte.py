@@ -36,14 +36,14 @@ _GREEN_WORDS = re.compile(
     r"\b(green\w*|lime|emerald|jade|olive|mint|sage|teal|turquoise|cyan|aqua|chartreuse|leaf|leaves|leafy|"
     r"foliage|grass\w*|lawn|forest|jungle|plant\w*|tree|trees|moss\w*|fern\w*|ivy|clover|shamrock|cactus|"
     r"succulent|frog\w*|lizard\w*|gecko|turtle|dinosaur|alien|avocado|broccoli|lettuce|cucumber|pickle|"
-    r"kiwi|pear|apple tree|matcha|grinch|hulk|yoda|shrek)\b", re.I)
+    r"kiwi|pear|apple tree|matcha|grinch|hulk|yoda|shrek)\b", re.IGNORECASE)
 _MAGENTA_WORDS = re.compile(r"\b(magenta|pink\w*|fuchsia|purple|violet|lilac|lavender|orchid|raspberry|"
-                            r"flamingo\w*)\b", re.I)
+                            r"flamingo\w*)\b", re.IGNORECASE)
 _TRANSPARENCY_WORDS = re.compile(
     r"[,;.]?\s*(on |with |against )?(a |an )?(fully |completely )?(transparent|see-through|clear|no|alpha|"
     r"without( a)?) (png )?(background|backdrop|bg)( \(png\))?|,?\s*(transparent png|png with (alpha|"
-    r"transparency)|with transparency|isolated on transparent)", re.I)
-_KEY_MARK = re.compile(r"flat uniform pure (green|magenta) \(#([0-9A-F]{6})\) chroma-key", re.I)
+    r"transparency)|with transparency|isolated on transparent)", re.IGNORECASE)
+_KEY_MARK = re.compile(r"flat uniform pure (green|magenta) \(#([0-9A-F]{6})\) chroma-key", re.IGNORECASE)
 
 BORDER = 0.02
 """The border band measured for the key colour: this share of the shorter side (at least 2 px)."""
@@ -185,7 +185,7 @@ def checkerboard(px: np.ndarray, mask: np.ndarray | None = None) -> bool:
     if usable.sum() < 0.03 * height * width:
         return False
     lines = ((grey[rows, :], usable[rows, :]), (grey[:, cols].T, usable[:, cols].T))
-    sizes = sorted({int(round(3 * 1.06 ** i)) for i in range(80) if 3 * 1.06 ** i <= min(height, width) / 6})
+    sizes = sorted({round(3 * 1.06 ** i) for i in range(80) if 3 * 1.06 ** i <= min(height, width) / 6})
     return any(all(_axis_checker(g, ok, s) for g, ok in lines) and _diagonal_checker(grey, usable, rows, s)
                for s in sizes)
 
@@ -263,4 +263,4 @@ def _border(height: int, width: int) -> Any:
 
 
 def _hex(rgb: Any) -> str:
-    return "#" + "".join(f"{int(round(float(c))):02X}" for c in rgb)
+    return "#" + "".join(f"{round(float(c)):02X}" for c in rgb)

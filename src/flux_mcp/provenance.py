@@ -16,7 +16,7 @@ from typing import Any
 FIELDS = ("prompt", "provider", "model", "seed", "prediction_id", "kind", "width", "height", "transparent",
           "preset", "software")
 """The fields flux-mcp writes, in the order `flux-mcp info` shows them."""
-_XMP_FIELD = re.compile(rb"<flux:([a-z_]+)>(.*?)</flux:\1>", re.S)
+_XMP_FIELD = re.compile(rb"<flux:([a-z_]+)>(.*?)</flux:\1>", re.DOTALL)
 
 
 def read(data: bytes) -> dict[str, str]:
@@ -27,7 +27,7 @@ def read(data: bytes) -> dict[str, str]:
         warnings.simplefilter("ignore")
         try:
             im = Image.open(io.BytesIO(data))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for bytes it cannot read
             raise ValueError(f"not an image this server reads ({type(exc).__name__})") from None
     with im:
         info: dict[Any, Any] = dict(im.info)
