@@ -9,6 +9,7 @@ a problem note on the image — the job and its id are never lost for it.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .paths import PathPolicy
 from .providers.base import OutputRef
 from .store import ImageStore
 
+log = logging.getLogger("flux_mcp.keep")
 
 @dataclass
 class Kept:
@@ -203,10 +205,17 @@ class Keeper:
         save_to copy, or at the stored copy when that could not be written), a problem with the save_to
         copy if any, and the bytes now at the image's path. With an `asset` plan the image is delivered
         as planned first (exact size, matte, a preset's files: the `delivery` module)."""
-        made, planned = None, target
+        made, planned, undelivered = None, target, None
         if asset is not None and (stored is None or asset.preset):
-            made = await anyio.to_thread.run_sync(delivery.deliver, data, asset, provenance)
-            data, target = made.image, None if made.failure else target
+            try:
+                made = await anyio.to_thread.run_sync(delivery.deliver, data, asset, provenance)
+                data, target = made.image, None if made.failure else target
+            except (DownloadFailed, OSError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the paid image is kept as it came, with the reason
+                log.exception("delivering image %d of %s as planned", i + 1, prediction_id)
+                undelivered = f"image {i + 1} is kept as the provider made it: {type(exc).__name__} in the " \
+                              "planned delivery (size, matte or files)"
         work = functools.partial(_prepare, data, stored is None, target)
         if stored is None and light_work(data, target.suffix.lstrip(".") if target else None):
             info, payload = work(provenance)
@@ -237,6 +246,7 @@ class Keeper:
             if moved is not None:
                 location, written, mime = moved
             problem = "; ".join(filter(None, [problem, extra])) or None
+        problem = "; ".join(filter(None, [problem, undelivered])) or None
         image = ImageOutput(url=url, path=location, mime_type=mime, width=info.width, height=info.height)
         return image, problem, written
 

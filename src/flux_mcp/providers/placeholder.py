@@ -118,7 +118,10 @@ def _on_key(prompt: str, seed: int, width: int, height: int, key: str, *, edit: 
                                                                           else hue, 0.6, 0.35))
     font = _font(max(int(side * 0.045), 8))
     label = "PLACEHOLDER EDIT" if edit else "PLACEHOLDER"
-    d.text((cx, cy), label, fill=(250, 250, 250), font=font, anchor="mm")
+    try:
+        d.text((cx, cy), label, fill=(250, 250, 250), font=font, anchor="mm")
+    except ValueError:  # a bitmap font (Pillow without FreeType) takes no anchor
+        d.text((cx - inner * 0.8, cy), label, fill=(250, 250, 250), font=font)
     im = im.resize((width, height), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     im.save(buf, "PNG", optimize=False, compress_level=6)
