@@ -137,3 +137,12 @@ async def test_a_deleted_set_is_written_again_by_check_prediction(make_settings,
     assert again.structured_content["status"] == "succeeded", text_of(again)
     assert {p.name: p.read_bytes() for p in public.iterdir()} == before
     assert again.structured_content["files"] == made.structured_content["files"]
+
+
+def test_the_terminal_takes_preset_and_transparent_as_flags():
+    from flux_mcp.cli import _parser
+
+    args = _parser().parse_args(["generate", "a fox logo", "--preset", "favicon", "--transparent", "-o", "public/"])
+    assert (args.preset, args.transparent, args.save_to) == ("favicon", True, "public/")
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["generate", "p", "--preset", "banner"])

@@ -38,6 +38,7 @@ from .store import ImageStore
 
 log = logging.getLogger("flux_mcp.keep")
 
+
 @dataclass
 class Kept:
     """What keeping a job's outputs gave: one entry per output, in order."""

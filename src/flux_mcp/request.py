@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Kind = Literal["generate", "edit"]
 Preset = Literal["og-image", "twitter-card", "favicon", "app-icon", "hero"]
-"""The asset sets of `preset` (sizes and files: presets.PRESETS)."""
+"""The asset sets of `preset` (their sizes and files: `presets.presets()`)."""
 MAX_WAIT_SECONDS = 600.0
 
 
