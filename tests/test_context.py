@@ -80,7 +80,7 @@ async def test_job_tools_share_one_output_shape_listing_the_fields_a_model_acts_
         return [n for n, f in model.model_fields.items() if not (f.json_schema_extra or {}).get("x-detail")]
 
     assert list(shape["properties"]) == core(PredictionResult)
-    assert {"prediction_id", "status", "images", "message", "error", "placeholder"} <= set(shape["properties"])
+    assert {"prediction_id", "status", "images", "message", "error"} <= set(shape["properties"])
     assert list(shape["properties"]["images"]["items"]["properties"]) == core(ImageOutput) == ["url", "path"]
     assert list(tools["upload_media"].output_schema["properties"]) == core(UploadResult)
     images = shape["properties"]["images"]
@@ -223,7 +223,8 @@ async def test_annotations_say_read_only_and_the_hints_that_differ_from_the_prot
     assert wire["generate_image"] == wire["edit_image"] == {"read_only_hint": False}  # destructive, open world
     for name in ("upload_media", "check_prediction"):
         assert wire[name] == {"read_only_hint": False, "destructive_hint": False, "idempotent_hint": True}
-    assert all(t.title for t in tools.values())  # the tool's own title; annotations.title would repeat it
+    # Titles are left out of the listing (clients show the name): five of them cost bytes every conversation.
+    assert not any(t.title or (t.annotations and t.annotations.title) for t in tools.values())
 
 
 def test_the_bench_reports_the_figure_against_the_same_bound():

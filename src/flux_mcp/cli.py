@@ -70,6 +70,8 @@ def _main(argv: Sequence[str] | None) -> int:
         from .gallery import serve
 
         return serve(settings, port=args.port, open_browser=not args.no_open)
+    if command == "info":
+        return _info(args.file, as_json=args.json)
     parser.error(f"unknown command {command}")
     return 2
 
@@ -110,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     spend = sub.add_parser("spend", help="today's and this month's spend per provider against the budgets (UTC days "
                                          "and calendar months)")
     spend.add_argument("--json", action="store_true", help="print as JSON")
+    info = sub.add_parser("info", help="show the provenance flux-mcp wrote into an image file (prompt, model, "
+                                       "provider, seed, prediction id)")
+    info.add_argument("file", help="an image file")
+    info.add_argument("--json", action="store_true", help="print as JSON")
 
     prune = sub.add_parser("prune", help="remove old images and journal rows from the data folder (never a "
                                          "pending job's, never a save_to copy)")
@@ -211,6 +217,32 @@ def _spend(settings: Settings, *, as_json: bool) -> int:
 
     report = anyio.run(run)
     print(json.dumps(report, indent=2) if as_json else format_report(report))
+    return 0
+
+
+def _info(file: str, *, as_json: bool) -> int:
+    from .provenance import describe
+
+    path = Path(file).expanduser()
+    try:
+        found = describe(path.read_bytes())
+    except OSError as exc:
+        print(f"flux-mcp: cannot read {file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"flux-mcp: {file} is {exc}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps({"file": str(path), **found}, indent=2))
+        return 0 if found["provenance"] else 1
+    alpha = ", alpha" if found["alpha"] else ""
+    print(f"{path}: {found['format']} {found['width']}x{found['height']}{alpha}")
+    if not found["provenance"]:
+        print("no flux-mcp provenance in this file (it was not made by flux-mcp, or its metadata was stripped)",
+              file=sys.stderr)
+        return 1
+    for key, value in found["provenance"].items():
+        print(f"{key}: {value}")
     return 0
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 
+from .assets import provenance_fields
 from .errors import FluxError, ProviderError, ProviderUnavailable, SubmitOutcomeUnknown, UnsupportedOperation
 from .http import HELD_REQUESTS
 from .images import pixel_bound
@@ -71,6 +72,8 @@ class Outcome:
     """The bytes just written at each image's path (previews are made from them, not read back)."""
     joined: bool = False
     """The call joined an earlier identical call's job instead of paying for a new one."""
+    source_image: bytes | None = None
+    """An edit's input image, when the service has its bytes (the preview shows before and after)."""
 
 
 def scrub_record(record: Record, redactor: Redactor) -> Record:
@@ -294,7 +297,8 @@ class JobRunner:
         record = outcome.record
         req = record.request
         provenance = {"prompt": str(req.get("prompt", "")), "model": record.model, "provider": record.provider,
-                      "prediction_id": record.id, "seed": str(req.get("seed")), "software": "flux-mcp"}
+                      "prediction_id": record.id, "seed": str(req.get("seed")), "software": "flux-mcp",
+                      **provenance_fields(req, record.kind)}
         kept = await self.keeper.keep(
             prediction_id=record.id, provenance=provenance, base_url=provider.settings.base_url,
             outputs=state.outputs if state else None, urls=record.outputs,
@@ -302,6 +306,7 @@ class JobRunner:
             paths=paths, max_pixels=pixel_bound(int(req.get("width") or 1024), int(req.get("height") or 1024)))
         outcome.kept.update(kept.written)
         record.images = kept.images
+        req.update(kept.delivery)  # a planned delivery's files and notes (assets.result_fields)
         note = "; ".join(n for n in [req.get("provider_note"), *kept.notes] if n) or None
         if kept.problems:
             record.error = "; ".join(([note] if note else []) + kept.problems) + (

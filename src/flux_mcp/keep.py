@@ -9,6 +9,7 @@ a problem note on the image — the job and its id are never lost for it.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import anyio
 
+from . import delivery
+from .assets import AssetPlan
 from .errors import DownloadFailed, FluxError, InvalidInput, PathNotAllowed
 from .images import Converted, light_work
 from .media import (
@@ -34,6 +37,8 @@ from .paths import PathPolicy, name_problem
 from .providers.base import OutputRef
 from .store import ImageStore
 
+log = logging.getLogger("flux_mcp.keep")
+
 
 @dataclass
 class Kept:
@@ -45,6 +50,8 @@ class Kept:
     """The bytes now at each image's path (previews are made from them, not read back)."""
     notes: list[str] = field(default_factory=list)
     """What the images kept could not carry over (e.g. the frames of an animated image saved as PNG)."""
+    delivery: dict[str, object] = field(default_factory=dict)
+    """What a planned delivery wrote besides the images (files, notes): merged into the journaled request."""
 
 
 @dataclass(frozen=True)
@@ -58,17 +65,21 @@ class SavePlan:
     root: Path | None = None
     """The allowed folder of the call that asked: the copies are written inside it whichever server, in
     whichever workspace, finishes the job."""
+    asset: AssetPlan | None = None
+    """Exact size, transparency, preset files: how the images are delivered (assets.plan)."""
 
     def journaled(self) -> dict[str, object]:
         return {"save_to": [str(t) for t in self.targets] or None, "save_free": self.free_names,
-                "save_root": str(self.root) if self.root else None}
+                "save_root": str(self.root) if self.root else None,
+                **(self.asset.journaled() if self.asset else {})}
 
     @classmethod
     def from_journal(cls, request: dict[str, object]) -> SavePlan:
         raw = request.get("save_to") or []
         root = request.get("save_root")
         return cls(tuple(Path(str(t)) for t in raw) if isinstance(raw, list) else (),
-                   bool(request.get("save_free")), Path(root) if isinstance(root, str) else None)
+                   bool(request.get("save_free")), Path(root) if isinstance(root, str) else None,
+                   AssetPlan.from_journal(request))
 
 
 PATH_MAX = 4096
@@ -165,9 +176,11 @@ class Keeper:
                     data = await self.store.read(stored)
                 else:
                     data = await self._download(url, trusted)
+                data, stored = await delivery.original_for_rekeep(self.store, prediction_id, i, plan.asset, data,
+                                                                  stored)
                 image, problem, written, notes[i] = await self._keep_one(
                     prediction_id, i, data, url, stored, target, paths, overwrite, plan.free_names, provenance,
-                    max_pixels)
+                    max_pixels, plan.asset, kept.delivery)
                 slots[i] = (image, problem)
                 if image.path and written is not None:
                     kept.written[image.path] = written
@@ -190,11 +203,25 @@ class Keeper:
 
     async def _keep_one(self, prediction_id: str, i: int, data: bytes, url: str | None, stored: str | None,
                         target: Path | None, paths: PathPolicy, overwrite: bool, free_names: bool,
-                        provenance: dict[str, str], max_pixels: int | None
+                        provenance: dict[str, str], max_pixels: int | None, asset: AssetPlan | None = None,
+                        delivered: dict[str, object] | None = None
                         ) -> tuple[ImageOutput, str | None, bytes | None, list[str]]:
         """Checks one image, stores it and writes its save_to copy. Returns the image (pointing at the
         save_to copy, or at the stored copy when that could not be written), a problem with the save_to
-        copy if any, the bytes now at the image's path, and notes on what its copy could not keep."""
+        copy if any, the bytes now at the image's path, and notes on what its copy could not keep. With an
+        `asset` plan the image is delivered as planned first (exact size, matte, a preset's files: the
+        `delivery` module)."""
+        made, planned, undelivered = None, target, None
+        if asset is not None and (stored is None or asset.preset):
+            try:
+                made = await anyio.to_thread.run_sync(delivery.deliver, data, asset, provenance)
+                data, target = made.image, None if made.failure else target
+            except (DownloadFailed, OSError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the paid image is kept as it came, with the reason
+                log.exception("delivering image %d of %s as planned", i + 1, prediction_id)
+                undelivered = f"image {i + 1} is kept as the provider made it: {type(exc).__name__} in the " \
+                              "planned delivery (size, matte or files)"
         work = functools.partial(_prepare, data, stored is None, max_pixels)
         if stored is None and light_work(data, target.suffix.lstrip(".") if target else None):
             info, payload = work(provenance)
@@ -218,6 +245,14 @@ class Keeper:
                 mime = info.mime_type
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 problem = f"image {i + 1} was not written to {target} ({why}); it is kept at {location}"
+        if made is not None and asset is not None:
+            moved, extra = await delivery.write_files(
+                made, asset, Path(location) if target is not None and problem is None else planned, paths,
+                overwrite, free_names, self.store, prediction_id, i, {} if delivered is None else delivered)
+            if moved is not None:
+                location, written, mime = moved
+            problem = "; ".join(filter(None, [problem, extra])) or None
+        problem = "; ".join(filter(None, [problem, undelivered])) or None
         image = ImageOutput(url=url, path=location, mime_type=mime, width=info.width, height=info.height)
         return image, problem, written, notes
 

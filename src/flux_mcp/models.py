@@ -62,7 +62,8 @@ class PredictionResult(BaseModel):
     images: list[ImageOutput] = Field(default_factory=list, description="Finished images (empty while pending).")
     error: str | None = Field(default=None, description="Why the job failed, or why images are missing.")
     message: str = Field(default="", description="What to know or do next.")
-    placeholder: bool = Field(default=False, description="True: an offline placeholder, not a FLUX image.")
+    placeholder: bool = Field(default=False, description="True: an offline placeholder, not a FLUX image.",
+                              json_schema_extra=DETAIL)
     selection_reason: str | None = Field(default=None, description="Why this provider served the call.",
                                          json_schema_extra=DETAIL)
     cost_usd: float | None = Field(default=None, description="Cost in USD; null when unpriced.",
@@ -74,6 +75,10 @@ class PredictionResult(BaseModel):
         json_schema_extra=DETAIL)
     dry_run: DryRun | None = Field(default=None, description="Set by a dry run: what was checked.",
                                    json_schema_extra=DETAIL)
+    files: list[str] = Field(default_factory=list, description="Files written by a preset or transparent=true.",
+                             json_schema_extra=DETAIL)
+    snippet: str | None = Field(default=None, description="Lines to paste for a preset's files.",
+                                json_schema_extra=DETAIL)
 
 
 class UploadResult(BaseModel):

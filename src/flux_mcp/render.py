@@ -8,7 +8,9 @@ from pathlib import Path
 
 from mcp_types import CallToolResult, ImageContent, TextContent
 
+from .assets import result_fields, result_lines
 from .config import Settings
+from .delivery import before_after
 from .images import shown_as_is
 from .jobs import Outcome
 from .journal import Record
@@ -55,8 +57,10 @@ def is_placeholder(record: Record) -> bool:
 
 def structured(record: Record, settings: Settings, *, joined: bool = False) -> dict[str, object]:
     """The structuredContent of a prediction: the tool results and the prediction resource say the same."""
-    result = record.result().model_copy(update={"message": next_step(record, settings, joined=joined),
-                                                "placeholder": is_placeholder(record)})
+    delivered = result_fields(record)
+    message = " ".join(filter(None, [delivered.pop("notes", None), next_step(record, settings, joined=joined)]))
+    result = record.result().model_copy(update={"message": message, "placeholder": is_placeholder(record),
+                                                **delivered})
     return result.model_dump(mode="json")
 
 
@@ -78,6 +82,7 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
                 lines.append(f"Image {i}: not downloaded")
             if img.url and not img.url.startswith("data:"):
                 lines.append(f"  provider URL (expires): {img.url}")
+        lines.extend(result_lines(record))
         if record.error:
             lines.append(f"Note: {record.error}")
         lines.append(next_step(record, settings, joined=outcome.joined))
@@ -106,7 +111,8 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
     lines.extend(outcome.notes)
 
     content: list = [TextContent(type="text", text="\n".join(lines))]
-    content.extend(_previews([img for img in record.images if img.path], outcome.kept, settings))
+    content.extend(_previews([img for img in record.images if img.path], outcome.kept, settings,
+                             outcome.source_image))
     # No resource_link blocks: some clients turn an image link into an image source URL (flux://...) that
     # model APIs refuse; the text names each image's URI instead.
     failed = record.status in ("failed", "canceled")
@@ -136,11 +142,15 @@ def needs_image_work(outcome: Outcome, settings: Settings) -> bool:
     images = [i for i in outcome.record.images if i.path]
     if settings.preview == "off" or not images:
         return False
+    if outcome.source_image is not None:
+        return True  # a before/after preview is composed
     budget = _budget(len(images), settings)
     return not all(_fits(i, outcome.kept.get(i.path or ""), budget) for i in images)
 
 
-def _previews(images: list[ImageOutput], kept: dict[str, bytes], settings: Settings) -> list[ImageContent]:
+def _previews(images: list[ImageOutput], kept: dict[str, bytes], settings: Settings,
+              source: bytes | None = None) -> list[ImageContent]:
+    """One preview per image; an edit's is its input and result side by side (when the input is at hand)."""
     if settings.preview == "off" or not images:
         return []
     out: list[ImageContent] = []
@@ -148,7 +158,9 @@ def _previews(images: list[ImageOutput], kept: dict[str, bytes], settings: Setti
     for image in images:
         path, data = Path(image.path or ""), kept.get(image.path or "")
         try:
-            if data is not None and _fits(image, data, budget):
+            if source is not None:
+                preview, mime = before_after(source, path.read_bytes() if data is None else data, budget)
+            elif data is not None and _fits(image, data, budget):
                 preview, mime = data, str(image.mime_type)  # the image as written: shown as it is
             elif budget is None:
                 # Full resolution, except past 8000 px a side, which breaks client sessions.

@@ -21,6 +21,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from .schema import quiet
 
 Kind = Literal["generate", "edit"]
+Preset = Literal["og-image", "twitter-card", "favicon", "app-icon", "hero"]
+"""The asset sets of `preset` (their sizes and files: `presets.presets()`)."""
 MAX_WAIT_SECONDS = 600.0
 
 
@@ -66,6 +68,11 @@ class JobRequest(BaseModel):
     dry_run: bool = Field(default=False, description="Check and estimate; submit nothing.")
     max_cost_usd: float | None = Field(default=None, ge=0, le=10_000, json_schema_extra=quiet("minimum", "maximum"),
                                        description="Refuse if the estimate (USD) is higher.")
+    transparent: bool = Field(default=False, description="Real alpha, verified.")
+    preset: Preset | None = Field(default=None, description="Files into the save_to folder.")
+    variation_of: str | None = Field(default=None, min_length=1, max_length=1024,
+                                     json_schema_extra=quiet("minLength", "maxLength"),
+                                     description="A flux-mcp image to vary (new seed).")
 
     def journaled(self) -> dict[str, Any]:
         """The request as the journal keeps it: every field, an inline image shortened to its size (the
@@ -86,7 +93,7 @@ def request_key(req: JobRequest) -> str:
 SERVICE_ONLY = frozenset({"kind"})
 """Fields the service sets itself; never a tool parameter."""
 EDIT_ONLY = frozenset({"image"})
-GENERATE_ONLY = frozenset({"num_images"})
+GENERATE_ONLY = frozenset({"num_images", "variation_of"})
 
 
 def tool_parameters(kind: Kind, descriptions: Mapping[str, str | None] | None = None) -> list[inspect.Parameter]:
@@ -124,7 +131,9 @@ def add_cli_flags(parser: argparse.ArgumentParser, kind: Kind = "generate") -> l
         flags = [f"--{name.replace('_', '-')}", *([CLI_SHORT[name]] if name in CLI_SHORT else [])]
         helptext = (info.description or "").replace("%", "%%")
         base = _plain_type(info.annotation)
-        if base is bool:
+        if typing.get_origin(base) is Literal:
+            parser.add_argument(*flags, dest=name, choices=typing.get_args(base), default=None, help=helptext)
+        elif base is bool:
             parser.add_argument(*flags, dest=name, action="store_true", default=None, help=helptext)
         else:
             parser.add_argument(*flags, dest=name, type=base, default=None, help=helptext)

@@ -235,8 +235,8 @@ async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyR
     return EmptyResult()
 
 
-GENERATE_DOC = """Generate images with FLUX: local paths (use them in code), URLs, a preview. Still running
-after wait_seconds: a prediction_id for check_prediction (calling again pays again)."""
+GENERATE_DOC = """Generate images with FLUX: local paths (use in code), a preview. Still running after
+wait_seconds: a prediction_id for check_prediction (calling again pays again)."""
 EDIT_DOC = """Edit an image by instruction (FLUX Kontext or img2img); parameters and answer as generate_image."""
 
 
@@ -359,7 +359,8 @@ def _add_history(server: MCPServer[AppState]) -> None:
     async def list_predictions(
         ctx: Context[AppState, Any],
         query: str | None = None,
-        provider: Annotated[str | None, Field(max_length=40, description="Only this provider's jobs.")] = None,
+        provider: Annotated[str | None, Field(max_length=40, json_schema_extra=quiet("maxLength"),
+                                              description="Only this provider's jobs.")] = None,
         status: Literal["succeeded", "failed", "canceled", "pending"] | None = None,
         since: Annotated[str | None, Field(description='"2d", "yesterday", a date...')] = None,
         limit: Annotated[int, Field(ge=1, le=history.MAX_LIMIT)] = 20,
@@ -502,7 +503,10 @@ class _Server(MCPServer[AppState]):
         super().add_prompt(prompt.model_copy(update={"description": inspect.cleandoc(prompt.description or "")}))
 
     async def list_tools(self) -> list[MCPTool]:
+        # No `title`: clients fall back to the name (generate_image reads as well), and five titles are bytes
+        # every conversation pays for.
         return [tool.model_copy(update={
+            "title": None,
             "input_schema": compact_input(tool.input_schema),
             "output_schema": None if tool.output_schema is None else compact_output(tool.output_schema),
             "annotations": compact_annotations(tool.annotations),

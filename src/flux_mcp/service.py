@@ -9,6 +9,7 @@ providers exist and are configured, what a request resolves to, and the checks m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 import anyio
 import httpx2
 
+from . import assets
 from .choose import AUTO, Chooser, Plan, short
 from .config import Settings
 from .errors import (
@@ -32,7 +34,7 @@ from .errors import (
 from .http import LazyClient, ProviderHttp, RetryPolicy
 from .jobs import Alive, JobRunner, Outcome, ProgressFn
 from .journal import Journal, Record
-from .keep import Keeper, save_targets
+from .keep import Keeper, SavePlan, save_targets
 from .lifecycle import inflight
 from .media import Downloader, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, UploadResult
@@ -117,6 +119,8 @@ class FluxService:
         `ask` puts a confirmation to the user (None: nobody can be asked); `principal` is whose jobs and
         budget these are."""
         inflight.refuse_new()
+        if req.variation_of:  # the earlier image's prompt, model, provider and size, with a new seed
+            req = assets.variation(req, paths)
         if req.dry_run:  # checks and estimates only: nothing to join, nothing paid
             return await self._new(req, "", paths, progress, principal, alive, ask)
         key = request_key(req)
@@ -161,24 +165,32 @@ class FluxService:
         for i, (provider, model) in enumerate(plan.steps):
             last = i == len(plan.steps) - 1
             try:
-                prepared = provider.prepare(req.model_copy(update={"provider": provider.id, "model": model}))
-                saves = save_targets(paths, prepared.save_to, prepared.num_images, prepared.overwrite,
-                                     prepared.prompt)
+                asked = req.model_copy(update={"provider": provider.id, "model": model})
+                # Exact size, transparency, preset: planned (and checked) before the provider's own limits.
+                asset = assets.plan(asked, provider, [p for p in self.providers.values() if p.configured])
+                prepared = provider.prepare(assets.sent(asked, asset) if asset else asked)
+                saves = self._save_plan(prepared, asked, asset, paths)
                 source = prepared.image
+                check_source = (lambda data, shown=(source if source and not source.startswith("data:")
+                                                    else "the image"): assets.check_source(asset, data, shown))
                 estimate = self.money.estimate(provider, prepared)
                 if prepared.dry_run:
                     if prepared.kind == "edit":
-                        await self._image_input(provider, prepared.image or "", paths, send=False)
+                        await self._image_input(provider, prepared.image or "", paths, send=False,
+                                                check=check_source)
                     return await self.money.plan(estimate, prepared, [str(t) for t in saves.targets], principal)
                 hold = await self.money.before_paying(estimate, prepared, principal, ask)
                 try:
+                    source_bytes = None
                     if prepared.kind == "edit":
-                        prepared = prepared.model_copy(
-                            update={"image": await self._image_input(provider, prepared.image or "", paths)})
+                        image, source_bytes = await self._image_input(provider, prepared.image or "", paths,
+                                                                      check=check_source)
+                        prepared = prepared.model_copy(update={"image": image})
                     outcome = await self.runner.run(
                         provider, prepared, saves, self.wait_for(prepared.wait_seconds), paths, progress,
                         image_source=source, owner=(principal, key), alive=alive,
                         selection=_selection(plan, provider, refusals), hold=hold)
+                    outcome.source_image = source_bytes
                 finally:
                     with anyio.CancelScope(shield=True):
                         await hold.release()  # a no-op once the job was created (or may have been)
@@ -200,6 +212,21 @@ class FluxService:
                     raise
                 refusals.append(f"{provider.id}: does not take these arguments")
         raise AssertionError("unreachable: a plan has at least one step")  # pragma: no cover
+
+    @staticmethod
+    def _save_plan(prepared: JobRequest, asked: JobRequest, asset: assets.AssetPlan | None,
+                   paths: PathPolicy) -> SavePlan:
+        """Where the images go besides the data folder: a preset's folder, or the save_to targets (checked
+        against what the asset plan writes beside them)."""
+        if asset is not None and asset.preset:
+            asset = assets.preset_folder(paths, prepared.save_to, asset, prepared.overwrite)
+            return SavePlan(asset=asset, root=next((f for f in paths.folders
+                                                    if Path(asset.folder or "").is_relative_to(f)), None))
+        plan = save_targets(paths, prepared.save_to, prepared.num_images, prepared.overwrite, asked.prompt)
+        if asset is not None:
+            assets.check_targets(plan.targets, asset, paths, prepared.overwrite, plan.free_names)
+            plan = dataclasses.replace(plan, asset=asset)
+        return plan
 
     @contextlib.asynccontextmanager
     async def _key_lock(self, principal: str, key: str) -> AsyncIterator[None]:
@@ -230,11 +257,14 @@ class FluxService:
         provider = self.providers.get(record.provider)
         if provider is None:
             return Outcome(record, notes=[f"Provider {record.provider!r} is no longer known to this server."])
+        source = assets.source_of(record.request, paths) if record.kind == "edit" else None
         if record.status in FINAL and not await self.runner.missing_files(record):
-            return Outcome(record)
+            return Outcome(record, source_image=source)
         if not provider.configured:
             return Outcome(record, notes=[f"Set {provider.key_env} to check on this job again."])
-        return await self.runner.check(record, provider, self.wait_for(wait_seconds), paths, progress)
+        outcome = await self.runner.check(record, provider, self.wait_for(wait_seconds), paths, progress)
+        outcome.source_image = source
+        return outcome
 
     def wait_for(self, asked: float | None) -> float:
         """How long a call waits: what it asked (else the default), never past FLUX_MCP_MAX_WAIT_SECONDS."""
@@ -242,12 +272,14 @@ class FluxService:
 
     # --- files --------------------------------------------------------------------------------
 
-    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy, *, send: bool = True) -> str:
-        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI.
-        With `send` false (a dry run) it is only checked: nothing is uploaded."""
+    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy, *, send: bool = True,
+                           check: Callable[[bytes], None] | None = None) -> tuple[str, bytes | None]:
+        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI;
+        with the image's bytes when they were read here (not for a URL), checked by `check` first. With
+        `send` false (a dry run) it is only checked: nothing is uploaded."""
         text = image.strip()
         if text.startswith(("http://", "https://")):
-            return text
+            return text, None
         if text.startswith("data:"):
             data = decode_data_uri(text)
             name = "image"
@@ -258,13 +290,15 @@ class FluxService:
             info = inspect_image(data)
         except DownloadFailed as exc:
             raise InvalidInput(f"`image` is not a usable image: {exc}.") from None
+        if check is not None:
+            check(data)
         if provider.can_upload and not send:
-            return text
+            return text, data
         if provider.can_upload:
             url, _ = await self._upload_bytes(provider, data, f"{Path(name).stem}.{info.ext}", info.mime_type)
-            return url
+            return url, data
         if provider.accepts_data_uri:
-            return to_data_uri(data, info.mime_type)
+            return to_data_uri(data, info.mime_type), data
         raise UnsupportedOperation(
             f"{provider.label} takes input images only as public http(s) URLs and has no upload API here. Pass a "
             "public URL as `image`, or use a provider that accepts local files: "

@@ -247,7 +247,7 @@ def _pixels(model: str, description: str) -> ModelInfo:
 def _ratio(model: str, description: str, kinds: frozenset[Kind] = _BOTH) -> ModelInfo:
     return ModelInfo(model, kinds, f"{description} width/height choose the nearest aspect ratio "
                      f"({', '.join(RATIOS)}).", size=_SHAPE, max_images=_MAX_COUNT, canonical=model,
-                     typical_seconds=_TYPICAL_SECONDS)
+                     typical_seconds=_TYPICAL_SECONDS, exact_size=False, key_background=_BOTH)
 
 
 class AceDataCloud(Provider):

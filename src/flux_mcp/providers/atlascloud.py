@@ -137,11 +137,11 @@ class AtlasCloud(Provider):
         ModelInfo("black-forest-labs/flux-kontext-dev", frozenset({"edit"}),
                   "FLUX.1 Kontext [dev]: instruction-based editing of an input image.",
                   size=_SIZE, steps=Range(1, 50), guidance=Range(1, 20), max_images=4, requires_image=True,
-                  price_usd=0.025, canonical="flux-kontext-dev"),
+                  price_usd=0.025, canonical="flux-kontext-dev", key_background=frozenset({"edit"})),
         ModelInfo("black-forest-labs/flux-kontext-dev-lora", frozenset({"edit"}),
                   "FLUX.1 Kontext [dev] with LoRA support.",
                   size=_SIZE, steps=Range(1, 50), guidance=Range(1, 20), max_images=4, requires_image=True,
-                  price_usd=0.03),
+                  price_usd=0.03, key_background=frozenset({"edit"})),
         ModelInfo("wavespeed-ai/flux-schnell", frozenset({"generate"}),
                   "FLUX.1 [schnell] served by WaveSpeed.", size=_SIZE, max_images=4, canonical="flux-schnell"),
     )

@@ -109,6 +109,16 @@ class ModelInfo:
     typical_seconds: float | None = None
     """Documented typical seconds from submit to finished images: where polling starts until the journal
     has learned the model's own durations (None: undocumented)."""
+    exact_size: bool = True
+    """width/height are rendered as given (within `size`); False: they only choose an aspect ratio (or the
+    input's size is kept) and the provider sets the pixels."""
+    render_step: int = 16
+    """FLUX renders sides in multiples of 16 (8x latent, 2x2 patches); other sizes are rounded by the
+    provider, silently. Exact sizes are planned on this step (and `size.multiple_of`)."""
+    key_background: frozenset[Kind] = frozenset({"generate"})
+    """The kinds for which the model follows a flat key-background prompt well enough to matte
+    (`transparent`): any FLUX text-to-image model; for edits only instruction models (Kontext),
+    not image-to-image, which keeps the input's background."""
 
     def takes_size(self, width: int, height: int) -> bool:
         """Whether `prepare` accepts this width and height for the model."""

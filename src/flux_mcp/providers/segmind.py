@@ -134,17 +134,17 @@ class Segmind(Provider):
                   f"({', '.join(DEV_RATIOS)}).",
                   # guidance 0-10 is documented; the steps bound is not (the page's sample sends 25).
                   size=_ANY_SIZE, steps=Range(1, 50), guidance=Range(0, 10), max_images=MAX_IMAGES,
-                  price_usd=0.02, canonical="flux-dev", typical_seconds=20.0),
+                  price_usd=0.02, canonical="flux-dev", typical_seconds=20.0, exact_size=False),
         ModelInfo("flux-kontext-pro", frozenset({"edit"}),
                   "FLUX.1 Kontext [pro]: instruction-based editing. Keeps the input's aspect ratio at the "
                   "default 1024x1024; other width/height choose the nearest ratio.",
                   size=_ANY_SIZE, requires_image=True, price_usd=0.05, canonical="flux-kontext-pro",
-                  typical_seconds=21.0),
+                  typical_seconds=21.0, exact_size=False, key_background=frozenset({"generate", "edit"})),
         ModelInfo("flux-img2img", frozenset({"edit"}),
                   "FLUX.1 [dev] image-to-image (denoise 0.75): restyles the input, keeping its size; "
                   "steps 1-50 (default 20).",
                   size=None, steps=Range(1, 50), requires_image=True, price_usd=0.026, canonical="flux-dev",
-                  typical_seconds=25.0),
+                  typical_seconds=25.0, exact_size=False),
     )
     default_model = "flux-schnell"
     default_edit_model = "flux-kontext-pro"
