@@ -16,6 +16,11 @@ from tests.fakes.wire import png_bytes
 from tests.money_helpers import charges, serve
 
 pytestmark = pytest.mark.anyio
+
+
+def sent(fake: AtlasFake) -> list[str]:
+    """What reached the provider beyond its free, public price list (read where budgets use it)."""
+    return [r for r in fake.requests if r != "GET /api/v1/models"]
 DEV = "black-forest-labs/flux-dev"
 
 
@@ -48,7 +53,7 @@ async def test_a_dry_run_checks_everything_estimates_and_submits_nothing(atlas, 
                                "save_to": [str(workspace / "public" / "hero.png"),
                                            str(workspace / "public" / "hero-2.png")]}
     assert "nothing was submitted" in data["message"] and "$0.024 (2 images x $0.012" in data["message"]
-    assert fake.requests == [] and await charges(home) == []
+    assert sent(fake) == [] and await charges(home) == []
     assert not (workspace / "public").exists()
 
 
@@ -60,7 +65,7 @@ async def test_a_dry_run_refuses_what_the_real_call_would_refuse(atlas, tmp_path
                                                             "dry_run": True})
     assert too_big.is_error and "width" in text_of(too_big)
     assert outside.is_error
-    assert fake.requests == []
+    assert sent(fake) == []
 
 
 async def test_a_dry_run_edit_reads_the_local_image_but_uploads_nothing(atlas, workspace):
@@ -78,7 +83,7 @@ async def test_a_dry_run_edit_reads_the_local_image_but_uploads_nothing(atlas, w
     assert planned.structured_content["model"] == "black-forest-labs/flux-kontext-dev"
     assert planned.structured_content["cost_usd"] == 0.025
     assert broken.is_error and "not a usable image" in text_of(broken)
-    assert fake.requests == []  # no upload, no job
+    assert sent(fake) == []  # no upload, no job
 
 
 async def test_a_dry_run_over_the_budget_says_the_real_call_would_be_refused(atlas):
@@ -94,7 +99,7 @@ async def test_max_cost_usd_refuses_a_call_estimated_above_it_before_any_request
     fake = AtlasFake(key=ATLAS_KEY)
     async with serve(atlas(), fake) as client:
         refused = await client.call_tool("generate_image", {"prompt": "p", "model": DEV, "max_cost_usd": 0.01})
-        assert fake.requests == []
+        assert sent(fake) == []
         cheap = await client.call_tool("generate_image", {"prompt": "p", "max_cost_usd": 0.003})
     text = text_of(refused)
     assert refused.is_error and "$0.012" in text and "max_cost_usd=0.01" in text
@@ -108,7 +113,7 @@ async def test_max_cost_usd_refuses_a_model_whose_cost_is_unknown(atlas):
         result = await client.call_tool("generate_image", {"prompt": "p", "model": "wavespeed-ai/flux-schnell",
                                                            "max_cost_usd": 1})
     assert result.is_error and "cannot be bounded" in text_of(result)
-    assert fake.requests == []
+    assert sent(fake) == []
 
 
 @pytest.mark.parametrize(("name", "text"), [
@@ -157,4 +162,23 @@ async def test_a_dry_run_edit_checks_a_data_uri_too(atlas):
         good = await client.call_tool("edit_image", {"prompt": "p", "image": image, "dry_run": True})
         bad = await client.call_tool("edit_image", {"prompt": "p", "image": junk, "dry_run": True})
     assert not good.is_error and good.structured_content["dry_run"]["num_images"] == 1
-    assert bad.is_error and fake.requests == []
+    assert bad.is_error and sent(fake) == []
+
+
+async def test_the_providers_own_price_list_replaces_the_documented_price_where_budgets_use_it(atlas):
+    fake = AtlasFake(key=ATLAS_KEY)
+    fake.catalogue["black-forest-labs/flux-schnell"] = 0.004  # Atlas raised its price
+    async with serve(atlas(FLUX_MCP_BUDGET_DAY_USD="1"), fake) as client:
+        first = await client.call_tool("generate_image", {"prompt": "p", "dry_run": True})
+        second = await client.call_tool("generate_image", {"prompt": "p", "num_images": 2, "dry_run": True})
+    assert first.structured_content["cost_usd"] == pytest.approx(0.004)
+    assert second.structured_content["cost_usd"] == pytest.approx(0.008)
+    assert fake.count("GET /api/v1/models") == 1  # read once, then remembered
+
+
+async def test_an_unreadable_price_list_keeps_the_documented_price(atlas):
+    fake = AtlasFake(key=ATLAS_KEY)
+    fake.catalogue = {}
+    async with serve(atlas(FLUX_MCP_BUDGET_DAY_USD="1"), fake) as client:
+        result = await client.call_tool("generate_image", {"prompt": "p", "dry_run": True})
+    assert result.structured_content["cost_usd"] == pytest.approx(0.003)

@@ -104,6 +104,9 @@ class PriceBook:
         for key in (model, "*"):
             if key in own:
                 return own[key], "FLUX_MCP_PRICES"
+        listed = provider.listed_price(model)
+        if listed is not None:
+            return listed, "provider's price list"
         info = provider.model_info(model)
         if info is not None and info.price_usd is not None:
             return info.price_usd, "documented price"
@@ -229,6 +232,12 @@ class Money:
 
     def estimate(self, provider: Provider, req: JobRequest) -> Estimate:
         return self.prices.estimate(provider, req)
+
+    def decides(self) -> bool:
+        """Whether the server's estimates decide anything (a budget, a confirmation threshold): only then is
+        the provider's own price list worth a (free) request. A call's own `max_cost_usd` or `dry_run` uses
+        the prices known, and so refuses before any request."""
+        return self.limits.budgeted or self.limits.confirm_above_usd is not None
 
     def windows(self, now: float) -> dict[str, float]:
         return {"day": day_start(now), "month": month_start(now)}

@@ -173,6 +173,8 @@ class FluxService:
                 source = prepared.image
                 check_source = (lambda data, shown=(source if source and not source.startswith("data:")
                                                     else "the image"): assets.check_source(asset, data, shown))
+                if self.money.decides():
+                    await provider.refresh_prices()  # the provider's current price, where it lists one
                 estimate = self.money.estimate(provider, prepared)
                 if prepared.dry_run:
                     if prepared.kind == "edit":

@@ -84,6 +84,10 @@ class AtlasFake(FakeBase):
     file_mode: str = "ok"
     """How result files are served: ok, 404, redirect_loop, redirect:<url>, not_image, huge, slow, bomb."""
     noisy_images: bool = False
+    catalogue: dict[str, float] = field(default_factory=lambda: {
+        "black-forest-labs/flux-schnell": 0.003, "black-forest-labs/flux-dev": 0.012,
+        "black-forest-labs/flux-kontext-dev": 0.025})
+    """The public model catalogue's prices (USD per run), as `GET /api/v1/models` lists them."""
     extra_outputs: int = 0
     """A misbehaving provider: this many outputs beyond the `num_images` asked for."""
     """Serve incompressible images (realistic byte sizes) instead of flat colour."""
@@ -109,6 +113,9 @@ class AtlasFake(FakeBase):
         path = self.log(request)
         if request.method == "GET" and path.startswith(("/files/", "/uploads/")):
             return self._file(path)
+        if request.method == "GET" and path == "/api/v1/models":  # the public catalogue: no key needed
+            return json_response(200, {"code": 200, "data": [
+                {"model": model, "type": "Image", "price": price} for model, price in self.catalogue.items()]})
         if (refused := self.check_key(request)) is not None:
             return refused
         if request.method == "POST" and path == "/api/v1/model/generateImage":

@@ -33,18 +33,29 @@ The wire, as this adapter relies on it:
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx2
 from pydantic import AliasChoices, BeforeValidator, Field
 
-from ..errors import InsufficientCredits, ProviderRejected, ProviderUnavailable, SubmitOutcomeUnknown
+from ..errors import (
+    FluxError,
+    InsufficientCredits,
+    ProviderRejected,
+    ProviderUnavailable,
+    SubmitOutcomeUnknown,
+)
 from ..http import CLIENT_ERROR, MAX_API_BYTES, AnswerTooLarge, ErrorRule, Phase, ProviderHttp
 from ..models import Status
 from .base import ImageRequest, JobState, ModelInfo, Provider, Range, Submitted
 from .registry import ATLASCLOUD
 from .wire import Loose, Text, UnusableOutput, WireModel, finished, first_string, read, resolve_output
+
+log = logging.getLogger("flux_mcp.providers.atlascloud")
+CATALOGUE_TTL = 3600.0
+"""Seconds the catalogue's prices are trusted before it is read again."""
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
@@ -94,6 +105,17 @@ class _Prediction(WireModel):
     message: Text = Field(None, validation_alias=AliasChoices("message", "msg"))
     price: Loose[float] = None
     has_nsfw_contents: Loose[bool | list[Loose[bool]]] = None
+
+
+class _Listed(WireModel):
+    model: Text = None
+    price: Loose[float] = None
+
+
+class _Catalogue(WireModel):
+    """`GET /api/v1/models`: `{code, data: [{model, type, schema, price, ...}]}`."""
+
+    data: list[Loose[_Listed]] = Field(default_factory=list)
 
 
 class _Answer(_Prediction):
@@ -153,6 +175,9 @@ class AtlasCloud(Provider):
     def __init__(self, settings: ProviderSettings, http: ProviderHttp):
         super().__init__(settings, http)
         self._inline_ids: dict[str, None] = {}
+        self._catalogue: dict[str, float] = {}
+        """Model id -> the catalogue's price per run (USD), once read."""
+        self._catalogue_read = -CATALOGUE_TTL
         """Jobs whose status answers carry base64 images, so they may be as large as a submit's answer."""
 
     def _headers(self) -> dict[str, str]:
@@ -286,6 +311,27 @@ class AtlasCloud(Provider):
 
     def _error(self, response: httpx2.Response, phase: Phase) -> Exception:
         return self.http.error_for(response, _ERRORS, phase=phase)
+
+    async def refresh_prices(self) -> None:
+        """The catalogue (`GET /api/v1/models`, no key needed) lists each model with its current `price` in
+        USD per run: read at most once an hour; an answer that cannot be read keeps the documented prices."""
+        if time.monotonic() - self._catalogue_read < CATALOGUE_TTL:
+            return
+        self._catalogue_read = time.monotonic()
+        try:
+            response = await self.http.fetch("GET", f"{self.base_url}/api/v1/models",
+                                             headers={"Accept": "application/json"})
+        except FluxError as exc:
+            log.info("Atlas Cloud's catalogue was not read (%s); documented prices apply", type(exc).__name__)
+            return
+        catalogue = read(_Catalogue, response) if response.status_code < 300 else None
+        if catalogue is None:
+            return
+        self._catalogue = {m.model: m.price for m in catalogue.data
+                           if m is not None and m.model and m.price is not None and m.price >= 0}
+
+    def listed_price(self, model: str | None) -> float | None:
+        return self._catalogue.get(model or "")
 
     def _remember_inline(self, native_id: str) -> None:
         self._inline_ids[native_id] = None

@@ -286,6 +286,13 @@ class Provider:
     def max_images(self, info: ModelInfo) -> int:
         return info.max_images
 
+    async def refresh_prices(self) -> None:
+        """Reads the provider's own price list where it publishes one (see `listed_price`); a no-op here."""
+
+    def listed_price(self, model: str | None) -> float | None:
+        """The provider's own current price per image of `model`, as last read by `refresh_prices`."""
+        return None
+
     def price(self, req: ImageRequest) -> float | None:
         info = self.model_info(req.model)
         return info.price_usd * req.num_images if info and info.price_usd is not None else None
