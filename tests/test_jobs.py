@@ -302,3 +302,23 @@ def test_servers_starting_at_once_on_an_old_journal_migrate_it_once(home: Path):
         with journal._lock:
             assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
             journal._db.close()
+
+
+async def test_a_later_write_of_an_older_copy_never_undelivers_and_a_clashing_key_deletes_nothing(home: Path):
+    journal = open_journal(home)
+    try:
+        first = Record(id="atlascloud:a", provider="atlascloud", native_id="a", model="m", kind="generate",
+                       status="succeeded", request={}, idempotency_key="k", delivered=True)
+        assert await journal.put(first)
+        stale = first.copy()
+        stale.delivered = False
+        assert await journal.put(stale)
+        stored = await journal.get("atlascloud:a")
+        assert stored is not None and stored.delivered  # once delivered, always delivered
+        clash = Record(id="atlascloud:b", provider="atlascloud", native_id="b", model="m", kind="generate",
+                       status="starting", request={}, idempotency_key="k")
+        assert not await journal.put(clash)  # the key belongs to the first job: not written over it
+        with journal._lock:
+            assert journal._db.execute("SELECT id FROM predictions").fetchall() == [("atlascloud:a",)]
+    finally:
+        await journal.close()

@@ -13,10 +13,11 @@ pytestmark = pytest.mark.anyio
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 @pytest.mark.parametrize(("arguments", "named", "suggested"), [
-    ({"dry_run": True}, ["dry_run"], None),
-    ({"transparent": True}, ["transparent"], None),
+    # (dry_run and transparent, the issue's own examples, have since become real parameters.)
+    ({"negative_prompt": "blur"}, ["negative_prompt"], None),
+    ({"background": "transparent"}, ["background"], None),
     ({"num_image": 2}, ["num_image"], "num_images"),
-    ({"sead": 7, "dry_run": True}, ["sead", "dry_run"], "seed"),
+    ({"sead": 7, "aspect_ratio": "16:9"}, ["sead", "aspect_ratio"], "seed"),
 ])
 async def test_generate_image_refuses_an_unknown_argument_before_any_request(settings, fake, mode, arguments,
                                                                               named, suggested):
