@@ -35,10 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(level, Redactor(settings.secrets()))
     command = args.command or "serve"
     if command in ("serve", "generate", "prune"):
-        from .journal import check_journal
+        import anyio
+
+        from .backends import check_backends
 
         try:
-            check_journal(settings.home)  # a data folder that cannot be used: one clear line, before serving
+            anyio.run(check_backends, settings)  # a data folder or database that cannot be used: one clear line
         except ConfigError as exc:
             print(f"flux-mcp: {exc}", file=sys.stderr)
             return 2
@@ -103,9 +105,8 @@ def _parser() -> argparse.ArgumentParser:
 def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet: bool = False) -> int:
     import anyio
 
-    from .journal import open_journal
+    from .backends import open_journal, open_store
     from .prune import prune
-    from .store import FolderStore
 
     days = older_than if older_than is not None else (settings.keep_days or 30.0)
     if days < 0:
@@ -113,9 +114,9 @@ def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet
         return 2
 
     async def run() -> int:
-        journal = open_journal(settings.home)
+        journal = await open_journal(settings)
         try:
-            done = await prune(journal, FolderStore(settings.home), older_than_days=days, dry_run=dry_run)
+            done = await prune(journal, open_store(settings), older_than_days=days, dry_run=dry_run)
         finally:
             await journal.close()
         verb = "would remove" if dry_run else "removed"
@@ -159,9 +160,9 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
         return 0
     from .transport import is_loopback
 
-    if not is_loopback(host) and settings.auth_token is None:
-        print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN; set a token (clients then "
-              "send 'Authorization: Bearer <token>') or bind 127.0.0.1.", file=sys.stderr)
+    if not is_loopback(host) and not settings.http_auth:
+        print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN or FLUX_MCP_AUTH_TOKENS; set a "
+              "token (clients then send 'Authorization: Bearer <token>') or bind 127.0.0.1.", file=sys.stderr)
         return 2
     from .transport import serve_http
 

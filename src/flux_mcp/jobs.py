@@ -89,7 +89,8 @@ class JobRunner:
     # --- a new job ----------------------------------------------------------------------------
 
     async def run(self, provider: Provider, req: JobRequest, plan: SavePlan, wait: float, paths: PathPolicy,
-                  progress: ProgressFn | None = None, *, image_source: str | None = None) -> Outcome:
+                  progress: ProgressFn | None = None, *, image_source: str | None = None,
+                  principal: str = "local") -> Outcome:
         """The whole life of a new job. `req` is prepared (validated, model and image resolved),
         `plan` says where its save_to copies go (checked), `image_source` is the edit input as given. Raises FluxError only when no job was created (or its
         creation is unknowable: SubmitOutcomeUnknown); after the submit it always returns the job."""
@@ -97,7 +98,7 @@ class JobRunner:
         sent = time.time()
         with anyio.CancelScope(shield=True):
             submitted = await self._submit(provider, req, inline, progress, wait)
-            record = self._record(provider, req, plan, submitted, sent, image_source)
+            record = self._record(provider, req, plan, submitted, sent, image_source, principal)
             log.info("submitted %s (%s, %s%s)", record.id, provider.id, record.model, ", held" if inline else "")
             outcome = Outcome(record)
             state = submitted.state
@@ -143,7 +144,7 @@ class JobRunner:
 
     @staticmethod
     def _record(provider: Provider, req: JobRequest, plan: SavePlan, submitted: Submitted,
-                sent: float, image_source: str | None) -> Record:
+                sent: float, image_source: str | None, principal: str = "local") -> Record:
         request = {**req.journaled(), **plan.journaled()}
         if image_source is not None:
             request["image"] = req.model_copy(update={"image": image_source}).journaled()["image"]
@@ -152,6 +153,7 @@ class JobRunner:
             model=req.model or "", kind=req.kind, status="starting", request=request,
             # The job's clock starts when the request leaves: a held submit's answer comes only at its end.
             cost_usd=provider.price(req), created_at=min(sent, submitted.submitted_at), updated_at=time.time(),
+            principal=principal,
         )
 
     # --- an earlier job -----------------------------------------------------------------------

@@ -33,7 +33,8 @@ from .config import Settings
 from .errors import FluxError
 from .folders import Folders
 from .http import LazyClient, RetryPolicy
-from .journal import Record, open_journal
+from .backends import open_journal, open_store
+from .journal import Record
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
 from .paths import PathPolicy
@@ -41,7 +42,9 @@ from .providers import overview, registry
 from .redact import Redactor, protect_logs
 from .render import error_result, needs_image_work, prediction_result, structured
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
+from .jobs import Outcome
 from .service import FluxService, ProgressFn
+from .shared import add_health_routes, present, principal_of
 
 log = logging.getLogger("flux_mcp.server")
 
@@ -92,7 +95,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         nonlocal users
         async with lock:
             if not live:
-                live.append(_open_state(settings, http_client, retry, downloads, paths))
+                live.append(await _open_state(settings, http_client, retry, downloads, paths))
             users += 1
         try:
             yield live[0]
@@ -170,10 +173,11 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
-            outcome = await state.service.check(prediction_id, wait_seconds, paths, _progress(ctx, state))
+            outcome = await state.service.check(prediction_id, wait_seconds, paths, _progress(ctx, state),
+                                                principal=principal_of(ctx))
         except FluxError as exc:
             return error_result(state.service.redactor.scrub(str(exc)))
-        return await _render(outcome, paths, state.settings, "Finished")
+        return await _render(outcome, paths, state, "Finished")
 
     server.tool(title="Check prediction", annotations=ToolAnnotations(
         title="Check prediction", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
@@ -181,18 +185,19 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
             f"Seconds to wait if still running (0 = just look; at most {settings.max_wait_seconds:g}).")))
 
     _add_resources(server, settings)
+    add_health_routes(server, lambda: live[0].service if live else None)
     return server
 
 
-def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
-                downloads: DownloadLimits | None, paths: PathPolicy | None = None) -> AppState:
+async def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
+                      downloads: DownloadLimits | None, paths: PathPolicy | None = None) -> AppState:
     protect_logs(settings.secrets())
-    journal = open_journal(settings.home)
+    journal = await open_journal(settings)
     client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
     limits = downloads or DownloadLimits()
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
-    service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry,
-                          downloader=downloader)
+    service = FluxService(settings, client, journal, store=open_store(settings), redactor=Redactor(settings.secrets()),
+                          retry=retry, downloader=downloader)
     return AppState(settings, service, Folders(settings), paths=paths)
 
 
@@ -251,13 +256,15 @@ async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str)
     state = _state(ctx)
     try:
         paths = await _path_policy(ctx, state)
-        outcome = await state.service.run(req, paths, _progress(ctx, state))
+        outcome = await state.service.run(req, paths, _progress(ctx, state), principal=principal_of(ctx))
     except FluxError as exc:
         return error_result(state.service.redactor.scrub(str(exc)))
-    return await _render(outcome, paths, state.settings, action)
+    return await _render(outcome, paths, state, action)
 
 
-async def _render(outcome: Any, paths: PathPolicy, settings: Settings, action: str) -> CallToolResult:
+async def _render(outcome: Any, paths: PathPolicy, state: AppState, action: str) -> CallToolResult:
+    settings = state.settings
+    outcome = await present(outcome, state.service.store)  # shared mode: download links, previews from the bucket
     render = functools.partial(prediction_result, outcome, paths, settings, action=action)
     if needs_image_work(outcome, settings):
         # Shrinking previews decodes and encodes images: CPU work that must not stall the other calls.
@@ -308,7 +315,8 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
         record = await _record(ctx, prediction_id)
         if record is None:
             raise ResourceNotFoundError(f"No prediction {prediction_id!r} on this server.")
-        return json.dumps(structured(record, _state(ctx).settings), indent=2)
+        shown = await present(Outcome(record), _state(ctx).service.store, previews=False)
+        return json.dumps(structured(shown.record, _state(ctx).settings), indent=2)
 
     @server.resource("flux://images/{prediction_id}/{index}", name="image", mime_type="image/png",
                      description="A finished image of a prediction, full resolution.")
@@ -327,7 +335,9 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
 
 
 async def _record(ctx: Context[AppState, Any], prediction_id: str) -> Record | None:
-    return await _state(ctx).service.journal.get(prediction_id)
+    record = await _state(ctx).service.journal.get(prediction_id)
+    # Another principal's prediction is answered as one that does not exist.
+    return record if record is not None and record.principal == principal_of(ctx) else None
 
 
 class _Server(MCPServer[AppState]):

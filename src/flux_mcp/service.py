@@ -34,6 +34,7 @@ from .paths import PathPolicy
 from .providers import Provider, registry
 from .redact import Redactor
 from .request import JobRequest
+from .shared import LOCAL, UPLOAD_REFUSED, check_job_inputs
 from .store import FolderStore, ImageStore
 
 log = logging.getLogger("flux_mcp.service")
@@ -95,8 +96,11 @@ class FluxService:
 
     # --- generate / edit / check ---------------------------------------------------------------
 
-    async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None) -> Outcome:
-        """Runs a generate or edit job: everything that can be checked is checked before paying."""
+    async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None, *,
+                  principal: str = LOCAL) -> Outcome:
+        """Runs a generate or edit job for `principal`: everything that can be checked is checked before paying."""
+        if self.settings.shared:
+            check_job_inputs(req.save_to, req.image if req.kind == "edit" else None)
         provider = self.provider(req.provider, need="edit" if req.kind == "edit" else None)
         model = req.model or (provider.default_edit_model if req.kind == "edit" else provider.default_model)
         req = provider.prepare(req.model_copy(update={"provider": provider.id, "model": model}))
@@ -105,10 +109,11 @@ class FluxService:
         if req.kind == "edit":
             req = req.model_copy(update={"image": await self._image_input(provider, req.image or "", paths)})
         wait = self.wait_for(req.wait_seconds)
-        return await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source)
+        return await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source,
+                                     principal=principal)
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
-                    progress: ProgressFn | None = None) -> Outcome:
+                    progress: ProgressFn | None = None, *, principal: str = LOCAL) -> Outcome:
         pid = prediction_id.strip()
         if not _PREDICTION_ID.match(pid) or ".." in pid:
             raise InvalidInput(
@@ -116,6 +121,8 @@ class FluxService:
                 "by generate_image or edit_image."
             )
         record = await self.journal.get(pid)
+        if record is not None and record.principal != principal:
+            record = None  # another principal's prediction: answered as one that does not exist
         if record is None:
             raise UnknownPrediction(
                 f"No prediction {pid!r} was made by this server (its journal is in {self.settings.home}). Check "
@@ -173,6 +180,8 @@ class FluxService:
         return url, False
 
     async def upload(self, path: str, provider_name: str | None, paths: PathPolicy) -> UploadResult:
+        if self.settings.shared:
+            raise InvalidInput(UPLOAD_REFUSED)
         provider = self.provider(provider_name, need="upload")
         resolved, data = paths.read_bytes(path)
         try:

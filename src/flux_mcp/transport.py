@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 from typing import Any
@@ -11,6 +10,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
+from .shared import HEALTH_PATHS, LOCAL, PRINCIPAL_KEY, match_token, token_principals
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 """Large enough for an edit_image call carrying a data: URI, small enough to refuse abuse early."""
@@ -48,14 +48,19 @@ def security_settings(host: str, port: int, extra_hosts: list[str] | None = None
 
 
 class BearerTokenMiddleware:
-    """Requires `Authorization: Bearer <FLUX_MCP_AUTH_TOKEN>` on every HTTP request (constant-time check)."""
+    """Requires `Authorization: Bearer <token>` on every HTTP request but the health routes: the one
+    FLUX_MCP_AUTH_TOKEN or one of FLUX_MCP_AUTH_TOKENS (constant-time checks). The token's user name
+    (`local` for the single shared token) is left in the request's state as its principal."""
 
-    def __init__(self, app: ASGIApp, token: str):
+    def __init__(self, app: ASGIApp, token: str | None = None, *, tokens: list[tuple[bytes, str]] | None = None):
         self.app = app
-        self.token = token.encode()
+        self.tokens = list(tokens or []) + ([(token.encode(), LOCAL)] if token else [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope.get("path") in HEALTH_PATHS and scope.get("method") == "GET":
             await self.app(scope, receive, send)
             return
         supplied = b""
@@ -65,14 +70,17 @@ class BearerTokenMiddleware:
                 if scheme.lower() == b"bearer":
                     supplied = credential.strip()
                 break
-        if not hmac.compare_digest(supplied, self.token):
+        principal = match_token(supplied, self.tokens) if supplied else None
+        if principal is None:
             body = json.dumps({"error": "unauthorized",
-                               "error_description": "Send 'Authorization: Bearer <FLUX_MCP_AUTH_TOKEN>'."}).encode()
+                               "error_description": "Send 'Authorization: Bearer <your token>' (FLUX_MCP_AUTH_TOKEN "
+                                                    "or your entry of FLUX_MCP_AUTH_TOKENS)."}).encode()
             await send({"type": "http.response.start", "status": 401, "headers": [
                 (b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="flux-mcp"'),
                 (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
+        scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
         await self.app(scope, receive, send)
 
 
@@ -81,14 +89,15 @@ def http_app(settings: Settings, transport: str, host: str, port: int, **server_
     from .server import build_server
 
     server = build_server(settings, **server_kwargs)
-    security = security_settings(host, port, token_required=settings.auth_token is not None)
+    security = security_settings(host, port, token_required=settings.http_auth)
     if transport == "sse":
         app: ASGIApp = server.sse_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES, host=host)
     else:
+        # Shared mode: any replica answers any request, so no session lives in one process's memory.
         app = server.streamable_http_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES,
-                                         host=host)
-    if settings.auth_token is not None:
-        app = BearerTokenMiddleware(app, settings.auth_token.get_secret_value())
+                                         host=host, stateless_http=settings.shared)
+    if settings.http_auth:
+        app = BearerTokenMiddleware(app, tokens=token_principals(settings.auth_token, settings.auth_tokens))
     return app
 
 
