@@ -157,6 +157,22 @@ class MotoS3:
         httpx2.put(f"{self.endpoint}/{name}", timeout=10).raise_for_status()
         return name
 
+    def _client(self, bucket: str) -> object:
+        from obstore.store import S3Store
+
+        return S3Store(bucket, endpoint=self.endpoint, access_key_id=S3_KEY_ID, secret_access_key=S3_SECRET,
+                       region=S3_REGION, client_options={"allow_http": True})
+
+    def read(self, bucket: str, key: str) -> bytes | None:
+        """An object's bytes, read with the test credentials (None when there is no such object)."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        try:
+            return bytes(obstore.get(self._client(bucket), key).bytes())  # type: ignore[arg-type]
+        except (NotFoundError, FileNotFoundError):
+            return None
+
     def keys(self, bucket: str) -> list[str]:
         """The object keys in `bucket` (moto's listing, read without signing)."""
         import re
@@ -167,14 +183,29 @@ class MotoS3:
         return re.findall(r"<Key>([^<]+)</Key>", body)
 
 
+RUNNING: list[MotoS3] = []
+"""The S3 server of this test session, once started (for `kept_bytes`)."""
+
+
 @contextlib.contextmanager
 def services() -> Iterator[tuple[Postgres, MotoS3]]:
     pg = Postgres.start()
     try:
         s3 = MotoS3.start()
+        RUNNING.append(s3)
         try:
             yield pg, s3
         finally:
+            RUNNING.remove(s3)
             s3.stop()
     finally:
         pg.stop()
+
+
+def kept_bytes(location: str) -> bytes | None:
+    """The bytes a result's `images[].path` names: a file, or an object in the session's bucket (None: gone)."""
+    if location.startswith("s3://"):
+        bucket, _, key = location.removeprefix("s3://").partition("/")
+        return RUNNING[0].read(bucket, key)
+    path = Path(location)
+    return path.read_bytes() if path.is_file() else None

@@ -149,5 +149,21 @@ async def connect(settings: Settings, fake: Fake | None = None, *, retry: RetryP
             await http.aclose()
 
 
+def is_kept(location: str | None) -> bool:
+    """Whether a result's `images[].path` names a kept image: a regular file, or (shared mode) an object in
+    the bucket."""
+    from tests.cluster_env import kept_bytes
+
+    return bool(location) and kept_bytes(str(location)) is not None
+
+
+def as_answered(structured: dict[str, Any]) -> dict[str, Any]:
+    """A result's structuredContent with each presigned download link cut to its object's address: shared
+    mode signs a fresh link on every answer (never stored), so two answers about one job differ only there."""
+    images = [{**i, "url": i["url"].partition("?X-Amz-")[0]} if isinstance(i.get("url"), str) else i
+              for i in structured.get("images") or []]
+    return {**structured, "images": images} if "images" in structured else structured
+
+
 def text_of(result: Any) -> str:
     return "\n".join(b.text for b in result.content if getattr(b, "type", "") == "text")

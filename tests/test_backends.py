@@ -159,6 +159,5 @@ async def test_a_bucket_image_gets_a_presigned_link_that_downloads_it(request: p
     async with httpx2.AsyncClient() as client:
         got = await client.get(url)
         assert got.status_code == 200 and got.content == data
-        tampered = await client.get(url.replace("X-Amz-Expires=120", "X-Amz-Expires=99999"))
-        assert tampered.status_code == 403
+        # (moto checks neither the signature nor the expiry, so a tampered or expired link is not tried here.)
     assert await store.presign("/etc/passwd") is None  # type: ignore[attr-defined]

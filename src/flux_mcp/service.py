@@ -99,9 +99,9 @@ class FluxService:
     async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None, *,
                   principal: str = LOCAL) -> Outcome:
         """Runs a generate or edit job for `principal`: everything that can be checked is checked before paying."""
+        provider = self.provider(req.provider, need="edit" if req.kind == "edit" else None)
         if self.settings.shared:
             check_job_inputs(req.save_to, req.image if req.kind == "edit" else None)
-        provider = self.provider(req.provider, need="edit" if req.kind == "edit" else None)
         model = req.model or (provider.default_edit_model if req.kind == "edit" else provider.default_model)
         req = provider.prepare(req.model_copy(update={"provider": provider.id, "model": model}))
         plan = save_targets(paths, req.save_to, req.num_images, req.overwrite, req.prompt)
@@ -180,9 +180,9 @@ class FluxService:
         return url, False
 
     async def upload(self, path: str, provider_name: str | None, paths: PathPolicy) -> UploadResult:
+        provider = self.provider(provider_name, need="upload")
         if self.settings.shared:
             raise InvalidInput(UPLOAD_REFUSED)
-        provider = self.provider(provider_name, need="upload")
         resolved, data = paths.read_bytes(path)
         try:
             info = inspect_image(data)
