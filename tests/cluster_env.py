@@ -209,3 +209,17 @@ def kept_bytes(location: str) -> bytes | None:
         return RUNNING[0].read(bucket, key)
     path = Path(location)
     return path.read_bytes() if path.is_file() else None
+
+
+def ensure_haproxy() -> str:
+    """The haproxy program, installing Debian's `haproxy` package when it is missing."""
+    found = shutil.which("haproxy") or (Path("/usr/sbin/haproxy").exists() and "/usr/sbin/haproxy")
+    if found:
+        return str(found)
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise RuntimeError("haproxy is not installed: install the `haproxy` package or run the tests as root")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "haproxy"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return shutil.which("haproxy") or "/usr/sbin/haproxy"
