@@ -194,15 +194,12 @@ class PgJournal:
     # --- writes -------------------------------------------------------------------------------
 
     async def put(self, record: Record) -> bool:
-        import psycopg
-        from psycopg_pool import PoolTimeout
-
         self._remember_duration(record)
         if record.id not in self._backlog and not self._backlog:
             try:
                 await self._write(record)
                 return True
-            except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            except _transient() as exc:
                 reason = _first_line(exc)
         else:
             reason = self._backlog_reason or "earlier writes are still waiting"
@@ -230,13 +227,10 @@ class PgJournal:
 
     async def _flush_backlog(self) -> bool:
         """One attempt at every unwritten record, oldest first; True when none is left."""
-        import psycopg
-        from psycopg_pool import PoolTimeout
-
         for rec in list(self._backlog.values()):
             try:
                 await self._write(rec)
-            except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            except _transient() as exc:
                 self._backlog_reason = _first_line(exc)
                 return False
             if self._backlog.get(rec.id) is rec:
@@ -346,6 +340,17 @@ class PgJournal:
             log.error("prediction %s was never written to the database %s (%s); keep its id to check on it "
                       "with the provider", rid, self.where, self._backlog_reason)
         await self.pool.close()
+
+
+def _transient() -> tuple[type[BaseException], ...]:
+    """Write failures that pass (the database unreachable or restarting, the pool exhausted, a failover that
+    left a read-only standby or a role without rights for a while): the record is kept and retried."""
+    import psycopg
+    from psycopg import errors
+    from psycopg_pool import PoolTimeout
+
+    return (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlySqlTransaction,
+            errors.InsufficientPrivilege, PoolTimeout)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -218,3 +218,40 @@ async def test_many_waiting_calls_hold_no_database_connection(shared_settings, f
                 assert not other.is_error and "journal could not be written" not in text_of(other)
                 fake.finish(pid.split(":", 1)[1])
     assert len(results) == 40 and all(r.structured_content["status"] == "succeeded" for r in results)
+
+
+async def test_a_write_refused_by_a_read_only_database_is_kept_and_lands_once_it_is_writable(
+        shared_env, cluster_services):
+    pg, _ = cluster_services
+    url = shared_env["FLUX_MCP_DATABASE_URL"]
+    database = url.rpartition("/")[2].partition("?")[0]
+    journal = await PgJournal.open(url)
+    from tests.test_backends import record
+
+    def reconnect_all() -> None:  # the pool's connections are dropped; new ones get the database's settings
+        pg.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}' "
+                "AND pid <> pg_backend_pid()")
+
+    try:
+        pg.psql(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        reconnect_all()
+        rec = record(5)
+        landed = False
+        with anyio.fail_after(10):
+            while not landed and not journal.unwritten():
+                landed = await journal.put(rec)  # the first try may meet a dropped connection: tried again
+        assert not landed and journal.unwritten() == [rec.id]
+        assert await journal.get(rec.id) == rec  # found in the backlog meanwhile
+        pg.psql(f'ALTER DATABASE "{database}" SET default_transaction_read_only = off')
+        reconnect_all()
+        with anyio.fail_after(15):
+            while journal.unwritten():
+                await anyio.sleep(0.1)
+        other = await PgJournal.open(url)
+        try:
+            assert await other.get(rec.id) == rec
+        finally:
+            await other.close()
+    finally:
+        pg.psql(f'ALTER DATABASE "{database}" SET default_transaction_read_only = off')
+        await journal.close()
