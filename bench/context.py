@@ -1,7 +1,8 @@
 """Context cost: what a client puts in the model's context for flux-mcp, beside atlascloud-mcp.
 
 * `tools/list`: the compact JSON of the answer's `result` (tool names, descriptions, schemas),
-  captured from a fresh server over stdio;
+  captured from a fresh server over stdio, against its bound: at most `BOUND` bytes for all tools
+  together (tests/test_context.py asserts it; the figure here is the same measure, per tool too);
 * a typical finished result: the text block of a `check_prediction` answer for a finished 64x64
   generation, and its `structuredContent` (the inline preview is an image block, counted by the
   client as an image, not as text: see the preview figure for its bytes).
@@ -26,6 +27,8 @@ from typing import Any
 from .common import BENCH, TOKENS_PER_BYTE, base_env, flux_command, flux_env
 from .raw import compact_bytes, spawn_to_tools_list, tools_of
 
+BOUND = 6000
+"""Bytes of compact JSON that `tools/list` may cost, all tools together."""
 ATLAS_PACKAGE = "atlascloud-mcp"
 ATLAS_VERSION = "1.7.0"
 NODE_DIR = BENCH / ".node"
@@ -77,6 +80,7 @@ def _sizes(line: bytes) -> dict[str, Any]:
         "bytes": size,
         "tokens_est": round(size * TOKENS_PER_BYTE),
         "bytes_per_tool": round(size / max(len(tools), 1)),
+        "per_tool": {t["name"]: compact_bytes(t) for t in tools},
     }
 
 
@@ -84,6 +88,8 @@ def run(workdir: Path, fake_url: str, typical: dict[str, Any] | None, *, install
     home = workdir / "context"
     flux_line = spawn_to_tools_list(flux_command(), flux_env(home, fake_url), home / "workspace").line
     flux: dict[str, Any] = {"tools_list": _sizes(flux_line)}
+    flux["tools_list"]["bound"] = BOUND
+    flux["tools_list"]["within_bound"] = flux["tools_list"]["bytes"] <= BOUND
     if typical:
         text = typical["text"].encode()
         structured = compact_bytes(typical["structured"])

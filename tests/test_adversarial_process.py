@@ -130,7 +130,7 @@ def test_malformed_json_rpc_on_stdio_gets_errors_and_the_server_keeps_serving(en
     assert parse_error["error"]["code"] == -32700
     assert unknown["error"]["code"] in (-32601, -32600, -32602)
     assert init["result"]["serverInfo"]["name"] == "flux-mcp"
-    assert len(listed["result"]["tools"]) == 4
+    assert len(listed["result"]["tools"]) == 5
     assert "Traceback" not in stderr
 
 
@@ -188,7 +188,7 @@ async def test_malformed_and_oversized_http_requests_are_refused_and_the_server_
             tools = (await client.list_tools()).tools
     assert garbage.status_code == 400 and garbage.json()["error"]["code"] == -32700
     assert huge.status_code == 413
-    assert len(tools) == 4
+    assert len(tools) == 5
 
 
 async def test_200_concurrent_generations_over_streamable_http_all_succeed_once(env, fake, workspace):

@@ -162,3 +162,66 @@ async def test_resource_reads_go_through_mcpserver_read_resource():
         result = await client.read_resource("pin://blob/3")
     assert result.contents[0].mime_type == "image/x-relabelled", \
         "flux_mcp.server._Server: resources/read no longer goes through MCPServer.read_resource"
+
+
+async def test_tools_and_prompts_go_through_the_public_methods_the_server_overrides():
+    """flux_mcp.server._Server cleans descriptions and adds icons in add_tool/add_prompt, compacts the
+    schemas in list_tools and refuses unknown arguments in call_tool: each must stay the SDK's route,
+    and call_tool must still see the arguments as sent (the SDK's own argument model ignores extras)."""
+    seen: list[Any] = []
+
+    class Spy(MCPServer[Any]):
+        def add_tool(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+            seen.append("add_tool")
+            super().add_tool(fn, *args, **kwargs)
+
+        def add_prompt(self, prompt: Any) -> None:
+            seen.append("add_prompt")
+            super().add_prompt(prompt)
+
+        async def list_tools(self) -> Any:
+            seen.append("list_tools")
+            return await super().list_tools()
+
+        async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+            seen.append(("call_tool", dict(arguments)))
+            return await super().call_tool(name, arguments, context)
+
+    server = Spy("pin")
+
+    @server.tool()
+    def echo(x: int) -> str:
+        return str(x)
+
+    @server.prompt()
+    def hello() -> str:
+        return "hello"
+
+    async with Client(server) as client:
+        await client.list_tools()
+        result = await client.call_tool("echo", {"x": 1, "extra": 2})
+    where = "flux_mcp.server._Server: "
+    assert seen[:2] == ["add_tool", "add_prompt"], where + "the decorators no longer call add_tool/add_prompt"
+    assert "list_tools" in seen, where + "tools/list no longer goes through MCPServer.list_tools"
+    assert ("call_tool", {"x": 1, "extra": 2}) in seen, where + "tools/call no longer goes through call_tool"
+    assert not result.is_error, where + "the SDK refuses extra arguments itself now: _Server.call_tool's refusal may go"
+    overridden = inspect.signature(MCPServer.add_tool).parameters
+    from flux_mcp.server import _Server
+
+    assert list(inspect.signature(_Server.add_tool).parameters) == list(overridden), \
+        where + "MCPServer.add_tool changed its parameters"
+
+
+def test_open_sessions_lists_the_session_managers_live_sessions():
+    from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+    manager = StreamableHTTPSessionManager(MCPServer("pin")._lowlevel_server)
+    assert isinstance(getattr(manager, "_server_instances", None), dict), \
+        SHIM.format("open_sessions") + "StreamableHTTPSessionManager._server_instances is gone or no dict"
+    assert list(compat.open_sessions(manager)) == []
+    transport = manager._admit_session(None)
+    assert transport is not None and transport.mcp_session_id in compat.open_sessions(manager), \
+        SHIM.format("open_sessions") + "an admitted session is not listed"
+    manager._server_instances.pop(transport.mcp_session_id)
+    assert transport.mcp_session_id not in compat.open_sessions(manager), \
+        SHIM.format("open_sessions") + "the listing is not live"

@@ -26,7 +26,7 @@ from tests.subprocess_helpers import child_env, http_server
 
 pytestmark = pytest.mark.subprocess
 
-TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction"}
+TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction", "list_predictions"}
 ERA_VERSION = {"legacy": "2025-11-25", "modern": "2026-07-28"}
 TOOL_ERROR_EXIT = 5
 """The Inspector's exit code for a tool result with isError: true."""

@@ -159,8 +159,9 @@ async def test_a_full_journal_after_the_submit_leaves_the_id_in_the_result_and_t
     assert outcome.record.id == pid
     assert any(pid in n and "journal" in n for n in outcome.notes), outcome.notes
     assert pid in caplog.text and "not yet journaled" in caplog.text
-    assert rig.journal.unwritten() == [pid]
-    assert (await rig.journal.get(pid)) is not None  # still found: the journal answers from its backlog
+    # Still found: from the journal's backlog (or from the file, once its retry, on a connection of its own
+    # that the full-disk limit of this one does not bind, has landed it).
+    assert (await rig.journal.get(pid)) is not None
 
 
 async def test_a_lock_held_by_another_connection_neither_blocks_the_loop_nor_loses_the_id(rig: Rig, caplog):

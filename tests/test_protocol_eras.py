@@ -3,7 +3,8 @@
 Clients in the field open with a 2026-07-28 `server/discover` probe and then send the legacy `initialize`
 on the same connection (Claude Code 2.1.280, Copilot CLI 1.0.85; anthropics/claude-code#96183); a plain
 `mcp` 2.x server refuses that with -32022. flux-mcp serves it, plain handshake-era clients, and
-2026-07-28 clients, and reads MCP roots where the era has them.
+2026-07-28 clients, and reads MCP roots where the era has them; a client without roots (every 2026-07-28 client) lands in
+FLUX_MCP_ALLOWED_DIRS, else the working directory.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tests.subprocess_helpers import child_env, flux_command
 pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
 
 MODERN = "2026-07-28"
-TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction"}
+TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction", "list_predictions"}
 CLAUDE_CODE_INFO = {"description": "Anthropic's agentic coding tool", "name": "claude-code",
                     "title": "Claude Code", "version": "2.1.280",
                     "websiteUrl": "https://claude.com/claude-code"}
@@ -256,3 +257,49 @@ async def test_unreadable_lines_and_a_bare_discover_are_refused_and_leave_the_ha
         "protocolVersion": "2024-11-05", "capabilities": {},
         "clientInfo": {"name": "old-client", "version": "0.1"}})
     assert initialized["protocolVersion"] == "2024-11-05"
+
+
+async def open_era(peer: StdioPeer, era: str, *, roots: bool) -> dict[str, Any]:
+    """Opens the connection as a client of `era` would; returns what each later request must carry."""
+    caps: dict[str, Any] = {"roots": {"listChanged": True}} if roots else {}
+    if era == MODERN:
+        await peer.result("probe", "server/discover", envelope(caps, {"name": "modern", "version": "1"}))
+        return envelope(caps, {"name": "modern", "version": "1"})
+    await peer.result(0, "initialize", {"protocolVersion": era, "capabilities": caps,
+                                        "clientInfo": {"name": "handshake", "version": "1"}})
+    await peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    return {}
+
+
+@pytest.mark.parametrize("era", ["2025-06-18", "2025-11-25", MODERN])
+@pytest.mark.parametrize("configured", [True, False])
+async def test_a_client_without_roots_lands_in_the_configured_folder_else_the_working_directory(
+        start_peer, fake, tmp_path, workspace, era, configured):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    extra = {"FLUX_MCP_ALLOWED_DIRS": str(allowed)} if configured else {}
+    async with start_peer(**extra) as peer:
+        # A 2026-07-28 client may declare roots: that era has no roots/list, so it is never asked.
+        carry = await open_era(peer, era, roots=era == MODERN)
+        generated = await peer.result(1, "tools/call", {
+            "name": "generate_image", "arguments": {"prompt": "a lighthouse", "save_to": "out/"}, **carry})
+    saved = Path(_structured(generated)["images"][0]["path"])
+    assert saved.parent == (allowed if configured else workspace) / "out" and saved.is_file()
+    assert peer.server_requests == []
+
+
+@pytest.mark.parametrize("inside", [True, False])
+async def test_a_handshake_client_with_roots_uses_its_root_when_the_configured_folders_allow_it(
+        start_peer, fake, tmp_path, client_root, inside):
+    allowed = tmp_path / "allowed"
+    root = allowed / "site" if inside else client_root
+    root.mkdir(parents=True, exist_ok=True)
+    allowed.mkdir(exist_ok=True)
+    async with start_peer(FLUX_MCP_ALLOWED_DIRS=str(allowed)) as peer:
+        peer.roots = [root]
+        await open_era(peer, "2025-11-25", roots=True)
+        generated = await peer.result(1, "tools/call", {
+            "name": "generate_image", "arguments": {"prompt": "a lighthouse", "save_to": "out/"}})
+    saved = Path(_structured(generated)["images"][0]["path"])
+    assert saved.parent == (root if inside else allowed) / "out"
+    assert [r["method"] for r in peer.server_requests] == ["roots/list"]

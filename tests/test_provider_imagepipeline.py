@@ -11,6 +11,7 @@ from PIL import Image
 
 from tests.conftest import connect, text_of
 from tests.fakes.imagepipeline import ImagePipelineFake
+from tests.fakes.wire import png_bytes
 
 pytestmark = pytest.mark.anyio
 BASE = "http://imagepipeline.test"
@@ -223,3 +224,158 @@ async def test_check_prediction_of_a_job_the_provider_forgot_says_so(settings, f
     assert gone.structured_content["status"] == "starting"
     assert f"has no job {_native(pid)}" in text_of(gone) and "Start a new job" in text_of(gone)
     assert fake.count(SUBMIT) == 1
+
+
+# --- edits and uploads (the job API) ----------------------------------------------------------------
+
+EDIT = "POST /edit/image/v1"
+EDIT_STATUS = "GET /edit/image/v1/status/"
+UPLOAD = "POST /upload/image/v1"
+SOURCE = "https://example.com/cat.png"
+
+
+def _job(prediction_id: str) -> str:
+    """The job API's own id inside an edit's prediction id (`imagepipeline:edit:<job_id>`)."""
+    native = _native(prediction_id)
+    assert native.startswith("edit:"), prediction_id
+    return native.removeprefix("edit:")
+
+
+async def test_edit_image_runs_a_job_api_edit_polled_until_its_image_is_kept(settings, fake, home):
+    fake.polls_to_complete = 2
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("edit_image", {"prompt": "give the toucan a hat", "image": SOURCE,
+                                                       "seed": 5, "steps": 30, "guidance_scale": 4.5})
+    data = result.structured_content
+    assert not result.is_error and data["status"] == "succeeded", text_of(result)
+    assert data["provider"] == "imagepipeline" and data["model"] == "edit/image/v1"
+    job_id = _job(data["prediction_id"])
+    assert re.fullmatch(r"job_[0-9a-f]{12}", job_id)
+    assert fake.ledger == [{"prompt": "give the toucan a hat", "input_image": SOURCE, "width": 1024,
+                            "height": 1024, "seed": 5, "num_inference_steps": 30, "guidance_scale": 4.5,
+                            "endpoint": "/edit/image/v1"}]
+    assert fake.count(EDIT) == 1 and fake.count(f"{EDIT_STATUS}{job_id}") == 2
+    assert fake.count(SUBMIT) == 0 and fake.count(UPLOAD) == 0
+    [image] = data["images"]
+    assert image["url"] == f"{BASE}/files/{job_id}.webp" and image["mime_type"] == "image/webp"
+    path = Path(image["path"])
+    assert path.is_file() and path.is_relative_to(home)
+    assert data["cost_usd"] == 0.01  # the cost the status answer reports
+    assert fake.headers and all(h["x-api-key"] == IP_KEY for h in fake.headers)  # submit and status checks
+    assert IP_KEY not in text_of(result)
+
+
+async def test_edit_of_a_local_file_uploads_it_once_and_edits_the_uploaded_url(settings, fake, workspace):
+    (workspace / "cat.png").write_bytes(png_bytes(40, 30))
+    async with connect(settings, fake) as client:
+        first = await client.call_tool("edit_image", {"prompt": "add a hat", "image": "cat.png"})
+        second = await client.call_tool("edit_image", {"prompt": "add a scarf", "image": "cat.png"})
+    assert first.structured_content["status"] == "succeeded", text_of(first)
+    assert second.structured_content["status"] == "succeeded", text_of(second)
+    [uploaded] = fake.uploads
+    assert fake.uploads[uploaded] == (png_bytes(40, 30), "image/png")
+    assert fake.count(UPLOAD) == 1  # the same file is not uploaded again
+    assert [job["input_image"] for job in fake.ledger] == [f"{BASE}/uploads/{uploaded}"] * 2
+
+
+async def test_upload_media_returns_the_job_apis_permanent_url(settings, fake, workspace):
+    (workspace / "logo.png").write_bytes(png_bytes(16, 16))
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("upload_media", {"path": "logo.png", "provider": "imagepipeline"})
+    assert not result.is_error, text_of(result)
+    [name] = fake.uploads
+    assert result.structured_content["url"] == f"{BASE}/uploads/{name}" and name.endswith("logo.png")
+    assert fake.ledger == []
+
+
+async def test_held_edit_is_pending_and_check_prediction_asks_the_edit_status_after_restart(settings, fake):
+    fake.hold = True
+    async with connect(settings, fake) as client:
+        pending = await client.call_tool("edit_image", {"prompt": "p", "image": SOURCE, "wait_seconds": 0})
+        pid = pending.structured_content["prediction_id"]
+        assert not pending.is_error and pending.structured_content["status"] == "starting", text_of(pending)
+        still = await client.call_tool("check_prediction", {"prediction_id": pid, "wait_seconds": 0})
+    assert still.structured_content["status"] == "starting"  # queued at the first check
+    fake.finish(_job(pid))
+    async with connect(settings, fake) as client:  # after a restart
+        done = await client.call_tool("check_prediction", {"prediction_id": pid, "wait_seconds": 5})
+    assert done.structured_content["status"] == "succeeded", text_of(done)
+    assert Path(done.structured_content["images"][0]["path"]).is_file()
+    assert fake.count(EDIT) == 1 and len(fake.ledger) == 1 and fake.count(STATUS) == 0
+
+
+@pytest.mark.parametrize("retryable", [False, True])
+async def test_failed_edit_is_an_error_with_the_reason_and_its_code(settings, fake, retryable):
+    fake.job_outcome, fake.failure_code, fake.retryable = "failed", "INPUT_INVALID", retryable
+    fake.failure_message = "input_image could not be downloaded"
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("edit_image", {"prompt": "p", "image": SOURCE})
+    data = result.structured_content
+    assert result.is_error and data["status"] == "failed"
+    assert "input_image could not be downloaded" in data["error"]
+    assert ("marks this failure as retryable" in data["error"]) is retryable
+    assert fake.count(EDIT) == 1 and len(fake.ledger) == 1
+
+
+async def test_cancelled_edit_is_reported_as_canceled(settings, fake):
+    fake.job_outcome = "cancelled"
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("edit_image", {"prompt": "p", "image": SOURCE})
+    assert result.structured_content["status"] == "canceled", text_of(result)
+    assert "cancelled by the user" in result.structured_content["error"]
+
+
+async def test_refused_edit_creates_no_job_and_says_what_was_wrong(settings, fake):
+    refusal = {"detail": [{"loc": ["body", "input_image"], "msg": "not a reachable image", "type": "value_error"}]}
+    fake.submit_errors.append((422, refusal, {}))
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("edit_image", {"prompt": "p", "image": SOURCE})
+    assert result.is_error and "HTTP 422: input_image: not a reachable image" in text_of(result)
+    assert "IMAGEPIPELINE_SERVER_ID" not in text_of(result)  # the v3 server hint is not about edits
+    assert fake.count(EDIT) == 1 and fake.ledger == []
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ({"guidance_scale": 21}, ("guidance_scale=21 is out of range for imagepipeline model edit/image/v1: "
+                                 "allowed 0 to 20")),
+        ({"width": 4096}, "width=4096 is out of range for imagepipeline model edit/image/v1: allowed 256 to 2048"),
+        ({"model": "flux-schnell"}, ("imagepipeline model flux-schnell does not support edit; edit models on "
+                                    "imagepipeline: edit/image/v1. flux-schnell (edit) is served by: atlascloud.")),
+    ],
+)
+async def test_edit_arguments_outside_the_documented_limits_are_refused_before_sending(settings, fake, args,
+                                                                                       says):
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("edit_image", {"prompt": "p", "image": SOURCE, **args})
+    assert result.is_error and says in text_of(result), text_of(result)
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ({"status": "queued"}, "no usable job id"),
+        ({"job_id": "../../x", "status": "queued"}, "no usable job id"),
+        ("<html>gateway</html>", "no usable job id"),
+    ],
+)
+async def test_edit_answer_without_a_usable_job_id_is_an_error_and_is_never_resent(settings, fake, answer,
+                                                                                  expected):
+    fake.submit_errors.append((200, answer, {}))
+    async with connect(settings, fake) as client:
+        result = await client.call_tool("edit_image", {"prompt": "p", "image": SOURCE})
+    assert result.is_error and expected in text_of(result) and "did not resend it" in text_of(result)
+    assert fake.count(EDIT) == 1
+
+
+async def test_unknown_edit_status_is_reported_not_guessed(settings, fake):
+    fake.hold = True
+    async with connect(settings, fake) as client:
+        pending = await client.call_tool("edit_image", {"prompt": "p", "image": SOURCE, "wait_seconds": 0})
+        pid = pending.structured_content["prediction_id"]
+        fake.poll_errors.append((200, {"job_id": _job(pid), "status": "finishing"}, {}))
+        checked = await client.call_tool("check_prediction", {"prediction_id": pid, "wait_seconds": 0})
+    assert checked.structured_content["status"] == "starting"
+    assert f"unknown status 'finishing' for job {_job(pid)}" in text_of(checked)

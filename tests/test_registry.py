@@ -1,5 +1,6 @@
-"""The provider registry is the one list: settings, secrets, adapters, tool descriptions, the
-placeholder's note, `flux-mcp providers` and the README's tables all agree with it."""
+"""The provider registry is the one list: settings, secrets, adapters, tool descriptions (the providers
+this server has keys for, in registry order), the placeholder's note, `flux-mcp providers` and the
+README's tables all agree with it."""
 
 from __future__ import annotations
 
@@ -106,15 +107,36 @@ def test_the_placeholder_note_names_every_key_variable_in_order():
 
 
 @pytest.mark.anyio
-async def test_every_tool_description_lists_the_registry_providers(make_settings):
-    async with connect(make_settings()) as client:
+@pytest.mark.parametrize(("keys", "chosen"), [
+    ((), None),
+    ((0,), None),
+    ((1, 3), None),
+    ((1, 3), 3),
+    ((0,), 2),  # FLUX_MCP_PROVIDER names a provider without a key: it is still the default, and named
+    (tuple(range(len(KEYED))), None),
+])
+async def test_the_provider_parameter_names_the_configured_providers_in_registry_order_and_the_default(
+        make_settings, keys, chosen):
+    env = {KEYED[i].key_env: f"key-{i}" for i in keys}
+    if chosen is not None:
+        env["FLUX_MCP_PROVIDER"] = KEYED[chosen].id
+    settings = make_settings(**env)
+    default = registry.default_provider(settings)
+    expected = [s.id for s in SPECS if s.id == default or any(s is KEYED[i] for i in keys)]
+    async with connect(settings) as client:
         tools = (await client.list_tools()).tools
-    with_provider = [t for t in tools if "provider" in t.input_schema["properties"]]
-    assert {t.name for t in with_provider} >= {"generate_image", "edit_image", "upload_media"}
-    for tool in with_provider:
-        description = tool.input_schema["properties"]["provider"]["description"]
-        [listed] = re.findall(r"\(([a-z0-9_, -]+)\)", description)
-        assert [p.strip() for p in listed.split(",")] == [s.id for s in SPECS], tool.name
+    # list_predictions' provider filters the history (any provider ever used), it does not choose one.
+    tools = [t for t in tools if t.name != "list_predictions"]
+    described = [t for t in tools if "description" in t.input_schema["properties"].get("provider", {})]
+    assert "generate_image" in {t.name for t in described}
+    for tool in tools:  # the others say their provider is generate_image's
+        if "provider" in tool.input_schema["properties"] and tool not in described:
+            assert "as generate_image" in (tool.description or ""), tool.name
+    for tool in described:
+        listed = [p.strip() for p in tool.input_schema["properties"]["provider"]["description"].split(",")]
+        assert [p.removesuffix(" (default)") for p in listed] == expected, tool.name
+        assert [p for p in listed if p.endswith(" (default)")] == [f"{default} (default)"], tool.name
+    assert all("provider" in t.input_schema["properties"] for t in tools if t.name != "check_prediction")
 
 
 def test_providers_command_lists_the_registry(tmp_path, capsys):

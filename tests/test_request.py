@@ -38,7 +38,7 @@ def test_every_generate_field_is_a_cli_flag_or_spelled_by_the_cli_itself():
 def test_the_journal_keeps_every_field_but_an_inline_image_only_by_its_size():
     req = JobRequest(kind="edit", prompt="p", image="data:image/png;base64," + "A" * 1000, seed=7)
     kept = req.journaled()
-    assert set(kept) == set(JobRequest.model_fields) - {"kind", "provider", "model"}
+    assert set(kept) == set(JobRequest.model_fields) - {"kind", "provider", "model", "idempotency_key"}
     assert kept["seed"] == 7 and kept["image"].startswith("data: URI (") and "AAAA" not in kept["image"]
 
 

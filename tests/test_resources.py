@@ -81,9 +81,11 @@ async def test_resources_keep_their_uris_and_names(settings, fake):
     async with connect(settings, fake) as client:
         static = {(str(r.uri), r.name) for r in (await client.list_resources()).resources}
         templates = {(t.uri_template, t.name) for t in (await client.list_resource_templates()).resource_templates}
-    assert static == {("flux://providers", "providers")}
+    assert static == {("flux://providers", "providers"), ("ui://flux-mcp/app", "gallery-app")}
     assert templates == {("flux://predictions/{prediction_id}", "prediction"),
-                         ("flux://images/{prediction_id}/{index}", "image")}
+                         ("flux://images/{prediction_id}/{index}", "image"),
+                         ("flux://thumbnails/{prediction_id}/{index}", "thumbnail"),
+                         ("flux://history{?before,query,provider,status,since,limit}", "history")}
 
 
 @pytest.mark.parametrize("uri", [

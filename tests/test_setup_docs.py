@@ -15,7 +15,7 @@ from tests.subprocess_helpers import child_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction"}
+TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction", "list_predictions"}
 
 
 def readme_json_blocks() -> list[dict]:

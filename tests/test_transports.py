@@ -16,7 +16,7 @@ from tests.fakes.wire import png_bytes
 from tests.subprocess_helpers import child_env, flux_command, http_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.subprocess]
-TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction"}
+TOOLS = {"generate_image", "edit_image", "upload_media", "check_prediction", "list_predictions"}
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ async def test_sse_serves_the_tools(env, fake, workspace):
 
 
 async def test_http_transport_requires_the_bearer_token_when_set(env, fake, workspace):
-    token = "tok-canary-5d1e8a2c9b7f4e6a"
+    token = "tok-canary-5d1e8a2c9b7f4e6a-3c0e9b7d1f"  # at least 32 characters: shorter ones are refused
     with http_server("streamable-http", {**env, "FLUX_MCP_AUTH_TOKEN": token}, workspace) as (url, _):
         async with httpx2.AsyncClient() as http:
             denied = await http.post(f"{url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import __version__
 from .config import Settings
-from .errors import ConfigError
+from .errors import ConfigError, FluxError
 from .redact import RedactingFilter, Redactor
 from .request import add_cli_flags
 
@@ -20,6 +20,13 @@ log = logging.getLogger("flux_mcp")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before serving began (or in a terminal command): no traceback
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -34,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (args.log_level or settings.log_level).upper()
     _configure_logging(level, Redactor(settings.secrets()))
     command = args.command or "serve"
-    if command in ("serve", "generate", "prune"):
+    if command in ("serve", "generate", "prune", "spend", "history", "gallery"):
         import anyio
 
         from .backends import check_backends
@@ -57,6 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return generate(settings, args)
     if command == "prune":
         return _prune(settings, older_than=args.older_than, dry_run=args.dry_run)
+    if command == "spend":
+        return _spend(settings, as_json=args.json)
+    if command == "history":
+        return _history(settings, args)
+    if command == "gallery":
+        from .gallery import serve
+
+        return serve(settings, port=args.port, open_browser=not args.no_open)
+    if command == "info":
+        return _info(args.file, as_json=args.json)
     parser.error(f"unknown command {command}")
     return 2
 
@@ -94,12 +111,65 @@ def _parser() -> argparse.ArgumentParser:
     prov = sub.add_parser("providers", help="show which providers are configured, their models and capabilities")
     prov.add_argument("--json", action="store_true", help="print as JSON")
 
+    spend = sub.add_parser("spend", help="today's and this month's spend per provider against the budgets (UTC days "
+                                         "and calendar months)")
+    spend.add_argument("--json", action="store_true", help="print as JSON")
+    info = sub.add_parser("info", help="show the provenance flux-mcp wrote into an image file (prompt, model, "
+                                       "provider, seed, prediction id)")
+    info.add_argument("file", help="an image file")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+
     prune = sub.add_parser("prune", help="remove old images and journal rows from the data folder (never a "
                                          "pending job's, never a save_to copy)")
     prune.add_argument("--older-than", type=float, dest="older_than", metavar="DAYS",
                        help="age in days (default FLUX_MCP_KEEP_DAYS, else 30)")
     prune.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+
+    hist = sub.add_parser("history", help="the journal, newest first: when, status, provider, cost, prompt, path")
+    hist.add_argument("query", nargs="?", default="", help="words the prompt must contain (any case)")
+    hist.add_argument("--since", help="only jobs since then: 2d, 3h, today, yesterday, 2025-06-01, ...")
+    hist.add_argument("--provider", help="only this provider's jobs")
+    hist.add_argument("--status", help="succeeded, failed, canceled, or pending (starting/processing)")
+    hist.add_argument("-n", "--limit", type=int, default=50, help="how many (default 50, at most 100)")
+    hist.add_argument("--json", action="store_true", help="print the jobs as JSON")
+
+    gal = sub.add_parser("gallery", help="a local web page of every image made, with prompts, costs and paths")
+    gal.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    gal.add_argument("--no-open", action="store_true", help="do not open a browser; just print the address")
     return parser
+
+
+def _history(settings: Settings, args: argparse.Namespace) -> int:
+    import shutil
+
+    import anyio
+
+    from . import history
+    from .backends import open_journal
+
+    async def run() -> history.Page:
+        journal = await open_journal(settings)
+        try:
+            since = history.parse_since(args.since) if args.since else None
+            return await history.page(journal, principal=None, query=args.query, provider=args.provider,
+                                      status=args.status, since=since, limit=args.limit)
+        finally:
+            await journal.close()
+
+    try:
+        found = anyio.run(run)
+    except FluxError as exc:
+        print(f"flux-mcp: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"predictions": [history.full(r) for r in found.records], "more": found.next is not None},
+                         indent=2))
+        return 0
+    print(history.table(found.records, shutil.get_terminal_size((120, 24)).columns))
+    if found.next:
+        print(f"(more, older jobs match: raise -n, at most {history.MAX_LIMIT}, or narrow with --since)",
+              file=sys.stderr)
+    return 0
 
 
 def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet: bool = False) -> int:
@@ -133,6 +203,50 @@ def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet
     return anyio.run(run)
 
 
+def _spend(settings: Settings, *, as_json: bool) -> int:
+    import anyio
+
+    from .backends import open_journal
+    from .money import Money, format_report
+
+    async def run() -> dict[str, Any]:
+        journal = await open_journal(settings)
+        try:
+            return await Money(settings, journal).report()
+        finally:
+            await journal.close()
+
+    report = anyio.run(run)
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
+    return 0
+
+
+def _info(file: str, *, as_json: bool) -> int:
+    from .provenance import describe
+
+    path = Path(file).expanduser()
+    try:
+        found = describe(path.read_bytes())
+    except OSError as exc:
+        print(f"flux-mcp: cannot read {file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"flux-mcp: {file} is {exc}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps({"file": str(path), **found}, indent=2))
+        return 0 if found["provenance"] else 1
+    alpha = ", alpha" if found["alpha"] else ""
+    print(f"{path}: {found['format']} {found['width']}x{found['height']}{alpha}")
+    if not found["provenance"]:
+        print("no flux-mcp provenance in this file (it was not made by flux-mcp, or its metadata was stripped)",
+              file=sys.stderr)
+        return 1
+    for key, value in found["provenance"].items():
+        print(f"{key}: {value}")
+    return 0
+
+
 def _configure_logging(level: str, redactor: Redactor) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -147,9 +261,12 @@ def _configure_logging(level: str, redactor: Redactor) -> None:
 
 
 def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
+    from .media import STALE_IN_DATA_FOLDER, sweep_stale_temp_files
     from .providers import registry
     from .server import build_server
 
+    # Temp files a killed process left mid-write (a live process's own are younger than this).
+    sweep_stale_temp_files(settings.home / "images", STALE_IN_DATA_FOLDER, recursive=True)
     default = registry.default_provider(settings)
     if transport == "stdio":
         log.info("flux-mcp %s serving stdio; default provider %s; data folder %s", __version__, default,
@@ -158,8 +275,15 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
 
         run_stdio(build_server(settings))
         return 0
-    from .transport import is_loopback
+    from .transport import is_loopback, token_problem
 
+    for name, named in settings.auth_tokens:
+        if problem := token_problem(named.get_secret_value(), f"FLUX_MCP_AUTH_TOKENS' entry for {name}"):
+            print(f"flux-mcp: refusing to serve {transport}: {problem}", file=sys.stderr)
+            return 2
+    if settings.auth_token is not None and (problem := token_problem(settings.auth_token.get_secret_value())):
+        print(f"flux-mcp: refusing to serve {transport}: {problem}", file=sys.stderr)
+        return 2
     if not is_loopback(host) and not settings.http_auth:
         print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN or FLUX_MCP_AUTH_TOKENS; set a "
               "token (clients then send 'Authorization: Bearer <token>') or bind 127.0.0.1.", file=sys.stderr)
@@ -194,4 +318,8 @@ def _providers(settings: Settings, *, as_json: bool) -> int:
     for row in rows:
         for m in row["models"]:
             print(f"  {row['id']:<14} {m['id']:<42} {'/'.join(m['kinds']):<14} {m['description']}")
+    print("\nFLUX models by name (`model` takes the name on any provider listed; * configured):")
+    for name, about in listing["canonical_models"].items():
+        served = ", ".join(("*" if pid in about["configured"] else "") + pid for pid in about["served_by"])
+        print(f"  {name:<18} {about['label']:<22} {served}")
     return 0

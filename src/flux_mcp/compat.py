@@ -18,10 +18,15 @@ The private names used:
   off the receive side to run each handler in its sender's context.
 - `mcp.shared._stream_protocols.ReadStream` / `WriteStream`: the stream protocols the serving loop
   is typed with (used in annotations only).
+- `StreamableHTTPSessionManager._server_instances`, here `open_sessions`: the sessions the manager
+  holds open, keyed by session id (the manager exposes a global cap, `max_sessions`, but neither a
+  per-client one nor the list; the per-client limit in front of it needs to know which of a client's
+  sessions have ended or expired).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mcp.server.lowlevel.server import Server
@@ -32,8 +37,10 @@ from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from mcp.server.lowlevel.server import RequestHandler
+    from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
-__all__ = ["ReadStream", "WriteStream", "add_request_handler", "drop_middleware", "lowlevel", "message_streams"]
+__all__ = ["ReadStream", "WriteStream", "add_request_handler", "drop_middleware", "lowlevel", "message_streams",
+           "open_sessions"]
 
 _P = TypeVar("_P", bound=BaseModel)
 
@@ -54,3 +61,9 @@ def drop_middleware(server: MCPServer[Any], class_name: str) -> None:
     """Removes every middleware of that class name from `server`'s chain (the public, mutable
     `MCPServer.middleware` list, outermost first)."""
     server.middleware[:] = [m for m in server.middleware if type(m).__name__ != class_name]
+
+
+def open_sessions(manager: StreamableHTTPSessionManager) -> Collection[str]:
+    """The ids of the streamable-HTTP sessions `manager` holds open now (ended and expired ones are gone:
+    the manager drops a session the moment it ends)."""
+    return manager._server_instances.keys()

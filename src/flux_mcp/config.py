@@ -17,6 +17,8 @@ DEFAULT_WAIT_SECONDS = 45.0
 DEFAULT_MAX_WAIT_SECONDS = 50.0
 """The longest a call waits before answering pending: TypeScript-SDK clients give up on a call after 60 s
 (progress or not) and Claude Desktop near there; FLUX_MCP_MAX_WAIT_SECONDS raises it for clients that wait longer."""
+CONFIRM_SECONDS = 300.0
+"""How long a confirmation asked of the user (FLUX_MCP_CONFIRM_ABOVE_USD) may go unanswered; then nothing is spent."""
 DEFAULT_PREVIEW_BUDGET = 600_000
 """Bytes of preview image data per tool result, before base64 (x4/3): stays under Claude
 Desktop's 1 MB tool-result limit with room for the text and structured content."""
@@ -39,12 +41,16 @@ class Settings(BaseModel):
 
     providers: dict[str, ProviderSettings]
     default_provider: str | None = None
+    fallback: tuple[str, ...] = ()
+    """FLUX_MCP_FALLBACK: providers to move on to, in order, when one provably did not create the job."""
     home: Path
     allowed_dirs: tuple[Path, ...] | None = None
     """Set by FLUX_MCP_ALLOWED_DIRS; None means: the client's roots, else the working directory."""
     cwd: Path
     wait_seconds: float = DEFAULT_WAIT_SECONDS
     max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS
+    rejoin_seconds: float = 600.0
+    """FLUX_MCP_REJOIN_SECONDS: how long an identical call joins an earlier one whose answer never arrived."""
     keep_days: float | None = None
     """FLUX_MCP_KEEP_DAYS: finished jobs older than this are pruned at start (None: keep everything)."""
     auth_token: SecretStr | None = None
@@ -62,6 +68,13 @@ class Settings(BaseModel):
     log_level: str = "INFO"
     tracing: bool = False
     """OpenTelemetry is configured (an `OTEL_*` variable is set): every message gets a span."""
+    prices: dict[str, dict[str, float]] = {}
+    """FLUX_MCP_PRICES: USD per image by provider id and model id (`*`: the provider's other models)."""
+    budget_day_usd: float | None = None
+    budget_month_usd: float | None = None
+    max_images_per_day: int | None = None
+    confirm_above_usd: float | None = None
+    confirm_seconds: float = CONFIRM_SECONDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, cwd: Path | None = None) -> Settings:
@@ -80,8 +93,14 @@ class Settings(BaseModel):
             providers[spec.id] = ProviderSettings(api_key=SecretStr(key) if key else None, base_url=base, extra=extra)
 
         default = env.get("FLUX_MCP_PROVIDER", "").strip().lower() or None
-        if default is not None and default not in providers:
-            raise ConfigError(f"FLUX_MCP_PROVIDER={default!r} is not a provider; choose one of {', '.join(providers)}.")
+        if default is not None and default not in providers and default != "auto":
+            raise ConfigError(f"FLUX_MCP_PROVIDER={default!r} is not a provider; choose one of {', '.join(providers)} "
+                              "or auto.")
+        fallback = tuple(p.strip().lower() for p in env.get("FLUX_MCP_FALLBACK", "").split(",") if p.strip())
+        unknown = [p for p in fallback if p not in providers]
+        if unknown:
+            raise ConfigError(f"FLUX_MCP_FALLBACK names {', '.join(unknown)}, not a provider; choose from "
+                              f"{', '.join(providers)}.")
 
         home_raw = env.get("FLUX_MCP_HOME", "").strip()
         if home_raw:
@@ -119,14 +138,19 @@ class Settings(BaseModel):
 
             S3Location.parse(s3_url)
         presign = _number(env, "FLUX_MCP_PRESIGN_SECONDS", 3600, 1, 604_800)
+        prices_raw = env.get("FLUX_MCP_PRICES", "").strip()
+        prices_file = Path(prices_raw).expanduser() if prices_raw else None
+        images_cap = _optional(env, "FLUX_MCP_MAX_IMAGES_PER_DAY", 0, 10_000_000)
         return cls(
             providers=providers,
             default_provider=default,
+            fallback=fallback,
             home=home.resolve(),
             allowed_dirs=allowed,
             cwd=cwd,
             wait_seconds=wait,
             max_wait_seconds=max_wait,
+            rejoin_seconds=_number(env, "FLUX_MCP_REJOIN_SECONDS", 600.0, 0, 30 * 86_400),
             keep_days=_number(env, "FLUX_MCP_KEEP_DAYS", -1, 0, 100_000) if env.get("FLUX_MCP_KEEP_DAYS", "").strip()
             else None,
             auth_token=SecretStr(token) if token else None,
@@ -140,6 +164,11 @@ class Settings(BaseModel):
             log_level=env.get("FLUX_MCP_LOG_LEVEL", "INFO").strip().upper() or "INFO",
             tracing=any(k.startswith("OTEL_") for k in env)
             and env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true",
+            prices=read_prices(cwd / prices_file) if prices_file else {},
+            budget_day_usd=_optional(env, "FLUX_MCP_BUDGET_DAY_USD", 0, 1_000_000),
+            budget_month_usd=_optional(env, "FLUX_MCP_BUDGET_MONTH_USD", 0, 1_000_000),
+            max_images_per_day=None if images_cap is None else int(images_cap),
+            confirm_above_usd=_optional(env, "FLUX_MCP_CONFIRM_ABOVE_USD", 0, 1_000_000),
         )
 
     def has_key(self, provider_id: str) -> bool:
@@ -186,6 +215,44 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     if not (low <= value <= high):
         raise ConfigError(f"{name} must be between {low:g} and {high:g} (got {raw}).")
     return value
+
+
+def _optional(env: Mapping[str, str], name: str, low: float, high: float) -> float | None:
+    """A number that is unset (None) unless the variable is."""
+    return _number(env, name, -1, low, high) if env.get(name, "").strip() else None
+
+
+def read_prices(path: Path) -> dict[str, dict[str, float]]:
+    """A FLUX_MCP_PRICES file: JSON (`{"atlascloud": {"black-forest-labs/flux-dev": 0.01}}`) or TOML (a table
+    per provider id, `"model id" = usd`), USD per image; the model `*` prices every other model of that
+    provider. Anything else is one ConfigError naming the variable, at start."""
+    import json
+    import tomllib
+
+    where = f"FLUX_MCP_PRICES ({path})"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}.") from None
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        kind = "TOML" if path.suffix.lower() == ".toml" else "JSON (name it .toml for TOML)"
+        raise ConfigError(f"{where} is not valid {kind}: {exc}.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must map provider ids to tables of model id -> USD per image.")
+    prices: dict[str, dict[str, float]] = {}
+    for provider, models in data.items():
+        if provider not in registry.BY_ID:
+            raise ConfigError(f"{where}: {provider!r} is not a provider; use one of {', '.join(registry.ids())}.")
+        if not isinstance(models, dict):
+            raise ConfigError(f"{where}: {provider} must be a table of model id -> USD per image.")
+        for model, usd in models.items():
+            if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not 0 <= usd <= 1000:
+                raise ConfigError(f"{where}: {provider} {model} must be a price in USD per image, 0 to 1000 "
+                                  f"(got {usd!r}).")
+        prices[provider] = {str(m): float(u) for m, u in models.items()}
+    return prices
 
 
 def _dotenv(path: Path) -> dict[str, str]:

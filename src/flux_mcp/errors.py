@@ -6,6 +6,7 @@
      +-- PathNotAllowed            a file path outside the allowed folders, or not a regular file
      +-- UnknownPrediction         check_prediction on an id this server never returned
      +-- UnsupportedOperation      the provider cannot do this (names the providers that can)
+     +-- SpendRefused              a budget, max_cost_usd or the user refused the cost (nothing was sent)
      +-- ProviderError             the provider answered with an error
      |    +-- AuthFailed           401/403: the key is wrong, expired or lacks permission
      |    +-- InsufficientCredits  402/406/used_up: top up the account
@@ -44,6 +45,10 @@ class UnknownPrediction(FluxError):
 
 class UnsupportedOperation(FluxError):
     """The chosen provider cannot do what was asked."""
+
+
+class SpendRefused(FluxError):
+    """The call was not paid for: over a budget or max_cost_usd, or the user did not confirm its cost."""
 
 
 class ProviderError(FluxError):

@@ -27,11 +27,15 @@ from typing import Any
 
 import anyio
 
-from .errors import FluxError, ProviderError, ProviderUnavailable, UnsupportedOperation
+from .assets import provenance_fields
+from .errors import FluxError, ProviderError, ProviderUnavailable, SubmitOutcomeUnknown, UnsupportedOperation
 from .http import HELD_REQUESTS
+from .images import pixel_bound
 from .journal import Journal, Record
 from .keep import Keeper, SavePlan
+from .lifecycle import inflight
 from .models import FINAL
+from .money import Hold, Money
 from .paths import PathPolicy
 from .providers.base import JobState, Provider, Submitted
 from .redact import Redactor
@@ -42,6 +46,11 @@ from .waiting import PollSchedule
 log = logging.getLogger("flux_mcp.jobs")
 
 ProgressFn = Callable[[float, float | None, str], Coroutine[Any, Any, None]]
+Alive = Callable[[], Coroutine[Any, Any, bool]]
+
+
+async def _always() -> bool:
+    return True
 PROGRESS_EVERY = 5.0
 """Seconds between progress notifications while waiting (they keep client timeouts alive)."""
 INLINE_LONGEST = 10.0
@@ -61,6 +70,10 @@ class Outcome:
     """When the status request that found the job final was sent."""
     kept: dict[str, bytes] = field(default_factory=dict)
     """The bytes just written at each image's path (previews are made from them, not read back)."""
+    joined: bool = False
+    """The call joined an earlier identical call's job instead of paying for a new one."""
+    source_image: bytes | None = None
+    """An edit's input image, when the service has its bytes (the preview shows before and after)."""
 
 
 def scrub_record(record: Record, redactor: Redactor) -> Record:
@@ -78,33 +91,59 @@ def scrub_record(record: Record, redactor: Redactor) -> Record:
 class JobRunner:
     """Runs jobs against providers, recording every step in the journal and keeping every image."""
 
-    def __init__(self, journal: Journal, store: ImageStore, keeper: Keeper, redactor: Redactor):
+    def __init__(self, journal: Journal, store: ImageStore, keeper: Keeper, redactor: Redactor, *,
+                 money: Money | None = None):
         self.journal = journal
+        self.money = money
+        """Where a job's charge learns its cost when the job ends (None: no ledger)."""
         self.store = store
         self.keeper = keeper
         self.redactor = redactor
         self._held = 0
         """Submits held open right now (sync mode)."""
+        self.in_flight: dict[str, Alive] = {}
+        """Jobs whose call is still running here, with a check of whether its caller is still there: a call
+        whose caller is there is not abandoned, so not for an identical call to join."""
 
     # --- a new job ----------------------------------------------------------------------------
 
     async def run(self, provider: Provider, req: JobRequest, plan: SavePlan, wait: float, paths: PathPolicy,
                   progress: ProgressFn | None = None, *, image_source: str | None = None,
-                  principal: str = "local") -> Outcome:
+                  owner: tuple[str, str | None] = ("local", None), alive: Alive | None = None,
+                  selection: str | None = None, hold: Hold | None = None) -> Outcome:
         """The whole life of a new job. `req` is prepared (validated, model and image resolved),
-        `plan` says where its save_to copies go (checked), `image_source` is the edit input as given. Raises FluxError only when no job was created (or its
+        `plan` says where its save_to copies go (checked), `image_source` is the edit input as given,
+        `owner` the caller's principal and the request's key (a re-issued identical call finds the job by them),
+        `alive` tells whether the caller is still there to receive the answer (None: it is, as long as the call runs),
+        `selection` why this provider serves the call (kept with the job, shown in its results), `hold` its
+        reservation in the spend ledger. Raises FluxError only when no job was created (or its
         creation is unknowable: SubmitOutcomeUnknown); after the submit it always returns the job."""
         inline = await self._inline(provider, req.model, wait)
         sent = time.time()
-        with anyio.CancelScope(shield=True):
-            submitted = await self._submit(provider, req, inline, progress, wait)
-            record = self._record(provider, req, plan, submitted, sent, image_source, principal)
+        # Shielded from cancellation, and awaited by a stopping server (within its deadline), from the moment
+        # the paid request leaves until its answer (the job's id) is journaled.
+        with inflight.submitting(f"the {provider.id} {req.model} job"):
+            try:
+                submitted = await self._submit(provider, req, inline, progress, wait)
+            except SubmitOutcomeUnknown:
+                if hold is not None:
+                    await hold.unknown()  # it may have started: it keeps counting
+                raise
+            record = self._record(provider, req, plan, submitted, sent, image_source, hold)
+            record.principal, record.request_key = owner
+            record.idempotency_key = req.idempotency_key
+            if selection:
+                record.request["selection_reason"] = selection
+            self.in_flight[record.id] = alive or _always
             log.info("submitted %s (%s, %s%s)", record.id, provider.id, record.model, ", held" if inline else "")
             outcome = Outcome(record)
             state = submitted.state
             if state is not None and state.status in FINAL:
                 state = self._settle(record, state, time.time())
-            await self._save(outcome)
+            await self._save(outcome)  # the id first; then the ledger learns the job exists (and maybe its cost)
+            if hold is not None:
+                await hold.billed(record.id)
+            await self._charge(record)
         try:
             if state is None or state.status not in FINAL:
                 state = await self._observe(outcome, await self._wait(record, provider, wait, progress, outcome,
@@ -117,6 +156,12 @@ class JobRunner:
             outcome.notes.append(f"An internal error ({type(exc).__name__}) interrupted the server after the job "
                                  f"was accepted; the job is kept: call check_prediction with "
                                  f"prediction_id=\"{record.id}\".")
+        except anyio.get_cancelled_exc_class():
+            log.info("the call for %s ended before its answer (cancelled or disconnected); the job is kept and an "
+                     "identical call joins it", record.id)
+            raise
+        finally:
+            self.in_flight.pop(record.id, None)
         return self._scrubbed(outcome)
 
     async def _inline(self, provider: Provider, model: str | None, wait: float) -> bool:
@@ -144,7 +189,7 @@ class JobRunner:
 
     @staticmethod
     def _record(provider: Provider, req: JobRequest, plan: SavePlan, submitted: Submitted,
-                sent: float, image_source: str | None, principal: str = "local") -> Record:
+                sent: float, image_source: str | None, hold: Hold | None) -> Record:
         request = {**req.journaled(), **plan.journaled()}
         if image_source is not None:
             request["image"] = req.model_copy(update={"image": image_source}).journaled()["image"]
@@ -152,8 +197,8 @@ class JobRunner:
             id=f"{provider.id}:{submitted.native_id}", provider=provider.id, native_id=submitted.native_id,
             model=req.model or "", kind=req.kind, status="starting", request=request,
             # The job's clock starts when the request leaves: a held submit's answer comes only at its end.
-            cost_usd=provider.price(req), created_at=min(sent, submitted.submitted_at), updated_at=time.time(),
-            principal=principal,
+            cost_usd=hold.estimate.usd if hold else provider.price(req), cost_estimated=True,
+            created_at=min(sent, submitted.submitted_at), updated_at=time.time(),
         )
 
     # --- an earlier job -----------------------------------------------------------------------
@@ -211,6 +256,8 @@ class JobRunner:
         else:
             record.status = state.status
         await self._save(outcome)
+        if state.status in FINAL:
+            await self._charge(record)
         return state
 
     async def _finish(self, outcome: Outcome, provider: Provider, state: JobState | None,
@@ -236,7 +283,7 @@ class JobRunner:
         record.completed_at = record.completed_at or seen_at or time.time()
         record.error = state.error
         if state.cost_usd is not None:
-            record.cost_usd = state.cost_usd
+            record.cost_usd, record.cost_estimated = state.cost_usd, state.cost_estimated
         if state.remaining_credits is not None:
             record.remaining_credits = state.remaining_credits
         if state.status == "succeeded":
@@ -250,15 +297,17 @@ class JobRunner:
         record = outcome.record
         req = record.request
         provenance = {"prompt": str(req.get("prompt", "")), "model": record.model, "provider": record.provider,
-                      "prediction_id": record.id, "seed": str(req.get("seed")), "software": "flux-mcp"}
+                      "prediction_id": record.id, "seed": str(req.get("seed")), "software": "flux-mcp",
+                      **provenance_fields(req, record.kind)}
         kept = await self.keeper.keep(
             prediction_id=record.id, provenance=provenance, base_url=provider.settings.base_url,
             outputs=state.outputs if state else None, urls=record.outputs,
             plan=SavePlan.from_journal(req), overwrite=bool(req.get("overwrite")),
-            paths=paths)
+            paths=paths, max_pixels=pixel_bound(int(req.get("width") or 1024), int(req.get("height") or 1024)))
         outcome.kept.update(kept.written)
         record.images = kept.images
-        note = req.get("provider_note")
+        req.update(kept.delivery)  # a planned delivery's files and notes (assets.result_fields)
+        note = "; ".join(n for n in [req.get("provider_note"), *kept.notes] if n) or None
         if kept.problems:
             record.error = "; ".join(([note] if note else []) + kept.problems) + (
                 ". The job succeeded; call check_prediction "
@@ -270,6 +319,11 @@ class JobRunner:
             record.status = "failed"
             record.error = record.error or f"{provider.label} reported success but returned no image."
         await self._save(outcome)
+
+    async def _charge(self, record: Record) -> None:
+        """A final job's charge in the ledger becomes its cost."""
+        if self.money is not None and record.status in FINAL:
+            await self.money.settle(record)
 
     async def _save(self, outcome: Outcome) -> None:
         """Journals the record (scrubbed). A write that cannot land yet is kept by the journal; the
@@ -291,7 +345,8 @@ class JobRunner:
     async def _wait(self, record: Record, provider: Provider, wait: float, progress: ProgressFn | None,
                     outcome: Outcome, *, poll_now: bool) -> JobState | None:
         """Polls until the job is final or `wait` seconds pass; returns the last state seen (None: none)."""
-        schedule = PollSchedule(expected=await self.journal.typical_duration(record.provider, record.model))
+        schedule = PollSchedule(expected=await self.journal.typical_duration(record.provider, record.model),
+                                documented=provider.typical_seconds(record.model))
         start = time.monotonic()
         deadline = start + wait
         state: JobState | None = None

@@ -14,6 +14,9 @@ answers from the event loop without ever blocking it:
   until it lands; `put` says whether it landed, so the result can say the job is not yet durable.
   `get` answers from the backlog first, so an unwritten job is still found.
 * Reads that meet a lock are retried in a worker thread.
+* The spend ledger (`charges`, one row per paid job) is written in transactions of its own: a
+  reservation checks the sums and inserts its row in one `BEGIN IMMEDIATE` transaction, so two
+  calls (in one process or several sharing the file) never both spend the last dollar.
 * The file carries a schema version (`PRAGMA user_version`). Older layouts are migrated; a journal
   from a newer flux-mcp (a higher version, a missing column, an unknown required column) is
   refused at start with one line naming the folder (`JournalUnusable`).
@@ -29,9 +32,10 @@ import sqlite3
 import statistics
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 
@@ -44,7 +48,7 @@ RECENT = 20
 """A model's typical duration is the median of its last this-many successful jobs."""
 _RECENT_TTL = 60.0
 """Seconds the remembered durations are trusted before the file is read again."""
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 """The layout this code reads and writes (`PRAGMA user_version`)."""
 _RETRY_EVERY = 1.0
 """Seconds between the background thread's attempts to write the backlog."""
@@ -53,7 +57,7 @@ _SLOW_TIMEOUT = 10.0
 
 _COLUMNS = ("id", "provider", "native_id", "model", "kind", "status", "request", "images", "outputs", "error",
             "cost_usd", "remaining_credits", "created_at", "updated_at", "completed_at", "principal", "request_key",
-            "idempotency_key", "delivered")
+            "idempotency_key", "delivered", "cost_estimated")
 
 _MIGRATIONS: dict[int, str] = {
     # 0 -> 1: the first layout. Journals written before versions existed have exactly these tables.
@@ -96,6 +100,33 @@ CREATE INDEX IF NOT EXISTS predictions_rejoin ON predictions (principal, request
 CREATE UNIQUE INDEX IF NOT EXISTS predictions_idempotency ON predictions (principal, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 """,
+    # 2 -> 3: whether a cost is the provider's own figure or the price table's; and the spend ledger, one row
+    # per paid job (reserved at submit, billed once created, "unknown" when it may have started), summed
+    # against the budgets.
+    3: """
+ALTER TABLE predictions ADD COLUMN cost_estimated INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS charges (
+    id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    usd REAL,
+    estimated INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL,
+    prediction_id TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS charges_when ON charges (principal, created_at);
+CREATE INDEX IF NOT EXISTS charges_prediction ON charges (prediction_id);
+""",
+    # 3 -> 4: history listings (newest first, one page at a time), for one caller and for everyone (the
+    # person at the terminal sees the whole journal).
+    4: """
+CREATE INDEX IF NOT EXISTS predictions_history ON predictions (principal, created_at, id);
+CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created_at, id);
+""",
 }
 
 
@@ -132,17 +163,59 @@ class Record:
     """The caller's own key: the same key from the same principal always returns this job."""
     delivered: bool = False
     """Whether a finished answer for this job reached the caller."""
+    cost_estimated: bool = False
+    """`cost_usd` comes from the price table, not from the provider."""
 
     def result(self) -> PredictionResult:
         return PredictionResult(
             prediction_id=self.id, provider=self.provider, model=self.model, status=self.status,
             images=self.images, error=self.error, cost_usd=self.cost_usd,
-            remaining_credits=self.remaining_credits,
+            cost_estimated=self.cost_estimated and self.cost_usd is not None,
+            remaining_credits=self.remaining_credits, selection_reason=self.request.get("selection_reason"),
         )
 
     def copy(self) -> Record:
         return dataclasses.replace(self, request=dict(self.request), images=list(self.images),
                                    outputs=list(self.outputs))
+
+
+ChargeState = Literal["reserved", "billed", "unknown"]
+"""`reserved`: the submit is on its way; `billed`: the provider created the job; `unknown`: the submit may have
+created a job, and nothing can prove it did not."""
+
+
+@dataclass
+class Charge:
+    """One paid job in the spend ledger. A job refused before creation leaves no row."""
+
+    id: str
+    principal: str
+    provider: str
+    model: str
+    images: int
+    usd: float | None
+    """The estimate until the job ends, then its cost (the provider's figure when it gave one); None: unpriced."""
+    estimated: bool = True
+    state: ChargeState = "reserved"
+    prediction_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """What one principal's charges since some moment add up to."""
+
+    usd: float = 0.0
+    """Priced charges only."""
+    images: int = 0
+
+
+R = TypeVar("R")
+
+
+class LedgerUnavailable(ConfigError):
+    """The spend ledger could not be read or written (the journal is read-only, full or locked too long)."""
 
 
 class Journal(Protocol):
@@ -167,6 +240,18 @@ class Journal(Protocol):
         """Ids of records not yet on stable storage."""
         ...
 
+    async def rejoinable(self, principal: str, request_key: str, since: float) -> list[Record]:
+        """Jobs of `principal` for this request since `since` whose answer never reached the caller, newest first."""
+        ...
+
+    async def by_idempotency_key(self, principal: str, key: str) -> Record | None:
+        """The job `principal` started with this idempotency key, if the journal holds it."""
+        ...
+
+    async def mark_delivered(self, prediction_id: str) -> None:
+        """Records that an answer for this job reached its caller (a later identical call is a new job)."""
+        ...
+
     async def finished_before(self, before: float, limit: int) -> list[Record]:
         """Up to `limit` final (succeeded, failed, canceled) records last updated before `before`, oldest first."""
         ...
@@ -175,8 +260,45 @@ class Journal(Protocol):
         """Deletes these records (and cached upload URLs older than `uploads_before`); returns how many went."""
         ...
 
+    async def search(self, *, principal: str | None, query: str | None, provider: str | None, status: str | None,
+                     since: float | None, limit: int, before: tuple[float, str] | None) -> list[Record]:
+        """Up to `limit` records, newest first (by `created_at`, then id), that match every filter given:
+        `principal` (None: everyone's), `query` (each of its words appears in the prompt, in any case),
+        `provider`, `status` (a status, or "pending" for starting and processing), `since` (created at or
+        after, epoch seconds). `before` is the (created_at, id) of the last record of the previous page."""
+        ...
+
     async def close(self) -> None:
         """Writes what it can of the backlog and releases the store."""
+        ...
+
+    # --- the spend ledger -------------------------------------------------------------------------
+    # Writes raise LedgerUnavailable when they cannot land (the caller decides: a budget fails closed).
+
+    async def reserve(self, charge: Charge, since: Mapping[str, float],
+                      check: Callable[[Mapping[str, Totals]], R | None]) -> R | None:
+        """Atomically: totals `charge.principal`'s charges created at or after each moment of `since`, calls
+        `check` with them (by the same names), and records `charge` unless `check` returned a refusal, which
+        is returned. No other reservation can land between the sums and the insert."""
+        ...
+
+    async def totals(self, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
+        """The principal's totals since each moment (a reading: nothing is reserved)."""
+        ...
+
+    async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None) -> None:
+        ...
+
+    async def release_charge(self, charge_id: str) -> None:
+        """Deletes a reservation whose job was provably never created."""
+        ...
+
+    async def settle_charge(self, prediction_id: str, usd: float | None, estimated: bool) -> None:
+        """The job ended: its charge becomes its cost (`usd` None keeps the estimate)."""
+        ...
+
+    async def charges_since(self, since: float) -> list[Charge]:
+        """Every charge created at or after `since`, oldest first."""
         ...
 
 
@@ -184,7 +306,7 @@ def _row(rec: Record) -> tuple[Any, ...]:
     return (rec.id, rec.provider, rec.native_id, rec.model, rec.kind, rec.status, json.dumps(rec.request),
             json.dumps([i.model_dump() for i in rec.images]), json.dumps(rec.outputs), rec.error, rec.cost_usd,
             rec.remaining_credits, rec.created_at, rec.updated_at, rec.completed_at, rec.principal, rec.request_key,
-            rec.idempotency_key, int(rec.delivered))
+            rec.idempotency_key, int(rec.delivered), int(rec.cost_estimated))
 
 
 def _record(row: tuple[Any, ...]) -> Record:
@@ -193,8 +315,103 @@ def _record(row: tuple[Any, ...]) -> Record:
         request=json.loads(row[6]), images=[ImageOutput(**i) for i in json.loads(row[7])],
         outputs=json.loads(row[8]), error=row[9], cost_usd=row[10], remaining_credits=row[11],
         created_at=row[12], updated_at=row[13], completed_at=row[14], principal=row[15], request_key=row[16],
-        idempotency_key=row[17], delivered=bool(row[18]),
+        idempotency_key=row[17], delivered=bool(row[18]), cost_estimated=bool(row[19]),
     )
+
+
+_CHARGE_COLUMNS = ("id", "principal", "provider", "model", "images", "usd", "estimated", "state", "prediction_id",
+                   "created_at", "updated_at")
+_INSERT_CHARGE = f"INSERT INTO charges ({', '.join(_CHARGE_COLUMNS)}) VALUES ({','.join('?' * len(_CHARGE_COLUMNS))})"
+_SUM_CHARGES = "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(images), 0) FROM charges WHERE principal=? AND created_at>=?"
+
+
+def _charge_row(c: Charge) -> tuple[Any, ...]:
+    return (c.id, c.principal, c.provider, c.model, c.images, c.usd, int(c.estimated), c.state, c.prediction_id,
+            c.created_at, c.updated_at)
+
+
+def _charge(row: tuple[Any, ...]) -> Charge:
+    return Charge(id=row[0], principal=row[1], provider=row[2], model=row[3], images=row[4], usd=row[5],
+                  estimated=bool(row[6]), state=row[7], prediction_id=row[8], created_at=row[9], updated_at=row[10])
+
+
+def _totals(db: sqlite3.Connection, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
+    out: dict[str, Totals] = {}
+    for name, start in since.items():
+        usd, images = db.execute(_SUM_CHARGES, (principal, start)).fetchone()
+        out[name] = Totals(float(usd), int(images))
+    return out
+
+
+def _locked(exc: sqlite3.Error) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+_INSERT = (f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
+           f" ON CONFLICT(id) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in _COLUMNS[1:] if c != 'delivered')},"
+           " delivered=MAX(predictions.delivered, excluded.delivered)")
+"""An upsert; `delivered` only ever goes from 0 to 1 (a late write of an older copy cannot undo it)."""
+
+
+def _fold(text: str | None) -> str:
+    return text.casefold() if isinstance(text, str) else ""
+
+
+_PENDING_STATUSES = ("starting", "processing")
+
+
+@dataclass(frozen=True)
+class Search:
+    """The filters of `Journal.search`, as SQL for a store that speaks it and as a test of one record."""
+
+    principal: str | None = None
+    words: tuple[str, ...] = ()
+    provider: str | None = None
+    statuses: tuple[str, ...] = ()
+    since: float | None = None
+    before: tuple[float, str] | None = None
+
+    @classmethod
+    def of(cls, *, principal: str | None, query: str | None, provider: str | None, status: str | None,
+           since: float | None, before: tuple[float, str] | None) -> Search:
+        statuses = _PENDING_STATUSES if status == "pending" else (status,) if status else ()
+        return cls(principal=principal, words=tuple(_fold(query).split()), provider=provider or None,
+                   statuses=statuses, since=since, before=before)
+
+    def sql(self, limit: int) -> tuple[str, tuple[Any, ...]]:
+        """The SELECT (SQLite dialect; the prompt is folded by a `flux_fold` function on the connection)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if self.principal is not None:
+            where.append("principal = ?")
+            args.append(self.principal)
+        if self.provider:
+            where.append("provider = ?")
+            args.append(self.provider)
+        if self.statuses:
+            where.append(f"status IN ({','.join('?' * len(self.statuses))})")
+            args.extend(self.statuses)
+        if self.since is not None:
+            where.append("created_at >= ?")
+            args.append(self.since)
+        if self.before is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args.extend((self.before[0], self.before[0], self.before[1]))
+        for word in self.words:
+            where.append("instr(flux_fold(json_extract(request, '$.prompt')), ?) > 0")
+            args.append(word)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        return (f"SELECT {', '.join(_COLUMNS)} FROM predictions{clause} ORDER BY created_at DESC, id DESC LIMIT ?",
+                (*args, max(limit, 0)))
+
+    def matches(self, rec: Record) -> bool:
+        prompt = _fold(str(rec.request.get("prompt", "")))
+        return ((self.principal is None or rec.principal == self.principal)
+                and (not self.provider or rec.provider == self.provider)
+                and (not self.statuses or rec.status in self.statuses)
+                and (self.since is None or rec.created_at >= self.since)
+                and (self.before is None or (rec.created_at, rec.id) < self.before)
+                and all(word in prompt for word in self.words))
 
 
 _INSERT = f"INSERT OR REPLACE INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
@@ -321,10 +538,9 @@ class SqliteJournal:
         """Writes the backlog on a connection of its own that may wait on locks, until it is empty."""
         db: sqlite3.Connection | None = None
         try:
-            while not self._closed.is_set():
+            while not self._closed.wait(_RETRY_EVERY):  # the write just failed: give the cause a moment
                 if self._flush_backlog(db := db or _connect(self.path, timeout=_SLOW_TIMEOUT)):
                     return
-                self._closed.wait(_RETRY_EVERY)
         except sqlite3.Error as exc:
             log.warning("journal retry stopped: %s", exc)
         finally:
@@ -425,6 +641,37 @@ class SqliteJournal:
             return str(row[0])
         return None
 
+    async def rejoinable(self, principal: str, request_key: str, since: float) -> list[Record]:
+        with self._lock:
+            pending = [r.copy() for r in self._backlog.values() if r.principal == principal
+                       and r.request_key == request_key and not r.delivered and r.created_at >= since]
+        rows = await self._read(
+            f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE principal=? AND request_key=? AND delivered=0"
+            " AND created_at >= ? ORDER BY created_at DESC LIMIT 5", (principal, request_key, since), many=True)
+        found = {r.id: r for r in [*(_record(row) for row in rows), *pending]}
+        return sorted(found.values(), key=lambda r: r.created_at, reverse=True)
+
+    async def by_idempotency_key(self, principal: str, key: str) -> Record | None:
+        with self._lock:
+            pending = next((r.copy() for r in self._backlog.values()
+                            if r.principal == principal and r.idempotency_key == key), None)
+        if pending is not None:
+            return pending
+        row = await self._read(f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE principal=? AND"
+                               " idempotency_key=?", (principal, key))
+        return None if row is None else _record(row)
+
+    async def mark_delivered(self, prediction_id: str) -> None:
+        with self._lock:
+            pending = self._backlog.get(prediction_id)
+            if pending is not None:
+                pending.delivered = True
+                return
+            try:
+                self._db.execute("UPDATE predictions SET delivered=1 WHERE id=?", (prediction_id,))
+            except sqlite3.Error as exc:  # losing it only means a later identical call may join this job
+                log.info("delivery of %s not recorded: %s", prediction_id, exc)
+
     async def finished_before(self, before: float, limit: int) -> list[Record]:
         rows = await self._read(
             f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE status IN ('succeeded', 'failed', 'canceled')"
@@ -439,6 +686,103 @@ class SqliteJournal:
             if uploads_before is not None:
                 self._db.execute("DELETE FROM uploads WHERE created_at < ?", (uploads_before,))
         return removed
+
+    # --- the spend ledger ---------------------------------------------------------------------
+
+    async def _write(self, work: Callable[[sqlite3.Connection], R]) -> R:
+        """Runs `work` (its own transaction) on the loop's connection; if another process holds the write
+        lock, again in a worker thread on a connection that waits for it. Raises LedgerUnavailable."""
+        try:
+            try:
+                with self._lock:
+                    return work(self._db)
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc):
+                    raise
+
+            def slow() -> R:
+                db = _connect(self.path, timeout=_SLOW_TIMEOUT)
+                try:
+                    return work(db)
+                finally:
+                    db.close()
+
+            return await anyio.to_thread.run_sync(slow)
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"The spend ledger in {self._where} cannot be written ({exc}).") from None
+
+    async def reserve(self, charge: Charge, since: Mapping[str, float],
+                      check: Callable[[Mapping[str, Totals]], R | None]) -> R | None:
+        def work(db: sqlite3.Connection) -> R | None:
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: no other reservation between sum and insert
+            try:
+                refusal = check(_totals(db, charge.principal, since))
+                if refusal is None:
+                    db.execute(_INSERT_CHARGE, _charge_row(charge))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return refusal
+
+        return await self._write(work)
+
+    async def totals(self, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
+        out: dict[str, Totals] = {}
+        try:
+            for name, start in since.items():
+                usd, images = await self._read(_SUM_CHARGES, (principal, start))
+                out[name] = Totals(float(usd), int(images))
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"The spend ledger in {self._where} cannot be read ({exc}).") from None
+        return out
+
+    async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None) -> None:
+        await self._write(lambda db: db.execute(
+            "UPDATE charges SET state=?, prediction_id=COALESCE(?, prediction_id), updated_at=? WHERE id=?",
+            (state, prediction_id, time.time(), charge_id)))
+
+    async def release_charge(self, charge_id: str) -> None:
+        await self._write(lambda db: db.execute("DELETE FROM charges WHERE id=?", (charge_id,)))
+
+    async def settle_charge(self, prediction_id: str, usd: float | None, estimated: bool) -> None:
+        await self._write(lambda db: db.execute(
+            "UPDATE charges SET usd=COALESCE(?, usd), estimated=COALESCE(?, estimated), updated_at=? WHERE "
+            "prediction_id=?", (usd, None if usd is None else int(estimated), time.time(), prediction_id)))
+
+    async def charges_since(self, since: float) -> list[Charge]:
+        try:
+            rows = await self._read(f"SELECT {', '.join(_CHARGE_COLUMNS)} FROM charges WHERE created_at>=? "
+                                    "ORDER BY created_at", (since,), many=True)
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"The spend ledger in {self._where} cannot be read ({exc}).") from None
+        return [_charge(row) for row in rows]
+
+    async def search(self, *, principal: str | None, query: str | None, provider: str | None, status: str | None,
+                     since: float | None, limit: int, before: tuple[float, str] | None) -> list[Record]:
+        """Runs in a worker thread on a connection of its own: a text query reads every prompt of the
+        caller's journal (no index serves a substring match), which must not hold the event loop."""
+        search = Search.of(principal=principal, query=query, provider=provider, status=status, since=since,
+                           before=before)
+        with self._lock:  # records not yet on disk are found too, in their latest version
+            unwritten = [rec.copy() for rec in self._backlog.values()]
+        sql, args = search.sql(limit + len(unwritten))  # an unwritten version may replace a row read
+
+        def run() -> list[tuple[Any, ...]]:
+            db = _connect(self.path, timeout=_SLOW_TIMEOUT)
+            try:
+                db.create_function("flux_fold", 1, _fold, deterministic=True)
+                return db.execute(sql, args).fetchall()
+            finally:
+                db.close()
+
+        found = {rec.id: rec for rec in map(_record, await anyio.to_thread.run_sync(run))}
+        for rec in unwritten:
+            if search.matches(rec):
+                found[rec.id] = rec
+            else:
+                found.pop(rec.id, None)
+        return sorted(found.values(), key=lambda r: (r.created_at, r.id), reverse=True)[:limit]
 
     # --- closing ------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ a problem note on the image — the job and its id are never lost for it.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import anyio
 
+from . import delivery
+from .assets import AssetPlan
 from .errors import DownloadFailed, FluxError, InvalidInput, PathNotAllowed
-from .images import light_work
+from .images import Converted, light_work
 from .media import (
     FORMATS,
     Downloader,
@@ -27,11 +30,14 @@ from .media import (
     decode_data_uri,
     embed_provenance,
     inspect_image,
+    sweep_save_folder_once,
 )
 from .models import ImageOutput
-from .paths import PathPolicy
+from .paths import PathPolicy, name_problem
 from .providers.base import OutputRef
 from .store import ImageStore
+
+log = logging.getLogger("flux_mcp.keep")
 
 
 @dataclass
@@ -42,6 +48,10 @@ class Kept:
     problems: list[str] = field(default_factory=list)
     written: dict[str, bytes] = field(default_factory=dict)
     """The bytes now at each image's path (previews are made from them, not read back)."""
+    notes: list[str] = field(default_factory=list)
+    """What the images kept could not carry over (e.g. the frames of an animated image saved as PNG)."""
+    delivery: dict[str, object] = field(default_factory=dict)
+    """What a planned delivery wrote besides the images (files, notes): merged into the journaled request."""
 
 
 @dataclass(frozen=True)
@@ -55,22 +65,25 @@ class SavePlan:
     root: Path | None = None
     """The allowed folder of the call that asked: the copies are written inside it whichever server, in
     whichever workspace, finishes the job."""
+    asset: AssetPlan | None = None
+    """Exact size, transparency, preset files: how the images are delivered (assets.plan)."""
 
     def journaled(self) -> dict[str, object]:
         return {"save_to": [str(t) for t in self.targets] or None, "save_free": self.free_names,
-                "save_root": str(self.root) if self.root else None}
+                "save_root": str(self.root) if self.root else None,
+                **(self.asset.journaled() if self.asset else {})}
 
     @classmethod
     def from_journal(cls, request: dict[str, object]) -> SavePlan:
         raw = request.get("save_to") or []
         root = request.get("save_root")
         return cls(tuple(Path(str(t)) for t in raw) if isinstance(raw, list) else (),
-                   bool(request.get("save_free")), Path(root) if isinstance(root, str) else None)
+                   bool(request.get("save_free")), Path(root) if isinstance(root, str) else None,
+                   AssetPlan.from_journal(request))
 
 
-NAME_MAX = 255
-"""Bytes in one file or folder name on the common file systems (ext4, APFS, NTFS counts characters)."""
 PATH_MAX = 4096
+"""Bytes in a whole path on Linux; longer ones fail at write time, after paying."""
 
 
 def save_targets(paths: PathPolicy, save_to: str | None, count: int, overwrite: bool, prompt: str) -> SavePlan:
@@ -80,7 +93,8 @@ def save_targets(paths: PathPolicy, save_to: str | None, count: int, overwrite: 
     if not save_to:
         return SavePlan()
     raw = save_to.strip()
-    _check_lengths(paths.absolute(raw))  # before any look at the disk, which would fail on such a name
+    paths.check_new_names(raw)  # names unsafe on some system, or too long: before any look at the disk
+    _check_length(paths.absolute(raw))
     is_folder = raw.endswith(("/", "\\")) or paths.absolute(raw).is_dir() or not Path(raw).suffix
     if is_folder:
         folder = paths.check_write(str(Path(raw) / "x.png")).parent
@@ -99,7 +113,7 @@ def save_targets(paths: PathPolicy, save_to: str | None, count: int, overwrite: 
     for t in targets:
         paths.check_write(str(t))
         _check_parent(t, paths)
-        _check_lengths(t)
+        _check_length(t)
         if t.exists() and not t.is_file():
             raise PathNotAllowed(f"{paths.display(t)} exists and is not a regular file; choose another save_to.")
         if t.exists() and not overwrite and not is_folder:
@@ -120,11 +134,8 @@ def _check_parent(target: Path, paths: PathPolicy) -> None:
                              "another save_to.")
 
 
-def _check_lengths(target: Path) -> None:
-    long = next((part for part in target.parts if len(part.encode()) > NAME_MAX), None)
-    if long is not None:
-        raise InvalidInput(f"The name {long[:40]!r}... is {len(long.encode())} bytes; file systems take at most "
-                           f"{NAME_MAX}. Choose a shorter save_to.")
+def _check_length(target: Path) -> None:
+    """The whole path (each name is checked by `PathPolicy.check_new_names`)."""
     if len(str(target).encode()) > PATH_MAX:
         raise InvalidInput(f"save_to is over {PATH_MAX} bytes as an absolute path; choose a shorter one.")
 
@@ -138,16 +149,19 @@ class Keeper:
 
     async def keep(self, *, prediction_id: str, provenance: dict[str, str], base_url: str,
                    outputs: Sequence[OutputRef] | None, urls: Sequence[str | None], plan: SavePlan,
-                   overwrite: bool, paths: PathPolicy) -> Kept:
+                   overwrite: bool, paths: PathPolicy, max_pixels: int | None = None) -> Kept:
         """Keeps every output. `outputs` is what the provider just answered (None: keep again from the
         copies already stored, else from `urls`, the URLs the journal holds). The save_to copies are
-        written inside the folder of the call that asked for them (`plan.root`), else by `paths`."""
+        written inside the folder of the call that asked for them (`plan.root`), else by `paths`. An image
+        that would decode to more than `max_pixels` (`images.pixel_bound` of the size asked for) is refused
+        unread."""
         targets = plan.targets
         if plan.root is not None:
             paths = PathPolicy([plan.root], paths.home)
         trusted = frozenset({base_url})  # the provider's own origin (scheme, host and port), not just its host
         count = len(outputs) if outputs is not None else len(urls)
         slots: list[tuple[ImageOutput, str | None]] = [(ImageOutput(), None)] * count
+        notes: list[list[str]] = [[] for _ in range(count)]
         kept = Kept()
 
         async def one(i: int) -> None:
@@ -162,8 +176,11 @@ class Keeper:
                     data = await self.store.read(stored)
                 else:
                     data = await self._download(url, trusted)
-                image, problem, written = await self._keep_one(
-                    prediction_id, i, data, url, stored, target, paths, overwrite, plan.free_names, provenance)
+                data, stored = await delivery.original_for_rekeep(self.store, prediction_id, i, plan.asset, data,
+                                                                  stored)
+                image, problem, written, notes[i] = await self._keep_one(
+                    prediction_id, i, data, url, stored, target, paths, overwrite, plan.free_names, provenance,
+                    max_pixels, plan.asset, kept.delivery)
                 slots[i] = (image, problem)
                 if image.path and written is not None:
                     kept.written[image.path] = written
@@ -181,15 +198,31 @@ class Keeper:
                     tg.start_soon(one, i)
         kept.images = [image for image, _ in slots]
         kept.problems = [problem for _, problem in slots if problem]
+        kept.notes = [f"image {i + 1}: {note}" for i, image_notes in enumerate(notes) for note in image_notes]
         return kept
 
     async def _keep_one(self, prediction_id: str, i: int, data: bytes, url: str | None, stored: str | None,
                         target: Path | None, paths: PathPolicy, overwrite: bool, free_names: bool,
-                        provenance: dict[str, str]) -> tuple[ImageOutput, str | None, bytes | None]:
+                        provenance: dict[str, str], max_pixels: int | None, asset: AssetPlan | None = None,
+                        delivered: dict[str, object] | None = None
+                        ) -> tuple[ImageOutput, str | None, bytes | None, list[str]]:
         """Checks one image, stores it and writes its save_to copy. Returns the image (pointing at the
         save_to copy, or at the stored copy when that could not be written), a problem with the save_to
-        copy if any, and the bytes now at the image's path."""
-        work = functools.partial(_prepare, data, stored is None, target)
+        copy if any, the bytes now at the image's path, and notes on what its copy could not keep. With an
+        `asset` plan the image is delivered as planned first (exact size, matte, a preset's files: the
+        `delivery` module)."""
+        made, planned, undelivered = None, target, None
+        if asset is not None and (stored is None or asset.preset):
+            try:
+                made = await anyio.to_thread.run_sync(delivery.deliver, data, asset, provenance)
+                data, target = made.image, None if made.failure else target
+            except (DownloadFailed, OSError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the paid image is kept as it came, with the reason
+                log.exception("delivering image %d of %s as planned", i + 1, prediction_id)
+                undelivered = f"image {i + 1} is kept as the provider made it: {type(exc).__name__} in the " \
+                              "planned delivery (size, matte or files)"
+        work = functools.partial(_prepare, data, stored is None, max_pixels)
         if stored is None and light_work(data, target.suffix.lstrip(".") if target else None):
             info, payload = work(provenance)
         else:
@@ -199,21 +232,29 @@ class Keeper:
             location, written = await self.store.put(prediction_id, i, payload, info.ext), payload
         else:
             location, written = stored, data
-        mime, problem = info.mime_type, None
+        mime, problem, notes = info.mime_type, None, []
         if target is not None:
             try:
                 copy = functools.partial(_save_copy, target, data, info, provenance, paths, overwrite,
                                          free_names, labelled=stored is not None)
-                saved, mime, written = (copy() if light_work(data, target.suffix.lstrip("."))
-                                        else await anyio.to_thread.run_sync(copy))
-                location = str(saved)  # the result points at the copy the caller asked for
+                saved, mime, converted = (copy() if light_work(data, target.suffix.lstrip("."))
+                                          else await anyio.to_thread.run_sync(copy))
+                location, written, notes = str(saved), converted.data, converted.notes  # the copy asked for
             except (FluxError, OSError, ValueError) as exc:
                 # The image is kept and paid for: its stored copy is the result; the copy's failure is a note.
                 mime = info.mime_type
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 problem = f"image {i + 1} was not written to {target} ({why}); it is kept at {location}"
+        if made is not None and asset is not None:
+            moved, extra = await delivery.write_files(
+                made, asset, Path(location) if target is not None and problem is None else planned, paths,
+                overwrite, free_names, self.store, prediction_id, i, {} if delivered is None else delivered)
+            if moved is not None:
+                location, written, mime = moved
+            problem = "; ".join(filter(None, [problem, extra])) or None
+        problem = "; ".join(filter(None, [problem, undelivered])) or None
         image = ImageOutput(url=url, path=location, mime_type=mime, width=info.width, height=info.height)
-        return image, problem, written
+        return image, problem, written, notes
 
     async def _download(self, url: str | None, trusted: frozenset[str]) -> bytes:
         if not url:
@@ -223,27 +264,30 @@ class Keeper:
         return await self.downloader.fetch(url, trusted)
 
 
-def _prepare(data: bytes, fresh: bool, target: Path | None, provenance: dict[str, str]) -> tuple[ImageInfo, bytes]:
+def _prepare(data: bytes, fresh: bool, max_pixels: int | None, provenance: dict[str, str]
+             ) -> tuple[ImageInfo, bytes]:
     """Inspects the image and, when it is new, labels it with its provenance (no re-encoding)."""
-    info = inspect_image(data)
+    info = inspect_image(data, max_pixels)
     return info, (embed_provenance(data, info, provenance) if fresh else data)
 
 
 def _save_copy(target: Path, data: bytes, info: ImageInfo, provenance: dict[str, str], paths: PathPolicy,
-               overwrite: bool, free_names: bool, *, labelled: bool = False) -> tuple[Path, str, bytes]:
+               overwrite: bool, free_names: bool, *, labelled: bool = False) -> tuple[Path, str, Converted]:
     """Writes one save_to copy. The final name is taken atomically at write time: a file that already
     holds exactly this image counts as written (another server finished the same job, or a check
     repeated the write); with `free_names` a name taken meanwhile moves on to the next free one."""
     checked = paths.check_write(str(target))
     ext = checked.suffix.lower().lstrip(".") or "png"
-    payload = convert(data, info, ext, provenance, labelled=labelled)
+    converted = convert(data, info, ext, provenance, labelled=labelled)
+    payload = converted.data
     candidate = checked
     for n in range(2, 1002):
         if not overwrite and _holds(candidate, payload):
-            return candidate, FORMATS[ext][1], payload
+            return candidate, FORMATS[ext][1], converted
         try:
             atomic_write(candidate, payload, overwrite=overwrite)
-            return candidate, FORMATS[ext][1], payload
+            sweep_save_folder_once(candidate.parent)  # temp files a killed process left beside the user's files
+            return candidate, FORMATS[ext][1], converted
         except PathNotAllowed:
             if not free_names or not candidate.exists():
                 raise
@@ -264,7 +308,8 @@ def _holds(path: Path, payload: bytes) -> bool:
 
 def _slug(text: str) -> str:
     words = re.findall(r"[a-z0-9]+", text.lower())[:6]
-    return "-".join(words)[:60] or "image"
+    slug = "-".join(words)[:60] or "image"
+    return slug if name_problem(f"{slug}.png") is None else f"{slug}-image"  # a prompt "con" names no device
 
 
 def _free_name(target: Path, taken: set[Path]) -> Path:

@@ -1,10 +1,12 @@
-"""Which local files the tools may read and write, decided after resolving symlinks."""
+"""Which local files the tools may read and write, decided after resolving symlinks, and which new
+file names are safe on every system a project travels to."""
 
 from __future__ import annotations
 
 import os
 import re
 import stat
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +14,47 @@ from .errors import PathNotAllowed
 
 MAX_INPUT_BYTES = 50 * 1024 * 1024
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+MAX_NAME_BYTES = 255
+"""The longest file name (one path component, UTF-8) ext4, APFS and NTFS all accept."""
+_WINDOWS_FORBIDDEN = set('<>:"|?*\\')
+_WINDOWS_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{dev}{n}" for dev in ("COM", "LPT") for n in [*"0123456789", "\u00b9", "\u00b2", "\u00b3"]})
+_JOINERS = frozenset("\u200c\u200d")
+"""Zero-width (non-)joiners: invisible, but part of how emoji sequences and several scripts are written."""
+_ONLY_EXTENSION = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif"})
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` (one path component) is unsafe as a new file or folder name on Linux, macOS or
+    Windows, as a sentence that says what to do; None when it is safe everywhere."""
+    if name in (".", ".."):
+        return None
+    if name.lower() in _ONLY_EXTENSION:
+        return (f"{name!r} is only an extension, which would become a hidden file or a folder: name the file "
+                f"(e.g. 'hero{name.lower()}'), or give a folder ending in '/'")
+    forbidden = sorted({ch for ch in name if ch in _WINDOWS_FORBIDDEN})
+    if forbidden:
+        what = "a drive letter or stream name (':')" if forbidden == [":"] else " ".join(repr(c) for c in forbidden)
+        return f"{name!r} contains {what}, which Windows does not allow in file names"
+    hidden = [ch for ch in name if _invisible(ch)]
+    if hidden:
+        names = ", ".join(sorted({f"U+{ord(ch):04X} {unicodedata.name(ch, 'control character')}" for ch in hidden}))
+        return f"the name contains invisible formatting characters ({names}), which can disguise what a file is"
+    if name.endswith((".", " ")):
+        return f"{name!r} ends with a dot or a space, which Windows drops (the file would get another name there)"
+    if name.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
+        return f"{name!r} is a reserved device name on Windows ({name.split('.')[0].upper()}), not a file name there"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        return f"a name of {size} bytes is over the {MAX_NAME_BYTES} that file systems allow"
+    return None
+
+
+def _invisible(ch: str) -> bool:
+    """Bidirectional overrides, other format characters, controls and lone surrogates."""
+    category = unicodedata.category(ch)
+    return (category == "Cf" and ch not in _JOINERS) or category in ("Cc", "Cs")
 
 
 def usable_folders(candidates: Sequence[Path], home: Path) -> list[Path]:
@@ -119,6 +162,19 @@ class PathPolicy:
         if len(data) > limit:
             raise PathNotAllowed(f"{resolved} is over the {limit}-byte limit.")
         return resolved, data
+
+    def check_new_names(self, raw: str) -> None:
+        """Refuses a write target whose new names (the file's, and those of folders still to be created)
+        are unsafe on any of Linux, macOS and Windows; folders that already exist are the user's own."""
+        path = self.absolute(raw)
+        parts = [path.name]
+        for parent in path.parents:
+            if parent.exists() or parent == parent.parent:
+                break
+            parts.append(parent.name)
+        for part in reversed(parts):
+            if problem := name_problem(part):
+                raise PathNotAllowed(f"save_to {raw!r} is not a safe file name: {problem}. Choose another save_to.")
 
     def check_write(self, raw: str) -> Path:
         """The absolute target of a write inside the allowed folders (the file itself need not exist)."""

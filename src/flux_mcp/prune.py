@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from .assets import ORIGINAL_INDEX
 from .journal import Journal
 from .store import ImageStore
 
@@ -49,7 +50,8 @@ async def prune(journal: Journal, store: ImageStore, *, older_than_days: float, 
                         done.files.append(image.path)
                 elif await store.discard(image.path):
                     done.files.append(image.path)
-            for index in range(len(record.outputs)):  # the stored copy, when the result named the save_to copy
+            # The stored copy (when the result named the save_to copy), and a transparent image's unmatted one.
+            for index in (*range(len(record.outputs)), *(ORIGINAL_INDEX + i for i in range(len(record.outputs)))):
                 location = await store.find(record.id, index)
                 if location and location not in done.files:
                     if dry_run or await store.discard(location):

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from mcp_types import CallToolResult, ImageContent, TextContent
 
+from .assets import result_fields, result_lines
 from .config import Settings
+from .delivery import before_after
 from .images import shown_as_is
 from .jobs import Outcome
 from .journal import Record
@@ -24,7 +26,7 @@ _TEXT_RESERVE = 40_000
 """Bytes of the result budget kept for text and structured content."""
 
 
-def next_step(record: Record, settings: Settings) -> str:
+def next_step(record: Record, settings: Settings, *, joined: bool = False) -> str:
     """The sentence that tells the model what to know or do next (also in structuredContent: some clients
     show the model nothing else)."""
     check = f'call check_prediction with prediction_id="{record.id}"'
@@ -46,6 +48,9 @@ def next_step(record: Record, settings: Settings) -> str:
         step = "The job was canceled; call the tool again to start a new job."
     if is_placeholder(record):
         step += f" {PLACEHOLDER_NOTE}"
+    if joined:
+        step = (f"This call joined the earlier identical call {record.id}, whose answer never arrived: nothing "
+                f"was paid twice. {step}")
     return step
 
 
@@ -53,10 +58,12 @@ def is_placeholder(record: Record) -> bool:
     return record.provider == PLACEHOLDER_ID
 
 
-def structured(record: Record, settings: Settings) -> dict[str, object]:
+def structured(record: Record, settings: Settings, *, joined: bool = False) -> dict[str, object]:
     """The structuredContent of a prediction: the tool results and the prediction resource say the same."""
-    result = record.result().model_copy(update={"message": next_step(record, settings),
-                                                "placeholder": is_placeholder(record)})
+    delivered = result_fields(record)
+    message = " ".join(filter(None, [delivered.pop("notes", None), next_step(record, settings, joined=joined)]))
+    result = record.result().model_copy(update={"message": message, "placeholder": is_placeholder(record),
+                                                **delivered})
     return result.model_dump(mode="json")
 
 
@@ -83,9 +90,10 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
                 lines.append(f"Image {i}: not downloaded")
             if img.url and not img.url.startswith("data:"):
                 lines.append(f"  provider URL (expires): {img.url}")
+        lines.extend(result_lines(record))
         if record.error:
             lines.append(f"Note: {record.error}")
-        lines.append(next_step(record, settings))
+        lines.append(next_step(record, settings, joined=outcome.joined))
     elif record.status == "succeeded":
         lines.append(f"The job {record.id} on {who} finished, but its images could not be saved locally: "
                      f"{record.error}")
@@ -96,24 +104,28 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
     elif record.status in PENDING:
         waited = f" after {outcome.waited:.0f} s" if outcome.waited >= 1 else ""
         lines.append(f"Still {record.status} on {who}{waited}. prediction_id: {record.id}")
-        lines.append(next_step(record, settings))
+        lines.append(next_step(record, settings, joined=outcome.joined))
     elif record.status == "failed":
         lines.append(f"The job {record.id} on {who} failed: {record.error or 'no reason given'}.")
-        lines.append(next_step(record, settings))
+        lines.append(next_step(record, settings, joined=outcome.joined))
     else:
         lines.append(f"The job {record.id} on {who} was canceled: {record.error or 'no reason given'}.")
     if record.cost_usd is not None and record.cost_usd > 0:
-        lines.append(f"Cost: ${record.cost_usd:.4f}")
+        lines.append(f"Cost: ${record.cost_usd:.4f}{' (estimated from the price table)' if record.cost_estimated else ''}")
     if record.remaining_credits is not None:
         lines.append(f"Remaining credits: {record.remaining_credits:g}")
+    if record.request.get("selection_reason"):
+        lines.append(f"Provider choice: {record.request['selection_reason']}")
     lines.extend(outcome.notes)
 
     content: list = [TextContent(type="text", text="\n".join(lines))]
-    content.extend(_previews([img for img in record.images if img.path], outcome.kept, settings))
+    content.extend(_previews([img for img in record.images if img.path], outcome.kept, settings,
+                             outcome.source_image))
     # No resource_link blocks: some clients turn an image link into an image source URL (flux://...) that
     # model APIs refuse; the text names each image's URI instead.
     failed = record.status in ("failed", "canceled")
-    return CallToolResult(content=content, structured_content=structured(record, settings), is_error=failed)
+    return CallToolResult(content=content, structured_content=structured(record, settings, joined=outcome.joined),
+                          is_error=failed)
 
 
 def _budget(count: int, settings: Settings) -> int | None:
@@ -129,7 +141,7 @@ def _fits(image: ImageOutput, data: bytes | None, budget: int | None) -> bool:
     """Whether `data` (the bytes just written at `image.path`) can be shown as it is, judged from what is
     known of them (make_preview applies the same rule after opening the bytes)."""
     return data is not None and shown_as_is(image.mime_type, image.width or 0, image.height or 0, len(data),
-                                            budget)
+                                            budget, data)
 
 
 def needs_image_work(outcome: Outcome, settings: Settings) -> bool:
@@ -138,11 +150,15 @@ def needs_image_work(outcome: Outcome, settings: Settings) -> bool:
     images = [i for i in outcome.record.images if i.path]
     if settings.preview == "off" or not images:
         return False
+    if outcome.source_image is not None:
+        return True  # a before/after preview is composed
     budget = _budget(len(images), settings)
     return not all(_fits(i, outcome.kept.get(i.path or ""), budget) for i in images)
 
 
-def _previews(images: list[ImageOutput], kept: dict[str, bytes], settings: Settings) -> list[ImageContent]:
+def _previews(images: list[ImageOutput], kept: dict[str, bytes], settings: Settings,
+              source: bytes | None = None) -> list[ImageContent]:
+    """One preview per image; an edit's is its input and result side by side (when the input is at hand)."""
     if settings.preview == "off" or not images:
         return []
     out: list[ImageContent] = []
@@ -150,7 +166,9 @@ def _previews(images: list[ImageOutput], kept: dict[str, bytes], settings: Setti
     for image in images:
         path, data = Path(image.path or ""), kept.get(image.path or "")
         try:
-            if data is not None and _fits(image, data, budget):
+            if source is not None:
+                preview, mime = before_after(source, path.read_bytes() if data is None else data, budget)
+            elif data is not None and _fits(image, data, budget):
                 preview, mime = data, str(image.mime_type)  # the image as written: shown as it is
             elif budget is None:
                 # Full resolution, except past 8000 px a side, which breaks client sessions.

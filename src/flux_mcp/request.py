@@ -9,13 +9,20 @@ that use it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
+import json
 import typing
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from .schema import quiet
+
 Kind = Literal["generate", "edit"]
+Preset = Literal["og-image", "twitter-card", "favicon", "app-icon", "hero"]
+"""The asset sets of `preset` (their sizes and files: `presets.presets()`)."""
 MAX_WAIT_SECONDS = 600.0
 
 
@@ -34,52 +41,64 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Kind = "generate"
-    prompt: Annotated[str, Field(min_length=1, max_length=4000,
-                                 description="What the image should show: subject, style, composition, lighting, "
-                                             "text."), AfterValidator(_plain_text)]
+    prompt: Annotated[str, Field(min_length=1, max_length=4000, json_schema_extra=quiet("minLength", "maxLength")),
+                      AfterValidator(_plain_text)]
     image: str | None = Field(default=None, min_length=1, max_length=20_000_000,
-                              description="The image to edit: an http(s) URL, a local file path, or a data: URI.")
-    provider: str | None = Field(default=None, max_length=40,
-                                 description="Provider id. Omit to use the server's default.")
+                              json_schema_extra=quiet("minLength", "maxLength"),
+                              description="A URL, local path or data: URI.")
+    provider: str | None = Field(default=None, max_length=40, json_schema_extra=quiet("maxLength"))
     model: str | None = Field(default=None, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
-                              description="Model id on that provider; omit for its default FLUX model.")
-    width: int = Field(default=1024, ge=16, le=8192,
-                       description="Pixels. Most FLUX models take 256-1536; default 1024.")
-    height: int = Field(default=1024, ge=16, le=8192,
-                        description="Pixels. Most FLUX models take 256-1536; default 1024.")
-    num_images: int = Field(default=1, ge=1, le=8, description="How many images (most providers: 1-4).")
-    seed: int | None = Field(default=None, ge=0, le=2_147_483_647,
-                             description="Same seed + prompt gives the same image; omit for random.")
-    steps: int | None = Field(default=None, ge=1, le=100,
-                              description="Inference steps, where the model has the setting; omit for default.")
-    guidance_scale: float | None = Field(default=None, ge=0, le=50,
-                                         description="Prompt adherence, where the model has it; omit for default.")
+                              json_schema_extra=quiet("maxLength", "pattern"), description="List: flux://providers")
+    width: int = Field(default=1024, ge=16, le=8192, json_schema_extra=quiet("minimum", "maximum"),
+                       description="Most models take 256-1536, as height.")
+    height: int = Field(default=1024, ge=16, le=8192, json_schema_extra=quiet("minimum", "maximum"))
+    num_images: int = Field(default=1, ge=1, le=8, json_schema_extra=quiet("minimum", "maximum"))
+    seed: int | None = Field(default=None, ge=0, le=2_147_483_647, json_schema_extra=quiet("maximum"))
+    steps: int | None = Field(default=None, ge=1, le=100, json_schema_extra=quiet("minimum", "maximum"))
+    guidance_scale: float | None = Field(default=None, ge=0, le=50, json_schema_extra=quiet("minimum", "maximum"))
     wait_seconds: float | None = Field(default=None, ge=0, le=MAX_WAIT_SECONDS,
-                                       description="Seconds to wait for the result before returning a pending "
-                                                   "prediction (default 45).")
-    save_to: str | None = Field(default=None, max_length=1024,
-                                description="Also write the image(s) here: a file (.png/.jpg/.webp picks the "
-                                            "format) or a folder, relative to the project folder. E.g. "
-                                            "'public/images/hero.webp'.")
-    overwrite: bool = Field(default=False, description="Replace an existing save_to file.")
+                                       json_schema_extra=quiet("minimum", "maximum"))
+    save_to: str | None = Field(default=None, max_length=1024, json_schema_extra=quiet("maxLength"),
+                                description="Also save here, in the project: a file (.png/.jpg/.webp) or folder.")
+    overwrite: bool = Field(default=False)
+    """Replace an existing save_to file."""
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200,
+                                        json_schema_extra=quiet("minLength", "maxLength"),
+                                        description="Same key, same job: a retry never pays twice.")
+    dry_run: bool = Field(default=False, description="Check and estimate; submit nothing.")
+    max_cost_usd: float | None = Field(default=None, ge=0, le=10_000, json_schema_extra=quiet("minimum", "maximum"),
+                                       description="Refuse if the estimate (USD) is higher.")
+    transparent: bool = Field(default=False, description="Real alpha, verified.")
+    preset: Preset | None = Field(default=None, description="Files into the save_to folder.")
+    variation_of: str | None = Field(default=None, min_length=1, max_length=1024,
+                                     json_schema_extra=quiet("minLength", "maxLength"),
+                                     description="A flux-mcp image to vary (new seed).")
 
     def journaled(self) -> dict[str, Any]:
-        """The request as the journal keeps it: every field, an inline image shortened to its size."""
-        data = self.model_dump(exclude={"kind", "provider", "model"})
+        """The request as the journal keeps it: every field, an inline image shortened to its size (the
+        idempotency key has its own column)."""
+        data = self.model_dump(exclude={"kind", "provider", "model", "idempotency_key"})
         if self.image and self.image.startswith("data:"):
             data["image"] = f"data: URI ({len(self.image)} chars)"
         return data
 
 
+def request_key(req: JobRequest) -> str:
+    """A digest of what the call asked for: identical calls (how long they wait aside) have the same key."""
+    data = req.model_dump(mode="json", exclude={"wait_seconds", "idempotency_key"})
+    data["provider"] = (data.get("provider") or "").strip().lower() or None
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
 SERVICE_ONLY = frozenset({"kind"})
 """Fields the service sets itself; never a tool parameter."""
 EDIT_ONLY = frozenset({"image"})
-GENERATE_ONLY = frozenset({"num_images"})
+GENERATE_ONLY = frozenset({"num_images", "variation_of"})
 
 
-def tool_parameters(kind: Kind, descriptions: dict[str, str] | None = None) -> list[inspect.Parameter]:
+def tool_parameters(kind: Kind, descriptions: Mapping[str, str | None] | None = None) -> list[inspect.Parameter]:
     """The tool parameters of `kind`, derived from the fields (order, types, limits, defaults, text).
-    `descriptions` replaces a field's description for this tool."""
+    `descriptions` replaces a field's description for this tool (None: no description)."""
     skip = SERVICE_ONLY | (GENERATE_ONLY if kind == "edit" else EDIT_ONLY)
     params: list[inspect.Parameter] = []
     for name, info in JobRequest.model_fields.items():
@@ -88,7 +107,7 @@ def tool_parameters(kind: Kind, descriptions: dict[str, str] | None = None) -> l
         required = info.is_required() or (kind == "edit" and name in EDIT_ONLY)
         base: Any = str if kind == "edit" and name in EDIT_ONLY else info.annotation
         text = (descriptions or {}).get(name, info.description)
-        annotation = Annotated[base, *info.metadata, Field(description=text)]
+        annotation = Annotated[base, *info.metadata, Field(description=text, json_schema_extra=info.json_schema_extra)]
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=inspect.Parameter.empty if required else info.default))
     return params
@@ -112,7 +131,9 @@ def add_cli_flags(parser: argparse.ArgumentParser, kind: Kind = "generate") -> l
         flags = [f"--{name.replace('_', '-')}", *([CLI_SHORT[name]] if name in CLI_SHORT else [])]
         helptext = (info.description or "").replace("%", "%%")
         base = _plain_type(info.annotation)
-        if base is bool:
+        if typing.get_origin(base) is Literal:
+            parser.add_argument(*flags, dest=name, choices=typing.get_args(base), default=None, help=helptext)
+        elif base is bool:
             parser.add_argument(*flags, dest=name, action="store_true", default=None, help=helptext)
         else:
             parser.add_argument(*flags, dest=name, type=base, default=None, help=helptext)

@@ -2,49 +2,63 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import difflib
 import functools
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import httpx2
+from mcp.server.apps import Apps
+from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.server.mcpserver.prompts import Prompt
 from mcp_types import (
     CallToolResult,
     EmptyResult,
+    Icon,
     InputRequiredResult,
     SetLevelRequestParams,
     TextContent,
     ToolAnnotations,
 )
+from mcp_types import Tool as MCPTool
 from pydantic import AnyUrl, Field
 
-from . import __version__
+from . import __version__, history
 from .compat import add_request_handler, drop_middleware
 from .config import Settings
+from .consent import InputNeeded, asker
 from .errors import FluxError
 from .folders import Folders
+from .gallery import static_text
+from .gallery.thumbs import Thumbnails
 from .http import LazyClient, RetryPolicy
 from .backends import open_journal, open_store
+from .jobs import Alive, Outcome
 from .journal import Record
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
+from .money import LOCAL, Planned
 from .paths import PathPolicy
+from .prompts import add_prompts
 from .providers import overview, registry
 from .redact import Redactor, protect_logs
 from .render import error_result, needs_image_work, prediction_result, structured
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
-from .jobs import Outcome
+from .schema import compact_annotations, compact_input, compact_output, quiet
 from .service import FluxService, ProgressFn
-from .shared import add_health_routes, present, principal_of
+from .shared import PRINCIPAL_KEY, add_health_routes, present
 
 log = logging.getLogger("flux_mcp.server")
 
@@ -55,6 +69,12 @@ Finished images are saved locally: use the path from the result in code (pass sa
 the file straight into the project, e.g. "public/hero.png"). A job still running when the call
 returns is not lost: call check_prediction with its prediction_id. Never call generate_image
 again for the same request just because it is pending: each call is a new paid job."""
+
+ICON_SVG = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 4 4"><path d="M0 4 2 1l2 3z"/></svg>'
+"""The server's mark, a mountain as in a picture. Small: every 2026-07-28 answer carries the server's
+identity, `tools/list` included. The tools have none of their own (each would cost as much again)."""
+ICONS = [Icon(src="data:image/svg+xml;base64," + base64.b64encode(ICON_SVG).decode())]
+
 
 @dataclass
 class AppState:
@@ -70,20 +90,26 @@ class AppState:
     the roots and the settings."""
 
 
-PROVIDER_TEXT = f"Provider id ({', '.join(registry.ids())}). Omit to use the server's default."
-ProviderArg = Annotated[str | None, Field(max_length=40, description=PROVIDER_TEXT)]
+ProviderArg = Annotated[str | None, Field(max_length=40, json_schema_extra=quiet("maxLength"))]
+
+APP_URI = "ui://flux-mcp/app"
+"""The MCP App: a result's images and the recent gallery, in clients that render Apps."""
+APP_META = {"ui": {"resourceUri": APP_URI}}
+"""What a tool carries in `tools/list` to be shown through the App (other clients ignore it)."""
 
 PredictionOut = Annotated[CallToolResult, PredictionResult]
 UploadOut = Annotated[CallToolResult, UploadResult]
+ListingOut = Annotated[CallToolResult, history.Listing]
 
 
 def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
                  retry: RetryPolicy | None = None, downloads: DownloadLimits | None = None,
-                 paths: PathPolicy | None = None) -> MCPServer[AppState]:
+                 paths: PathPolicy | None = None, clock: Callable[[], float] = time.time) -> MCPServer[AppState]:
     """Builds a server; nothing is opened until its lifespan starts. `http_client` lets tests inject a
     client over `httpx2.MockTransport`; `retry` and `downloads` tune the network limits. `paths` fixes
     the folders every call may use (the terminal's `generate -o`: the person chose the path), instead
-    of FLUX_MCP_ALLOWED_DIRS and the client's roots."""
+    of FLUX_MCP_ALLOWED_DIRS and the client's roots. `clock` is the time the budgets and confirmations
+    are kept by (tests move it)."""
 
     # One state per server, shared by every lifespan entry (SSE enters it once per connection).
     live: list[AppState] = []
@@ -95,7 +121,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         nonlocal users
         async with lock:
             if not live:
-                live.append(await _open_state(settings, http_client, retry, downloads, paths))
+                live.append(await _open_state(settings, http_client, retry, downloads, paths, clock))
             users += 1
         try:
             yield live[0]
@@ -106,8 +132,8 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
                     await _close_state(live.pop(), own_client=http_client is None)
 
     server: MCPServer[AppState] = _Server(
-        "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS,
-        lifespan=lifespan, log_level=settings.log_level if settings.log_level in
+        "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS, icons=ICONS,
+        lifespan=lifespan, extensions=[_app()], log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
     )
 
@@ -123,28 +149,25 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True)
 
-    described = {"provider": PROVIDER_TEXT, "wait_seconds": (
-        f"Seconds to wait for the result before returning a pending prediction (default "
-        f"{settings.wait_seconds:g}, at most {settings.max_wait_seconds:g}).")}
-    server.tool(title="Generate image", annotations=job_annotations.model_copy(update={"title": "Generate image"}))(
+    provider = provider_text(settings)
+    described = {"provider": provider, "wait_seconds": (
+        f"Default {settings.wait_seconds:g}, at most {settings.max_wait_seconds:g}.")}
+    server.tool(title="Generate image", annotations=job_annotations, meta=APP_META)(
         _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {**described}))
-    server.tool(title="Edit image", annotations=job_annotations.model_copy(update={"title": "Edit image"}))(
+    # edit_image's other parameters mean what generate_image's do, and its description says so: the
+    # model reads both tools, so their descriptions are not paid for twice.
+    as_generate = dict.fromkeys(JobRequest.model_fields.keys() - {"prompt", "image"})
+    server.tool(title="Edit image", annotations=job_annotations, meta=APP_META)(
         _job_tool("edit_image", "edit", "Edited", EDIT_DOC, {
-            **described, "prompt": "The change to make, e.g. 'make the sky a sunset'."}))
+            **as_generate, "prompt": "The change, e.g. 'make the sky a sunset'."}))
 
-    @server.tool(title="Upload image", annotations=ToolAnnotations(
-        title="Upload image", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-        open_world_hint=True))
     async def upload_media(
-        path: Annotated[str, Field(min_length=1, max_length=4096,
-                                   description="Local image file (PNG, JPEG, WebP, GIF) inside the project.")],
+        path: Annotated[str, Field(min_length=1, max_length=4096, json_schema_extra=quiet("minLength", "maxLength"),
+                                   description="A PNG, JPEG, WebP or GIF in the project.")],
         ctx: Context[AppState, Any],
         provider: ProviderArg = None,
     ) -> UploadOut:
-        """Upload a local image to the provider's storage and return its URL (for edit_image's `image`).
-
-        edit_image already accepts local paths, so this is only needed to reuse one URL many times.
-        """
+        """A provider URL for a local image (edit_image takes paths too); provider as generate_image."""
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
@@ -157,19 +180,19 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         return CallToolResult(content=[TextContent(type="text", text=text)],
                               structured_content=result.model_dump(mode="json"))
 
+    server.tool(title="Upload image", annotations=ToolAnnotations(
+        read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))(
+        upload_media)
+
     async def check_prediction(
         prediction_id: Annotated[str, Field(min_length=3, max_length=230,
-                                            description="The prediction_id from generate_image or edit_image.")],
+                                            json_schema_extra=quiet("minLength", "maxLength"))],
         ctx: Context[AppState, Any],
-        wait_seconds: Annotated[float, Field(ge=0, le=MAX_WAIT_SECONDS,
+        wait_seconds: Annotated[float, Field(ge=0, le=MAX_WAIT_SECONDS, json_schema_extra=quiet("minimum", "maximum"),
                                              description="Seconds to wait if still running (0 = just look).")]
         = 0,
     ) -> PredictionOut:
-        """Get the status and images of an earlier generate_image or edit_image call.
-
-        Works for any prediction_id this server returned, also after a restart. Set wait_seconds to
-        wait for a running job instead of polling in a loop.
-        """
+        """Status and images of a generate_image or edit_image prediction_id, even after a restart."""
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
@@ -177,27 +200,30 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
                                                 principal=principal_of(ctx))
         except FluxError as exc:
             return error_result(state.service.redactor.scrub(str(exc)))
-        return await _render(outcome, paths, state, "Finished")
+        return await _deliver(ctx, state, outcome, await _render(outcome, paths, state, "Finished"))
 
     server.tool(title="Check prediction", annotations=ToolAnnotations(
-        title="Check prediction", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-        open_world_hint=True))(_redescribe(check_prediction, wait_seconds=(
-            f"Seconds to wait if still running (0 = just look; at most {settings.max_wait_seconds:g}).")))
+        read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))(
+        _redescribe(check_prediction, wait_seconds=(
+            f"Wait if still running: at most {settings.max_wait_seconds:g}.")))
 
+    _add_history(server)
     _add_resources(server, settings)
+    add_prompts(server)
     add_health_routes(server, lambda: live[0].service if live else None)
     return server
 
 
 async def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
-                      downloads: DownloadLimits | None, paths: PathPolicy | None = None) -> AppState:
+                      downloads: DownloadLimits | None, paths: PathPolicy | None = None,
+                      clock: Callable[[], float] = time.time) -> AppState:
     protect_logs(settings.secrets())
     journal = await open_journal(settings)
     client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
     limits = downloads or DownloadLimits()
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
     service = FluxService(settings, client, journal, store=open_store(settings), redactor=Redactor(settings.secrets()),
-                          retry=retry, downloader=downloader)
+                          retry=retry, downloader=downloader, clock=clock)
     return AppState(settings, service, Folders(settings), paths=paths)
 
 
@@ -212,24 +238,15 @@ async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyR
     return EmptyResult()
 
 
-GENERATE_DOC = """Generate new images from a text prompt with a FLUX model.
-
-Waits for the result up to wait_seconds, then returns the images: a preview you can look at,
-the local file path (use it in code) and the provider URL. If the job is still running it
-returns status "processing" and a prediction_id: call check_prediction with it later instead
-of calling generate_image again (every call is a new paid job).
-"""
-EDIT_DOC = """Edit an existing image following a text instruction (FLUX Kontext or image-to-image).
-
-Local files are uploaded to the provider (or sent inline) for you. Returns like
-generate_image: preview, local path, URL; or a pending prediction_id for check_prediction.
-"""
+GENERATE_DOC = """Generate images with FLUX: local paths (use in code), a preview. Still running after
+wait_seconds: a prediction_id for check_prediction (calling again pays again)."""
+EDIT_DOC = """Edit an image by instruction (FLUX Kontext or img2img); parameters and answer as generate_image."""
 
 
-def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str]) -> Any:
+def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str | None]) -> Any:
     """A generate/edit tool whose parameters are `JobRequest`'s fields (see request.tool_parameters)."""
 
-    async def tool(ctx: Context[AppState, Any], **args: Any) -> CallToolResult:
+    async def tool(ctx: Context[AppState, Any], **args: Any) -> CallToolResult | InputRequiredResult:
         return await _run_job(ctx, JobRequest(kind=kind, **args), action=action)
 
     params = tool_parameters(kind, descriptions)
@@ -252,14 +269,64 @@ def _redescribe(fn: Any, **texts: str) -> Any:
     return fn
 
 
-async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str) -> CallToolResult:
+async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str
+                   ) -> CallToolResult | InputRequiredResult:
     state = _state(ctx)
     try:
         paths = await _path_policy(ctx, state)
-        outcome = await state.service.run(req, paths, _progress(ctx, state), principal=principal_of(ctx))
+        outcome = await state.service.run(req, paths, _progress(ctx, state), asker(ctx, state.service.money.clock),
+                                          principal_of(ctx), alive=_caller_alive(ctx))
+    except InputNeeded as needed:  # 2026-07-28: the user is asked first; the client calls again with the answer
+        return needed.result
     except FluxError as exc:
         return error_result(state.service.redactor.scrub(str(exc)))
-    return await _render(outcome, paths, state, action)
+    if isinstance(outcome, Planned):
+        return CallToolResult(content=[TextContent(type="text", text=outcome.message)],
+                              structured_content=outcome.result().model_dump(mode="json"))
+    return await _deliver(ctx, state, outcome, await _render(outcome, paths, state, action))
+
+
+def principal_of(ctx: Context[AppState, Any]) -> str:
+    """Who is calling (whose jobs, whose budget): the authenticated identity over HTTP (an OAuth access
+    token's subject, or the user FLUX_MCP_AUTH_TOKENS names for the bearer token presented), else the local
+    user."""
+    token = get_access_token()
+    if token is not None:
+        return token.subject or token.client_id
+    try:
+        request = ctx.request_context.request
+    except (AttributeError, ValueError, LookupError):
+        return LOCAL
+    scope = getattr(request, "scope", None)
+    state = scope.get("state") if isinstance(scope, dict) else None
+    principal = state.get(PRINCIPAL_KEY) if isinstance(state, dict) else None
+    return principal if isinstance(principal, str) and principal else LOCAL
+
+
+def _caller_alive(ctx: Context[AppState, Any]) -> Alive | None:
+    """Whether the caller of this request is still connected (HTTP transports; None where it cannot be told)."""
+    is_disconnected = getattr(ctx.request_context.request, "is_disconnected", None)
+    if is_disconnected is None:
+        return None
+
+    async def alive() -> bool:
+        return not await is_disconnected()
+
+    return alive
+
+
+async def _deliver(ctx: Context[AppState, Any], state: AppState, outcome: Outcome,
+                   result: CallToolResult) -> CallToolResult:
+    """Records that this answer reaches the caller, unless the caller is known to be gone (its HTTP request
+    was dropped): a job whose answer never arrived is joined by the caller's identical next call instead of
+    paid for again. A cancelled call never gets here."""
+    alive = _caller_alive(ctx)
+    if alive is not None and not await alive():
+        log.info("the caller of %s is gone; its answer is not delivered", outcome.record.id)
+        return result
+    await state.service.journal.mark_delivered(outcome.record.id)
+    return result
+
 
 
 async def _render(outcome: Any, paths: PathPolicy, state: AppState, action: str) -> CallToolResult:
@@ -296,10 +363,73 @@ async def _path_policy(ctx: Context[AppState, Any], state: AppState) -> PathPoli
     return await state.folders.policy_for(ctx)
 
 
+# --- history ------------------------------------------------------------------------------------------
+
+def _add_history(server: MCPServer[AppState]) -> None:
+    """list_predictions and the paginated flux://history resource: the journal for the model, newest first."""
+
+    @server.tool(title="List predictions", annotations=ToolAnnotations(
+        read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False), meta=APP_META)
+    async def list_predictions(
+        ctx: Context[AppState, Any],
+        query: str | None = None,
+        provider: Annotated[str | None, Field(max_length=40, json_schema_extra=quiet("maxLength"),
+                                              description="Only this provider's jobs.")] = None,
+        status: Literal["succeeded", "failed", "canceled", "pending"] | None = None,
+        since: Annotated[str | None, Field(description='"2d", "yesterday", a date...')] = None,
+        limit: Annotated[int, Field(ge=1, le=history.MAX_LIMIT)] = 20,
+    ) -> ListingOut:
+        """Earlier generate/edit jobs, newest first, found by prompt words."""
+        state = _state(ctx)
+        try:
+            found = await history.page(
+                state.service.journal, principal=principal_of(ctx), query=query,
+                provider=(provider or "").strip().lower(), status=status,
+                since=history.parse_since(since) if since else None, limit=limit)
+        except FluxError as exc:
+            return error_result(str(exc))
+        rows = [history.compact(r) for r in found.records]
+        return CallToolResult(content=[TextContent(type="text", text=history.model_text(found.records,
+                                                                                         found.next is not None))],
+                              structured_content={"predictions": rows, "more": found.next is not None})
+
+    @server.resource("flux://history{?before,query,provider,status,since,limit}", name="history",
+                     mime_type="application/json",
+                     description="Earlier predictions, newest first, a page at a time (`next` is the next page's URI).")
+    async def history_resource(ctx: Context[AppState, Any], before: str = "", query: str = "", provider: str = "",
+                               status: str = "", since: str = "", limit: str = "20") -> str:
+        try:
+            count = int(limit) if limit.isascii() and limit.isdigit() else 20
+            found = await history.page(
+                _state(ctx).service.journal, principal=principal_of(ctx), query=query, provider=provider,
+                status=status, since=history.parse_since(since) if since else None, limit=count, before=before or None)
+        except FluxError as exc:
+            raise ResourceNotFoundError(str(exc)) from None
+        args = {k: v for k, v in {"query": query, "provider": provider, "status": status, "since": since,
+                                  "limit": limit if limit != "20" else ""}.items() if v}
+        following = None
+        if found.next:
+            from urllib.parse import urlencode
+
+            following = "flux://history?" + urlencode({**args, "before": found.next})
+        return json.dumps({"predictions": [history.compact(r) for r in found.records], "next": following}, indent=1)
+
+
+def _app() -> Apps:
+    """The MCP App (the SDK's Apps extension): one self-contained page, `static/app.html`, that shows the
+    images of the result it is given and the recent gallery, reading them through the host as resources
+    (flux://thumbnails, flux://images, flux://history). Clients without Apps get the same results as ever."""
+    apps = Apps()
+    apps.add_html_resource(APP_URI, static_text("app.html"), name="gallery-app", title="FLUX gallery",
+                           description="The images of a result and the recent gallery (MCP App).", prefers_border=True)
+    return apps
+
+
 # --- resources ---------------------------------------------------------------------------------------
 
 def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
-    """The three resources. The templated ones read the journal of the server answering the request
+    """The prediction, image and thumbnail resources, and the providers. The templated ones read the journal
+    of the server answering the request
     (through its request context); an id this server never returned is the SDK's not-found error
     (-32602), logged at INFO without a traceback."""
 
@@ -334,6 +464,22 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
             f"Image {index} of {prediction_id!r} is not on disk; call check_prediction to fetch it again.")
 
 
+    thumbs: list[Thumbnails] = []
+
+    @server.resource("flux://thumbnails/{prediction_id}/{index}", name="thumbnail", mime_type="image/webp",
+                     description="A small WebP of a finished image (at most 512 px a side).")
+    async def thumbnail_resource(prediction_id: str, index: str, ctx: Context[AppState, Any]) -> bytes:
+        record = await _record(ctx, prediction_id)
+        if not thumbs:
+            thumbs.append(Thumbnails(_state(ctx).service.store))
+        small = None
+        if record is not None and index.isascii() and index.isdigit() and len(index) < 4:
+            small = await thumbs[0].get(record, int(index))
+        if small is None:
+            raise ResourceNotFoundError(f"No image {index} for prediction {prediction_id!r} on this server.")
+        return small
+
+
 async def _record(ctx: Context[AppState, Any], prediction_id: str) -> Record | None:
     record = await _state(ctx).service.journal.get(prediction_id)
     # Another principal's prediction is answered as one that does not exist.
@@ -341,11 +487,62 @@ async def _record(ctx: Context[AppState, Any], prediction_id: str) -> Record | N
 
 
 class _Server(MCPServer[AppState]):
-    """An MCPServer that labels each binary resource with the type of its bytes.
+    """An MCPServer that serves the model what it reads compactly, and its calls strictly.
 
-    A resource template declares one MIME type when it is registered, but the images of one
-    prediction are PNG and of another JPEG or WebP: the label is read from the bytes served.
+    * A tool's or prompt's description is its docstring without the indentation (`inspect.cleandoc`).
+    * `tools/list` serves every tool's schemas and annotations in `schema`'s compact form, in
+      registration order.
+    * A call with an argument its tool does not have is refused before the tool runs: a misspelt
+      or imagined parameter (`num_image`, `dry_run`) must not silently run a paid job without it.
+      An optional argument sent as null is taken as omitted (the schemas list no null: see `schema`).
+    * Each binary resource is labelled with the type of its bytes: a resource template declares one
+      MIME type when it is registered, but one prediction's images are PNG and another's JPEG or WebP.
     """
+
+    _arguments: dict[str, tuple[list[str], frozenset[str]]] | None = None
+    """Each tool's parameter names as clients send them, in order, and the required ones; None until
+    asked (or after a tool was added or removed)."""
+
+    def add_tool(self, fn: Callable[..., Any], name: str | None = None, title: str | None = None,
+                 description: str | None = None, annotations: ToolAnnotations | None = None,
+                 icons: list[Icon] | None = None, meta: dict[str, Any] | None = None,
+                 structured_output: bool | None = None) -> None:
+        super().add_tool(fn, name=name, title=title, description=inspect.cleandoc(description or fn.__doc__ or ""),
+                         annotations=annotations, icons=icons, meta=meta,
+                         structured_output=structured_output)
+        self._arguments = None
+
+    def remove_tool(self, name: str) -> None:
+        super().remove_tool(name)
+        self._arguments = None
+
+    def add_prompt(self, prompt: Prompt) -> None:
+        super().add_prompt(prompt.model_copy(update={"description": inspect.cleandoc(prompt.description or "")}))
+
+    async def list_tools(self) -> list[MCPTool]:
+        # No `title`: clients fall back to the name (generate_image reads as well), and five titles are bytes
+        # every conversation pays for.
+        return [tool.model_copy(update={
+            "title": None,
+            "input_schema": compact_input(tool.input_schema),
+            "output_schema": None if tool.output_schema is None else compact_output(tool.output_schema),
+            "annotations": compact_annotations(tool.annotations),
+        }) for tool in await super().list_tools()]
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context[AppState, Any] | None = None
+                        ) -> CallToolResult | InputRequiredResult:
+        if self._arguments is None:
+            self._arguments = {t.name: (list(t.input_schema.get("properties", {})),
+                                        frozenset(t.input_schema.get("required", ())))
+                               for t in await super().list_tools()}
+        if name in self._arguments:
+            known, required = self._arguments[name]
+            unknown = [arg for arg in arguments if arg not in known]
+            if unknown:
+                log.info("Tool %r refused unknown arguments %r", name, unknown)
+                return error_result(unknown_arguments_text(name, unknown, known))
+            arguments = {k: v for k, v in arguments.items() if v is not None or k in required}
+        return await super().call_tool(name, arguments, context)
 
     async def read_resource(self, uri: AnyUrl | str, context: Context[AppState, Any] | None = None
                             ) -> Iterable[ReadResourceContents] | InputRequiredResult:
@@ -354,6 +551,27 @@ class _Server(MCPServer[AppState]):
             return results
         return [dataclasses.replace(item, mime_type=image_type(item.content) or item.mime_type)
                 if isinstance(item.content, bytes) else item for item in results]
+
+
+def unknown_arguments_text(tool: str, unknown: list[str], known: list[str]) -> str:
+    """What a model reads when it sent arguments `tool` does not have: each one, the closest real
+    parameter where one is close, and the parameters there are."""
+    named = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg, known, n=1, cutoff=0.6) or [
+            k for k in known if len(arg) >= 3 and (k.startswith(arg) or arg.startswith(k))][:1]
+        named.append(f"{arg!r} (did you mean {close[0]!r}?)" if close else repr(arg))
+    plural = "s" if len(unknown) > 1 else ""
+    return (f"{tool} has no parameter{plural} {', '.join(named)}. Nothing was run. "
+            f"Its parameters: {', '.join(known)}.")
+
+
+def provider_text(settings: Settings) -> str:
+    """The `provider` parameter's description: the providers this server has keys for and the default
+    (the offline placeholder only when it is the default, i.e. no key is set)."""
+    default = registry.default_provider(settings)
+    listed = [s.id for s in registry.SPECS if s.id == default or (s.key_env and settings.has_key(s.id))]
+    return ", ".join(f"{p} (default)" if p == default else p for p in listed)
 
 
 def image_type(data: bytes) -> str | None:

@@ -8,13 +8,20 @@ providers exist and are configured, what a request resolves to, and the checks m
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import anyio
 import httpx2
 
+from . import assets
+from .choose import AUTO, Chooser, Plan, short
 from .config import Settings
 from .errors import (
     ConfigError,
@@ -25,20 +32,24 @@ from .errors import (
     UnsupportedOperation,
 )
 from .http import LazyClient, ProviderHttp, RetryPolicy
-from .jobs import JobRunner, Outcome, ProgressFn
-from .journal import Journal
-from .keep import Keeper, save_targets
+from .jobs import Alive, JobRunner, Outcome, ProgressFn
+from .journal import Journal, Record
+from .keep import Keeper, SavePlan, save_targets
+from .lifecycle import inflight
 from .media import Downloader, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, UploadResult
+from .money import LOCAL, Ask, Money, Planned
 from .paths import PathPolicy
 from .providers import Provider, registry
 from .redact import Redactor
-from .request import JobRequest
-from .shared import LOCAL, UPLOAD_REFUSED, check_job_inputs
+from .request import JobRequest, request_key
+from .shared import UPLOAD_REFUSED, check_job_inputs
 from .store import FolderStore, ImageStore
 
 log = logging.getLogger("flux_mcp.service")
 
+LOCAL = "local"
+"""The principal of calls that carry no identity: stdio, the terminal, an HTTP server with one shared token."""
 UPLOAD_REUSE_SECONDS = 3600.0
 """Uploaded files are temporary on the providers; a cached upload URL is reused for an hour."""
 _PREDICTION_ID = re.compile(r"^[a-z]{2,20}:[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
@@ -49,7 +60,8 @@ class FluxService:
 
     def __init__(self, settings: Settings, client: httpx2.AsyncClient | LazyClient, journal: Journal, *,
                  store: ImageStore | None = None, redactor: Redactor | None = None,
-                 retry: RetryPolicy | None = None, downloader: Downloader | None = None):
+                 retry: RetryPolicy | None = None, downloader: Downloader | None = None,
+                 clock: Callable[[], float] = time.time):
         self.settings = settings
         self.client = client
         self.journal = journal
@@ -60,8 +72,11 @@ class FluxService:
             cls = spec.load()
             http = ProviderHttp(client, cls.id, self.redactor, key_env=cls.key_env, retry=retry)
             self.providers[cls.id] = cls(settings.providers[cls.id], http)
+        self._key_locks: dict[tuple[str, str], anyio.Lock] = {}
+        self.chooser = Chooser(self.providers, journal, settings.fallback)
+        self.money = Money(settings, journal, clock=clock)
         self.runner = JobRunner(journal, self.store, Keeper(self.store, downloader or Downloader(client)),
-                                self.redactor)
+                                self.redactor, money=self.money)
 
     # --- choosing a provider ------------------------------------------------------------------
 
@@ -96,24 +111,140 @@ class FluxService:
 
     # --- generate / edit / check ---------------------------------------------------------------
 
-    async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None, *,
-                  principal: str = LOCAL) -> Outcome:
-        """Runs a generate or edit job for `principal`: everything that can be checked is checked before paying."""
-        provider = self.provider(req.provider, need="edit" if req.kind == "edit" else None)
-        if self.settings.shared:
-            check_job_inputs(req.save_to, req.image if req.kind == "edit" else None)
-        model = req.model or (provider.default_edit_model if req.kind == "edit" else provider.default_model)
-        req = provider.prepare(req.model_copy(update={"provider": provider.id, "model": model}))
-        plan = save_targets(paths, req.save_to, req.num_images, req.overwrite, req.prompt)
-        source = req.image
-        if req.kind == "edit":
-            req = req.model_copy(update={"image": await self._image_input(provider, req.image or "", paths)})
-        wait = self.wait_for(req.wait_seconds)
-        return await self.runner.run(provider, req, plan, wait, paths, progress, image_source=source,
-                                     principal=principal)
+    async def run(self, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None = None,
+                  ask: Ask | None = None, principal: str = LOCAL, *, alive: Alive | None = None) -> Outcome | Planned:
+        """Runs a generate or edit job, unless it joins an earlier one: the same `idempotency_key` from the
+        same caller always returns its job; an identical call whose earlier answer never reached the caller
+        (cancelled, timed out, connection dropped) within FLUX_MCP_REJOIN_SECONDS joins that job instead of
+        paying again. Everything that can be checked is checked before paying (a dry run stops there).
+        `ask` puts a confirmation to the user (None: nobody can be asked); `principal` is whose jobs and
+        budget these are."""
+        inflight.refuse_new()
+        if self.settings.shared:  # the server's disk is not the caller's: refused before anything is planned
+            check_job_inputs(req.save_to, req.image if req.kind == "edit" else None, req.variation_of)
+        if req.variation_of:  # the earlier image's prompt, model, provider and size, with a new seed
+            req = assets.variation(req, paths)
+        if req.dry_run:  # checks and estimates only: nothing to join, nothing paid
+            return await self._new(req, "", paths, progress, principal, alive, ask)
+        key = request_key(req)
+        if req.idempotency_key:
+            async with self._key_lock(principal, req.idempotency_key):
+                earlier = await self.journal.by_idempotency_key(principal, req.idempotency_key)
+                if earlier is not None and earlier.request_key != key:
+                    raise InvalidInput(
+                        f"idempotency_key {req.idempotency_key!r} already belongs to {earlier.id}, made with other "
+                        "arguments. Use a new key for a new job, or the same arguments to get that job back.")
+                if earlier is not None:
+                    return await self._join(earlier, req, paths, progress)
+                return await self._new(req, key, paths, progress, principal, alive, ask)
+        for earlier in await self.journal.rejoinable(principal, key, time.time() - self.settings.rejoin_seconds):
+            alive = self.runner.in_flight.get(earlier.id)
+            if alive is None or not await alive():  # a call whose caller still waits on it is not abandoned
+                return await self._join(earlier, req, paths, progress)
+        return await self._new(req, key, paths, progress, principal, alive, ask)
+
+    async def _join(self, record: Record, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None) -> Outcome:
+        """Answers with an earlier job: its images when it finished, or waits on it while it runs."""
+        log.info("joined %s (an identical call's answer never reached the caller)", record.id)
+        provider = self.providers.get(record.provider)
+        if provider is None or not provider.configured:
+            outcome = Outcome(record, notes=[f"Set {provider.key_env if provider else record.provider} to check "
+                                             "on this job again."])
+        elif record.status in FINAL and not await self.runner.missing_files(record):
+            outcome = Outcome(record)
+        else:
+            outcome = await self.runner.check(record, provider, self.wait_for(req.wait_seconds), paths, progress)
+        outcome.joined = True
+        return outcome
+
+    async def _new(self, req: JobRequest, key: str, paths: PathPolicy, progress: ProgressFn | None,
+                   principal: str, alive: Alive | None, ask: Ask | None = None) -> Outcome | Planned:
+        """A new job: on the provider the call named (or the default), moving on to the next of the plan
+        only when a provider provably created nothing (see `choose`)."""
+        auto = (req.provider or self.default_provider_id()).strip().lower() == AUTO
+        first = None if auto else self.provider(req.provider, need="edit" if req.kind == "edit" else None)
+        plan = await self.chooser.plan(req, first)
+        refusals: list[str] = []
+        for i, (provider, model) in enumerate(plan.steps):
+            last = i == len(plan.steps) - 1
+            try:
+                asked = req.model_copy(update={"provider": provider.id, "model": model})
+                # Exact size, transparency, preset: planned (and checked) before the provider's own limits.
+                asset = assets.plan(asked, provider, [p for p in self.providers.values() if p.configured])
+                prepared = provider.prepare(assets.sent(asked, asset) if asset else asked)
+                saves = self._save_plan(prepared, asked, asset, paths)
+                source = prepared.image
+                check_source = (lambda data, shown=(source if source and not source.startswith("data:")
+                                                    else "the image"): assets.check_source(asset, data, shown))
+                estimate = self.money.estimate(provider, prepared)
+                if prepared.dry_run:
+                    if prepared.kind == "edit":
+                        await self._image_input(provider, prepared.image or "", paths, send=False,
+                                                check=check_source)
+                    return await self.money.plan(estimate, prepared, [str(t) for t in saves.targets], principal)
+                hold = await self.money.before_paying(estimate, prepared, principal, ask)
+                try:
+                    source_bytes = None
+                    if prepared.kind == "edit":
+                        image, source_bytes = await self._image_input(provider, prepared.image or "", paths,
+                                                                      check=check_source)
+                        prepared = prepared.model_copy(update={"image": image})
+                    outcome = await self.runner.run(
+                        provider, prepared, saves, self.wait_for(prepared.wait_seconds), paths, progress,
+                        image_source=source, owner=(principal, key), alive=alive,
+                        selection=_selection(plan, provider, refusals), hold=hold)
+                    outcome.source_image = source_bytes
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await hold.release()  # a no-op once the job was created (or may have been)
+                outcome.notes.extend(hold.notes)
+                return outcome
+            except ProviderError as exc:  # refused, or never sent: this provider created nothing
+                self.chooser.refused(provider.id, type(exc).__name__)
+                if len(plan.steps) == 1:
+                    raise
+                refusals.append(f"{provider.id}: {short(exc)}")
+                log.info("%s created nothing (%s)%s", provider.id, type(exc).__name__,
+                         "" if last else f"; trying {plan.steps[i + 1][0].id}")
+                if last:
+                    raise type(exc)("Every provider refused, so nothing was charged: " + " | ".join(refusals)
+                                    + ". Fix what each says (a key, credit, a setting), then call again.",
+                                    status_code=exc.status_code) from None
+            except InvalidInput:
+                if i == 0 or last:
+                    raise
+                refusals.append(f"{provider.id}: does not take these arguments")
+        raise AssertionError("unreachable: a plan has at least one step")  # pragma: no cover
+
+    @staticmethod
+    def _save_plan(prepared: JobRequest, asked: JobRequest, asset: assets.AssetPlan | None,
+                   paths: PathPolicy) -> SavePlan:
+        """Where the images go besides the data folder: a preset's folder, or the save_to targets (checked
+        against what the asset plan writes beside them)."""
+        if asset is not None and asset.preset:
+            asset = assets.preset_folder(paths, prepared.save_to, asset, prepared.overwrite)
+            return SavePlan(asset=asset, root=next((f for f in paths.folders
+                                                    if Path(asset.folder or "").is_relative_to(f)), None))
+        plan = save_targets(paths, prepared.save_to, prepared.num_images, prepared.overwrite, asked.prompt)
+        if asset is not None:
+            assets.check_targets(plan.targets, asset, paths, prepared.overwrite, plan.free_names)
+            plan = dataclasses.replace(plan, asset=asset)
+        return plan
+
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, principal: str, key: str) -> AsyncIterator[None]:
+        """Calls with one idempotency key run one at a time (the second finds the first's job)."""
+        lock = self._key_locks.setdefault((principal, key), anyio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._key_locks.pop((principal, key), None)
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
                     progress: ProgressFn | None = None, *, principal: str = LOCAL) -> Outcome:
+        inflight.refuse_new()
         pid = prediction_id.strip()
         if not _PREDICTION_ID.match(pid) or ".." in pid:
             raise InvalidInput(
@@ -121,9 +252,7 @@ class FluxService:
                 "by generate_image or edit_image."
             )
         record = await self.journal.get(pid)
-        if record is not None and record.principal != principal:
-            record = None  # another principal's prediction: answered as one that does not exist
-        if record is None:
+        if record is None or record.principal != principal:  # another user's job is not theirs to see
             raise UnknownPrediction(
                 f"No prediction {pid!r} was made by this server (its journal is in {self.settings.home}). Check "
                 "the id, or start a new job with generate_image."
@@ -131,11 +260,14 @@ class FluxService:
         provider = self.providers.get(record.provider)
         if provider is None:
             return Outcome(record, notes=[f"Provider {record.provider!r} is no longer known to this server."])
+        source = assets.source_of(record.request, paths) if record.kind == "edit" else None
         if record.status in FINAL and not await self.runner.missing_files(record):
-            return Outcome(record)
+            return Outcome(record, source_image=source)
         if not provider.configured:
             return Outcome(record, notes=[f"Set {provider.key_env} to check on this job again."])
-        return await self.runner.check(record, provider, self.wait_for(wait_seconds), paths, progress)
+        outcome = await self.runner.check(record, provider, self.wait_for(wait_seconds), paths, progress)
+        outcome.source_image = source
+        return outcome
 
     def wait_for(self, asked: float | None) -> float:
         """How long a call waits: what it asked (else the default), never past FLUX_MCP_MAX_WAIT_SECONDS."""
@@ -143,11 +275,14 @@ class FluxService:
 
     # --- files --------------------------------------------------------------------------------
 
-    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy) -> str:
-        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI."""
+    async def _image_input(self, provider: Provider, image: str, paths: PathPolicy, *, send: bool = True,
+                           check: Callable[[bytes], None] | None = None) -> tuple[str, bytes | None]:
+        """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI;
+        with the image's bytes when they were read here (not for a URL), checked by `check` first. With
+        `send` false (a dry run) it is only checked: nothing is uploaded."""
         text = image.strip()
         if text.startswith(("http://", "https://")):
-            return text
+            return text, None
         if text.startswith("data:"):
             data = decode_data_uri(text)
             name = "image"
@@ -158,11 +293,15 @@ class FluxService:
             info = inspect_image(data)
         except DownloadFailed as exc:
             raise InvalidInput(f"`image` is not a usable image: {exc}.") from None
+        if check is not None:
+            check(data)
+        if provider.can_upload and not send:
+            return text, data
         if provider.can_upload:
             url, _ = await self._upload_bytes(provider, data, f"{Path(name).stem}.{info.ext}", info.mime_type)
-            return url
+            return url, data
         if provider.accepts_data_uri:
-            return to_data_uri(data, info.mime_type)
+            return to_data_uri(data, info.mime_type), data
         raise UnsupportedOperation(
             f"{provider.label} takes input images only as public http(s) URLs and has no upload API here. Pass a "
             "public URL as `image`, or use a provider that accepts local files: "
@@ -180,6 +319,7 @@ class FluxService:
         return url, False
 
     async def upload(self, path: str, provider_name: str | None, paths: PathPolicy) -> UploadResult:
+        inflight.refuse_new()
         provider = self.provider(provider_name, need="upload")
         if self.settings.shared:
             raise InvalidInput(UPLOAD_REFUSED)
@@ -193,4 +333,11 @@ class FluxService:
                             size_bytes=len(data), reused=reused)
 
 
-__all__ = ["FluxService", "Outcome", "ProgressFn", "ProviderError"]
+__all__ = ["FluxService", "Outcome", "Planned", "ProgressFn", "ProviderError"]
+
+
+def _selection(plan: Plan, provider: Provider, refusals: list[str]) -> str | None:
+    """The one line that says why `provider` serves the call (None: it is simply the one asked for)."""
+    if refusals:
+        return f"{provider.id} served it after {'; '.join(refusals)} (nothing was charged there)"
+    return plan.reason

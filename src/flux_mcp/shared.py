@@ -123,18 +123,6 @@ def match_token(supplied: bytes, tokens: list[tuple[bytes, str]]) -> str | None:
     return found
 
 
-def principal_of(ctx: Any) -> str:
-    """The principal of the request a tool or resource is answering (`local` unless HTTP named one)."""
-    try:
-        request = ctx.request_context.request
-    except (AttributeError, ValueError, LookupError):
-        return LOCAL
-    scope = getattr(request, "scope", None)
-    state = scope.get("state") if isinstance(scope, dict) else None
-    principal = state.get(PRINCIPAL_KEY) if isinstance(state, dict) else None
-    return principal if isinstance(principal, str) and principal else LOCAL
-
-
 # --- what a remote caller may pass ---------------------------------------------------------------
 
 SAVE_TO_REFUSED = ("save_to writes on the server's disk, which a shared server's users cannot reach. Omit "
@@ -147,8 +135,15 @@ UPLOAD_REFUSED = ("upload_media reads a file on the server's disk, which a share
                   "Pass the image to edit_image directly as a data: URI (base64 of the file) or an http(s) URL.")
 
 
-def check_job_inputs(save_to: str | None, image: str | None) -> None:
+VARIATION_REFUSED = ("variation_of reads an image file on the server's disk, which a shared server's users cannot "
+                     "reach. Call generate_image with the earlier job's prompt, model and size instead (its "
+                     "check_prediction result lists them).")
+
+
+def check_job_inputs(save_to: str | None, image: str | None, variation_of: str | None = None) -> None:
     """Refuses, before anything is paid for, the inputs that name the server's disk."""
+    if variation_of:
+        raise InvalidInput(VARIATION_REFUSED)
     if save_to:
         raise InvalidInput(SAVE_TO_REFUSED)
     if image is not None and not image.strip().startswith(("http://", "https://", "data:")):

@@ -9,7 +9,9 @@ does (`initialize` opens the handshake era, a request carrying the 2026-07-28 `_
 modern one), exactly as the SDK would have without the probe.
 
 A line that is not a JSON-RPC message gets JSON-RPC 2.0's answer (-32700 or -32600, id null) instead
-of silence, so a client waiting on it learns why.
+of silence, so a client waiting on it learns why. A line whose only fault is a lone surrogate escape
+(a JavaScript client that cut a string inside an emoji) is read with U+FFFD in its place, so its
+request is answered (see `surrogates`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from mcp_types import (
 from pydantic import ValidationError
 
 from .compat import lowlevel, message_streams
+from .lifecycle import END_OF_INPUT, GracefulStop, graceful_stop
+from .surrogates import repair_surrogates
 
 if sys.platform != "win32":
     import fcntl
@@ -66,17 +70,24 @@ Inbound = SessionMessage | Exception
 
 
 def run_stdio(server: MCPServer[Any]) -> None:
-    """Serves `server` over this process's stdin/stdout until the client closes stdin."""
+    """Serves `server` over this process's stdin/stdout until the client closes stdin, or SIGTERM or
+    SIGINT arrives; either way the stop is graceful (see `flux_mcp.lifecycle`)."""
     anyio.run(serve_stdio, server)
 
 
 async def serve_stdio(server: MCPServer[Any]) -> None:
-    async with pipe_streams() as streams:
-        if streams is not None:
-            await serve_streams(lowlevel(server), *streams)
-            return
-    async with stdio_server() as (read_stream, write_stream):  # stdin/stdout are not pipes (or not POSIX)
-        await serve_streams(lowlevel(server), read_stream, write_stream)
+    async with graceful_stop() as stop:
+        async with pipe_streams() as streams:
+            if streams is not None:
+                await serve_streams(lowlevel(server), *streams, stop=stop)
+                return
+        async with stdio_server() as (read_stream, write_stream):  # stdin/stdout are not pipes (or not POSIX)
+            await serve_streams(lowlevel(server), read_stream, write_stream, stop=stop)
+            if stop.reason is not None and stop.reason != END_OF_INPUT:
+                # Stopped by a signal while the SDK's reader thread waits on stdin (a terminal: Ctrl-C), which
+                # nothing can interrupt. The journal is closed and the images flushed: nothing is left to do.
+                stop.finish()
+                os._exit(0)
 
 
 _FLUSH_SECONDS = 10.0
@@ -190,28 +201,36 @@ def _pipe_like(fd: int) -> bool:
 
 
 async def serve_streams(server: Server[Any], read_stream: ReadStream[Inbound],
-                        write_stream: WriteStream[SessionMessage]) -> None:
+                        write_stream: WriteStream[SessionMessage], *, stop: GracefulStop | None = None) -> None:
     """One client connection over a duplex stream pair: early discovery probes answered here, the rest
-    served by the SDK's dual-era loop (which owns and closes `write_stream`)."""
+    served by the SDK's dual-era loop (which owns and closes `write_stream`).
+
+    With `stop`, the end of input starts that graceful stop, and its `serving` scope ends the connection
+    (the lifespan, which closes the journal, is outside that scope and always runs to its end)."""
     async with server.lifespan(server) as state:
         relay_send, relay_receive = anyio.create_memory_object_stream[Inbound](0)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_answer_probes_then_relay, server, state, read_stream, write_stream, relay_send)
-            await serve_dual_era_loop(server, relay_receive, write_stream, lifespan_state=state,
-                                      init_options=server.create_initialization_options())
-            tg.cancel_scope.cancel()
+        with stop.serving if stop is not None else contextlib.nullcontext():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_answer_probes_then_relay, server, state, read_stream, write_stream, relay_send,
+                              stop)
+                await serve_dual_era_loop(server, relay_receive, write_stream, lifespan_state=state,
+                                          init_options=server.create_initialization_options())
+                tg.cancel_scope.cancel()
 
 
 async def _answer_probes_then_relay(server: Server[Any], state: Any, read_stream: ReadStream[Inbound],
                                     write_stream: WriteStream[SessionMessage],
-                                    relay: MemoryObjectSendStream[Inbound]) -> None:
+                                    relay: MemoryObjectSendStream[Inbound], stop: GracefulStop | None) -> None:
     deciding = True
     try:
         async with read_stream, relay:
             async for item in read_stream:
                 if isinstance(item, Exception):  # the stdio reader could not parse the line
-                    await write_stream.send(SessionMessage(_unreadable(item)))
-                    continue
+                    repaired = _repaired(item)
+                    if isinstance(repaired, Exception):
+                        await write_stream.send(SessionMessage(_unreadable(repaired)))
+                        continue
+                    item = repaired
                 request = _request_of(item)
                 if deciding and request is not None and request.method == DISCOVER:
                     await write_stream.send(SessionMessage(await _discover(server, state, request)))
@@ -219,8 +238,27 @@ async def _answer_probes_then_relay(server: Server[Any], state: Any, read_stream
                 if request is not None:
                     deciding = False  # this request decides the era; the SDK loop sees it first
                 await relay.send(item)
+        if stop is not None:
+            stop.request(END_OF_INPUT)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         log.debug("stdio connection closed while relaying")
+
+
+def _repaired(exc: Exception) -> SessionMessage | Exception:
+    """The message of a line refused only for its lone surrogate escapes, read with U+FFFD in their
+    place (both stdio readers hand on pydantic's error, which carries the line); else `exc` itself."""
+    if not isinstance(exc, ValidationError):
+        return exc
+    line = next((e.get("input") for e in exc.errors() if e["type"] == "json_invalid"), None)
+    if not isinstance(line, (bytes, str)):
+        return exc
+    fixed = repair_surrogates(line.encode() if isinstance(line, str) else line)
+    if fixed is None:
+        return exc
+    try:
+        return SessionMessage(jsonrpc_message_adapter.validate_json(fixed, by_name=False))
+    except ValidationError as again:
+        return again
 
 
 def _unreadable(exc: Exception) -> JSONRPCError:

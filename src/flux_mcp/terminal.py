@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TextIO
 
 import anyio
-from mcp_types import TextContent
+from mcp.client.session import ClientRequestContext
+from mcp_types import ElicitRequestParams, ElicitResult, ErrorData, TextContent
 
 from .config import Settings
 from .errors import PathNotAllowed
@@ -60,7 +61,9 @@ async def _generate(settings: Settings, args: argparse.Namespace) -> int:
     bar = _Progress(sys.stderr)
     # A person at a terminal has no client timeout to stay under: the call may wait as long as asked.
     settings = settings.model_copy(update={"max_wait_seconds": max(settings.max_wait_seconds, 600.0)})
-    async with Client(build_server(settings, paths=paths)) as client:
+    # The person at a terminal confirms a cost above FLUX_MCP_CONFIRM_ABOVE_USD there (nobody can, off a terminal).
+    ask = _confirm_at_terminal if sys.stdin.isatty() and sys.stderr.isatty() else None
+    async with Client(build_server(settings, paths=paths), elicitation_callback=ask) as client:
         result = await client.call_tool("generate_image", arguments, progress_callback=bar.update)
     bar.done()
     text = "\n".join(block.text for block in result.content if isinstance(block, TextContent))
@@ -74,7 +77,19 @@ async def _generate(settings: Settings, args: argparse.Namespace) -> int:
                 print(image["path"])
     if result.is_error:
         return 1
+    if structured.get("dry_run") is not None:
+        return 0 if structured["dry_run"].get("allowed") else 1
     return 0 if structured.get("status") == "succeeded" else 3
+
+
+async def _confirm_at_terminal(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult | ErrorData:
+    """Puts a cost confirmation to the person at the terminal: y accepts, anything else declines."""
+    sys.stderr.write(f"\n{params.message} [y/N] ")
+    sys.stderr.flush()
+    answer = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+    if answer.strip().lower() in ("y", "yes"):
+        return ElicitResult(action="accept", content={"confirm": True})
+    return ElicitResult(action="decline")
 
 
 class _Progress:

@@ -1,21 +1,50 @@
-"""The HTTP transports (SSE, streamable HTTP): Host/Origin checks, bearer token, body size cap."""
+"""The HTTP transports (SSE, streamable HTTP): Host/Origin checks, bearer token, body size cap.
+
+What one client can hold is bounded before it authenticates (`httpguard`: read deadlines and a
+connection cap; `middleware`: the body read once under its cap, open sessions per client) and a
+bearer token must be long enough to resist guessing, with failed attempts throttled per address.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
-import json
+import logging
+from collections.abc import Iterator
 from typing import Any
 
+import anyio
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .compat import open_sessions
 from .config import Settings
+from .errors import ConfigError
+from .httpguard import HttpLimits, Occasional, QuietRepeats, uvicorn_config
+from .lifecycle import graceful_stop
+from .middleware import BodyGuard, FailureThrottle, SessionLimit, client_key, send_json
 from .shared import HEALTH_PATHS, LOCAL, PRINCIPAL_KEY, match_token, token_principals
+
+log = logging.getLogger("flux_mcp.http")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 """Large enough for an edit_image call carrying a data: URI, small enough to refuse abuse early."""
 _LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localhost", "[::1]"]
 _LOOPBACK_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+MIN_TOKEN_LENGTH = 32
+MIN_TOKEN_DISTINCT = 8
+MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def token_problem(token: str, variable: str = "FLUX_MCP_AUTH_TOKEN") -> str | None:
+    """Why `token` is too weak to guard an HTTP server (None: it is not), without ever quoting it."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        why = f"is {len(token)} characters long; at least {MIN_TOKEN_LENGTH} are required"
+    elif len(set(token)) < MIN_TOKEN_DISTINCT:
+        why = f"repeats too few characters ({len(set(token))} different; at least {MIN_TOKEN_DISTINCT})"
+    else:
+        return None
+    return f"{variable} {why}, so that it cannot be guessed. Make one with: {MAKE_TOKEN}"
 
 
 def is_loopback(host: str) -> bool:
@@ -50,20 +79,39 @@ def security_settings(host: str, port: int, extra_hosts: list[str] | None = None
 class BearerTokenMiddleware:
     """Requires `Authorization: Bearer <token>` on every HTTP request but the health routes: the one
     FLUX_MCP_AUTH_TOKEN or one of FLUX_MCP_AUTH_TOKENS (constant-time checks). The token's user name
-    (`local` for the single shared token) is left in the request's state as its principal."""
+    (`local` for the single token) is left in the request's state as its principal.
 
-    def __init__(self, app: ASGIApp, token: str | None = None, *, tokens: list[tuple[bytes, str]] | None = None):
+    Failed attempts spend a per-address allowance (`FailureThrottle`); once it is spent the address is
+    answered 429 with Retry-After, whatever it presents, until the allowance comes back. Failures are
+    logged with the address, never with what was presented.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None = None, throttle: FailureThrottle | None = None, *,
+                 tokens: list[tuple[bytes, str]] | None = None):
         self.app = app
         self.tokens = list(tokens or []) + ([(token.encode(), LOCAL)] if token else [])
+        self.throttle = throttle or FailureThrottle(HttpLimits.auth_burst, HttpLimits.auth_per_second)
+        self._occasional = Occasional()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         if scope.get("path") in HEALTH_PATHS and scope.get("method") == "GET":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send)  # up or ready, nothing more: a load balancer has no token
             return
-        supplied = b""
+        client = client_key(scope)
+        wait = self.throttle.retry_after(client)
+        if wait:
+            held = self._occasional.due(f"throttled {client}")
+            if held is not None:
+                log.warning("throttling %s after repeated wrong bearer tokens (retry in %d s%s)", client, wait,
+                            f"; {held} more attempts refused in the last minute" if held else "")
+            await send_json(send, 429, {"error": "too_many_attempts",
+                                        "error_description": f"Too many failed attempts; retry in {wait} s."},
+                            [(b"retry-after", str(wait).encode())])
+            return
+        supplied: bytes | None = None
         for name, value in scope.get("headers", []):
             if name.lower() == b"authorization":
                 scheme, _, credential = value.partition(b" ")
@@ -72,22 +120,31 @@ class BearerTokenMiddleware:
                 break
         principal = match_token(supplied, self.tokens) if supplied else None
         if principal is None:
-            body = json.dumps({"error": "unauthorized",
-                               "error_description": "Send 'Authorization: Bearer <your token>' (FLUX_MCP_AUTH_TOKEN "
-                                                    "or your entry of FLUX_MCP_AUTH_TOKENS)."}).encode()
-            await send({"type": "http.response.start", "status": 401, "headers": [
-                (b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="flux-mcp"'),
-                (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            failures = self.throttle.failed(client)
+            log.warning("refused an HTTP request from %s: %s bearer token (%d recent failed attempt%s)", client,
+                        "no" if supplied is None else "a wrong", failures, "" if failures == 1 else "s")
+            await send_json(send, 401, {"error": "unauthorized",
+                                        "error_description": "Send 'Authorization: Bearer <your token>' "
+                                                             "(FLUX_MCP_AUTH_TOKEN or your entry of "
+                                                             "FLUX_MCP_AUTH_TOKENS)."},
+                            [(b"www-authenticate", b'Bearer realm="flux-mcp"')])
             return
         scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
         await self.app(scope, receive, send)
 
 
-def http_app(settings: Settings, transport: str, host: str, port: int, **server_kwargs: Any) -> ASGIApp:
+def http_app(settings: Settings, transport: str, host: str, port: int, limits: HttpLimits | None = None,
+             **server_kwargs: Any) -> ASGIApp:
     """The ASGI app for `transport`, with the security layers in front of it."""
     from .server import build_server
 
+    limits = limits or HttpLimits()
+    token = settings.auth_token.get_secret_value() if settings.auth_token is not None else None
+    if token is not None and (problem := token_problem(token)):
+        raise ConfigError(problem)
+    for name, named in settings.auth_tokens:
+        if problem := token_problem(named.get_secret_value(), f"FLUX_MCP_AUTH_TOKENS' entry for {name}"):
+            raise ConfigError(problem)
     server = build_server(settings, **server_kwargs)
     security = security_settings(host, port, token_required=settings.http_auth)
     if transport == "sse":
@@ -95,16 +152,60 @@ def http_app(settings: Settings, transport: str, host: str, port: int, **server_
     else:
         # Shared mode: any replica answers any request, so no session lives in one process's memory.
         app = server.streamable_http_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES,
-                                         host=host, stateless_http=settings.shared)
+                                         host=host, stateless_http=settings.shared,
+                                         session_idle_timeout=limits.session_idle_seconds,
+                                         max_sessions=limits.max_sessions)
+    if not settings.shared:  # the gallery reads the local journal and data folder
+        _mount_gallery(app, settings, host)
+    app = BodyGuard(app, MAX_BODY_BYTES)
+    if transport != "sse":
+        manager = server.session_manager
+        app = SessionLimit(app, lambda: open_sessions(manager), limits.sessions_per_client)
     if settings.http_auth:
-        app = BearerTokenMiddleware(app, tokens=token_principals(settings.auth_token, settings.auth_tokens))
+        app = BearerTokenMiddleware(app, throttle=FailureThrottle(limits.auth_burst, limits.auth_per_second),
+                                    tokens=token_principals(settings.auth_token, settings.auth_tokens))
     return app
 
 
-def serve_http(settings: Settings, transport: str, host: str, port: int) -> None:
+def _mount_gallery(app: ASGIApp, settings: Settings, host: str) -> None:
+    """The gallery page at /gallery, behind the same token as the MCP endpoint (without a token the server
+    is loopback-only, and the gallery refuses a Host that is not this machine's: DNS rebinding)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from .gallery import LOOPBACK_HOSTS, Gallery
+    from .journal import open_journal
+    from .store import FolderStore
+
+    if not isinstance(app, Starlette):  # pragma: no cover - both SDK transports build a Starlette app
+        return
+    hosts = None if settings.auth_token is not None else (*LOOPBACK_HOSTS, host)
+    gallery = Gallery(lambda: open_journal(settings.home), FolderStore(settings.home), allowed_hosts=hosts)
+    app.router.routes.append(Mount("/gallery", app=gallery.app()))
+
+
+def serve_http(settings: Settings, transport: str, host: str, port: int, limits: HttpLimits | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully (see `flux_mcp.lifecycle`): calls arriving
+    meanwhile are refused, paid submits in flight are answered and journaled, then uvicorn shuts down."""
+
     import uvicorn
 
-    app = http_app(settings, transport, host, port)
-    config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False,
-                            log_config=None, lifespan="on", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+    class Uvicorn(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the graceful stop has the signals (uvicorn's own would stop before the paid submits end)
+
+    limits = limits or HttpLimits()
+    QuietRepeats.install()
+    app = http_app(settings, transport, host, port, limits)
+    server = Uvicorn(uvicorn_config(app, host, port, limits, log_level=settings.log_level))
+
+    def stop_serving(hurried: bool) -> None:
+        server.should_exit = True
+        server.force_exit = hurried
+
+    async def serve() -> None:
+        async with graceful_stop(stop_serving):
+            await server.serve()
+
+    anyio.run(serve)

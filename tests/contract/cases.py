@@ -181,7 +181,8 @@ ATLAS = Case(
                 "allowed 256 to 1536"
             ),
         ),
-        ({"height": 128}, "height=128 is out of range"),
+        # Sizes below the minimum or off the model's step are delivered exactly (tests/test_assets_sizes.py).
+        ({"height": 2000}, "height=2000 is out of range"),
         (
             {"num_images": 6},
             ("num_images=6 is too many for atlascloud model black-forest-labs/flux-schnell: allowed 1 to 4"),
@@ -271,8 +272,10 @@ SEGMIND = Case(
     ),
     out_of_range=(
         ({"width": 4096}, "width=4096 is out of range for segmind model flux-schnell: allowed 512 to 2048"),
-        ({"height": 500}, "height=500 is out of range for segmind model flux-schnell: allowed 512 to 2048"),
-        ({"width": 1001}, "width=1001 is not allowed for segmind model flux-schnell: it must be a multiple"),
+        ({"height": 3000}, "height=3000 is out of range for segmind model flux-schnell: allowed 512 to 2048"),
+        # 500 px or 1001 px sides are now rendered larger and cropped; a shape the range cannot hold is not.
+        ({"width": 2048, "height": 256}, "2048x256 is out of range for segmind model flux-schnell: its sides "
+                                         "must be 512 to 2048, a multiple of 8"),
         ({"steps": 9}, "steps=9 is out of range for segmind model flux-schnell: allowed 1 to 8"),
         ({"num_images": 5}, "num_images=5 is too many for segmind model flux-schnell: allowed 1 to 4"),
         ({"guidance_scale": 3}, "guidance_scale is not a setting of segmind model flux-schnell"),
@@ -368,8 +371,9 @@ ACEDATA = Case(
     ),
     out_of_range=(
         ({"width": 1500}, "width=1500 is out of range for acedatacloud model flux-dev: allowed 256 to 1440"),
-        ({"height": 1000}, "height=1000 is not allowed for acedatacloud model flux-dev: it must be a"),
-        ({"model": "flux-pro", "width": 128}, "allowed 256 to 1440, a multiple of 32"),
+        # 1000 px or 128 px sides are now rendered on the grid and cropped; beyond it they are refused.
+        ({"height": 1441}, "height=1441 is out of range for acedatacloud model flux-dev: allowed 256 to 1440"),
+        ({"model": "flux-pro", "width": 1440, "height": 128}, "its sides must be 256 to 1440, a multiple of 32"),
         ({"num_images": 5}, "num_images=5 is too many for acedatacloud model flux-dev: allowed 1 to 4"),
         ({"steps": 20}, "steps is not a setting of acedatacloud model flux-dev"),
         ({"guidance_scale": 3.5}, "guidance_scale is not a setting"),
@@ -396,8 +400,9 @@ IMAGEPIPELINE = Case(
     polled=lambda fake: setattr(fake, "answer", "pending"),
     pending=_ip_pending,
     busy_body={"error": "busy", "message": "try later"},
-    can_edit=False,
-    can_upload=False,
+    # Edits and uploads go to ImagePipeline's job API (`/edit/image/v1`, `/upload/image/v1`).
+    can_edit=True,
+    can_upload=True,
     errors=(
         err(
             401,
@@ -455,7 +460,7 @@ IMAGEPIPELINE = Case(
             {"width": 2048},
             "width=2048 is out of range for imagepipeline model flux-schnell: allowed 256 to 1536",
         ),
-        ({"height": 128}, "height=128 is out of range"),
+        ({"height": 1600}, "height=1600 is out of range"),  # 128 px is delivered exactly now
         ({"num_images": 5}, "num_images=5 is too many for imagepipeline model flux-schnell: allowed 1 to 4"),
         ({"steps": 60}, "steps=60 is out of range for imagepipeline model flux-schnell: allowed 1 to 50"),
         ({"guidance_scale": 3.5}, "guidance_scale is not a setting of imagepipeline model flux-schnell"),
@@ -558,7 +563,7 @@ APPYPIE = Case(
     out_of_range=(
         ({"steps": 9}, "steps=9 is out of range for appypie model flux-1-schnell: allowed 1 to 8"),
         ({"width": 4096}, "width=4096 is out of range for appypie model flux-1-schnell: allowed 256 to 2048"),
-        ({"height": 128}, "height=128 is out of range"),
+        ({"height": 2100}, "height=2100 is out of range"),  # 128 px is delivered exactly now
         ({"num_images": 5}, "allowed 1 to 4"),
         ({"guidance_scale": 3.5}, "guidance_scale is not a setting of appypie model flux-1-schnell"),
         ({"model": "flux-dev"}, "Unknown model 'flux-dev' for appypie. Known generate models: flux-1-schn"),

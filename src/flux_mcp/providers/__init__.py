@@ -62,9 +62,18 @@ def __getattr__(name: str) -> Any:
 
 
 def overview(settings: Settings) -> dict[str, Any]:
-    """What `flux-mcp providers --json` and the flux://providers resource show: the default provider
-    and, for each provider in registry order, whether it is configured, what to set, its models and
-    capabilities."""
+    """What `flux-mcp providers --json` and the flux://providers resource show: the default provider;
+    for each provider in registry order, whether it is configured, what to set, its models and
+    capabilities; and for each canonical FLUX model, which providers serve it under which own id (the
+    configured ones first, each in registry order)."""
+    from . import catalog
+
     rows = [spec.load()(settings.providers[spec.id], None).describe()  # type: ignore[arg-type]  # no HTTP here
             for spec in registry.SPECS]
-    return {"default": registry.default_provider(settings), "providers": rows}
+    configured = [row["id"] for row in rows if row["configured"] and row["id"] != registry.PLACEHOLDER.id]
+    models = {
+        name: {"label": catalog.CANONICAL[name], "configured": [p for p in served if p in configured],
+               "served_by": served}
+        for name, served in catalog.table().items()
+    }
+    return {"default": registry.default_provider(settings), "providers": rows, "canonical_models": models}

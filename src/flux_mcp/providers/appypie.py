@@ -85,6 +85,8 @@ class AppyPie(Provider):
             max_images=4,
             # Pixazo titles the page "(Free)", but AppyPie's own page states no price: leave it unknown.
             price_usd=None,
+            # No typical duration is documented (and the call answers with the image: nothing is polled).
+            canonical="flux-schnell",
         ),
     )
     default_model = "flux-1-schnell"

@@ -120,26 +120,30 @@ class _Upload(_UploadData):
 
 class AtlasCloud(Provider):
     spec = ATLASCLOUD
+    # No typical durations: Atlas Cloud's pages show one sample finished job (10 s, 8.3 s of it inference),
+    # the same template on every model's page, so it says nothing about any one model. The LoRA variants
+    # have no canonical name: they are the base models plus LoRA weights only Atlas Cloud takes here.
     models = (
         ModelInfo("black-forest-labs/flux-schnell", frozenset({"generate", "edit"}),
                   "FLUX.1 [schnell]: fastest, 1-4 steps; edits as image-to-image with `image`.",
-                  size=_SIZE, max_images=4, price_usd=0.003, answers_inline=True),
+                  size=_SIZE, max_images=4, price_usd=0.003, answers_inline=True, canonical="flux-schnell"),
         ModelInfo("black-forest-labs/flux-dev", frozenset({"generate", "edit"}),
                   "FLUX.1 [dev]: higher quality; image-to-image with `image`.",
-                  size=_SIZE, steps=Range(1, 50), guidance=Range(0, 20), max_images=4, price_usd=0.012),
+                  size=_SIZE, steps=Range(1, 50), guidance=Range(0, 20), max_images=4, price_usd=0.012,
+                  canonical="flux-dev"),
         ModelInfo("black-forest-labs/flux-dev-lora", frozenset({"generate"}),
                   "FLUX.1 [dev] with LoRA support.",
                   size=_SIZE, steps=Range(1, 50), guidance=Range(0, 20), max_images=4),
         ModelInfo("black-forest-labs/flux-kontext-dev", frozenset({"edit"}),
                   "FLUX.1 Kontext [dev]: instruction-based editing of an input image.",
                   size=_SIZE, steps=Range(1, 50), guidance=Range(1, 20), max_images=4, requires_image=True,
-                  price_usd=0.025),
+                  price_usd=0.025, canonical="flux-kontext-dev", key_background=frozenset({"edit"})),
         ModelInfo("black-forest-labs/flux-kontext-dev-lora", frozenset({"edit"}),
                   "FLUX.1 Kontext [dev] with LoRA support.",
                   size=_SIZE, steps=Range(1, 50), guidance=Range(1, 20), max_images=4, requires_image=True,
-                  price_usd=0.03),
+                  price_usd=0.03, key_background=frozenset({"edit"})),
         ModelInfo("wavespeed-ai/flux-schnell", frozenset({"generate"}),
-                  "FLUX.1 [schnell] served by WaveSpeed.", size=_SIZE, max_images=4),
+                  "FLUX.1 [schnell] served by WaveSpeed.", size=_SIZE, max_images=4, canonical="flux-schnell"),
     )
     default_model = "black-forest-labs/flux-schnell"
     default_edit_model = "black-forest-labs/flux-kontext-dev"
@@ -173,12 +177,10 @@ class AtlasCloud(Provider):
         }
         if inline:
             body["enable_sync_mode"] = True
-        if info is None or info.steps is not None:
-            if req.steps is not None:
-                body["num_inference_steps"] = req.steps
-        if info is None or info.guidance is not None:
-            if req.guidance_scale is not None:
-                body["guidance_scale"] = req.guidance_scale
+        if (info is None or info.steps is not None) and req.steps is not None:
+            body["num_inference_steps"] = req.steps
+        if (info is None or info.guidance is not None) and req.guidance_scale is not None:
+            body["guidance_scale"] = req.guidance_scale
         if req.image:
             body["image"] = req.image
         return body

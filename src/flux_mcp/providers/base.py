@@ -81,6 +81,10 @@ class Range:
         text = f"{self.low:g} to {self.high:g}"
         return text + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
 
+    def contains(self, value: float) -> bool:
+        """Whether `check` would accept `value`."""
+        return self.low <= value <= self.high and not (self.multiple_of and int(value) % self.multiple_of)
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -99,6 +103,26 @@ class ModelInfo:
     answers_inline: bool = False
     """The provider documents a mode where the submit request itself is answered with the finished
     images (Atlas Cloud's `enable_sync_mode` + `enable_base64_output`): one request instead of three."""
+    canonical: str | None = None
+    """The FLUX model this is, by its provider-independent name (`catalog.CANONICAL`), e.g. `flux-dev`;
+    None for a variant only this provider has. `model` accepts it in place of `id`."""
+    typical_seconds: float | None = None
+    """Documented typical seconds from submit to finished images: where polling starts until the journal
+    has learned the model's own durations (None: undocumented)."""
+    exact_size: bool = True
+    """width/height are rendered as given (within `size`); False: they only choose an aspect ratio (or the
+    input's size is kept) and the provider sets the pixels."""
+    render_step: int = 16
+    """FLUX renders sides in multiples of 16 (8x latent, 2x2 patches); other sizes are rounded by the
+    provider, silently. Exact sizes are planned on this step (and `size.multiple_of`)."""
+    key_background: frozenset[Kind] = frozenset({"generate"})
+    """The kinds for which the model follows a flat key-background prompt well enough to matte
+    (`transparent`): any FLUX text-to-image model; for edits only instruction models (Kontext),
+    not image-to-image, which keeps the input's background."""
+
+    def takes_size(self, width: int, height: int) -> bool:
+        """Whether `prepare` accepts this width and height for the model."""
+        return self.size is None or (self.size.contains(width) and self.size.contains(height))
 
 
 ImageRequest = JobRequest
@@ -126,6 +150,9 @@ class JobState:
     message: str | None = None
     """The provider's own progress text while pending (queue position, phase), shown in progress messages."""
     cost_usd: float | None = None
+    """What the job cost, as the provider reported it (None: it reported nothing)."""
+    cost_estimated: bool = False
+    """`cost_usd` is partly the documented price (e.g. one of several calls came without its cost)."""
     remaining_credits: float | None = None
 
 
@@ -185,20 +212,51 @@ class Provider:
         return any("edit" in m.kinds for m in self.models)
 
     def model_info(self, model: str | None) -> ModelInfo | None:
+        """The model with this provider's own id `model` (None: not in the table)."""
         return next((m for m in self.models if m.id == model), None)
 
+    @classmethod
+    def model_for(cls, canonical: str, kind: Kind = "generate") -> ModelInfo | None:
+        """This provider's model that serves the canonical FLUX model `canonical` for `kind` (None: not
+        served). Where two of its models are the same FLUX model, the first in `models` is used."""
+        return next((m for m in cls.models if m.canonical == canonical and kind in m.kinds), None)
+
+    def resolve(self, model: str | None, kind: Kind) -> ModelInfo | None:
+        """The model `model` names: this provider's own id, else a canonical name it serves for `kind`
+        (an own id that does not do `kind` gives way to the canonical model that does)."""
+        own = self.model_info(model)
+        if own is not None and kind in own.kinds:
+            return own
+        return (self.model_for(model, kind) if model else None) or own
+
+    def typical_seconds(self, model: str | None) -> float | None:
+        """The documented typical duration of a job of `model` on this provider's own service. None when
+        undocumented, and when the base URL points elsewhere (a gateway, a proxy, a local fake): the
+        documentation does not describe how fast that answers, so its jobs are learned from scratch."""
+        info = self.model_info(model)
+        if info is None or info.typical_seconds is None or not self.default_base_url:
+            return None
+        if self.base_url != self.default_base_url.rstrip("/"):
+            return None
+        return info.typical_seconds
+
     def prepare(self, req: ImageRequest) -> ImageRequest:
-        """Checks `req` against the model's documented limits; raises InvalidInput before any request."""
-        info = self.model_info(req.model)
+        """Checks `req` against the model's documented limits; raises InvalidInput before any request.
+        A canonical model name becomes this provider's own id (what is sent, journaled and reported)."""
+        info = self.resolve(req.model, req.kind)
+        if info is not None and info.id != req.model:
+            req = req.model_copy(update={"model": info.id})
         where = f"{self.id} model {req.model}"
         if info is None:
             if not self.allow_unknown_models:
-                known = ", ".join(m.id for m in self.models if req.kind in m.kinds)
-                raise InvalidInput(f"Unknown model {req.model!r} for {self.id}. Known {req.kind} models: {known}.")
+                known = ", ".join(_named(m) for m in self.models if req.kind in m.kinds)
+                raise InvalidInput(f"Unknown model {req.model!r} for {self.id}. Known {req.kind} models: {known}."
+                                   + _served_elsewhere(req.model, req.kind))
             info = ModelInfo(req.model or "", frozenset({"generate", "edit"}), "", max_images=1)
         elif req.kind not in info.kinds:
-            other = ", ".join(m.id for m in self.models if req.kind in m.kinds) or "none"
-            raise InvalidInput(f"{where} does not support {req.kind}; {req.kind} models on {self.id}: {other}.")
+            other = ", ".join(_named(m) for m in self.models if req.kind in m.kinds) or "none"
+            raise InvalidInput(f"{where} does not support {req.kind}; {req.kind} models on {self.id}: {other}."
+                               + _served_elsewhere(info.canonical, req.kind))
         if len(req.prompt) > self.max_prompt_chars:
             raise InvalidInput(f"prompt is {len(req.prompt)} characters; {self.id} takes at most {self.max_prompt_chars}.")
         if info.size is not None:
@@ -269,6 +327,7 @@ class Provider:
             "models": [
                 {
                     "id": m.id,
+                    "canonical": m.canonical,
                     "kinds": sorted(m.kinds),
                     "description": m.description,
                     "size": m.size.describe() if m.size else None,
@@ -276,6 +335,7 @@ class Provider:
                     "guidance_scale": m.guidance.describe() if m.guidance else None,
                     "max_images": self.max_images(m),
                     "price_usd": m.price_usd,
+                    "typical_seconds": m.typical_seconds,
                 }
                 for m in self.models
             ],
@@ -289,3 +349,16 @@ class Provider:
         """The API key's value, for building request headers only."""
         assert self.settings.api_key is not None, "service checks `configured` first"
         return self.settings.api_key.get_secret_value()
+
+
+def _named(model: ModelInfo) -> str:
+    """A model as listed in a refusal: its id, with its canonical name when that differs."""
+    return f"{model.id} ({model.canonical})" if model.canonical and model.canonical != model.id else model.id
+
+
+def _served_elsewhere(canonical: str | None, kind: Kind) -> str:
+    """' flux-dev (edit) is served by: segmind, ...' for a canonical name other providers serve."""
+    from .catalog import serving
+
+    others = serving(canonical, kind) if canonical else []
+    return f" {canonical} ({kind}) is served by: {', '.join(others)}." if others else ""

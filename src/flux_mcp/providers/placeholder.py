@@ -13,6 +13,7 @@ import textwrap
 import uuid
 from typing import Any
 
+from ..matte import KEYS, key_of_prompt
 from .base import ImageRequest, JobState, ModelInfo, OutputRef, Provider, Range, Submitted
 from .registry import PLACEHOLDER, key_variables
 
@@ -34,6 +35,8 @@ class Placeholder(Provider):
             guidance=Range(0, 30),
             max_images=4,
             price_usd=0.0,
+            render_step=1,
+            key_background=frozenset({"generate", "edit"}),
         ),
     )
     default_model = "placeholder"
@@ -43,16 +46,22 @@ class Placeholder(Provider):
 
     async def submit(self, req: ImageRequest, *, inline: bool = False) -> Submitted:
         seed = req.seed if req.seed is not None else 0
+        # Like a real model, it follows a key-background instruction in the prompt (transparent=true).
+        keyed = key_of_prompt(req.prompt)
+        key, prompt = keyed if keyed else (None, req.prompt)
         outputs = [
-            OutputRef(data=draw(req.prompt, seed + i, req.width, req.height, edit=req.kind == "edit"),
+            OutputRef(data=draw(prompt, seed + i, req.width, req.height, edit=req.kind == "edit", key=key),
                       mime_type="image/png")
             for i in range(req.num_images)
         ]
         return Submitted(native_id=uuid.uuid4().hex, state=JobState(status="succeeded", outputs=outputs, cost_usd=0.0))
 
 
-def draw(prompt: str, seed: int, width: int, height: int, *, edit: bool = False) -> bytes:
-    """A PNG whose colours and shapes follow from (prompt, seed), labelled as a placeholder."""
+def draw(prompt: str, seed: int, width: int, height: int, *, edit: bool = False, key: str | None = None) -> bytes:
+    """A PNG whose colours and shapes follow from (prompt, seed), labelled as a placeholder. With `key`
+    (green or magenta) the subject is drawn on that flat key colour, for the local matte."""
+    if key is not None:
+        return _on_key(prompt, seed, width, height, key, edit=edit)
     digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
     hue = digest[0] / 255
     top = _rgb(hue, 0.55, 0.85)
@@ -83,6 +92,37 @@ def draw(prompt: str, seed: int, width: int, height: int, *, edit: bool = False)
     for line in lines:
         d.text((margin, y), line, fill=(255, 255, 255, 230), font=small)
         y += int(36 * scale) + 4
+    buf = io.BytesIO()
+    im.save(buf, "PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def _on_key(prompt: str, seed: int, width: int, height: int, key: str, *, edit: bool) -> bytes:
+    """A subject (a badge: disc, ring and label) on a flat key background, its edges anti-aliased."""
+    from PIL import Image, ImageDraw
+
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
+    # Hues far from the key: reds, oranges and blues on green; yellows to teals on magenta.
+    hue = (digest[0] / 255 * 0.12 + (0.55 if digest[1] % 2 else 0.97)) % 1 if key == "green" \
+        else 0.12 + digest[0] / 255 * 0.33
+    scale = 2  # drawn at twice the size and reduced: soft, mixed edge pixels like a real render's
+    w, h = width * scale, height * scale
+    im = Image.new("RGB", (w, h), KEYS[key])
+    d = ImageDraw.Draw(im)
+    side = min(w, h)
+    r = side * (0.25 + digest[2] / 255 * 0.1)
+    cx, cy = w / 2, h / 2
+    d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=_rgb(hue, 0.75, 0.85))
+    inner = r * 0.62
+    d.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=_rgb((hue + 0.5) % 1 if key == "green"
+                                                                          else hue, 0.6, 0.35))
+    font = _font(max(int(side * 0.045), 8))
+    label = "PLACEHOLDER EDIT" if edit else "PLACEHOLDER"
+    try:
+        d.text((cx, cy), label, fill=(250, 250, 250), font=font, anchor="mm")
+    except ValueError:  # a bitmap font (Pillow without FreeType) takes no anchor
+        d.text((cx - inner * 0.8, cy), label, fill=(250, 250, 250), font=font)
+    im = im.resize((width, height), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     im.save(buf, "PNG", optimize=False, compress_level=6)
     return buf.getvalue()

@@ -121,25 +121,30 @@ class _UploadAnswer(WireModel):
 
 class Segmind(Provider):
     spec = SEGMIND
+    # Typical durations are the ones each model's page states (about 10, 20, 21 and 25 s). v1 answers with
+    # the image itself, so they are never polled for; they tell how long a call takes. flux-img2img is
+    # FLUX.1 [dev] image-to-image, so it is the canonical flux-dev for edits.
     models = (
         ModelInfo("flux-schnell", frozenset({"generate"}),
                   "FLUX.1 [schnell]: fast, 1-8 steps (default 4); width/height 512-2048 in multiples of 8.",
                   size=Range(512, 2048, multiple_of=8), steps=Range(1, 8), max_images=MAX_IMAGES,
-                  price_usd=0.008),
+                  price_usd=0.008, canonical="flux-schnell", typical_seconds=10.0),
         ModelInfo("flux-dev", frozenset({"generate"}),
                   "FLUX.1 [dev]: higher quality; width/height choose the nearest aspect ratio "
                   f"({', '.join(DEV_RATIOS)}).",
                   # guidance 0-10 is documented; the steps bound is not (the page's sample sends 25).
                   size=_ANY_SIZE, steps=Range(1, 50), guidance=Range(0, 10), max_images=MAX_IMAGES,
-                  price_usd=0.02),
+                  price_usd=0.02, canonical="flux-dev", typical_seconds=20.0, exact_size=False),
         ModelInfo("flux-kontext-pro", frozenset({"edit"}),
                   "FLUX.1 Kontext [pro]: instruction-based editing. Keeps the input's aspect ratio at the "
                   "default 1024x1024; other width/height choose the nearest ratio.",
-                  size=_ANY_SIZE, requires_image=True, price_usd=0.05),
+                  size=_ANY_SIZE, requires_image=True, price_usd=0.05, canonical="flux-kontext-pro",
+                  typical_seconds=21.0, exact_size=False, key_background=frozenset({"generate", "edit"})),
         ModelInfo("flux-img2img", frozenset({"edit"}),
                   "FLUX.1 [dev] image-to-image (denoise 0.75): restyles the input, keeping its size; "
                   "steps 1-50 (default 20).",
-                  size=None, steps=Range(1, 50), requires_image=True, price_usd=0.026),
+                  size=None, steps=Range(1, 50), requires_image=True, price_usd=0.026, canonical="flux-dev",
+                  typical_seconds=25.0, exact_size=False),
     )
     default_model = "flux-schnell"
     default_edit_model = "flux-kontext-pro"
@@ -241,23 +246,25 @@ class Segmind(Provider):
         costs = [c.cost if c.cost is not None else price for c in billed]
         known = [c for c in costs if c is not None]
         cost = sum(known) if billed and len(known) == len(costs) else None
+        guessed = any(c.cost is None for c in billed)
         remaining = min((c.remaining for c in calls if c.remaining is not None), default=None)
         done = [c for c in calls if c.output is not None]
         failed = [c for c in calls if c.output is None]
         outputs = [c.output for c in done if c.output]
         if done and not failed:
-            return JobState("succeeded", outputs=outputs, cost_usd=cost, remaining_credits=remaining)
+            return JobState("succeeded", outputs=outputs, cost_usd=cost, cost_estimated=guessed,
+                            remaining_credits=remaining)
         reasons = "; ".join(
             f"image {calls.index(c) + 1} (seed {c.seed}): {c.problem or c.error}" for c in failed)
         if done:
             return JobState(
-                "succeeded", outputs=outputs, cost_usd=cost, remaining_credits=remaining,
+                "succeeded", outputs=outputs, cost_usd=cost, cost_estimated=guessed, remaining_credits=remaining,
                 error=self.http.redactor.scrub(
                     f"{len(failed)} of {len(calls)} Segmind calls failed and were not resent: {reasons}."))
         if billed:
             what = reasons if len(calls) > 1 else (calls[0].problem or str(calls[0].error))
             return JobState("failed", error=self.http.redactor.scrub(what), error_code="no_output",
-                            cost_usd=cost, remaining_credits=remaining)
+                            cost_usd=cost, cost_estimated=guessed, remaining_credits=remaining)
         errors = [c.error for c in calls if c.error is not None]
         first = next((e for e in errors if isinstance(e, SubmitOutcomeUnknown)), errors[0])
         if len(calls) == 1:
