@@ -14,6 +14,10 @@ database, so any of them answers for any prediction. The rules it keeps:
   start runs them in one explicit transaction that first takes a transaction-level advisory lock
   (a bare lock statement on an autocommit connection would be released at once), then re-reads the
   version. A database migrated by a newer flux-mcp is refused at start.
+* **The spend ledger** (`flux_charges`) is written in transactions of its own: a reservation takes a
+  transaction-level advisory lock for its principal, sums, and inserts, so two replicas never both spend
+  the last dollar. Its writes raise `LedgerUnavailable` when they cannot land (a budget fails closed).
+* **`delivered` only goes from false to true**, whatever order the versions of a record land in.
 * **Pooler-safe:** no server-side prepared statements (`prepare_threshold=None`), so the URL may point
   at PgBouncer in transaction mode.
 
@@ -27,11 +31,22 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from .journal import _COLUMNS, RECENT, JournalUnusable, Record
+from .journal import (
+    _CHARGE_COLUMNS,
+    _COLUMNS,
+    RECENT,
+    Charge,
+    ChargeState,
+    JournalUnusable,
+    LedgerUnavailable,
+    Record,
+    Search,
+    Totals,
+)
 from .models import ImageOutput
 
 if TYPE_CHECKING:
@@ -40,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flux_mcp.journal")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The database layout this code reads and writes (the highest row of `flux_schema`)."""
 _LOCK_KEY = 0x666C7578  # 'flux': the advisory lock that serialises migrations across replicas
 _RECENT_TTL = 10.0
@@ -86,10 +101,39 @@ CREATE TABLE IF NOT EXISTS flux_uploads (
     PRIMARY KEY (sha256, provider)
 );
 """,
+    # 1 -> 2: whether a cost is the provider's own figure or the price table's; the spend ledger, one row per
+    # paid job (reserved at submit, billed once created, "unknown" when it may have started); and the
+    # history listings (newest first, for one caller and for everyone).
+    2: """
+ALTER TABLE flux_predictions ADD COLUMN IF NOT EXISTS cost_estimated BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE TABLE IF NOT EXISTS flux_charges (
+    id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    usd DOUBLE PRECISION,
+    estimated BOOLEAN NOT NULL DEFAULT TRUE,
+    state TEXT NOT NULL,
+    prediction_id TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flux_charges_when ON flux_charges (principal, created_at);
+CREATE INDEX IF NOT EXISTS flux_charges_prediction ON flux_charges (prediction_id);
+CREATE INDEX IF NOT EXISTS flux_predictions_history ON flux_predictions (principal, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS flux_predictions_created ON flux_predictions (created_at DESC, id DESC);
+""",
 }
 
+R = TypeVar("R")
+_LEDGER_LOCK = 0x666C7579  # with the principal's hash: serialises one principal's reservations across replicas
+
 _INSERT = (f"INSERT INTO flux_predictions ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_COLUMNS))}) "
-           f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS if c != 'id')}")
+           f"ON CONFLICT (id) DO UPDATE SET "
+           f"{', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS if c not in ('id', 'delivered'))}, "
+           "delivered = flux_predictions.delivered OR EXCLUDED.delivered")
+"""An upsert; `delivered` only ever goes from false to true (a late write of an older copy cannot undo it)."""
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM flux_predictions"
 
 
@@ -119,8 +163,51 @@ def _record(row: Sequence[Any]) -> Record:
     data = dict(zip(_COLUMNS, row, strict=True))
     data["images"] = [ImageOutput(**i) for i in data["images"]]
     data["delivered"] = bool(data["delivered"])
+    data["cost_estimated"] = bool(data["cost_estimated"])
     return Record(**data)
 
+
+_INSERT_CHARGE = (f"INSERT INTO flux_charges ({', '.join(_CHARGE_COLUMNS)}) "
+                  f"VALUES ({', '.join(['%s'] * len(_CHARGE_COLUMNS))})")
+_SUM_CHARGES = ("SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(images), 0) FROM flux_charges WHERE principal = %s "
+                "AND created_at >= %s")
+
+
+def _charge_row(c: Charge) -> tuple[Any, ...]:
+    return (c.id, c.principal, c.provider, c.model, c.images, c.usd, c.estimated, c.state, c.prediction_id,
+            c.created_at, c.updated_at)
+
+
+def _charge(row: Sequence[Any]) -> Charge:
+    return Charge(id=row[0], principal=row[1], provider=row[2], model=row[3], images=int(row[4]), usd=row[5],
+                  estimated=bool(row[6]), state=row[7], prediction_id=row[8], created_at=row[9], updated_at=row[10])
+
+
+def _search_sql(search: Search, limit: int) -> tuple[str, tuple[Any, ...]]:
+    """`Search` as PostgreSQL: each word must appear in the prompt, both lower-cased (the SQLite journal
+    folds with Python's casefold; the two differ only for a few letters such as the German sharp s)."""
+    where: list[str] = []
+    args: list[Any] = []
+    if search.principal is not None:
+        where.append("principal = %s")
+        args.append(search.principal)
+    if search.provider:
+        where.append("provider = %s")
+        args.append(search.provider)
+    if search.statuses:
+        where.append("status = ANY(%s)")
+        args.append(list(search.statuses))
+    if search.since is not None:
+        where.append("created_at >= %s")
+        args.append(search.since)
+    if search.before is not None:
+        where.append("(created_at, id) < (%s, %s)")
+        args.extend(search.before)
+    for word in search.words:
+        where.append("strpos(lower(coalesce(request->>'prompt', '')), lower(%s)) > 0")
+        args.append(word)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    return f"{_SELECT}{clause} ORDER BY created_at DESC, id DESC LIMIT %s", (*args, max(limit, 0))
 
 class PgJournal:
     """The journal in a PostgreSQL database, shared by every replica. Open with `await PgJournal.open(url)`."""
@@ -199,7 +286,7 @@ class PgJournal:
             try:
                 await self._write(record)
                 return True
-            except _transient() as exc:
+            except _kept() as exc:
                 reason = _first_line(exc)
         else:
             reason = self._backlog_reason or "earlier writes are still waiting"
@@ -230,7 +317,7 @@ class PgJournal:
         for rec in list(self._backlog.values()):
             try:
                 await self._write(rec)
-            except _transient() as exc:
+            except _kept() as exc:
                 self._backlog_reason = _first_line(exc)
                 return False
             if self._backlog.get(rec.id) is rec:
@@ -320,6 +407,115 @@ class PgJournal:
                 await conn.execute("DELETE FROM flux_uploads WHERE created_at < %s", (uploads_before,))
         return removed
 
+    async def rejoinable(self, principal: str, request_key: str, since: float) -> list[Record]:
+        pending = [r.copy() for r in self._backlog.values() if r.principal == principal
+                   and r.request_key == request_key and not r.delivered and r.created_at >= since]
+        rows = await self._fetch(f"{_SELECT} WHERE principal = %s AND request_key = %s AND NOT delivered AND "
+                                 "created_at >= %s ORDER BY created_at DESC LIMIT 5", (principal, request_key, since))
+        found = {r.id: r for r in [*(_record(row) for row in rows), *pending]}
+        return sorted(found.values(), key=lambda r: r.created_at, reverse=True)
+
+    async def by_idempotency_key(self, principal: str, key: str) -> Record | None:
+        pending = next((r.copy() for r in self._backlog.values()
+                        if r.principal == principal and r.idempotency_key == key), None)
+        if pending is not None:
+            return pending
+        rows = await self._fetch(f"{_SELECT} WHERE principal = %s AND idempotency_key = %s", (principal, key))
+        return _record(rows[0]) if rows else None
+
+    async def mark_delivered(self, prediction_id: str) -> None:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        pending = self._backlog.get(prediction_id)
+        if pending is not None:
+            pending.delivered = True
+            return
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute("UPDATE flux_predictions SET delivered = TRUE WHERE id = %s", (prediction_id,))
+        except (psycopg.Error, PoolTimeout) as exc:  # losing it only means a later identical call may join this job
+            log.info("delivery of %s not recorded: %s", prediction_id, _first_line(exc))
+
+    async def search(self, *, principal: str | None, query: str | None, provider: str | None, status: str | None,
+                     since: float | None, limit: int, before: tuple[float, str] | None) -> list[Record]:
+        search = Search.of(principal=principal, query=query, provider=provider, status=status, since=since,
+                           before=before)
+        unwritten = [rec.copy() for rec in self._backlog.values()]  # found too, in their latest version
+        sql, args = _search_sql(search, limit + len(unwritten))  # an unwritten version may replace a row read
+        found = {rec.id: rec for rec in map(_record, await self._fetch(sql, args))}
+        for rec in unwritten:
+            if search.matches(rec):
+                found[rec.id] = rec
+            else:
+                found.pop(rec.id, None)
+        return sorted(found.values(), key=lambda r: (r.created_at, r.id), reverse=True)[:limit]
+
+    # --- the spend ledger ---------------------------------------------------------------------
+
+    async def _ledger(self, work: Callable[[AsyncConnection[Any]], Any], what: str = "written") -> Any:
+        """Runs `work` in one transaction; raises LedgerUnavailable when the database cannot do it."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                return await work(conn)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise LedgerUnavailable(f"The spend ledger in {self.where} cannot be {what} ({_first_line(exc)}).") \
+                from None
+
+    async def reserve(self, charge: Charge, since: Mapping[str, float],
+                      check: Callable[[Mapping[str, Totals]], R | None]) -> R | None:
+        async def work(conn: AsyncConnection[Any]) -> R | None:
+            # This principal's lock first: no other reservation (on any replica) between the sums and the insert.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LEDGER_LOCK, charge.principal))
+            refusal = check(await _totals(conn, charge.principal, since))
+            if refusal is None:
+                await conn.execute(_INSERT_CHARGE, _charge_row(charge))
+            return refusal
+
+        result: R | None = await self._ledger(work)
+        return result
+
+    async def totals(self, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
+        async def work(conn: AsyncConnection[Any]) -> dict[str, Totals]:
+            return await _totals(conn, principal, since)
+
+        result: dict[str, Totals] = await self._ledger(work, "read")
+        return result
+
+    async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None) -> None:
+        async def work(conn: AsyncConnection[Any]) -> None:
+            await conn.execute("UPDATE flux_charges SET state = %s, prediction_id = COALESCE(%s, prediction_id), "
+                               "updated_at = %s WHERE id = %s", (state, prediction_id, time.time(), charge_id))
+
+        await self._ledger(work)
+
+    async def release_charge(self, charge_id: str) -> None:
+        async def work(conn: AsyncConnection[Any]) -> None:
+            await conn.execute("DELETE FROM flux_charges WHERE id = %s", (charge_id,))
+
+        await self._ledger(work)
+
+    async def settle_charge(self, prediction_id: str, usd: float | None, estimated: bool) -> None:
+        async def work(conn: AsyncConnection[Any]) -> None:
+            await conn.execute(
+                "UPDATE flux_charges SET usd = COALESCE(%s::double precision, usd), estimated = "
+                "COALESCE(%s::boolean, estimated), updated_at = %s WHERE prediction_id = %s",
+                (usd, None if usd is None else estimated, time.time(), prediction_id))
+
+        await self._ledger(work)
+
+    async def charges_since(self, since: float) -> list[Charge]:
+        async def work(conn: AsyncConnection[Any]) -> list[Charge]:
+            cur = await conn.execute(f"SELECT {', '.join(_CHARGE_COLUMNS)} FROM flux_charges WHERE created_at >= %s "
+                                     "ORDER BY created_at", (since,))
+            return [_charge(row) for row in await cur.fetchall()]
+
+        result: list[Charge] = await self._ledger(work, "read")
+        return result
+
     async def ping(self) -> None:
         """Raises unless the database answers a trivial query (the readiness check)."""
         async with self.pool.connection(timeout=2.0) as conn:
@@ -342,6 +538,16 @@ class PgJournal:
         await self.pool.close()
 
 
+async def _totals(conn: AsyncConnection[Any], principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
+    out: dict[str, Totals] = {}
+    for name, start in since.items():
+        cur = await conn.execute(_SUM_CHARGES, (principal, start))
+        row = await cur.fetchone()
+        usd, images = row if row else (0, 0)
+        out[name] = Totals(float(usd), int(images))
+    return out
+
+
 def _transient() -> tuple[type[BaseException], ...]:
     """Write failures that pass (the database unreachable or restarting, the pool exhausted, a failover that
     left a read-only standby or a role without rights for a while): the record is kept and retried."""
@@ -351,6 +557,15 @@ def _transient() -> tuple[type[BaseException], ...]:
 
     return (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlySqlTransaction,
             errors.InsufficientPrivilege, PoolTimeout)
+
+
+def _kept() -> tuple[type[BaseException], ...]:
+    """Every write failure of a record: kept in the backlog and retried, never raised (as on SQLite). Besides
+    the passing ones this is a record that breaks a constraint (another job of the caller already holds its
+    idempotency key): it waits in the backlog, and later versions queue behind it, until it can land."""
+    import psycopg
+
+    return (*_transient(), psycopg.Error)
 
 
 def _first_line(exc: BaseException) -> str:
