@@ -121,6 +121,8 @@ class FluxService:
         budget these are."""
         inflight.refuse_new()
         if self.settings.shared:  # the server's disk is not the caller's: refused before anything is planned
+            if (req.provider or self.default_provider_id()).strip().lower() != AUTO:
+                self.provider(req.provider, need="edit" if req.kind == "edit" else None)  # its own refusal first
             check_job_inputs(req.save_to, req.image if req.kind == "edit" else None, req.variation_of)
         if req.variation_of:  # the earlier image's prompt, model, provider and size, with a new seed
             req = assets.variation(req, paths)
