@@ -155,7 +155,7 @@ async def test_the_image_entrypoint_serves_health_and_mcp(home: Path, workspace:
     args[args.index("--port") + 1] = str(port)
     from tests.subprocess_helpers import flux_command
 
-    token = "image-entrypoint-token-1234"
+    token = "image-entrypoint-token-1234-5678-9abc-def0"
     proc = subprocess.Popen(flux_command(*args), env=child_env(home, FLUX_MCP_AUTH_TOKENS=f"team:{token}"),
                             cwd=workspace, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -17,14 +17,14 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from flux_mcp.config import Settings
-from flux_mcp.journal_pg import PgJournal
+from flux_mcp.journal_pg import SCHEMA_VERSION, PgJournal
 from tests.conftest import ATLAS_KEY, connect, pg_env, text_of
 from tests.fakes.wire import png_bytes
 from tests.subprocess_helpers import child_env, http_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
-ALICE = "alice-token-3b9f0c1e7a5d"
-BOB = "bob-token-8e2d4a6c0f1b"
+ALICE = "alice-token-3b9f0c1e7a5d-9c4e2b8a6d1f7e3c"
+BOB = "bob-token-8e2d4a6c0f1b-5a7c9e1d3b6f8a2e4c"
 
 
 @pytest.fixture
