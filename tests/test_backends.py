@@ -15,7 +15,7 @@ import pytest
 
 from flux_mcp.backends import open_journal, open_store
 from flux_mcp.config import Settings
-from flux_mcp.journal import Journal, Record
+from flux_mcp.journal import Charge, Journal, Record, Totals
 from flux_mcp.models import ImageOutput
 from flux_mcp.store import ImageStore
 from tests.conftest import pg_env
@@ -114,6 +114,109 @@ async def test_only_finished_records_are_pruned_and_never_a_pending_one(journal:
     removed = await journal.remove(["atlascloud:job0", "atlascloud:job2"])
     assert removed == 1
     assert await journal.get("atlascloud:job0") is None and await journal.get("atlascloud:job2") is not None
+
+
+async def test_a_delivered_job_stays_delivered_and_is_never_joined(journal: Journal):
+    now = time.time()
+    rec = record(1, principal="alice", request_key="k", created_at=now)
+    await journal.put(rec)
+    assert [r.id for r in await journal.rejoinable("alice", "k", now - 60)] == [rec.id]
+    assert await journal.rejoinable("bob", "k", now - 60) == []
+    await journal.mark_delivered(rec.id)
+    assert await journal.rejoinable("alice", "k", now - 60) == []
+    stale = record(1, principal="alice", request_key="k", created_at=now, status="succeeded")
+    assert stale.delivered is False
+    await journal.put(stale)  # a later write of a copy made before the answer was delivered
+    got = await journal.get(rec.id)
+    assert got is not None and got.delivered and got.status == "succeeded"
+
+
+async def test_an_idempotency_key_finds_its_job_and_a_second_job_cannot_take_it(journal: Journal):
+    first = record(1, principal="alice", idempotency_key="idem")
+    assert await journal.put(first)
+    found = await journal.by_idempotency_key("alice", "idem")
+    assert found is not None and found.id == first.id
+    assert await journal.by_idempotency_key("bob", "idem") is None
+    assert await journal.put(record(2, principal="bob", idempotency_key="idem"))  # another caller's key
+    clash = record(3, principal="alice", idempotency_key="idem")
+    assert not await journal.put(clash)  # kept, not lost, and not written over the first job
+    assert clash.id in journal.unwritten()
+    assert await journal.get(clash.id) is not None
+    kept = await journal.get(first.id)
+    assert kept is not None and kept.idempotency_key == "idem"
+
+
+async def test_history_search_filters_and_pages_newest_first(journal: Journal):
+    now = time.time()
+    prompts = ["A Red Fox", "a blue whale", "red sunset", "RED fox again"]
+    for i, prompt in enumerate(prompts):
+        await journal.put(record(i, principal="alice" if i != 2 else "bob", created_at=now + i,
+                                 status="processing" if i == 3 else "succeeded",
+                                 request={"prompt": prompt, "num_images": 1}))
+    args: dict[str, Any] = dict(provider=None, status=None, since=None, before=None)
+    found = await journal.search(principal="alice", query="red FOX", limit=10, **args)
+    assert [r.id for r in found] == ["atlascloud:job3", "atlascloud:job0"]
+    everyone = await journal.search(principal=None, query="red", limit=2, **args)
+    assert [r.id for r in everyone] == ["atlascloud:job3", "atlascloud:job2"]
+    last = everyone[-1]
+    rest = await journal.search(principal=None, query="red", limit=2, provider=None, status=None, since=None,
+                                before=(last.created_at, last.id))
+    assert [r.id for r in rest] == ["atlascloud:job0"]
+    pending = await journal.search(principal="alice", query=None, limit=10, provider="atlascloud",
+                                   status="pending", since=now + 1, before=None)
+    assert [r.id for r in pending] == ["atlascloud:job3"]
+
+
+def charge(i: int, usd: float | None = 0.5, **kw: Any) -> Charge:
+    return Charge(id=f"c{i}", principal=kw.pop("principal", "alice"), provider="atlascloud",
+                  model="black-forest-labs/flux-schnell", images=1, usd=usd, **kw)
+
+
+async def test_the_ledger_reserves_within_a_budget_and_settles_or_releases(journal: Journal):
+    start = time.time() - 1
+    budget = 1.0
+
+    def within(totals: Any) -> str | None:
+        return "over budget" if totals["day"].usd + 0.5 > budget else None
+
+    assert await journal.reserve(charge(1), {"day": start}, within) is None
+    assert await journal.reserve(charge(2), {"day": start}, within) is None
+    assert await journal.reserve(charge(3), {"day": start}, within) == "over budget"
+    assert await journal.totals("alice", {"day": start, "later": time.time() + 60}) == {
+        "day": Totals(1.0, 2), "later": Totals(0.0, 0)}
+    assert await journal.totals("bob", {"day": start}) == {"day": Totals(0.0, 0)}
+    await journal.update_charge("c1", "billed", "atlascloud:job1")
+    await journal.settle_charge("atlascloud:job1", 0.25, estimated=False)
+    await journal.release_charge("c2")  # never created
+    charges = await journal.charges_since(start)
+    assert [(c.id, c.state, c.usd, c.estimated, c.prediction_id) for c in charges] == [
+        ("c1", "billed", 0.25, False, "atlascloud:job1")]
+    await journal.settle_charge("atlascloud:job1", None, estimated=True)  # no figure: the cost stays
+    assert [(c.usd, c.estimated) for c in await journal.charges_since(start)] == [(0.25, False)]
+
+
+async def test_two_servers_never_both_spend_the_last_dollar(backend: Callable[[], Settings]):
+    first, second = await open_journal(backend()), await open_journal(backend())
+    start = time.time() - 1
+    refused: list[str] = []
+
+    def within(totals: Any) -> str | None:
+        return "over budget" if totals["day"].usd + 0.6 > 1.0 else None
+
+    async def spend(journal: Journal, i: int) -> None:
+        refusal = await journal.reserve(charge(i, 0.6), {"day": start}, within)
+        if refusal:
+            refused.append(refusal)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(spend, first if i % 2 else second, i)
+        assert len(refused) == 5
+        assert await first.totals("alice", {"day": start}) == {"day": Totals(0.6, 1)}
+    finally:
+        await first.close()
+        await second.close()
 
 
 # --- the image store --------------------------------------------------------------------------------

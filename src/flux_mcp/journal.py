@@ -414,7 +414,6 @@ class Search:
                 and all(word in prompt for word in self.words))
 
 
-_INSERT = f"INSERT OR REPLACE INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE id=?"
 
 
