@@ -42,10 +42,12 @@ def _main(argv: Sequence[str] | None) -> int:
     _configure_logging(level, Redactor(settings.secrets()))
     command = args.command or "serve"
     if command in ("serve", "generate", "prune", "spend", "history", "gallery"):
-        from .journal import check_journal
+        import anyio
+
+        from .backends import check_backends
 
         try:
-            check_journal(settings.home)  # a data folder that cannot be used: one clear line, before serving
+            anyio.run(check_backends, settings)  # a data folder or database that cannot be used: one clear line
         except ConfigError as exc:
             print(f"flux-mcp: {exc}", file=sys.stderr)
             return 2
@@ -143,10 +145,10 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
     import anyio
 
     from . import history
-    from .journal import open_journal
+    from .backends import open_journal
 
     async def run() -> history.Page:
-        journal = open_journal(settings.home)
+        journal = await open_journal(settings)
         try:
             since = history.parse_since(args.since) if args.since else None
             return await history.page(journal, principal=None, query=args.query, provider=args.provider,
@@ -173,9 +175,8 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
 def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet: bool = False) -> int:
     import anyio
 
-    from .journal import open_journal
+    from .backends import open_journal, open_store
     from .prune import prune
-    from .store import FolderStore
 
     days = older_than if older_than is not None else (settings.keep_days or 30.0)
     if days < 0:
@@ -183,9 +184,9 @@ def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet
         return 2
 
     async def run() -> int:
-        journal = open_journal(settings.home)
+        journal = await open_journal(settings)
         try:
-            done = await prune(journal, FolderStore(settings.home), older_than_days=days, dry_run=dry_run)
+            done = await prune(journal, open_store(settings), older_than_days=days, dry_run=dry_run)
         finally:
             await journal.close()
         verb = "would remove" if dry_run else "removed"
@@ -205,11 +206,11 @@ def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet
 def _spend(settings: Settings, *, as_json: bool) -> int:
     import anyio
 
-    from .journal import open_journal
+    from .backends import open_journal
     from .money import Money, format_report
 
     async def run() -> dict[str, Any]:
-        journal = open_journal(settings.home)
+        journal = await open_journal(settings)
         try:
             return await Money(settings, journal).report()
         finally:
@@ -276,12 +277,16 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
         return 0
     from .transport import is_loopback, token_problem
 
+    for name, named in settings.auth_tokens:
+        if problem := token_problem(named.get_secret_value(), f"FLUX_MCP_AUTH_TOKENS' entry for {name}"):
+            print(f"flux-mcp: refusing to serve {transport}: {problem}", file=sys.stderr)
+            return 2
     if settings.auth_token is not None and (problem := token_problem(settings.auth_token.get_secret_value())):
         print(f"flux-mcp: refusing to serve {transport}: {problem}", file=sys.stderr)
         return 2
-    if not is_loopback(host) and settings.auth_token is None:
-        print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN; set a token (clients then "
-              "send 'Authorization: Bearer <token>') or bind 127.0.0.1.", file=sys.stderr)
+    if not is_loopback(host) and not settings.http_auth:
+        print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN or FLUX_MCP_AUTH_TOKENS; set a "
+              "token (clients then send 'Authorization: Bearer <token>') or bind 127.0.0.1.", file=sys.stderr)
         return 2
     from .transport import serve_http
 

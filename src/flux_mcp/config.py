@@ -54,6 +54,15 @@ class Settings(BaseModel):
     keep_days: float | None = None
     """FLUX_MCP_KEEP_DAYS: finished jobs older than this are pruned at start (None: keep everything)."""
     auth_token: SecretStr | None = None
+    auth_tokens: tuple[tuple[str, SecretStr], ...] = ()
+    """FLUX_MCP_AUTH_TOKENS: (user name, token) pairs; a request's token names its principal."""
+    database_url: SecretStr | None = None
+    """FLUX_MCP_DATABASE_URL: the journal on PostgreSQL (shared mode); None: SQLite in `home`."""
+    s3_url: str | None = None
+    """FLUX_MCP_S3_URL: images in an S3-compatible bucket; None: files in `home`."""
+    s3: dict[str, str] = {}
+    """The object store's endpoint and credentials, from the standard AWS_* variables."""
+    presign_seconds: float = 3600.0
     preview: Literal["auto", "off", "full"] = "auto"
     preview_budget: int = DEFAULT_PREVIEW_BUDGET
     log_level: str = "INFO"
@@ -117,6 +126,18 @@ class Settings(BaseModel):
         if preview not in ("auto", "off", "full"):
             raise ConfigError(f"FLUX_MCP_PREVIEW must be auto, off or full (got {preview!r}).")
         budget = int(_number(env, "FLUX_MCP_PREVIEW_BYTES", DEFAULT_PREVIEW_BUDGET, 10_000, 50_000_000))
+        from . import shared
+
+        database_url = env.get("FLUX_MCP_DATABASE_URL", "").strip()
+        if database_url:
+            shared.check_database_url(database_url)
+            shared.shared_defaults(env, providers)
+        s3_url = env.get("FLUX_MCP_S3_URL", "").strip()
+        if s3_url:
+            from .store_s3 import S3Location, s3_config
+
+            S3Location.parse(s3_url)
+        presign = _number(env, "FLUX_MCP_PRESIGN_SECONDS", 3600, 1, 604_800)
         prices_raw = env.get("FLUX_MCP_PRICES", "").strip()
         prices_file = Path(prices_raw).expanduser() if prices_raw else None
         images_cap = _optional(env, "FLUX_MCP_MAX_IMAGES_PER_DAY", 0, 10_000_000)
@@ -133,6 +154,11 @@ class Settings(BaseModel):
             keep_days=_number(env, "FLUX_MCP_KEEP_DAYS", -1, 0, 100_000) if env.get("FLUX_MCP_KEEP_DAYS", "").strip()
             else None,
             auth_token=SecretStr(token) if token else None,
+            auth_tokens=shared.parse_tokens(env.get("FLUX_MCP_AUTH_TOKENS", "")),
+            database_url=SecretStr(database_url) if database_url else None,
+            s3_url=s3_url or None,
+            s3=s3_config(env) if s3_url else {},
+            presign_seconds=presign,
             preview=preview,  # type: ignore[arg-type]
             preview_budget=budget,
             log_level=env.get("FLUX_MCP_LOG_LEVEL", "INFO").strip().upper() or "INFO",
@@ -159,7 +185,23 @@ class Settings(BaseModel):
             values += [v for name, v in p.extra.items() if spec is None or name in spec.secret_extras]
         if self.auth_token:
             values.append(self.auth_token.get_secret_value())
+        values += [token.get_secret_value() for _, token in self.auth_tokens]
+        if self.database_url:
+            from .shared import url_password
+
+            values += filter(None, [url_password(self.database_url.get_secret_value())])
+        values += [v for k, v in self.s3.items() if k in ("secret_access_key", "session_token")]
         return values
+
+    @property
+    def shared(self) -> bool:
+        """Shared (team) mode: the journal is on PostgreSQL, so the callers are remote and many."""
+        return self.database_url is not None
+
+    @property
+    def http_auth(self) -> bool:
+        """Whether the HTTP transports require a bearer token (one shared token, or named ones)."""
+        return self.auth_token is not None or bool(self.auth_tokens)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:

@@ -30,7 +30,10 @@ def next_step(record: Record, settings: Settings, *, joined: bool = False) -> st
     """The sentence that tells the model what to know or do next (also in structuredContent: some clients
     show the model nothing else)."""
     check = f'call check_prediction with prediction_id="{record.id}"'
-    if record.status == "succeeded" and any(i.path for i in record.images):
+    if record.status == "succeeded" and any(i.path for i in record.images) and settings.s3_url:
+        step = (f"Download each image from its images[].url (a link valid for {settings.presign_seconds / 60:.0f} "
+                f"minutes; {check} for a fresh one) and save it in the project.")
+    elif record.status == "succeeded" and any(i.path for i in record.images):
         expiring = any(i.url and not i.url.startswith("data:") for i in record.images)
         step = "Use the local path in code" + ("; provider URLs expire." if expiring else ".")
     elif record.status == "succeeded":
@@ -72,6 +75,11 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
         n = len(record.images)
         lines.append(f"{action} {n} image{'s' if n != 1 else ''} with {who}. prediction_id: {record.id}")
         for i, img in enumerate(record.images, 1):
+            if img.path and settings.s3_url:
+                lines.append(f"Image {i}: {img.width}x{img.height}, {img.mime_type}; flux://images/{record.id}/{i - 1}")
+                if img.url:
+                    lines.append(f"  download URL (expires): {img.url}")
+                continue
             if img.path:
                 where = paths.display(img.path)
                 lines.append(f"Image {i}: {where} ({img.width}x{img.height}, {img.mime_type}; "

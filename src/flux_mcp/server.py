@@ -44,8 +44,9 @@ from .folders import Folders
 from .gallery import static_text
 from .gallery.thumbs import Thumbnails
 from .http import LazyClient, RetryPolicy
+from .backends import open_journal, open_store
 from .jobs import Alive, Outcome
-from .journal import Record, open_journal
+from .journal import Record
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
 from .money import LOCAL, Planned
@@ -56,7 +57,8 @@ from .redact import Redactor, protect_logs
 from .render import error_result, needs_image_work, prediction_result, structured
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
 from .schema import compact_annotations, compact_input, compact_output, quiet
-from .service import LOCAL, FluxService, ProgressFn
+from .service import FluxService, ProgressFn
+from .shared import PRINCIPAL_KEY, add_health_routes, present
 
 log = logging.getLogger("flux_mcp.server")
 
@@ -119,7 +121,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         nonlocal users
         async with lock:
             if not live:
-                live.append(_open_state(settings, http_client, retry, downloads, paths, clock))
+                live.append(await _open_state(settings, http_client, retry, downloads, paths, clock))
             users += 1
         try:
             yield live[0]
@@ -198,7 +200,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
                                                 principal=principal_of(ctx))
         except FluxError as exc:
             return error_result(state.service.redactor.scrub(str(exc)))
-        return await _deliver(ctx, state, outcome, await _render(outcome, paths, state.settings, "Finished"))
+        return await _deliver(ctx, state, outcome, await _render(outcome, paths, state, "Finished"))
 
     server.tool(title="Check prediction", annotations=ToolAnnotations(
         read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))(
@@ -208,19 +210,20 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     _add_history(server)
     _add_resources(server, settings)
     add_prompts(server)
+    add_health_routes(server, lambda: live[0].service if live else None)
     return server
 
 
-def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
-                downloads: DownloadLimits | None, paths: PathPolicy | None = None,
-                clock: Callable[[], float] = time.time) -> AppState:
+async def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None, retry: RetryPolicy | None,
+                      downloads: DownloadLimits | None, paths: PathPolicy | None = None,
+                      clock: Callable[[], float] = time.time) -> AppState:
     protect_logs(settings.secrets())
-    journal = open_journal(settings.home)
+    journal = await open_journal(settings)
     client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
     limits = downloads or DownloadLimits()
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
-    service = FluxService(settings, client, journal, redactor=Redactor(settings.secrets()), retry=retry,
-                          downloader=downloader, clock=clock)
+    service = FluxService(settings, client, journal, store=open_store(settings), redactor=Redactor(settings.secrets()),
+                          retry=retry, downloader=downloader, clock=clock)
     return AppState(settings, service, Folders(settings), paths=paths)
 
 
@@ -280,15 +283,24 @@ async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str
     if isinstance(outcome, Planned):
         return CallToolResult(content=[TextContent(type="text", text=outcome.message)],
                               structured_content=outcome.result().model_dump(mode="json"))
-    return await _deliver(ctx, state, outcome, await _render(outcome, paths, state.settings, action))
+    return await _deliver(ctx, state, outcome, await _render(outcome, paths, state, action))
 
 
 def principal_of(ctx: Context[AppState, Any]) -> str:
-    """Who is calling (whose jobs, whose budget): the authenticated identity over HTTP, else the local user."""
+    """Who is calling (whose jobs, whose budget): the authenticated identity over HTTP (an OAuth access
+    token's subject, or the user FLUX_MCP_AUTH_TOKENS names for the bearer token presented), else the local
+    user."""
     token = get_access_token()
-    if token is None:
+    if token is not None:
+        return token.subject or token.client_id
+    try:
+        request = ctx.request_context.request
+    except (AttributeError, ValueError, LookupError):
         return LOCAL
-    return token.subject or token.client_id
+    scope = getattr(request, "scope", None)
+    state = scope.get("state") if isinstance(scope, dict) else None
+    principal = state.get(PRINCIPAL_KEY) if isinstance(state, dict) else None
+    return principal if isinstance(principal, str) and principal else LOCAL
 
 
 def _caller_alive(ctx: Context[AppState, Any]) -> Alive | None:
@@ -317,7 +329,9 @@ async def _deliver(ctx: Context[AppState, Any], state: AppState, outcome: Outcom
 
 
 
-async def _render(outcome: Any, paths: PathPolicy, settings: Settings, action: str) -> CallToolResult:
+async def _render(outcome: Any, paths: PathPolicy, state: AppState, action: str) -> CallToolResult:
+    settings = state.settings
+    outcome = await present(outcome, state.service.store)  # shared mode: download links, previews from the bucket
     render = functools.partial(prediction_result, outcome, paths, settings, action=action)
     if needs_image_work(outcome, settings):
         # Shrinking previews decodes and encodes images: CPU work that must not stall the other calls.
@@ -431,7 +445,8 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
         record = await _record(ctx, prediction_id)
         if record is None:
             raise ResourceNotFoundError(f"No prediction {prediction_id!r} on this server.")
-        return json.dumps(structured(record, _state(ctx).settings), indent=2)
+        shown = await present(Outcome(record), _state(ctx).service.store, previews=False)
+        return json.dumps(structured(shown.record, _state(ctx).settings), indent=2)
 
     @server.resource("flux://images/{prediction_id}/{index}", name="image", mime_type="image/png",
                      description="A finished image of a prediction, full resolution.")
@@ -466,7 +481,9 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
 
 
 async def _record(ctx: Context[AppState, Any], prediction_id: str) -> Record | None:
-    return await _state(ctx).service.journal.get(prediction_id)
+    record = await _state(ctx).service.journal.get(prediction_id)
+    # Another principal's prediction is answered as one that does not exist.
+    return record if record is not None and record.principal == principal_of(ctx) else None
 
 
 class _Server(MCPServer[AppState]):

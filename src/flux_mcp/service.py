@@ -43,6 +43,7 @@ from .paths import PathPolicy
 from .providers import Provider, registry
 from .redact import Redactor
 from .request import JobRequest, request_key
+from .shared import UPLOAD_REFUSED, check_job_inputs
 from .store import FolderStore, ImageStore
 
 log = logging.getLogger("flux_mcp.service")
@@ -119,6 +120,10 @@ class FluxService:
         `ask` puts a confirmation to the user (None: nobody can be asked); `principal` is whose jobs and
         budget these are."""
         inflight.refuse_new()
+        if self.settings.shared:  # the server's disk is not the caller's: refused before anything is planned
+            if (req.provider or self.default_provider_id()).strip().lower() != AUTO:
+                self.provider(req.provider, need="edit" if req.kind == "edit" else None)  # its own refusal first
+            check_job_inputs(req.save_to, req.image if req.kind == "edit" else None, req.variation_of)
         if req.variation_of:  # the earlier image's prompt, model, provider and size, with a new seed
             req = assets.variation(req, paths)
         if req.dry_run:  # checks and estimates only: nothing to join, nothing paid
@@ -320,6 +325,8 @@ class FluxService:
     async def upload(self, path: str, provider_name: str | None, paths: PathPolicy) -> UploadResult:
         inflight.refuse_new()
         provider = self.provider(provider_name, need="upload")
+        if self.settings.shared:
+            raise InvalidInput(UPLOAD_REFUSED)
         resolved, data = paths.read_bytes(path)
         try:
             info = inspect_image(data)

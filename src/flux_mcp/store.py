@@ -53,11 +53,16 @@ class FolderStore:
     def __init__(self, home: Path):
         self.root = home / "images"
 
-    def _path(self, prediction_id: str, index: int, ext: str) -> Path:
+    @staticmethod
+    def relative_name(prediction_id: str, index: int, ext: str) -> str:
+        """`<provider>/<id>-<hash8>-<n>.<ext>`: the same for every store, so a name is deterministic."""
         provider, _, native = prediction_id.partition(":")
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", native)[:120] or "image"
         digest = hashlib.sha256(prediction_id.encode()).hexdigest()[:8]
-        return self.root / re.sub(r"[^a-z0-9_-]", "_", provider) / f"{safe}-{digest}-{index}.{ext}"
+        return f"{re.sub(r'[^a-z0-9_-]', '_', provider)}/{safe}-{digest}-{index}.{ext}"
+
+    def _path(self, prediction_id: str, index: int, ext: str) -> Path:
+        return self.root / self.relative_name(prediction_id, index, ext)
 
     @staticmethod
     def _local(location: str) -> Path:

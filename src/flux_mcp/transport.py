@@ -8,7 +8,6 @@ bearer token must be long enough to resist guessing, with failed attempts thrott
 from __future__ import annotations
 
 import contextlib
-import hmac
 import ipaddress
 import logging
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from .errors import ConfigError
 from .httpguard import HttpLimits, Occasional, QuietRepeats, uvicorn_config
 from .lifecycle import graceful_stop
 from .middleware import BodyGuard, FailureThrottle, SessionLimit, client_key, send_json
+from .shared import HEALTH_PATHS, LOCAL, PRINCIPAL_KEY, match_token, token_principals
 
 log = logging.getLogger("flux_mcp.http")
 
@@ -77,22 +77,28 @@ def security_settings(host: str, port: int, extra_hosts: list[str] | None = None
 
 
 class BearerTokenMiddleware:
-    """Requires `Authorization: Bearer <FLUX_MCP_AUTH_TOKEN>` on every HTTP request (constant-time check).
+    """Requires `Authorization: Bearer <token>` on every HTTP request but the health routes: the one
+    FLUX_MCP_AUTH_TOKEN or one of FLUX_MCP_AUTH_TOKENS (constant-time checks). The token's user name
+    (`local` for the single token) is left in the request's state as its principal.
 
     Failed attempts spend a per-address allowance (`FailureThrottle`); once it is spent the address is
     answered 429 with Retry-After, whatever it presents, until the allowance comes back. Failures are
     logged with the address, never with what was presented.
     """
 
-    def __init__(self, app: ASGIApp, token: str, throttle: FailureThrottle | None = None):
+    def __init__(self, app: ASGIApp, token: str | None = None, throttle: FailureThrottle | None = None, *,
+                 tokens: list[tuple[bytes, str]] | None = None):
         self.app = app
-        self.token = token.encode()
+        self.tokens = list(tokens or []) + ([(token.encode(), LOCAL)] if token else [])
         self.throttle = throttle or FailureThrottle(HttpLimits.auth_burst, HttpLimits.auth_per_second)
         self._occasional = Occasional()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope.get("path") in HEALTH_PATHS and scope.get("method") == "GET":
+            await self.app(scope, receive, send)  # up or ready, nothing more: a load balancer has no token
             return
         client = client_key(scope)
         wait = self.throttle.retry_after(client)
@@ -112,14 +118,18 @@ class BearerTokenMiddleware:
                 if scheme.lower() == b"bearer":
                     supplied = credential.strip()
                 break
-        if not hmac.compare_digest(supplied or b"", self.token):
+        principal = match_token(supplied, self.tokens) if supplied else None
+        if principal is None:
             failures = self.throttle.failed(client)
             log.warning("refused an HTTP request from %s: %s bearer token (%d recent failed attempt%s)", client,
                         "no" if supplied is None else "a wrong", failures, "" if failures == 1 else "s")
             await send_json(send, 401, {"error": "unauthorized",
-                                        "error_description": "Send 'Authorization: Bearer <FLUX_MCP_AUTH_TOKEN>'."},
+                                        "error_description": "Send 'Authorization: Bearer <your token>' "
+                                                             "(FLUX_MCP_AUTH_TOKEN or your entry of "
+                                                             "FLUX_MCP_AUTH_TOKENS)."},
                             [(b"www-authenticate", b'Bearer realm="flux-mcp"')])
             return
+        scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
         await self.app(scope, receive, send)
 
 
@@ -132,21 +142,28 @@ def http_app(settings: Settings, transport: str, host: str, port: int, limits: H
     token = settings.auth_token.get_secret_value() if settings.auth_token is not None else None
     if token is not None and (problem := token_problem(token)):
         raise ConfigError(problem)
+    for name, named in settings.auth_tokens:
+        if problem := token_problem(named.get_secret_value(), f"FLUX_MCP_AUTH_TOKENS' entry for {name}"):
+            raise ConfigError(problem)
     server = build_server(settings, **server_kwargs)
-    security = security_settings(host, port, token_required=token is not None)
+    security = security_settings(host, port, token_required=settings.http_auth)
     if transport == "sse":
         app: ASGIApp = server.sse_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES, host=host)
     else:
+        # Shared mode: any replica answers any request, so no session lives in one process's memory.
         app = server.streamable_http_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES,
-                                         host=host, session_idle_timeout=limits.session_idle_seconds,
+                                         host=host, stateless_http=settings.shared,
+                                         session_idle_timeout=limits.session_idle_seconds,
                                          max_sessions=limits.max_sessions)
-    _mount_gallery(app, settings, host)
+    if not settings.shared:  # the gallery reads the local journal and data folder
+        _mount_gallery(app, settings, host)
     app = BodyGuard(app, MAX_BODY_BYTES)
     if transport != "sse":
         manager = server.session_manager
         app = SessionLimit(app, lambda: open_sessions(manager), limits.sessions_per_client)
-    if token is not None:
-        app = BearerTokenMiddleware(app, token, FailureThrottle(limits.auth_burst, limits.auth_per_second))
+    if settings.http_auth:
+        app = BearerTokenMiddleware(app, throttle=FailureThrottle(limits.auth_burst, limits.auth_per_second),
+                                    tokens=token_principals(settings.auth_token, settings.auth_tokens))
     return app
 
 

@@ -47,9 +47,11 @@ def polled_settings(case: Case, make_settings: Callable[..., Settings]) -> Setti
 class Trace:
     """What a user, a log or the data folder got during one test."""
 
-    def __init__(self, caplog: pytest.LogCaptureFixture, home: Path):
+    def __init__(self, caplog: pytest.LogCaptureFixture, home: Path, backend: dict[str, str] | None = None):
         self.caplog = caplog
         self.home = home
+        self.backend = backend or {}
+        """The shared-mode variables of --backend=pg: the database and the bucket are searched too."""
         self.results: list[Any] = []
 
     def __call__(self, result: Any) -> Any:
@@ -66,6 +68,10 @@ class Trace:
                     yield f"tool result {n} image", base64.b64decode(block.data)
         records = "\n".join(r.getMessage() + (r.exc_text or "") for r in self.caplog.records)
         yield "log", (records + self.caplog.text).encode()
+        if self.backend:
+            yield from backend_surfaces(self.backend)
+            if not self.home.is_dir():
+                return  # shared mode keeps nothing in the data folder
         assert self.home.is_dir(), "the server never opened its data folder"
         for path in sorted(self.home.rglob("*")):
             name = str(path.relative_to(self.home))
@@ -80,10 +86,28 @@ class Trace:
         assert not found, f"the key (or a {PIECE}-character piece of it) surfaced in: {', '.join(found)}"
 
 
+def backend_surfaces(env: dict[str, str]) -> Iterator[tuple[str, bytes]]:
+    """Every row of the database schema (as text) and every object (name and bytes) of the bucket."""
+    import subprocess
+    import urllib.parse
+
+    url = env["FLUX_MCP_DATABASE_URL"]
+    schema = urllib.parse.unquote(url.rpartition("search_path%3D")[2])
+    dump = subprocess.run(["pg_dump", "--data-only", "--schema", schema, url.partition("?")[0]], check=True,
+                          capture_output=True, env={"PATH": "/usr/lib/postgresql/15/bin:/usr/bin:/bin"}).stdout
+    yield "database rows", dump
+    from tests.cluster_env import RUNNING
+
+    s3, bucket = RUNNING[0], env["FLUX_MCP_S3_URL"].removeprefix("s3://")
+    for key in s3.keys(bucket):
+        yield f"object name {key}", key.encode()
+        yield f"object {key}", s3.read(bucket, key) or b""
+
+
 @pytest.fixture
-def trace(caplog: pytest.LogCaptureFixture, home: Path) -> Trace:
+def trace(caplog: pytest.LogCaptureFixture, home: Path, backend_env: dict[str, str]) -> Trace:
     caplog.set_level(logging.DEBUG)
-    return Trace(caplog, home)
+    return Trace(caplog, home, backend_env)
 
 
 def said(result: Any) -> str:

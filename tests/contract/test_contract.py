@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from flux_mcp.config import Settings
-from tests.conftest import connect, text_of
+from tests.conftest import as_answered, connect, is_kept, text_of
 from tests.contract.cases import CASES, Case, DocumentedError
 from tests.contract.conftest import Trace, said, unmasked
 from tests.fakes.base import RESET, Entry, FakeBase
@@ -195,10 +195,10 @@ async def test_check_prediction_of_a_finished_job_answers_the_same_after_a_resta
         restarted = trace(await client.call_tool("check_prediction", {"prediction_id": pid}))
     assert not first.is_error and first.structured_content["status"] == "succeeded", text_of(first)
     assert len(first.structured_content["images"]) == images
-    assert same.structured_content == first.structured_content
-    assert restarted.structured_content == first.structured_content and not restarted.is_error
+    assert as_answered(same.structured_content) == as_answered(first.structured_content)
+    assert as_answered(restarted.structured_content) == as_answered(first.structured_content) and not restarted.is_error
     assert pid in text_of(restarted)
-    assert all(Path(i["path"]).is_file() for i in restarted.structured_content["images"])
+    assert all(is_kept(i["path"]) for i in restarted.structured_content["images"])
     assert fake.requests == asked  # a finished job is answered from the journal
     calls = images if case.one_call_per_image else 1
     assert fake.count(case.submit) == calls and len(fake.ledger) == calls
@@ -225,8 +225,8 @@ async def test_check_prediction_finishes_a_pending_job_after_a_restart(
         )
         again = trace(await client.call_tool("check_prediction", {"prediction_id": data["prediction_id"]}))
     assert done.structured_content["status"] == "succeeded", text_of(done)
-    assert Path(done.structured_content["images"][0]["path"]).is_file()
-    assert again.structured_content == done.structured_content
+    assert is_kept(done.structured_content["images"][0]["path"])
+    assert as_answered(again.structured_content) == as_answered(done.structured_content)
     assert fake.count(case.submit) == 1 and len(fake.ledger) == 1
 
 
@@ -252,7 +252,7 @@ async def test_transient_status_check_failures_are_retried_and_the_job_finishes(
     fake.poll_errors += [failure, failure]  # two in a row, then the real answer
     result = await generate(polled_settings, fake, trace)
     assert not result.is_error and result.structured_content["status"] == "succeeded", text_of(result)
-    assert Path(result.structured_content["images"][0]["path"]).is_file()
+    assert is_kept(result.structured_content["images"][0]["path"])
     assert fake.poll_errors == [] and fake.count(status_check) == 3
     assert fake.count(case.submit) == 1 and len(fake.ledger) == 1
 
@@ -306,5 +306,5 @@ async def test_result_urls_that_carry_the_key_never_show_it(
     fake.echo_key = True  # the result URLs carry the key in their query
     result = await generate(polled_settings, fake, trace)
     assert not result.is_error and result.structured_content["status"] == "succeeded", text_of(result)
-    assert Path(result.structured_content["images"][0]["path"]).is_file()
+    assert is_kept(result.structured_content["images"][0]["path"])
     trace.assert_never_shows(case.key)

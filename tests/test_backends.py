@@ -1,0 +1,266 @@
+"""The journal and the image store behind their protocols, on both backends: SQLite + data folder, and
+PostgreSQL + an S3 bucket (real servers started by the test setup). Each test states what a server built
+on either backend must do; the shared-mode-only parts (presigned links, several replicas) follow."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+
+from flux_mcp.backends import open_journal, open_store
+from flux_mcp.config import Settings
+from flux_mcp.journal import Charge, Journal, Record, Totals
+from flux_mcp.models import ImageOutput
+from flux_mcp.store import ImageStore
+from tests.conftest import pg_env
+from tests.fakes.wire import png_bytes
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["sqlite", "pg"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Settings]:
+    """Settings for one backend; several calls give several servers over the same state."""
+    env = {"FLUX_MCP_HOME": str(tmp_path / "home")}
+    if request.param == "pg":
+        env.update(pg_env(request))
+
+    def make() -> Settings:
+        return Settings.from_env(env, cwd=tmp_path)
+
+    return make
+
+
+@pytest.fixture
+async def journal(backend: Callable[[], Settings]) -> AsyncIterator[Journal]:
+    j = await open_journal(backend())
+    try:
+        yield j
+    finally:
+        await j.close()
+
+
+@pytest.fixture
+def store(backend: Callable[[], Settings]) -> ImageStore:
+    return open_store(backend())
+
+
+def record(i: int = 1, **kw: Any) -> Record:
+    base: dict[str, Any] = dict(id=f"atlascloud:job{i}", provider="atlascloud", native_id=f"job{i}",
+                                model="black-forest-labs/flux-schnell", kind="generate", status="starting",
+                                request={"prompt": f"a red fox {i}", "num_images": 1})
+    base.update(kw)
+    return Record(**base)
+
+
+# --- the journal ----------------------------------------------------------------------------------
+
+async def test_a_record_comes_back_as_it_was_put_and_a_later_put_replaces_it(journal: Journal):
+    rec = record(principal="alice", request_key="k1", idempotency_key="idem-1", cost_usd=0.003)
+    assert await journal.put(rec)
+    got = await journal.get(rec.id)
+    assert got == rec
+    rec.status, rec.completed_at, rec.delivered = "succeeded", rec.created_at + 2.5, True
+    rec.images = [ImageOutput(url="https://x.test/a.png", path="/tmp/a.png", mime_type="image/png", width=8,
+                              height=8)]
+    rec.outputs = ["https://x.test/a.png"]
+    assert await journal.put(rec)
+    assert await journal.get(rec.id) == rec
+    assert await journal.get("atlascloud:nope") is None
+
+
+async def test_every_server_on_the_same_state_sees_what_another_wrote(backend: Callable[[], Settings]):
+    first, second = await open_journal(backend()), await open_journal(backend())
+    try:
+        await first.put(record(7))
+        got = await second.get("atlascloud:job7")
+        assert got is not None and got.request["prompt"] == "a red fox 7"
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_the_typical_duration_is_the_median_of_recent_successes(journal: Journal):
+    now = time.time()
+    assert await journal.typical_duration("atlascloud", "black-forest-labs/flux-schnell") is None
+    for i, seconds in enumerate([2.0, 4.0, 30.0]):
+        await journal.put(record(i, status="succeeded", created_at=now - 100 + i, completed_at=now - 100 + i + seconds))
+    await journal.put(record(9, status="failed", created_at=now - 50, completed_at=now))
+    assert await journal.typical_duration("atlascloud", "black-forest-labs/flux-schnell") == 4.0
+
+
+async def test_upload_urls_are_reused_only_while_young(journal: Journal):
+    await journal.add_upload("ab" * 32, "atlascloud", "https://files.test/u1.png")
+    assert await journal.upload_url("ab" * 32, "atlascloud", 3600) == "https://files.test/u1.png"
+    assert await journal.upload_url("ab" * 32, "segmind", 3600) is None
+    await anyio.sleep(0.01)
+    assert await journal.upload_url("ab" * 32, "atlascloud", 0.001) is None
+
+
+async def test_only_finished_records_are_pruned_and_never_a_pending_one(journal: Journal):
+    old = time.time() - 10 * 86400
+    for i, status in enumerate(["succeeded", "failed", "processing", "canceled"]):
+        rec = record(i, status=status)
+        await journal.put(rec)
+    finished = await journal.finished_before(time.time() + 1, 10)
+    assert {r.id for r in finished} == {"atlascloud:job0", "atlascloud:job1", "atlascloud:job3"}
+    assert await journal.finished_before(old, 10) == []
+    removed = await journal.remove(["atlascloud:job0", "atlascloud:job2"])
+    assert removed == 1
+    assert await journal.get("atlascloud:job0") is None and await journal.get("atlascloud:job2") is not None
+
+
+async def test_a_delivered_job_stays_delivered_and_is_never_joined(journal: Journal):
+    now = time.time()
+    rec = record(1, principal="alice", request_key="k", created_at=now)
+    await journal.put(rec)
+    assert [r.id for r in await journal.rejoinable("alice", "k", now - 60)] == [rec.id]
+    assert await journal.rejoinable("bob", "k", now - 60) == []
+    await journal.mark_delivered(rec.id)
+    assert await journal.rejoinable("alice", "k", now - 60) == []
+    stale = record(1, principal="alice", request_key="k", created_at=now, status="succeeded")
+    assert stale.delivered is False
+    await journal.put(stale)  # a later write of a copy made before the answer was delivered
+    got = await journal.get(rec.id)
+    assert got is not None and got.delivered and got.status == "succeeded"
+
+
+async def test_an_idempotency_key_finds_its_job_and_a_second_job_cannot_take_it(journal: Journal):
+    first = record(1, principal="alice", idempotency_key="idem")
+    assert await journal.put(first)
+    found = await journal.by_idempotency_key("alice", "idem")
+    assert found is not None and found.id == first.id
+    assert await journal.by_idempotency_key("bob", "idem") is None
+    assert await journal.put(record(2, principal="bob", idempotency_key="idem"))  # another caller's key
+    clash = record(3, principal="alice", idempotency_key="idem")
+    assert not await journal.put(clash)  # kept, not lost, and not written over the first job
+    assert clash.id in journal.unwritten()
+    assert await journal.get(clash.id) is not None
+    kept = await journal.get(first.id)
+    assert kept is not None and kept.idempotency_key == "idem"
+
+
+async def test_history_search_filters_and_pages_newest_first(journal: Journal):
+    now = time.time()
+    prompts = ["A Red Fox", "a blue whale", "red sunset", "RED fox again"]
+    for i, prompt in enumerate(prompts):
+        await journal.put(record(i, principal="alice" if i != 2 else "bob", created_at=now + i,
+                                 status="processing" if i == 3 else "succeeded",
+                                 request={"prompt": prompt, "num_images": 1}))
+    args: dict[str, Any] = dict(provider=None, status=None, since=None, before=None)
+    found = await journal.search(principal="alice", query="red FOX", limit=10, **args)
+    assert [r.id for r in found] == ["atlascloud:job3", "atlascloud:job0"]
+    everyone = await journal.search(principal=None, query="red", limit=2, **args)
+    assert [r.id for r in everyone] == ["atlascloud:job3", "atlascloud:job2"]
+    last = everyone[-1]
+    rest = await journal.search(principal=None, query="red", limit=2, provider=None, status=None, since=None,
+                                before=(last.created_at, last.id))
+    assert [r.id for r in rest] == ["atlascloud:job0"]
+    pending = await journal.search(principal="alice", query=None, limit=10, provider="atlascloud",
+                                   status="pending", since=now + 1, before=None)
+    assert [r.id for r in pending] == ["atlascloud:job3"]
+
+
+def charge(i: int, usd: float | None = 0.5, **kw: Any) -> Charge:
+    return Charge(id=f"c{i}", principal=kw.pop("principal", "alice"), provider="atlascloud",
+                  model="black-forest-labs/flux-schnell", images=1, usd=usd, **kw)
+
+
+async def test_the_ledger_reserves_within_a_budget_and_settles_or_releases(journal: Journal):
+    start = time.time() - 1
+    budget = 1.0
+
+    def within(totals: Any) -> str | None:
+        return "over budget" if totals["day"].usd + 0.5 > budget else None
+
+    assert await journal.reserve(charge(1), {"day": start}, within) is None
+    assert await journal.reserve(charge(2), {"day": start}, within) is None
+    assert await journal.reserve(charge(3), {"day": start}, within) == "over budget"
+    assert await journal.totals("alice", {"day": start, "later": time.time() + 60}) == {
+        "day": Totals(1.0, 2), "later": Totals(0.0, 0)}
+    assert await journal.totals("bob", {"day": start}) == {"day": Totals(0.0, 0)}
+    await journal.update_charge("c1", "billed", "atlascloud:job1")
+    await journal.settle_charge("atlascloud:job1", 0.25, estimated=False)
+    await journal.release_charge("c2")  # never created
+    charges = await journal.charges_since(start)
+    assert [(c.id, c.state, c.usd, c.estimated, c.prediction_id) for c in charges] == [
+        ("c1", "billed", 0.25, False, "atlascloud:job1")]
+    await journal.settle_charge("atlascloud:job1", None, estimated=True)  # no figure: the cost stays
+    assert [(c.usd, c.estimated) for c in await journal.charges_since(start)] == [(0.25, False)]
+
+
+async def test_two_servers_never_both_spend_the_last_dollar(backend: Callable[[], Settings]):
+    first, second = await open_journal(backend()), await open_journal(backend())
+    start = time.time() - 1
+    refused: list[str] = []
+
+    def within(totals: Any) -> str | None:
+        return "over budget" if totals["day"].usd + 0.6 > 1.0 else None
+
+    async def spend(journal: Journal, i: int) -> None:
+        refusal = await journal.reserve(charge(i, 0.6), {"day": start}, within)
+        if refusal:
+            refused.append(refusal)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(spend, first if i % 2 else second, i)
+        assert len(refused) == 5
+        assert await first.totals("alice", {"day": start}) == {"day": Totals(0.6, 1)}
+    finally:
+        await first.close()
+        await second.close()
+
+
+# --- the image store --------------------------------------------------------------------------------
+
+async def test_a_kept_image_is_found_read_and_discarded_by_its_location(store: ImageStore):
+    data = png_bytes(16, 16)
+    assert await store.find("atlascloud:job1", 0) is None
+    location = await store.put("atlascloud:job1", 0, data, "png")
+    assert await store.find("atlascloud:job1", 0) == location
+    assert await store.read(location) == data
+    assert await store.present(location)
+    assert await store.discard(location)
+    assert not await store.present(location)
+    assert await store.find("atlascloud:job1", 0) is None
+    with pytest.raises(FileNotFoundError):
+        await store.read(location)
+
+
+async def test_two_servers_keeping_one_image_leave_one_copy(backend: Callable[[], Settings]):
+    a, b = open_store(backend()), open_store(backend())
+    data = png_bytes(16, 16)
+    first = await a.put("atlascloud:same", 0, data, "png")
+    second = await b.put("atlascloud:same", 0, data, "png")
+    assert first == second and await b.read(first) == data
+
+
+async def test_the_store_reads_or_deletes_nothing_but_its_own_copies(store: ImageStore, tmp_path: Path):
+    outside = tmp_path / "project-file.png"
+    outside.write_bytes(png_bytes())
+    assert not await store.discard(str(outside)) and outside.exists()
+    assert not await store.discard("s3://someone-elses-bucket/images/atlascloud/x-0.png")
+
+
+# --- shared mode: links for remote clients ------------------------------------------------------------
+
+async def test_a_bucket_image_gets_a_presigned_link_that_downloads_it(request: pytest.FixtureRequest, tmp_path: Path):
+    env = {"FLUX_MCP_HOME": str(tmp_path), "FLUX_MCP_PRESIGN_SECONDS": "120", **pg_env(request)}
+    store = open_store(Settings.from_env(env, cwd=tmp_path))
+    data = png_bytes(24, 24)
+    location = await store.put("atlascloud:link", 0, data, "png")
+    url = await store.presign(location)  # type: ignore[attr-defined]
+    assert url is not None and "X-Amz-Signature=" in url and "X-Amz-Expires=120" in url
+    async with httpx2.AsyncClient() as client:
+        got = await client.get(url)
+        assert got.status_code == 200 and got.content == data
+        # (moto checks neither the signature nor the expiry, so a tampered or expired link is not tried here.)
+    assert await store.presign("/etc/passwd") is None  # type: ignore[attr-defined]
