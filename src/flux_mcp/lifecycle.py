@@ -145,7 +145,9 @@ class GracefulStop:
         """Starts the stop (once); a later Ctrl-C skips what is left of the wait."""
         if self.reason is None:
             self.reason = reason
-            self.registry.stopping = True
+            # At the end of input no call can arrive any more, and every one already read is answered (a
+            # client that sends its calls and closes stdin at once gets its answers); a signal refuses new ones.
+            self.registry.stopping = reason != END_OF_INPUT
             self._requested.set()
         elif reason == "SIGINT" and self.reason == "SIGINT":
             log.warning("second Ctrl-C: stopping without waiting for the provider's answer")
