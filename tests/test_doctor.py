@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import pytest
@@ -52,22 +51,25 @@ def _env(keys: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _client(fakes: dict[str, FakeBase], **special: Callable[[httpx2.Request], Any]) -> httpx2.AsyncClient:
+Handler = Callable[[httpx2.Request], httpx2.Response]
+
+
+def _client(fakes: dict[str, FakeBase], special: dict[str, Handler]) -> httpx2.AsyncClient:
     """One client whose requests go to the fake named by their host (or to a handler in `special`)."""
     by_host = {HOSTS[pid]: fake for pid, fake in fakes.items()}
 
     async def handle(request: httpx2.Request) -> httpx2.Response:
         host = request.url.host
         if host in special:
-            return special[host](request)  # type: ignore[no-any-return]
+            return special[host](request)
         return await by_host[host].handle(request)
 
     return httpx2.AsyncClient(transport=httpx2.MockTransport(handle))
 
 
 async def _run(settings: Settings, fakes: dict[str, FakeBase], *, as_json: bool = False,
-               **special: Callable[[httpx2.Request], Any]) -> tuple[int, str]:
-    async with _client(fakes, **special) as http:
+               special: dict[str, Handler] | None = None) -> tuple[int, str]:
+    async with _client(fakes, special or {}) as http:
         return await doctor.run(settings, as_json=as_json, client=http)
 
 
@@ -139,7 +141,7 @@ async def test_doctor_reports_a_base_url_that_cannot_be_reached(make_settings: C
         raise httpx2.ConnectError("connection refused", request=request)
 
     fakes = _fakes()
-    code, text = await _run(make_settings(**_env()), fakes, as_json=True, **{HOSTS["imagepipeline"]: refuse})
+    code, text = await _run(make_settings(**_env()), fakes, as_json=True, special={HOSTS["imagepipeline"]: refuse})
     assert code == 1
     row = next(r for r in json.loads(text)["providers"] if r["provider"] == "imagepipeline")
     assert row["verdict"] == "UNREACHABLE" and row["fix"] == "IMAGEPIPELINE_BASE_URL"
@@ -154,7 +156,7 @@ async def test_doctor_says_a_base_url_answering_a_web_page_is_not_the_api(
 
     fakes = _fakes()
     code, text = await _run(make_settings(**_env()), fakes,
-                            **{HOSTS["atlascloud"]: web_page, HOSTS["appypie"]: web_page})
+                            special={HOSTS["atlascloud"]: web_page, HOSTS["appypie"]: web_page})
     assert code == 1
     atlas = next(line for line in text.splitlines() if line.startswith("atlascloud "))
     assert "NOT THE API" in atlas and "ATLASCLOUD_BASE_URL looks wrong" in atlas
@@ -170,7 +172,7 @@ async def test_doctor_keeps_a_provider_echoing_the_key_out_of_the_output(
     fakes = _fakes()
     for fake in fakes.values():
         fake.echo_key = True
-    code, text = await _run(make_settings(**_env()), fakes, as_json=True, **{HOSTS["atlascloud"]: echo})
+    code, text = await _run(make_settings(**_env()), fakes, as_json=True, special={HOSTS["atlascloud"]: echo})
     assert code == 1
     assert _verdicts(text)["atlascloud"] == "UNKNOWN"
     assert "HTTP 500" in text
