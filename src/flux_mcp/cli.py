@@ -58,6 +58,8 @@ def _main(argv: Sequence[str] | None) -> int:
                       getattr(args, "port", 8000))
     if command == "providers":
         return _providers(settings, as_json=args.json)
+    if command == "doctor":
+        return _doctor(settings, as_json=args.json)
     if command == "generate":
         from .terminal import generate
 
@@ -110,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
 
     prov = sub.add_parser("providers", help="show which providers are configured, their models and capabilities")
     prov.add_argument("--json", action="store_true", help="print as JSON")
+
+    doctor = sub.add_parser("doctor", help="check each configured provider's key and base URL without paying for "
+                                           "a job; exit 1 when one needs fixing")
+    doctor.add_argument("--json", action="store_true", help="print as JSON")
 
     spend = sub.add_parser("spend", help="today's and this month's spend per provider against the budgets (UTC days "
                                          "and calendar months)")
@@ -219,6 +225,16 @@ def _spend(settings: Settings, *, as_json: bool) -> int:
     report = anyio.run(run)
     print(json.dumps(report, indent=2) if as_json else format_report(report))
     return 0
+
+
+def _doctor(settings: Settings, *, as_json: bool) -> int:
+    import anyio
+
+    from . import doctor
+
+    code, text = anyio.run(lambda: doctor.run(settings, as_json=as_json))
+    print(text)
+    return code
 
 
 def _info(file: str, *, as_json: bool) -> int:
