@@ -131,7 +131,8 @@ def run(
     runs: dict[str, dict[str, Any]] = {}
     for name, extra in (("held", {}), ("polled", {"ATLASCLOUD_SYNC_MODE": "off"})):
         home = root / name
-        env = flux_env(home, fake.url, **extra)
+        # A hundred clients on one machine: the per-address session limit is for real networks.
+        env = flux_env(home, fake.url, FLUX_MCP_SESSIONS_PER_CLIENT="500", **extra)
         cmd = [*flux_command(), "serve", "--transport", "streamable-http"]
         with http_server(cmd, env, home / "workspace", home / "flux-http.log") as (url, proc):
             result = anyio.run(_burst, url, proc.pid, calls, "generate_image", args, "succeeded", warmups, singles)

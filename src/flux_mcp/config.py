@@ -49,6 +49,9 @@ class Settings(BaseModel):
     cwd: Path
     wait_seconds: float = DEFAULT_WAIT_SECONDS
     max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS
+    sessions_per_client: int = 32
+    """FLUX_MCP_SESSIONS_PER_CLIENT: open streamable-HTTP sessions one client address may hold (an IDE
+    opens a few; a load test from one machine needs more)."""
     rejoin_seconds: float = 600.0
     """FLUX_MCP_REJOIN_SECONDS: how long an identical call joins an earlier one whose answer never arrived."""
     keep_days: float | None = None
@@ -151,6 +154,7 @@ class Settings(BaseModel):
             wait_seconds=wait,
             max_wait_seconds=max_wait,
             rejoin_seconds=_number(env, "FLUX_MCP_REJOIN_SECONDS", 600.0, 0, 30 * 86_400),
+            sessions_per_client=int(_number(env, "FLUX_MCP_SESSIONS_PER_CLIENT", 32, 1, 10_000)),
             keep_days=_number(env, "FLUX_MCP_KEEP_DAYS", -1, 0, 100_000) if env.get("FLUX_MCP_KEEP_DAYS", "").strip()
             else None,
             auth_token=SecretStr(token) if token else None,

@@ -138,7 +138,7 @@ def http_app(settings: Settings, transport: str, host: str, port: int, limits: H
     """The ASGI app for `transport`, with the security layers in front of it."""
     from .server import build_server
 
-    limits = limits or HttpLimits()
+    limits = limits or HttpLimits(sessions_per_client=settings.sessions_per_client)
     token = settings.auth_token.get_secret_value() if settings.auth_token is not None else None
     if token is not None and (problem := token_problem(token)):
         raise ConfigError(problem)
@@ -195,7 +195,7 @@ def serve_http(settings: Settings, transport: str, host: str, port: int, limits:
         def capture_signals(self) -> Iterator[None]:
             yield  # the graceful stop has the signals (uvicorn's own would stop before the paid submits end)
 
-    limits = limits or HttpLimits()
+    limits = limits or HttpLimits(sessions_per_client=settings.sessions_per_client)
     QuietRepeats.install()
     app = http_app(settings, transport, host, port, limits)
     server = Uvicorn(uvicorn_config(app, host, port, limits, log_level=settings.log_level))
