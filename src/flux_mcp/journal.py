@@ -417,6 +417,21 @@ class Search:
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE id=?"
 
 
+def _wal(db: sqlite3.Connection, patience: float = _SLOW_TIMEOUT) -> None:
+    """Puts the file in WAL mode. Switching needs the file to itself, and SQLite answers "locked" at once
+    (no busy wait) while another server starting on the same folder holds it: try again for a while."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)  # start-up only: another process is switching the same file
+
+
 def _connect(path: Path, *, timeout: float) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout)
     db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
@@ -459,7 +474,7 @@ class SqliteJournal:
                 f"The journal in {self._where} was written by a newer flux-mcp (schema {version}; this one reads "
                 f"{SCHEMA_VERSION}). Upgrade flux-mcp, or set FLUX_MCP_HOME to another folder.")
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            _wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 self._migrate(step)
