@@ -37,10 +37,11 @@ from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from mcp.server.lowlevel.server import RequestHandler
+    from mcp.server.mcpserver.tools import Tool
     from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 __all__ = ["ReadStream", "WriteStream", "add_request_handler", "drop_middleware", "lowlevel", "message_streams",
-           "open_sessions"]
+           "open_sessions", "registered_tool"]
 
 _P = TypeVar("_P", bound=BaseModel)
 
@@ -61,6 +62,14 @@ def drop_middleware(server: MCPServer[Any], class_name: str) -> None:
     """Removes every middleware of that class name from `server`'s chain (the public, mutable
     `MCPServer.middleware` list, outermost first)."""
     server.middleware[:] = [m for m in server.middleware if type(m).__name__ != class_name]
+
+
+def registered_tool(server: MCPServer[Any], name: str) -> Tool:
+    """The SDK's `Tool` registered under `name` (its `fn_metadata` fields are read live: the SDK documents
+    that reassigning them takes effect on the next call)."""
+    tool = server._tool_manager.get_tool(name)
+    assert tool is not None, name
+    return tool
 
 
 def open_sessions(manager: StreamableHTTPSessionManager) -> Collection[str]:

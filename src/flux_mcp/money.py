@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .errors import SpendRefused
 from .journal import Charge, Journal, LedgerUnavailable, Totals
 from .models import DryRun, PredictionResult
+from .shared import LOCAL
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -45,8 +46,6 @@ log = logging.getLogger("flux_mcp.money")
 
 EPSILON = 1e-9
 """Sums of float prices are compared with this slack: three $0.003 jobs exactly fill a $0.009 budget."""
-LOCAL = "local"
-"""The principal of the local user (stdio, the terminal)."""
 
 Answer = Literal["accept", "decline", "cancel", "timeout", "unsupported"]
 """How a confirmation ended: accepted, declined, dismissed, unanswered in time, or the client cannot ask."""

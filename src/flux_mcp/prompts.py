@@ -11,11 +11,14 @@ Each renders to one user message. Their text is kept short: `prompts/list` is re
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Any
 
 from mcp.server.mcpserver import MCPServer
-from pydantic import Field
+from mcp.server.mcpserver.prompts import Prompt
+from mcp.server.mcpserver.prompts.base import PromptArgument
 
 SIZES: dict[str, tuple[str, int, int, str]] = {
     "hero": ("page hero / banner", 1344, 768, "1920x1080 (16:9), or as the layout needs"),
@@ -63,16 +66,31 @@ def uses_in(text: str) -> list[str]:
     return found
 
 
+def _prompt(server: MCPServer[Any], title: str, described: dict[str, str]) -> Callable[[Callable[..., str]], None]:
+    """Registers a prompt whose arguments are the function's (all strings, as prompt arguments are on the
+    wire), described by `described`. Built directly rather than by the SDK's decorator, which derives a
+    validating model and its JSON schema per prompt: a cost every server start paid for three functions
+    that take strings. A missing required argument is refused by the SDK before the function runs."""
+
+    def register(fn: Callable[..., str]) -> None:
+        params = inspect.signature(fn).parameters.values()
+        arguments = [PromptArgument(name=p.name, description=described[p.name], required=p.default is p.empty)
+                     for p in params]
+        server.add_prompt(Prompt(name=fn.__name__, title=title, description=fn.__doc__ or "", arguments=arguments,
+                                 fn=fn, context_kwarg=None))
+
+    return register
+
+
 def add_prompts(server: MCPServer[Any]) -> None:
     """Registers the prompts on `server`."""
 
-    @server.prompt(name="web_image", title="Image for a web page")
+    @_prompt(server, "Image for a web page", {
+        "subject": "What the image shows.", "use": f"One of {', '.join(SIZES)}.",
+        "style": "E.g. flat vector, photo, 3D render.",
+        "save_to": "Where in the project, e.g. public/images/hero.webp."})
     def web_image(
-        subject: Annotated[str, Field(description="What the image shows.")],
-        use: Annotated[str, Field(description=f"One of {', '.join(SIZES)}.")] = "hero",
-        style: Annotated[str, Field(description="E.g. flat vector, photo, 3D render.")] = "",
-        save_to: Annotated[str, Field(description="Where in the project, e.g. public/images/hero.webp.")] = "",
-    ) -> str:
+        subject: str, use: str = "hero", style: str = "", save_to: str = "") -> str:
         """Write a FLUX prompt for a web asset and generate it at the size its use needs."""
         named = uses_in(use)
         kind = named[0] if named else "hero"
@@ -88,11 +106,11 @@ def add_prompts(server: MCPServer[Any]) -> None:
                 "resize or crop the saved file to it if the page needs exact pixels, and reference the "
                 "saved path in the code.")
 
-    @server.prompt(name="edit_steps", title="Edit an image step by step")
+    @_prompt(server, "Edit an image step by step", {
+        "image": "The image: a project path, URL or data: URI.",
+        "goal": "What the finished image should look like."})
     def edit_steps(
-        image: Annotated[str, Field(description="The image: a project path, URL or data: URI.")],
-        goal: Annotated[str, Field(description="What the finished image should look like.")],
-    ) -> str:
+        image: str, goal: str) -> str:
         """Reach an edit goal in small edit_image steps, checking each result."""
         return (f"Edit the image {image} until: {goal}\n\n"
                 "1. Split the goal into small changes, one per step (FLUX Kontext follows one clear "
@@ -105,11 +123,10 @@ def add_prompts(server: MCPServer[Any]) -> None:
                 "4. Pass save_to on the last step to put the result in the project, and list the steps "
                 "taken and each step's prediction_id.")
 
-    @server.prompt(name="web_sizes", title="Image sizes for a web page")
+    @_prompt(server, "Image sizes for a web page", {
+        "uses": f"Which images, e.g. 'hero, og'; any of {', '.join(SIZES)}."})
     def web_sizes(
-        uses: Annotated[str, Field(description=f"Which images, e.g. 'hero, og'; any of {', '.join(SIZES)}.")]
-        = "",
-    ) -> str:
+        uses: str = "") -> str:
         """Which width and height to generate for each web image, and the size to ship."""
         return ("Sizes for the page's images (generated at multiples of 32 within 512-1440, which every "
                 "FLUX model here takes; pass "

@@ -183,5 +183,3 @@ def _previews(images: list[ImageOutput], kept: dict[str, bytes], settings: Setti
     return out
 
 
-def error_result(message: str) -> CallToolResult:
-    return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)

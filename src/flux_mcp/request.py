@@ -38,7 +38,7 @@ def _plain_text(value: str) -> str:
 class JobRequest(BaseModel):
     """What generate_image / edit_image were asked. `kind` and, for edits, `image` say which job it is."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     kind: Kind = "generate"
     prompt: Annotated[str, Field(min_length=1, max_length=4000, json_schema_extra=quiet("minLength", "maxLength")),

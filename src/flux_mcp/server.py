@@ -10,10 +10,11 @@ import inspect
 import json
 import logging
 import time
+import typing
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import httpx2
@@ -36,29 +37,28 @@ from mcp_types import Tool as MCPTool
 from pydantic import AnyUrl, Field
 
 from . import __version__, history
-from .compat import add_request_handler, drop_middleware
+from .compat import add_request_handler, drop_middleware, registered_tool
 from .config import Settings
-from .consent import InputNeeded, asker
 from .errors import FluxError
 from .folders import Folders
 from .gallery import static_text
-from .gallery.thumbs import Thumbnails
 from .http import LazyClient, RetryPolicy
 from .backends import open_journal, open_store
-from .jobs import Alive, Outcome
-from .journal import Record
-from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
-from .money import LOCAL, Planned
 from .paths import PathPolicy
 from .prompts import add_prompts
 from .providers import overview, registry
 from .redact import Redactor, protect_logs
-from .render import error_result, needs_image_work, prediction_result, structured
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
 from .schema import compact_annotations, compact_input, compact_output, quiet
-from .service import FluxService, ProgressFn
-from .shared import PRINCIPAL_KEY, add_health_routes, present
+from .shared import LOCAL, PRINCIPAL_KEY, add_health_routes, present
+
+if TYPE_CHECKING:
+    from .jobs import Alive, Outcome
+    from .journal import Journal, Record
+    from .media import DownloadLimits
+    from .service import FluxService, ProgressFn
+    from .store import ImageStore
 
 log = logging.getLogger("flux_mcp.server")
 
@@ -81,13 +81,22 @@ class AppState:
     """Process-wide resources, built once by the lifespan."""
 
     settings: Settings
-    service: FluxService
+    journal: Journal
+    """Opened at start: an unusable data folder or database stops the server there, in one line."""
+    client: httpx2.AsyncClient | LazyClient
+    make_service: Callable[[], FluxService]
     folders: Folders
     """The folder policy of each client session (FLUX_MCP_ALLOWED_DIRS, the client's roots, the working
     directory) and its caches."""
     paths: PathPolicy | None = None
     """A folder policy fixed by the caller of build_server (the terminal's `generate -o`), used instead of
     the roots and the settings."""
+
+    @functools.cached_property
+    def service(self) -> FluxService:
+        """The service, made on first use: the job machinery (the providers' adapters, the runner, the
+        ledger, image work) is imported then, not before the first `tools/list` answer."""
+        return self.make_service()
 
 
 ProviderArg = Annotated[str | None, Field(max_length=40, json_schema_extra=quiet("maxLength"))]
@@ -219,19 +228,30 @@ async def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None
                       clock: Callable[[], float] = time.time) -> AppState:
     protect_logs(settings.secrets())
     journal = await open_journal(settings)
+    store = open_store(settings)
     client: httpx2.AsyncClient | LazyClient = http_client or LazyClient()
-    limits = downloads or DownloadLimits()
-    downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
-    service = FluxService(settings, client, journal, store=open_store(settings), redactor=Redactor(settings.secrets()),
-                          retry=retry, downloader=downloader, clock=clock)
-    return AppState(settings, service, Folders(settings), paths=paths)
+
+    def make_service() -> FluxService:
+        from .media import Downloader, DownloadLimits
+        from .service import FluxService
+
+        limits = downloads or DownloadLimits()
+        downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline,
+                                attempts=limits.attempts)
+        return FluxService(settings, client, journal, store=store, redactor=Redactor(settings.secrets()),
+                           retry=retry, downloader=downloader, clock=clock)
+
+    return AppState(settings, journal, client, make_service, Folders(settings), paths=paths)
 
 
 async def _close_state(state: AppState, *, own_client: bool) -> None:
     if own_client:
-        await state.service.client.aclose()
-    await state.service.journal.close()
-    await anyio.to_thread.run_sync(flush_pending)  # every image written is on stable storage before exit
+        await state.client.aclose()
+    await state.journal.close()
+    if "service" in state.__dict__:  # a job ran: every image written is on stable storage before exit
+        from .media import flush_pending
+
+        await anyio.to_thread.run_sync(flush_pending)  # every image written is on stable storage before exit
 
 
 async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyResult:
@@ -271,6 +291,9 @@ def _redescribe(fn: Any, **texts: str) -> Any:
 
 async def _run_job(ctx: Context[AppState, Any], req: JobRequest, *, action: str
                    ) -> CallToolResult | InputRequiredResult:
+    from .consent import InputNeeded, asker
+    from .money import Planned
+
     state = _state(ctx)
     try:
         paths = await _path_policy(ctx, state)
@@ -324,12 +347,14 @@ async def _deliver(ctx: Context[AppState, Any], state: AppState, outcome: Outcom
     if alive is not None and not await alive():
         log.info("the caller of %s is gone; its answer is not delivered", outcome.record.id)
         return result
-    await state.service.journal.mark_delivered(outcome.record.id)
+    await state.journal.mark_delivered(outcome.record.id)
     return result
 
 
 
 async def _render(outcome: Any, paths: PathPolicy, state: AppState, action: str) -> CallToolResult:
+    from .render import needs_image_work, prediction_result
+
     settings = state.settings
     outcome = await present(outcome, state.service.store)  # shared mode: download links, previews from the bucket
     render = functools.partial(prediction_result, outcome, paths, settings, action=action)
@@ -445,6 +470,9 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
         record = await _record(ctx, prediction_id)
         if record is None:
             raise ResourceNotFoundError(f"No prediction {prediction_id!r} on this server.")
+        from .jobs import Outcome
+        from .render import structured
+
         shown = await present(Outcome(record), _state(ctx).service.store, previews=False)
         return json.dumps(structured(shown.record, _state(ctx).settings), indent=2)
 
@@ -464,6 +492,8 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
             f"Image {index} of {prediction_id!r} is not on disk; call check_prediction to fetch it again.")
 
 
+    from .gallery.thumbs import Thumbnails
+
     thumbs: list[Thumbnails] = []
 
     @server.resource("flux://thumbnails/{prediction_id}/{index}", name="thumbnail", mime_type="image/webp",
@@ -481,7 +511,7 @@ def _add_resources(server: MCPServer[AppState], settings: Settings) -> None:
 
 
 async def _record(ctx: Context[AppState, Any], prediction_id: str) -> Record | None:
-    record = await _state(ctx).service.journal.get(prediction_id)
+    record = await _state(ctx).journal.get(prediction_id)
     # Another principal's prediction is answered as one that does not exist.
     return record if record is not None and record.principal == principal_of(ctx) else None
 
@@ -502,24 +532,43 @@ class _Server(MCPServer[AppState]):
     _arguments: dict[str, tuple[list[str], frozenset[str]]] | None = None
     """Each tool's parameter names as clients send them, in order, and the required ones; None until
     asked (or after a tool was added or removed)."""
+    _listed: list[MCPTool] | None = None
+    """The tools as `tools/list` serves them; None until asked (or after a tool was added or removed)."""
 
     def add_tool(self, fn: Callable[..., Any], name: str | None = None, title: str | None = None,
                  description: str | None = None, annotations: ToolAnnotations | None = None,
                  icons: list[Icon] | None = None, meta: dict[str, Any] | None = None,
                  structured_output: bool | None = None) -> None:
+        # Tools declaring the same result model share its output schema, derived once per process by the SDK
+        # (deriving it is most of what registering a tool costs, and a server start registers three
+        # PredictionResult tools).
+        model = _declared_result(fn)
+        known = _OUTPUT_SCHEMAS.get(model) if model is not None and structured_output is None else None
         super().add_tool(fn, name=name, title=title, description=inspect.cleandoc(description or fn.__doc__ or ""),
                          annotations=annotations, icons=icons, meta=meta,
-                         structured_output=structured_output)
-        self._arguments = None
+                         structured_output=False if known is not None else structured_output)
+        meta_of = registered_tool(self, name or fn.__name__).fn_metadata
+        if known is not None:
+            meta_of.output_model, meta_of.output_schema = model, known
+        elif model is not None and meta_of.output_model is model and meta_of.output_schema is not None:
+            _OUTPUT_SCHEMAS[model] = meta_of.output_schema
+        self._arguments = self._listed = None
 
     def remove_tool(self, name: str) -> None:
         super().remove_tool(name)
-        self._arguments = None
+        self._arguments = self._listed = None
 
     def add_prompt(self, prompt: Prompt) -> None:
         super().add_prompt(prompt.model_copy(update={"description": inspect.cleandoc(prompt.description or "")}))
 
     async def list_tools(self) -> list[MCPTool]:
+        # Compacted once (it costs more than the rest of a `tools/list` answer) and again only after a tool
+        # was added or removed.
+        if self._listed is None:
+            self._listed = await self._compacted()
+        return list(self._listed)
+
+    async def _compacted(self) -> list[MCPTool]:
         # No `title`: clients fall back to the name (generate_image reads as well), and five titles are bytes
         # every conversation pays for.
         return [tool.model_copy(update={
@@ -551,6 +600,25 @@ class _Server(MCPServer[AppState]):
             return results
         return [dataclasses.replace(item, mime_type=image_type(item.content) or item.mime_type)
                 if isinstance(item.content, bytes) else item for item in results]
+
+
+_OUTPUT_SCHEMAS: dict[Any, dict[str, Any]] = {}
+"""Result model -> the output schema the SDK derived for it (see `_Server.add_tool`)."""
+
+
+def _declared_result(fn: Callable[..., Any]) -> Any:
+    """The model of a tool declared to return `Annotated[CallToolResult, Model]` (None for anything else)."""
+    try:
+        declared = inspect.signature(fn, eval_str=True).return_annotation
+    except (NameError, TypeError):
+        return None
+    args = typing.get_args(declared) if typing.get_origin(declared) is Annotated else ()
+    return args[1] if len(args) == 2 and args[0] is CallToolResult and isinstance(args[1], type) else None
+
+
+def error_result(message: str) -> CallToolResult:
+    """A tool error the model reads and can act on."""
+    return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
 
 
 def unknown_arguments_text(tool: str, unknown: list[str], known: list[str]) -> str:

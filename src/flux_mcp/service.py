@@ -38,18 +38,16 @@ from .keep import Keeper, SavePlan, save_targets
 from .lifecycle import inflight
 from .media import Downloader, decode_data_uri, inspect_image, to_data_uri
 from .models import FINAL, UploadResult
-from .money import LOCAL, Ask, Money, Planned
+from .money import Ask, Money, Planned
 from .paths import PathPolicy
 from .providers import Provider, registry
 from .redact import Redactor
 from .request import JobRequest, request_key
-from .shared import UPLOAD_REFUSED, check_job_inputs
+from .shared import LOCAL, UPLOAD_REFUSED, check_job_inputs
 from .store import FolderStore, ImageStore
 
 log = logging.getLogger("flux_mcp.service")
 
-LOCAL = "local"
-"""The principal of calls that carry no identity: stdio, the terminal, an HTTP server with one shared token."""
 UPLOAD_REUSE_SECONDS = 3600.0
 """Uploaded files are temporary on the providers; a cached upload URL is reused for an hour."""
 _PREDICTION_ID = re.compile(r"^[a-z]{2,20}:[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
@@ -67,11 +65,14 @@ class FluxService:
         self.journal = journal
         self.store: ImageStore = store or FolderStore(settings.home)
         self.redactor = redactor or Redactor(settings.secrets())
-        self.providers: dict[str, Provider] = {}
-        for spec in registry.SPECS:
+
+        def make(spec: registry.ProviderSpec) -> Provider:
             cls = spec.load()
             http = ProviderHttp(client, cls.id, self.redactor, key_env=cls.key_env, retry=retry)
-            self.providers[cls.id] = cls(settings.providers[cls.id], http)
+            return cls(settings.providers[cls.id], http)
+
+        self.providers = registry.Adapters(settings, make)
+        """Every provider; an adapter is made when first asked for (see `registry.Adapters`)."""
         self._key_locks: dict[tuple[str, str], anyio.Lock] = {}
         self.chooser = Chooser(self.providers, journal, settings.fallback)
         self.money = Money(settings, journal, clock=clock)
@@ -85,7 +86,7 @@ class FluxService:
         return registry.default_provider(self.settings)
 
     def configured(self) -> list[str]:
-        return [pid for pid, p in self.providers.items() if p.configured]
+        return self.providers.configured_ids()
 
     def provider(self, name: str | None, *, need: str | None = None) -> Provider:
         pid = (name or self.default_provider_id()).strip().lower()
@@ -172,7 +173,7 @@ class FluxService:
             try:
                 asked = req.model_copy(update={"provider": provider.id, "model": model})
                 # Exact size, transparency, preset: planned (and checked) before the provider's own limits.
-                asset = assets.plan(asked, provider, [p for p in self.providers.values() if p.configured])
+                asset = assets.plan(asked, provider, self.providers.configured())
                 prepared = provider.prepare(assets.sent(asked, asset) if asset else asked)
                 saves = self._save_plan(prepared, asked, asset, paths)
                 source = prepared.image

@@ -16,7 +16,6 @@ from typing import Protocol
 
 import anyio
 
-from .media import atomic_write
 
 _EXTENSIONS = ("png", "jpg", "webp", "gif")
 _BIG = 256 * 1024
@@ -75,9 +74,9 @@ class FolderStore:
     async def put(self, prediction_id: str, index: int, payload: bytes, ext: str) -> str:
         target = self._path(prediction_id, index, ext)
         if len(payload) > _BIG:
-            await anyio.to_thread.run_sync(lambda: atomic_write(target, payload, overwrite=True))
+            await anyio.to_thread.run_sync(lambda: _atomic_write(target, payload))
         else:
-            atomic_write(target, payload, overwrite=True)
+            _atomic_write(target, payload)
         return str(target)
 
     async def find(self, prediction_id: str, index: int) -> str | None:
@@ -108,3 +107,9 @@ class FolderStore:
             return self._local(location).is_file()
         except FileNotFoundError:
             return False
+
+
+def _atomic_write(target: Path, payload: bytes) -> None:
+    from .media import atomic_write  # the download and image code, imported when the first image is kept
+
+    atomic_write(target, payload, overwrite=True)

@@ -33,7 +33,6 @@ from starlette.routing import Route
 
 from .. import history
 from ..errors import FluxError
-from ..images import read_provenance
 from ..journal import Journal, Record
 from ..providers import registry
 from ..store import ImageStore
@@ -132,6 +131,8 @@ class Gallery:
             data = await self.store.read(path)
         except OSError:
             return {}
+        from ..images import read_provenance  # the image code, imported when a page first asks for details
+
         return await anyio.to_thread.run_sync(read_provenance, data)
 
     async def thumbnail(self, request: Request) -> Response:

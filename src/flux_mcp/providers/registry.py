@@ -13,7 +13,7 @@ Adding a provider is one `ProviderSpec` in `SPECS` plus its adapter module, whos
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -124,3 +124,40 @@ def default_provider(settings: _HasKeys) -> str:
     if settings.default_provider:
         return settings.default_provider
     return next((s.id for s in keyed() if settings.has_key(s.id)), PLACEHOLDER.id)
+
+
+class Adapters(Mapping[str, "Provider"]):
+    """Every provider by id, each adapter made (and its module imported) the first time it is asked for.
+
+    A server configures one or two of the providers; importing all five adapters (their wire models,
+    their error rules) at start is most of what flux-mcp adds to the SDK's own start-up, and the
+    unconfigured ones are usually never asked for. `configured()` answers from the settings alone.
+    Iterating `values()` makes every adapter: kept for the listings and the error messages that name
+    every provider's capabilities."""
+
+    def __init__(self, settings: _HasKeys, make: Callable[[ProviderSpec], Provider]):
+        self._settings = settings
+        self._make = make
+        self._made: dict[str, Provider] = {}
+
+    def __getitem__(self, provider_id: str) -> Provider:
+        made = self._made.get(provider_id)
+        if made is None:
+            made = self._made[provider_id] = self._make(BY_ID[provider_id])  # KeyError: no such provider
+        return made
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(BY_ID)
+
+    def __len__(self) -> int:
+        return len(BY_ID)
+
+    def __contains__(self, provider_id: object) -> bool:
+        return provider_id in BY_ID
+
+    def configured_ids(self) -> list[str]:
+        """The providers that can run a job (a key is set, or none is needed), in `SPECS` order."""
+        return [s.id for s in SPECS if s.key_env is None or self._settings.has_key(s.id)]
+
+    def configured(self) -> list[Provider]:
+        return [self[pid] for pid in self.configured_ids()]

@@ -39,7 +39,7 @@ M = TypeVar("M", bound="WireModel")
 class WireModel(BaseModel):
     """Base of the adapters' private answer models: unknown fields allowed, aliases or names accepted."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, defer_build=True)
 
 
 def _or_none(value: object, handler: ValidatorFunctionWrapHandler) -> object:
