@@ -195,6 +195,18 @@ async def test_the_ledger_reserves_within_a_budget_and_settles_or_releases(journ
     assert [(c.usd, c.estimated) for c in await journal.charges_since(start)] == [(0.25, False)]
 
 
+async def test_without_a_limit_a_charge_is_recorded_and_billed_with_its_cost_in_one_write(journal: Journal):
+    start = time.time() - 1
+    assert await journal.reserve(charge(1, 0.5), {"day": start}, None) is None
+    assert await journal.reserve(charge(2, 0.5), {"day": start}, None) is None  # nothing to refuse it
+    await journal.update_charge("c1", "billed", "atlascloud:job1", usd=0.003)  # ended in its submit's answer
+    await journal.update_charge("c2", "billed", "atlascloud:job2")  # still running: the estimate stays
+    charges = await journal.charges_since(start)
+    assert [(c.id, c.state, c.usd, c.estimated, c.prediction_id) for c in charges] == [
+        ("c1", "billed", 0.003, False, "atlascloud:job1"), ("c2", "billed", 0.5, True, "atlascloud:job2")]
+    assert await journal.totals("alice", {"day": start}) == {"day": Totals(0.503, 2)}
+
+
 async def test_two_servers_never_both_spend_the_last_dollar(backend: Callable[[], Settings]):
     first, second = await open_journal(backend()), await open_journal(backend())
     start = time.time() - 1

@@ -141,9 +141,11 @@ class JobRunner:
             if state is not None and state.status in FINAL:
                 state = self._settle(record, state, time.time())
             await self._save(outcome)  # the id first; then the ledger learns the job exists (and maybe its cost)
+            ended = record if record.status in FINAL else None
             if hold is not None:
-                await hold.billed(record.id)
-            await self._charge(record)
+                await hold.billed(record.id, ended)  # one write: billed, with the cost of a job already over
+            elif ended is not None:
+                await self._charge(record)
         try:
             if state is None or state.status not in FINAL:
                 state = await self._observe(outcome, await self._wait(record, provider, wait, progress, outcome,

@@ -276,17 +276,21 @@ class Journal(Protocol):
     # Writes raise LedgerUnavailable when they cannot land (the caller decides: a budget fails closed).
 
     async def reserve(self, charge: Charge, since: Mapping[str, float],
-                      check: Callable[[Mapping[str, Totals]], R | None]) -> R | None:
+                      check: Callable[[Mapping[str, Totals]], R | None] | None) -> R | None:
         """Atomically: totals `charge.principal`'s charges created at or after each moment of `since`, calls
         `check` with them (by the same names), and records `charge` unless `check` returned a refusal, which
-        is returned. No other reservation can land between the sums and the insert."""
+        is returned. No other reservation can land between the sums and the insert. With no `check` (no
+        limit to keep) the charge is simply recorded."""
         ...
 
     async def totals(self, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
         """The principal's totals since each moment (a reading: nothing is reserved)."""
         ...
 
-    async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None) -> None:
+    async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None, *,
+                            usd: float | None = None) -> None:
+        """The charge's new state (and job id); `usd`, when given, is the provider's own figure for the cost
+        of a job that has already ended (written with the state, in one write)."""
         ...
 
     async def release_charge(self, charge_id: str) -> None:
@@ -726,7 +730,11 @@ class SqliteJournal:
             raise LedgerUnavailable(f"The spend ledger in {self._where} cannot be written ({exc}).") from None
 
     async def reserve(self, charge: Charge, since: Mapping[str, float],
-                      check: Callable[[Mapping[str, Totals]], R | None]) -> R | None:
+                      check: Callable[[Mapping[str, Totals]], R | None] | None) -> R | None:
+        if check is None:
+            await self._write(lambda db: db.execute(_INSERT_CHARGE, _charge_row(charge)))
+            return None
+
         def work(db: sqlite3.Connection) -> R | None:
             db.execute("BEGIN IMMEDIATE")  # the write lock first: no other reservation between sum and insert
             try:
@@ -751,10 +759,12 @@ class SqliteJournal:
             raise LedgerUnavailable(f"The spend ledger in {self._where} cannot be read ({exc}).") from None
         return out
 
-    async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None) -> None:
+    async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None, *,
+                            usd: float | None = None) -> None:
         await self._write(lambda db: db.execute(
-            "UPDATE charges SET state=?, prediction_id=COALESCE(?, prediction_id), updated_at=? WHERE id=?",
-            (state, prediction_id, time.time(), charge_id)))
+            "UPDATE charges SET state=?, prediction_id=COALESCE(?, prediction_id), usd=COALESCE(?, usd), "
+            "estimated=CASE WHEN ? IS NULL THEN estimated ELSE 0 END, updated_at=? WHERE id=?",
+            (state, prediction_id, usd, usd, time.time(), charge_id)))
 
     async def release_charge(self, charge_id: str) -> None:
         await self._write(lambda db: db.execute("DELETE FROM charges WHERE id=?", (charge_id,)))

@@ -466,7 +466,14 @@ class PgJournal:
                 from None
 
     async def reserve(self, charge: Charge, since: Mapping[str, float],
-                      check: Callable[[Mapping[str, Totals]], R | None]) -> R | None:
+                      check: Callable[[Mapping[str, Totals]], R | None] | None) -> R | None:
+        if check is None:
+            async def insert(conn: AsyncConnection[Any]) -> None:
+                await conn.execute(_INSERT_CHARGE, _charge_row(charge))
+
+            await self._ledger(insert)
+            return None
+
         async def work(conn: AsyncConnection[Any]) -> R | None:
             # This principal's lock first: no other reservation (on any replica) between the sums and the insert.
             await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LEDGER_LOCK, charge.principal))
@@ -485,10 +492,14 @@ class PgJournal:
         result: dict[str, Totals] = await self._ledger(work, "read")
         return result
 
-    async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None) -> None:
+    async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None, *,
+                            usd: float | None = None) -> None:
         async def work(conn: AsyncConnection[Any]) -> None:
-            await conn.execute("UPDATE flux_charges SET state = %s, prediction_id = COALESCE(%s, prediction_id), "
-                               "updated_at = %s WHERE id = %s", (state, prediction_id, time.time(), charge_id))
+            await conn.execute(
+                "UPDATE flux_charges SET state = %s, prediction_id = COALESCE(%s, prediction_id), usd = "
+                "COALESCE(%s::double precision, usd), estimated = (CASE WHEN %s::double precision IS NULL THEN "
+                "estimated ELSE false END), updated_at = %s WHERE id = %s",
+                (state, prediction_id, usd, usd, time.time(), charge_id))
 
         await self._ledger(work)
 

@@ -171,9 +171,10 @@ class Hold:
     notes: list[str] = field(default_factory=list)
     """Said with the result (e.g. that an unpriced job's dollars are not counted)."""
 
-    async def billed(self, prediction_id: str) -> None:
-        """The provider created the job: the reservation is its charge until it ends."""
-        await self.money.mark(self, "billed", prediction_id)
+    async def billed(self, prediction_id: str, ended: Record | None = None) -> None:
+        """The provider created the job: the reservation is its charge until it ends. `ended`: the job had
+        already ended in the submit's answer; its cost is written with the same write."""
+        await self.money.mark(self, "billed", prediction_id, ended)
 
     async def unknown(self) -> None:
         """The submit may have created a job: the reservation keeps counting."""
@@ -383,8 +384,9 @@ class Money:
         charge = Charge(id=uuid.uuid4().hex, principal=principal, provider=est.provider, model=est.model,
                         images=est.images, usd=est.usd, created_at=now, updated_at=now)
         try:
-            refusal = await self.journal.reserve(charge, self.windows(now),
-                                                 lambda totals: self._refusal(totals, est, principal))
+            # No limit: the charge is simply recorded (no sums to take, nothing to hold the others back).
+            check = (lambda totals: self._refusal(totals, est, principal)) if self.limits.budgeted else None
+            refusal = await self.journal.reserve(charge, self.windows(now), check)
         except LedgerUnavailable as exc:
             if self.limits.budgeted:
                 raise SpendRefused(self._no_ledger(exc)) from None
@@ -395,14 +397,19 @@ class Money:
         hold.charge = charge
         return hold
 
-    async def mark(self, hold: Hold, state: Literal["billed", "unknown"], prediction_id: str | None) -> None:
-        """Records what became of a held job: created (with its id), or perhaps created."""
+    async def mark(self, hold: Hold, state: Literal["billed", "unknown"], prediction_id: str | None,
+                   ended: Record | None = None) -> None:
+        """Records what became of a held job: created (with its id, and its cost when `ended` already carries
+        the provider's own figure), or perhaps created."""
         charge = hold.charge
         if charge is None:
+            if ended is not None:
+                await self.settle(ended)
             return
         charge.state, charge.prediction_id = state, prediction_id or charge.prediction_id
+        usd = ended.cost_usd if ended is not None and not ended.cost_estimated else None
         try:
-            await self.journal.update_charge(charge.id, state, prediction_id)
+            await self.journal.update_charge(charge.id, state, prediction_id, usd=usd)
         except LedgerUnavailable as exc:  # the reservation keeps counting at its estimate: the safe side
             log.warning("charge %s not marked %s: %s", charge.id, state, exc)
 
