@@ -43,6 +43,7 @@ from mcp_types import (
     PARSE_ERROR,
     ErrorData,
     JSONRPCError,
+    JSONRPCNotification,
     JSONRPCRequest,
     JSONRPCResponse,
     jsonrpc_message_adapter,
@@ -50,13 +51,15 @@ from mcp_types import (
 from pydantic import ValidationError
 
 from .compat import lowlevel, message_streams
-from .lifecycle import END_OF_INPUT, GracefulStop, graceful_stop
+from .lifecycle import END_OF_INPUT, STOP_TIMEOUT, GracefulStop, graceful_stop
 from .surrogates import repair_surrogates
 
 if sys.platform != "win32":
     import fcntl
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from mcp.shared.message import MessageMetadata
     from mcp_types import RequestId
 
@@ -209,18 +212,72 @@ async def serve_streams(server: Server[Any], read_stream: ReadStream[Inbound],
     (the lifespan, which closes the journal, is outside that scope and always runs to its end)."""
     async with server.lifespan(server) as state:
         relay_send, relay_receive = anyio.create_memory_object_stream[Inbound](0)
+        answers = _Answers(write_stream)
         with stop.serving if stop is not None else contextlib.nullcontext():
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_answer_probes_then_relay, server, state, read_stream, write_stream, relay_send,
+                tg.start_soon(_answer_probes_then_relay, server, state, read_stream, answers, relay_send,
                               stop)
-                await serve_dual_era_loop(server, relay_receive, write_stream, lifespan_state=state,
+                await serve_dual_era_loop(server, relay_receive, answers, lifespan_state=state,
                                           init_options=server.create_initialization_options())
                 tg.cancel_scope.cancel()
 
 
+class _Answers:
+    """The connection's write stream, keeping count of the requests relayed to the SDK's loop that are not
+    answered yet: at the end of input the loop ends (and cancels what is still running) once its input
+    closes, so the relay holds the input open until every request read has had its answer."""
+
+    def __init__(self, inner: WriteStream[SessionMessage]):
+        self._inner = inner
+        self._open: set[RequestId] = set()
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def expect(self, item: Inbound) -> None:
+        """Notes a request read (a cancelled request gets no answer: its cancellation closes it)."""
+        message = item.message if isinstance(item, SessionMessage) else None
+        if isinstance(message, JSONRPCRequest):
+            self._open.add(message.id)
+            if self._idle.is_set():
+                self._idle = anyio.Event()
+        elif isinstance(message, JSONRPCNotification) and message.method == "notifications/cancelled":
+            self._answered((message.params or {}).get("requestId"))
+
+    async def all_answered(self) -> None:
+        """Waits until every request read has been answered (at most the stop's own deadline)."""
+        with anyio.move_on_after(STOP_TIMEOUT):
+            await self._idle.wait()
+        if self._open:
+            log.warning("input ended with %d request(s) still unanswered after %.0f s", len(self._open),
+                        STOP_TIMEOUT)
+
+    def _answered(self, request_id: Any) -> None:
+        if request_id in self._open:
+            self._open.discard(request_id)
+            if not self._open:
+                self._idle.set()
+
+    async def send(self, item: SessionMessage, /) -> None:
+        await self._inner.send(item)
+        message = item.message
+        if isinstance(message, (JSONRPCResponse, JSONRPCError)):
+            self._answered(message.id)
+
+    async def aclose(self) -> None:
+        self._idle.set()  # nothing more can be answered
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> _Answers:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+
 async def _answer_probes_then_relay(server: Server[Any], state: Any, read_stream: ReadStream[Inbound],
-                                    write_stream: WriteStream[SessionMessage],
-                                    relay: MemoryObjectSendStream[Inbound], stop: GracefulStop | None) -> None:
+                                    write_stream: _Answers, relay: MemoryObjectSendStream[Inbound],
+                                    stop: GracefulStop | None) -> None:
     deciding = True
     try:
         async with read_stream, relay:
@@ -237,9 +294,11 @@ async def _answer_probes_then_relay(server: Server[Any], state: Any, read_stream
                     continue
                 if request is not None:
                     deciding = False  # this request decides the era; the SDK loop sees it first
+                write_stream.expect(item)
                 await relay.send(item)
-        if stop is not None:
-            stop.request(END_OF_INPUT)
+            if stop is not None:
+                stop.request(END_OF_INPUT)
+            await write_stream.all_answered()  # no call can arrive any more; each one read gets its answer
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         log.debug("stdio connection closed while relaying")
 
