@@ -118,23 +118,26 @@ class Chooser:
             model = placeholder.default_edit_model if req.kind == "edit" else placeholder.default_model
             return Plan([(placeholder, model or "")], None, "auto: no provider has a key; the offline placeholder")
         names = [req.model] if req.model else list(_AUTO_EDIT_MODELS if req.kind == "edit" else _AUTO_GENERATE_MODELS)
+        health = await self.recent_refusals()
         for canonical in names:
-            ranked, skipped = await self._rank(configured, canonical, req)
+            ranked, skipped = await self._rank(configured, canonical, req, health)
             if ranked:
                 best, model, why = ranked[0]
                 others = "; ".join(skipped)
-                reason = (f"auto: {best.id} ({model}) {why}" + (f"; not {others}" if others else ""))
+                last = [f"{p.id} last (refused recently: {_refusal_text(health[p.id])})" for p, _, _ in ranked[1:]
+                        if p.id in health]
+                reason = (f"auto: {best.id} ({model}) {why}" + (f"; not {others}" if others else "")
+                          + "".join(f"; {x}" for x in last))
                 return Plan([(p, m) for p, m, _ in ranked], canonical, reason, skipped)
         raise InvalidInput(
             f"No configured provider ({', '.join(p.id for p in configured)}) can run this "
             f"{req.kind} job{f' with model {req.model!r}' if req.model else ''} at {req.width}x{req.height}. "
             "Name a provider and model (see the flux://providers resource), or change the size.")
 
-    async def _rank(self, providers: list[Provider], canonical: str, req: JobRequest
-                    ) -> tuple[list[tuple[Provider, str, str]], list[str]]:
+    async def _rank(self, providers: list[Provider], canonical: str, req: JobRequest,
+                    health: Mapping[str, Refusals]) -> tuple[list[tuple[Provider, str, str]], list[str]]:
         scored: list[tuple[tuple[int, int, float, float], Provider, str, str]] = []
         skipped: list[str] = []
-        health = await self.recent_refusals()
         for provider in providers:
             info = provider.model_for(canonical, req.kind)
             if info is None:
