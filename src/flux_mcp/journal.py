@@ -586,7 +586,7 @@ class SqliteJournal:
                 raise
             self._read_only = _read_only_note(self._where)
         if self._read_only is not None:
-            log.info("the journal %s is read-only: earlier jobs can be checked, new ones are refused", self.path)
+            log.debug("the journal %s is opened read-only", self.path)
         self._check_layout()
         if self._read_only is None:
             with contextlib.suppress(OSError):
@@ -781,6 +781,8 @@ class SqliteJournal:
         return None if row is None else _record(row)
 
     async def mark_delivered(self, prediction_id: str) -> None:
+        if self._read_only is not None:  # nothing to join later: no new job can be started here
+            return
         with self._lock:
             pending = self._backlog.get(prediction_id)
             if pending is not None:
