@@ -24,12 +24,12 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench import cold_start, completion, concurrency, context, overhead, preview, report, simulate
+from bench import cold_start, completion, concurrency, context, memory, overhead, preview, report, simulate
 from bench.common import BENCH, ROOT, FakeProcess, dump
 
 SETTLE_SECONDS = 3.0
 """Pause between figures: one figure's children winding down must not load the next one's timings."""
-FIGURES = ("cold_start", "overhead", "concurrency", "completion", "long_run", "preview", "context")
+FIGURES = ("cold_start", "overhead", "concurrency", "memory", "completion", "long_run", "preview", "context")
 FULL = {
     "cold_rounds": 20,
     "overhead_rounds": 200,
@@ -40,6 +40,7 @@ FULL = {
     "samples": 20,
     "spread": 3.0,
     "preview_repeats": 10,
+    "memory_rounds": 3,
 }
 QUICK = {
     "cold_rounds": 8,
@@ -51,6 +52,7 @@ QUICK = {
     "samples": 6,
     "spread": 2.0,
     "preview_repeats": 3,
+    "memory_rounds": 2,
 }
 
 
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if step("concurrency"):
                 results["concurrency"] = concurrency.run(workdir, fake, calls=p["calls"])
+            if step("memory"):
+                results["memory"] = memory.run(workdir, fake, rounds=p["memory_rounds"])
             if step("completion"):
                 results["completion"] = completion.run(
                     workdir,
