@@ -76,6 +76,16 @@ def summary(r: dict[str, Any]) -> list[str]:
                 f"CPU per call | {x['ratio_to_job']:.2f}x the job ({x['ratio_to_floor']:.2f}x the floor) "
                 f"| <= 1.25x the job, 0 errors | {verdict(x['met'])} |"
             )
+    if h := r.get("health"):
+        us = 1e6
+        rows.append(
+            f"| `provider: \"auto\"` health from the journal ({h['rows']:,} attempt rows in a day, {h['recent']} "
+            f"in the last 10 min): planning a call, p50 / p95 | {h['cached']['p50'] * us:.0f} / "
+            f"{h['cached']['p95'] * us:.0f} µs (cache expired: {h['uncached']['p50'] * us:.0f} µs; the query: "
+            f"{h['query']['p50'] * us:.0f} µs) | the same plan with no health to read: {h['baseline']['p50'] * us:.0f} µs "
+            f"| {h['cached_minus_baseline_p50'] * us:+.0f} µs ({h['uncached_minus_baseline_p50'] * us:+.0f} µs "
+            f"uncached) | <= +{h['goal_us']:g} µs | {verdict(h['met'])} |"
+        )
     if (m := r.get("memory")) and "variants" in m:
         for v in m["variants"].values():
             rise = (v["peak_kb"] - v["idle_kb"]) / 1024
