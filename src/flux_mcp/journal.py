@@ -17,6 +17,10 @@ answers from the event loop without ever blocking it:
 * The spend ledger (`charges`, one row per paid job) is written in transactions of its own: a
   reservation checks the sums and inserts its row in one `BEGIN IMMEDIATE` transaction, so two
   calls (in one process or several sharing the file) never both spend the last dollar.
+* Failover steps that created nothing (a refusal, a request never sent) are rows of `attempts`, kept a
+  day: "auto" reads the recent ones to put an unhealthy provider last, after a restart too.
+* A data folder this process cannot write (a read-only mount, another user's folder) is opened read-only:
+  `check_prediction` still answers from it, and `read_only()` says why new jobs are refused.
 * The file carries a schema version (`PRAGMA user_version`). Older layouts are migrated; a journal
   from a newer flux-mcp (a higher version, a missing column, an unknown required column) is
   refused at start with one line naming the folder (`JournalUnusable`).
