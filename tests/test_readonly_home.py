@@ -90,3 +90,20 @@ async def test_a_read_only_data_folder_still_answers_for_finished_jobs_and_refus
     assert len(said) == 1 and str(home) in said[0], errlog.read_text()
     assert "Traceback" not in errlog.read_text()
     assert (home / "journal.sqlite3").read_bytes() == before
+
+
+@pytest.fixture
+def empty_home(home: Path) -> Path:
+    home.mkdir(parents=True)
+    return home
+
+
+def test_a_read_only_data_folder_without_a_journal_is_one_clear_line_at_start(empty_home, read_only,
+                                                                               workspace: Path):
+    how, command, extra = read_only
+    done = subprocess.run(command, env=child_env(empty_home, **extra), cwd=workspace, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, (how, done.stderr)
+    [line] = done.stderr.strip().splitlines()
+    assert str(empty_home) in line and "read-only" in line and "FLUX_MCP_HOME" in line, line
+    assert list(empty_home.iterdir()) == []
