@@ -122,10 +122,11 @@ async def test_refusals_are_counted_per_provider_with_the_latest_reason(journal:
                                        (now - 30, "atlascloud", "rate_limited", "too many requests"),
                                        (now - 10, "atlascloud", "no_credit", "insufficient balance"),
                                        (now - 20, "segmind", "unreachable", "connection refused"),
+                                       (now - 8, "segmind", "refused", "size is not supported"),
                                        (now - 5, "acedatacloud", "unsuitable", "does not take these arguments")]:
         assert await journal.add_attempt(Attempt("alice", provider, "flux-dev", kind, reason, at=at))
     seen = await journal.refusals_since(now - 600)
-    assert set(seen) == {"atlascloud", "segmind"}  # "unsuitable" says nothing about a provider's health
+    assert set(seen) == {"atlascloud", "segmind"}  # "unsuitable", "refused": about the request, not the provider
     assert (seen["atlascloud"].count, seen["atlascloud"].last_kind, seen["atlascloud"].last_reason) == (
         2, "no_credit", "insufficient balance")
     assert seen["atlascloud"].last_at == pytest.approx(now - 10)

@@ -9,7 +9,8 @@ a connection refused). A `SubmitOutcomeUnknown` (a timeout, a reset after sendin
 stops the chain: that job may exist, and paying again is what this module exists to prevent.
 
 "auto" orders the capable providers (edit, local input images, size, the canonical model) by recent
-health (a provider that refused a call in the last minutes goes last, the more refusals the later), then
+health (a provider that refused a call in the last minutes for its key, credit or rate, or could not be
+reached, goes last, the more refusals the later), then
 by documented price, then by typical duration (from the journal, else the documentation), and says why in
 one line. Health is the journal's: every attempt that created nothing is a row there (`Journal.add_attempt`),
 so a refusal counts after a restart and on every server sharing the journal. The rows are read at most

@@ -235,8 +235,10 @@ AttemptKind = Literal["bad_key", "no_credit", "rate_limited", "unreachable", "re
 """Why an attempt created nothing: the provider refused the key, the credit, the rate or the request itself
 (`refused`), the request never reached it (`unreachable`), or the step did not take the call's arguments
 (`unsuitable`: decided here, before sending; says nothing about the provider's health)."""
-HEALTH_KINDS: tuple[AttemptKind, ...] = ("bad_key", "no_credit", "rate_limited", "unreachable", "refused")
-"""The kinds that count against a provider when "auto" orders them."""
+HEALTH_KINDS: tuple[AttemptKind, ...] = ("bad_key", "no_credit", "rate_limited", "unreachable")
+"""The kinds that count against a provider when "auto" orders them: the provider's own state. A request the
+provider refused for its content (`refused`: a blocked prompt, a size it does not take) says nothing about
+how it would serve the next caller."""
 
 
 @dataclass(frozen=True)
