@@ -76,6 +76,28 @@ def summary(r: dict[str, Any]) -> list[str]:
                 f"CPU per call | {x['ratio_to_job']:.2f}x the job ({x['ratio_to_floor']:.2f}x the floor) "
                 f"| <= 1.25x the job, 0 errors | {verdict(x['met'])} |"
             )
+    if h := r.get("health"):
+        us = 1e6
+        rows.append(
+            f"| `provider: \"auto\"` health from the journal ({h['rows']:,} attempt rows in a day, {h['recent']} "
+            f"in the last 10 min): planning a call, p50 / p95 | {h['cached']['p50'] * us:.0f} / "
+            f"{h['cached']['p95'] * us:.0f} µs (cache expired: {h['uncached']['p50'] * us:.0f} µs; the query: "
+            f"{h['query']['p50'] * us:.0f} µs) | the same plan with no health to read: {h['baseline']['p50'] * us:.0f} µs "
+            f"| {h['cached_minus_baseline_p50'] * us:+.0f} µs ({h['uncached_minus_baseline_p50'] * us:+.0f} µs "
+            f"uncached) | <= +{h['goal_us']:g} µs | {verdict(h['met'])} |"
+        )
+    if (m := r.get("memory")) and "variants" in m:
+        for v in m["variants"].values():
+            rise = (v["peak_kb"] - v["idle_kb"]) / 1024
+            one = (v["single_peak_kb"] - v["idle_kb"]) / 1024
+            rows.append(
+                f"| memory: {m['jobs']} simultaneous `generate_image`, each answered a {m['side']}² photo-like PNG "
+                f"({kb(v['image_bytes'] or 0)}; the largest size documented), {v['label']}, peak RSS "
+                f"| {v['peak_kb'] / 1024:.0f} MB (+{rise:.0f} MB), {v['errors']} errors "
+                f"| idle, same server: {v['idle_kb'] / 1024:.0f} MB; one such job alone: "
+                f"{v['single_peak_kb'] / 1024:.0f} MB (+{one:.0f} MB) | {v['rise_ratio']:.2f}x one job's rise "
+                f"| reported (issue 13) | |"
+            )
     if p := r.get("preview"):
         for row in p["rows"]:
             rows.append(
@@ -219,6 +241,29 @@ def details(r: dict[str, Any]) -> list[str]:
                     f"idle with the sessions open, {x['rss_peak_kb'] / 1024:.0f} MB peak (floor: "
                     f"{c['floor']['rss_peak_kb'] / 1024:.0f} MB).",
                 ]
+    if (m := r.get("memory")) and "variants" in m:
+        out += [
+            "",
+            "### Memory",
+            "",
+            (
+                f"Measured by `python -m bench.memory` ({m.get('measured', 'date unknown')}). Each job asks for "
+                f"{m['asked']}x{m['asked']} (Atlas Cloud's largest; the bench fake is Atlas's) and is answered a "
+                f"{m['side']}x{m['side']} image, the largest any provider documents for an exact-size model. RSS "
+                "of the server process from /proc: idle after one small call, then the high-water mark (reset "
+                f"before each burst) of one job alone and of {m['jobs']} at once, {m['rounds']} bursts (the "
+                "largest shown)."
+            ),
+            "",
+            "| variant | idle | one job, peak | 4 jobs, peak (each burst) | after the bursts | errors |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for v in m["variants"].values():
+            bursts = ", ".join(f"{x / 1024:.0f}" for x in v["peaks_kb"])
+            out.append(
+                f"| {v['label']} | {v['idle_kb'] / 1024:.0f} MB | {v['single_peak_kb'] / 1024:.0f} MB | {bursts} MB "
+                f"| {v['after_kb'] / 1024:.0f} MB | {v['errors']} |"
+            )
     if x := r.get("context"):
         out += ["", "### Context cost", "", f"Tokens estimated at {x['token_estimate']}."]
         if res := x["flux"].get("result"):

@@ -24,12 +24,23 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench import cold_start, completion, concurrency, context, overhead, preview, report, simulate
+from bench import (
+    cold_start,
+    completion,
+    concurrency,
+    context,
+    health,
+    memory,
+    overhead,
+    preview,
+    report,
+    simulate,
+)
 from bench.common import BENCH, ROOT, FakeProcess, dump
 
 SETTLE_SECONDS = 3.0
 """Pause between figures: one figure's children winding down must not load the next one's timings."""
-FIGURES = ("cold_start", "overhead", "concurrency", "completion", "long_run", "preview", "context")
+FIGURES = ("cold_start", "overhead", "health", "concurrency", "memory", "completion", "long_run", "preview", "context")
 FULL = {
     "cold_rounds": 20,
     "overhead_rounds": 200,
@@ -40,6 +51,7 @@ FULL = {
     "samples": 20,
     "spread": 3.0,
     "preview_repeats": 10,
+    "memory_rounds": 3,
 }
 QUICK = {
     "cold_rounds": 8,
@@ -51,6 +63,7 @@ QUICK = {
     "samples": 6,
     "spread": 2.0,
     "preview_repeats": 3,
+    "memory_rounds": 2,
 }
 
 
@@ -124,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                 results["overhead"] = overhead.run(
                     workdir, fake, rounds=p["overhead_rounds"], warmup=p["overhead_warmup"]
                 )
+            if step("health"):
+                results["health"] = health.run(workdir)
             if step("concurrency"):
                 results["concurrency"] = concurrency.run(workdir, fake, calls=p["calls"])
+            if step("memory"):
+                results["memory"] = memory.run(workdir, fake, rounds=p["memory_rounds"])
             if step("completion"):
                 results["completion"] = completion.run(
                     workdir,

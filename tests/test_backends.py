@@ -15,7 +15,7 @@ import pytest
 
 from flux_mcp.backends import open_journal, open_store
 from flux_mcp.config import Settings
-from flux_mcp.journal import Charge, Journal, Record, Totals
+from flux_mcp.journal import ATTEMPT_RETENTION, Attempt, Charge, Journal, Record, Totals
 from flux_mcp.models import ImageOutput
 from flux_mcp.store import ImageStore
 from tests.conftest import pg_env
@@ -114,6 +114,37 @@ async def test_only_finished_records_are_pruned_and_never_a_pending_one(journal:
     removed = await journal.remove(["atlascloud:job0", "atlascloud:job2"])
     assert removed == 1
     assert await journal.get("atlascloud:job0") is None and await journal.get("atlascloud:job2") is not None
+
+
+async def test_refusals_are_counted_per_provider_with_the_latest_reason(journal: Journal):
+    now = time.time()
+    for at, provider, kind, reason in [(now - 900, "atlascloud", "no_credit", "long ago"),
+                                       (now - 30, "atlascloud", "rate_limited", "too many requests"),
+                                       (now - 10, "atlascloud", "no_credit", "insufficient balance"),
+                                       (now - 20, "segmind", "unreachable", "connection refused"),
+                                       (now - 8, "segmind", "refused", "size is not supported"),
+                                       (now - 5, "acedatacloud", "unsuitable", "does not take these arguments")]:
+        assert await journal.add_attempt(Attempt("alice", provider, "flux-dev", kind, reason, at=at))
+    seen = await journal.refusals_since(now - 600)
+    assert set(seen) == {"atlascloud", "segmind"}  # "unsuitable", "refused": about the request, not the provider
+    assert (seen["atlascloud"].count, seen["atlascloud"].last_kind, seen["atlascloud"].last_reason) == (
+        2, "no_credit", "insufficient balance")
+    assert seen["atlascloud"].last_at == pytest.approx(now - 10)
+    assert seen["segmind"].count == 1 and seen["segmind"].last_kind == "unreachable"
+    assert await journal.refusals_since(now) == {}
+
+
+async def test_attempts_older_than_a_day_go_and_a_prune_removes_older_ones(journal: Journal):
+    now = time.time()
+    await journal.add_attempt(Attempt("local", "atlascloud", "m", "no_credit", "ancient", at=now - ATTEMPT_RETENTION - 60))
+    await journal.add_attempt(Attempt("local", "atlascloud", "m", "no_credit", "an hour ago", at=now - 3600))
+    assert [r.count for r in (await journal.refusals_since(0)).values()] == [2]
+    await journal.add_attempt(Attempt("local", "segmind", "m", "bad_key", "now", at=now))  # each write trims
+    assert {p: r.count for p, r in (await journal.refusals_since(0)).items()} == {"atlascloud": 1, "segmind": 1}
+    assert await journal.remove_attempts(now - 60, dry_run=True) == 1
+    assert len(await journal.refusals_since(0)) == 2  # a dry run removes nothing
+    assert await journal.remove_attempts(now - 60) == 1
+    assert set(await journal.refusals_since(0)) == {"segmind"}
 
 
 async def test_a_delivered_job_stays_delivered_and_is_never_joined(journal: Journal):

@@ -185,3 +185,72 @@ async def test_auto_with_a_size_no_provider_takes_is_refused_before_anything_is_
                                                               "height": 8000})
     assert result.is_error and "8000x8000" in text_of(result)
     assert all(not fake.requests for fake in router.fakes.values())
+
+
+# --- health from the journal: every attempt that created nothing is a row there ---------------------------
+
+async def auto_call(settings: Settings, router: Router, prompt: str) -> Any:
+    """One "auto" call on a server of its own (a new process's view: nothing remembered but the journal)."""
+    return await call(settings, router, {"prompt": prompt, "provider": "auto"})
+
+
+async def test_a_refusal_before_a_restart_still_puts_the_refuser_last(make_settings):
+    router = Router()
+    refuse(router, "atlascloud", "no credit")
+    settings = settings_for(make_settings)
+    first = await auto_call(settings, router, "before the restart")
+    assert first.structured_content["provider"] != "atlascloud", text_of(first)
+    # A new server on the same journal: Atlas would answer now, but its refusal minutes ago puts it last.
+    second = await auto_call(settings, router, "after the restart")
+    sc = second.structured_content
+    assert sc["status"] == "succeeded" and sc["provider"] != "atlascloud", text_of(second)
+    assert "atlascloud last (refused recently: no credit)" in sc["selection_reason"]
+    assert router.fakes["atlascloud"].count("POST /api/v1/model/generateImage") == 1  # not tried again
+    assert sum(router.paid().values()) == 2 and router.paid()["atlascloud"] == 0
+
+
+async def test_a_second_server_on_the_same_journal_sees_the_first_ones_refusal(make_settings, monkeypatch):
+    from flux_mcp import choose
+
+    monkeypatch.setattr(choose, "HEALTH_CACHE", 0.0)  # a replica's cached view expires in seconds; here at once
+    router = Router()
+    settings = settings_for(make_settings)
+    http = httpx2.AsyncClient(transport=httpx2.MockTransport(router.handle))
+    try:
+        async with (Client(build_server(settings, http_client=http, retry=FAST_RETRY)) as one,
+                    Client(build_server(settings, http_client=http, retry=FAST_RETRY)) as two):
+            warm = await two.call_tool("generate_image", {"prompt": "warm", "provider": "auto"})
+            assert warm.structured_content["provider"] == "atlascloud"  # healthy: the cheapest
+            refuse(router, "atlascloud", "rate limit")
+            refused = await one.call_tool("generate_image", {"prompt": "refused", "provider": "auto"})
+            assert refused.structured_content["provider"] != "atlascloud", text_of(refused)
+            after = await two.call_tool("generate_image", {"prompt": "after", "provider": "auto"})
+    finally:
+        await http.aclose()
+    assert after.structured_content["provider"] != "atlascloud", text_of(after)
+    assert "atlascloud last (refused recently: rate limited)" in after.structured_content["selection_reason"]
+    assert router.fakes["atlascloud"].count("POST /api/v1/model/generateImage") == 2  # warm + refused only
+    assert sum(router.paid().values()) == 3
+
+
+async def test_each_attempt_that_created_nothing_is_journaled_with_its_reason_and_no_key(make_settings):
+    from flux_mcp.backends import open_journal
+
+    router = Router()
+    # Atlas echoes the key it refused; AceDataCloud is unreachable; Segmind serves.
+    router.fakes["atlascloud"].submit_errors.append(
+        (401, {"code": 401, "message": f"invalid api key {ATLAS_KEY}"}, {}))
+    router.down.add("acedatacloud")
+    settings = settings_for(make_settings, FLUX_MCP_FALLBACK="acedatacloud,segmind")
+    result = await call(settings, router, {"prompt": "p", "model": "flux-dev"})
+    assert result.structured_content["provider"] == "segmind", text_of(result)
+    journal = await open_journal(settings)
+    try:
+        seen = await journal.refusals_since(0)
+    finally:
+        await journal.close()
+    assert set(seen) == {"atlascloud", "acedatacloud"}
+    assert seen["atlascloud"].count == 1 and seen["atlascloud"].last_kind == "bad_key"
+    assert "invalid api key" in seen["atlascloud"].last_reason and ATLAS_KEY not in seen["atlascloud"].last_reason
+    assert ATLAS_KEY[:12] not in seen["atlascloud"].last_reason
+    assert seen["acedatacloud"].last_kind == "unreachable" and "not sent" in seen["acedatacloud"].last_reason

@@ -80,3 +80,22 @@ async def test_the_prune_command_lists_in_a_dry_run_and_keep_days_prunes_at_star
         assert await journal.get(jobs["pending"]["prediction_id"]) is not None
     finally:
         await journal.close()
+
+
+async def test_prune_drops_failover_attempts_older_than_a_day_whatever_the_cut_off(home: Path):
+    from flux_mcp.journal import Attempt
+
+    journal = open_journal(home)
+    try:
+        now = time.time()
+        for hours in (2, 30):  # written oldest last: a write trims rows a day older than itself
+            await journal.add_attempt(Attempt("local", "atlascloud", "m", "no_credit", f"{hours} h ago",
+                                              at=now - hours * 3600))
+        done = await prune(journal, FolderStore(home), older_than_days=30)
+        assert done.attempts == 1 and done.predictions == []
+        assert (await journal.refusals_since(0))["atlascloud"].last_reason == "2 h ago"
+        assert (await prune(journal, FolderStore(home), older_than_days=0.01, dry_run=True)).attempts == 1
+        assert (await prune(journal, FolderStore(home), older_than_days=0.01)).attempts == 1
+        assert await journal.refusals_since(0) == {}
+    finally:
+        await journal.close()

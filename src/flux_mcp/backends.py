@@ -7,10 +7,14 @@ single server keeps everything in FLUX_MCP_HOME as before.
 
 from __future__ import annotations
 
+import logging
+
 from .config import Settings
 from .journal import Journal
 from .journal import open_journal as open_sqlite_journal
 from .store import FolderStore, ImageStore
+
+log = logging.getLogger("flux_mcp")
 
 
 async def open_journal(settings: Settings) -> Journal:
@@ -35,4 +39,6 @@ async def check_backends(settings: Settings) -> None:
     """Opens and closes the journal (raises JournalUnusable): run before serving, so a database or data
     folder that cannot be used is one clear line at start instead of a failure at the first call."""
     journal = await open_journal(settings)
+    if note := journal.read_only():
+        log.warning("%s", note)  # once, at start; check_prediction's answers repeat it
     await journal.close()

@@ -9,8 +9,12 @@ a connection refused). A `SubmitOutcomeUnknown` (a timeout, a reset after sendin
 stops the chain: that job may exist, and paying again is what this module exists to prevent.
 
 "auto" orders the capable providers (edit, local input images, size, the canonical model) by recent
-health (a provider that refused a call in the last minutes goes last), then by documented price, then by
-typical duration (from the journal, else the documentation), and says why in one line.
+health (a provider that refused a call in the last minutes for its key, credit or rate, or could not be
+reached, goes last, the more refusals the later), then
+by documented price, then by typical duration (from the journal, else the documentation), and says why in
+one line. Health is the journal's: every attempt that created nothing is a row there (`Journal.add_attempt`),
+so a refusal counts after a restart and on every server sharing the journal. The rows are read at most
+every HEALTH_CACHE seconds; this process's own refusals count at once.
 """
 
 from __future__ import annotations
@@ -19,14 +23,24 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import InvalidInput, ProviderError
-from .journal import Journal
+from .errors import (
+    AuthFailed,
+    FluxError,
+    InsufficientCredits,
+    InvalidInput,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
+from .journal import HEALTH_KINDS, Attempt, AttemptKind, Journal, Refusals
 from .providers import Provider
 from .request import JobRequest
 
 AUTO = "auto"
 REFUSAL_MEMORY = 600.0
 """Seconds a provider's refusal counts against it when "auto" orders the providers."""
+HEALTH_CACHE = 2.0
+"""Seconds the journal's recent refusals are reused before they are read again."""
 _AUTO_EDIT_MODELS = ("flux-kontext-pro", "flux-kontext-dev", "flux-dev", "flux-schnell")
 """For an automatic edit with no model named: the canonical models to look for, best first."""
 _AUTO_GENERATE_MODELS = ("flux-schnell", "flux-dev")
@@ -45,20 +59,31 @@ class Plan:
 
 
 class Chooser:
-    """Plans the provider chain of each call; remembers recent refusals (for "auto")."""
+    """Plans the provider chain of each call; journals the attempts that created nothing (for "auto")."""
 
     def __init__(self, providers: Mapping[str, Provider], journal: Journal, fallback: tuple[str, ...]):
         self.providers = providers
         self.journal = journal
         self.fallback = fallback
-        self._refusals: dict[str, tuple[float, str]] = {}
+        self._health: tuple[float, dict[str, Refusals]] | None = None
+        """The journal's recent refusals per provider, and when they were read (monotonic): a cache."""
 
-    def refused(self, provider_id: str, why: str) -> None:
-        self._refusals[provider_id] = (time.monotonic(), why)
+    async def refused(self, attempt: Attempt) -> None:
+        """Journals an attempt that created nothing; a refusal counts against its provider at once here."""
+        await self.journal.add_attempt(attempt)
+        if attempt.kind in HEALTH_KINDS and self._health is not None:
+            seen = self._health[1].get(attempt.provider)
+            self._health[1][attempt.provider] = Refusals((seen.count if seen else 0) + 1, attempt.at, attempt.kind,
+                                                         attempt.reason)
 
-    def _recently_refused(self, provider_id: str) -> str | None:
-        hit = self._refusals.get(provider_id)
-        return hit[1] if hit and time.monotonic() - hit[0] < REFUSAL_MEMORY else None
+    async def recent_refusals(self) -> dict[str, Refusals]:
+        """Each provider's refusals of the last REFUSAL_MEMORY seconds, from the journal (read at most every
+        HEALTH_CACHE seconds)."""
+        now = time.monotonic()
+        if self._health is None or now - self._health[0] >= HEALTH_CACHE:
+            self._health = (now, await self.journal.refusals_since(time.time() - REFUSAL_MEMORY))
+        cutoff = time.time() - REFUSAL_MEMORY
+        return {pid: r for pid, r in self._health[1].items() if r.last_at >= cutoff}
 
     async def plan(self, req: JobRequest, first: Provider | None) -> Plan:
         """`first` is the provider the call named (or the default), already checked; None means "auto"."""
@@ -94,21 +119,25 @@ class Chooser:
             model = placeholder.default_edit_model if req.kind == "edit" else placeholder.default_model
             return Plan([(placeholder, model or "")], None, "auto: no provider has a key; the offline placeholder")
         names = [req.model] if req.model else list(_AUTO_EDIT_MODELS if req.kind == "edit" else _AUTO_GENERATE_MODELS)
+        health = await self.recent_refusals()
         for canonical in names:
-            ranked, skipped = await self._rank(configured, canonical, req)
+            ranked, skipped = await self._rank(configured, canonical, req, health)
             if ranked:
                 best, model, why = ranked[0]
                 others = "; ".join(skipped)
-                reason = (f"auto: {best.id} ({model}) {why}" + (f"; not {others}" if others else ""))
+                last = [f"{p.id} last (refused recently: {_refusal_text(health[p.id])})" for p, _, _ in ranked[1:]
+                        if p.id in health]
+                reason = (f"auto: {best.id} ({model}) {why}" + (f"; not {others}" if others else "")
+                          + "".join(f"; {x}" for x in last))
                 return Plan([(p, m) for p, m, _ in ranked], canonical, reason, skipped)
         raise InvalidInput(
             f"No configured provider ({', '.join(p.id for p in configured)}) can run this "
             f"{req.kind} job{f' with model {req.model!r}' if req.model else ''} at {req.width}x{req.height}. "
             "Name a provider and model (see the flux://providers resource), or change the size.")
 
-    async def _rank(self, providers: list[Provider], canonical: str, req: JobRequest
-                    ) -> tuple[list[tuple[Provider, str, str]], list[str]]:
-        scored: list[tuple[tuple[int, float, float], Provider, str, str]] = []
+    async def _rank(self, providers: list[Provider], canonical: str, req: JobRequest,
+                    health: Mapping[str, Refusals]) -> tuple[list[tuple[Provider, str, str]], list[str]]:
+        scored: list[tuple[tuple[int, int, float, float], Provider, str, str]] = []
         skipped: list[str] = []
         for provider in providers:
             info = provider.model_for(canonical, req.kind)
@@ -120,20 +149,40 @@ class Chooser:
             if not info.takes_size(req.width, req.height):
                 skipped.append(f"{provider.id} (no {req.width}x{req.height})")
                 continue
-            refusal = self._recently_refused(provider.id)
+            refusal = health.get(provider.id)
             price = info.price_usd * req.num_images if info.price_usd is not None else None
             typical = await self.journal.typical_duration(provider.id, info.id) or provider.typical_seconds(info.id)
             why = (f"serves {canonical}"
                    + (f", ${price:.3f} documented" if price is not None else ", unpriced")
                    + (f", ~{typical:.0f} s" if typical else "")
-                   + (f", but refused recently ({refusal})" if refusal else ""))
-            key = (1 if refusal else 0, price if price is not None else float("inf"), typical or float("inf"))
+                   + (f", but refused recently ({_refusal_text(refusal)})" if refusal else ""))
+            key = (1 if refusal else 0, refusal.count if refusal else 0, price if price is not None else float("inf"),
+                   typical or float("inf"))
             scored.append((key, provider, info.id, why))
         scored.sort(key=lambda s: s[0])
         return [(p, m, w) for _, p, m, w in scored], skipped
 
 
-def short(exc: ProviderError) -> str:
+def short(exc: FluxError | str) -> str:
     """A refusal in a few words, for the chain's one-line summary."""
-    text = str(exc)
+    text = " ".join(str(exc).split())
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def attempt_kind(exc: FluxError) -> AttemptKind:
+    """What kind of attempt a failover step that created nothing was, from its error."""
+    if isinstance(exc, AuthFailed):
+        return "bad_key"
+    if isinstance(exc, InsufficientCredits):
+        return "no_credit"
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    if isinstance(exc, ProviderUnavailable):
+        return "unreachable"
+    if isinstance(exc, ProviderError):
+        return "refused"
+    return "unsuitable"
+
+
+def _refusal_text(refusal: Refusals) -> str:
+    return refusal.last_kind.replace("_", " ") + ("" if refusal.count == 1 else f", {refusal.count} times")

@@ -17,6 +17,10 @@ answers from the event loop without ever blocking it:
 * The spend ledger (`charges`, one row per paid job) is written in transactions of its own: a
   reservation checks the sums and inserts its row in one `BEGIN IMMEDIATE` transaction, so two
   calls (in one process or several sharing the file) never both spend the last dollar.
+* Failover steps that created nothing (a refusal, a request never sent) are rows of `attempts`, kept a
+  day: "auto" reads the recent ones to put an unhealthy provider last, after a restart too.
+* A data folder this process cannot write (a read-only mount, another user's folder) is opened read-only:
+  `check_prediction` still answers from it, and `read_only()` says why new jobs are refused.
 * The file carries a schema version (`PRAGMA user_version`). Older layouts are migrated; a journal
   from a newer flux-mcp (a higher version, a missing column, an unknown required column) is
   refused at start with one line naming the folder (`JournalUnusable`).
@@ -28,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sqlite3
 import statistics
 import threading
@@ -48,8 +53,10 @@ RECENT = 20
 """A model's typical duration is the median of its last this-many successful jobs."""
 _RECENT_TTL = 60.0
 """Seconds the remembered durations are trusted before the file is read again."""
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The layout this code reads and writes (`PRAGMA user_version`)."""
+ATTEMPT_RETENTION = 86_400.0
+"""Seconds an attempt row is kept: it only informs the choice of provider in the next minutes."""
 _RETRY_EVERY = 1.0
 """Seconds between the background thread's attempts to write the backlog."""
 _SLOW_TIMEOUT = 10.0
@@ -126,6 +133,19 @@ CREATE INDEX IF NOT EXISTS charges_prediction ON charges (prediction_id);
     4: """
 CREATE INDEX IF NOT EXISTS predictions_history ON predictions (principal, created_at, id);
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created_at, id);
+""",
+    # 4 -> 5: failover attempts that created nothing (refused, or never sent), one row each: they leave no
+    # prediction, and "auto" reads recent ones to put an unhealthy provider last (across restarts and servers).
+    5: """
+CREATE TABLE IF NOT EXISTS attempts (
+    principal TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_at ON attempts (at, provider);
 """,
 }
 
@@ -211,6 +231,39 @@ class Totals:
     images: int = 0
 
 
+AttemptKind = Literal["bad_key", "no_credit", "rate_limited", "unreachable", "refused", "unsuitable"]
+"""Why an attempt created nothing: the provider refused the key, the credit, the rate or the request itself
+(`refused`), the request never reached it (`unreachable`), or the step did not take the call's arguments
+(`unsuitable`: decided here, before sending; says nothing about the provider's health)."""
+HEALTH_KINDS: tuple[AttemptKind, ...] = ("bad_key", "no_credit", "rate_limited", "unreachable")
+"""The kinds that count against a provider when "auto" orders them: the provider's own state. A request the
+provider refused for its content (`refused`: a blocked prompt, a size it does not take) says nothing about
+how it would serve the next caller."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One failover step that created nothing: no job, no charge; only this row says it happened."""
+
+    principal: str
+    provider: str
+    model: str
+    kind: AttemptKind
+    reason: str
+    """A short, scrubbed text (never a key): what the provider said, or why the step was skipped."""
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Refusals:
+    """A provider's attempts of the health kinds since some moment."""
+
+    count: int
+    last_at: float
+    last_kind: str
+    last_reason: str
+
+
 R = TypeVar("R")
 
 
@@ -270,6 +323,25 @@ class Journal(Protocol):
 
     async def close(self) -> None:
         """Writes what it can of the backlog and releases the store."""
+        ...
+
+    # --- failover attempts ------------------------------------------------------------------------
+
+    async def add_attempt(self, attempt: Attempt) -> bool:
+        """Records an attempt that created nothing (and drops rows older than ATTEMPT_RETENTION). Never raises:
+        returns False when it could not be written (it only informs later choices)."""
+        ...
+
+    async def refusals_since(self, since: float) -> dict[str, Refusals]:
+        """Per provider, its attempts of the HEALTH_KINDS at or after `since` (providers without any are absent)."""
+        ...
+
+    async def remove_attempts(self, before: float, *, dry_run: bool = False) -> int:
+        """Deletes attempts made before `before` (a dry run only counts them); returns how many."""
+        ...
+
+    def read_only(self) -> str | None:
+        """None, or one line saying why nothing can be written (new jobs are refused; old ones can be checked)."""
         ...
 
     # --- the spend ledger -------------------------------------------------------------------------
@@ -442,6 +514,36 @@ def _connect(path: Path, *, timeout: float) -> sqlite3.Connection:
     return db
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """The journal of a folder this process cannot write. SQLite reads a WAL-mode file read-only (`mode=ro`)
+    only while its `-shm` index exists; after a clean close it is gone and cannot be made here, so the file
+    is opened `immutable` — exact then, as every committed write is in the file itself. A non-empty `-wal`
+    left beside it holds writes that only a writable folder lets SQLite read: refused, not half-read."""
+    if not path.is_file():
+        raise JournalUnusable(f"The data folder {path.parent} is read-only and holds no journal. Set FLUX_MCP_HOME "
+                              "to a writable folder.")
+    uri = path.resolve().as_uri()
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA user_version").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+    wal = path.with_name(path.name + "-wal")
+    with contextlib.suppress(OSError):
+        if wal.stat().st_size > 0:
+            raise JournalUnusable(
+                f"The journal in the read-only data folder {path.parent} cannot be read: its latest writes are "
+                f"still in {wal.name}, which SQLite reads only where it may write. Make the folder writable once "
+                "(any flux-mcp start folds them in), or set FLUX_MCP_HOME to a writable copy.")
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+
+
+def _read_only_note(folder: Path) -> str:
+    return (f"The data folder {folder} (FLUX_MCP_HOME) is read-only: earlier jobs are answered from its journal, "
+            "new jobs are refused. Make it writable, or set FLUX_MCP_HOME to a writable folder, to start new ones.")
+
+
 class SqliteJournal:
     """The journal in one SQLite file (WAL mode, `synchronous=NORMAL`: a killed process loses nothing
     it committed). Several processes may share the file."""
@@ -449,9 +551,15 @@ class SqliteJournal:
     def __init__(self, path: Path):
         self.path = path
         self._where = path.parent
+        self._read_only: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = _connect(path, timeout=_SLOW_TIMEOUT)
+            if os.access(path.parent, os.W_OK):
+                self._db = _connect(path, timeout=_SLOW_TIMEOUT)
+            else:
+                self._db = _connect_read_only(path)
+                self._read_only = _read_only_note(path.parent)
+            self._opened_read_only = self._read_only is not None
             self._prepare()
         except sqlite3.DatabaseError as exc:
             raise JournalUnusable(f"The journal {path} cannot be used ({exc}). Move it away or set FLUX_MCP_HOME "
@@ -478,18 +586,21 @@ class SqliteJournal:
                 f"The journal in {self._where} was written by a newer flux-mcp (schema {version}; this one reads "
                 f"{SCHEMA_VERSION}). Upgrade flux-mcp, or set FLUX_MCP_HOME to another folder.")
         try:
-            _wal(db)
-            db.execute("PRAGMA synchronous=NORMAL")
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                self._migrate(step)
+            if self._read_only is None:  # a read-only folder's journal is read as it is: no WAL switch, no migration
+                _wal(db)
+                db.execute("PRAGMA synchronous=NORMAL")
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    self._migrate(step)
         except sqlite3.OperationalError as exc:
             if "readonly" not in str(exc) and "read-only" not in str(exc):
                 raise
-            log.warning("the journal %s is read-only: earlier jobs can be checked, new ones are not recorded",
-                        self.path)
+            self._read_only = _read_only_note(self._where)
+        if self._read_only is not None:
+            log.debug("the journal %s is opened read-only", self.path)
         self._check_layout()
-        with contextlib.suppress(OSError):
-            self.path.chmod(0o600)
+        if self._read_only is None:
+            with contextlib.suppress(OSError):
+                self.path.chmod(0o600)
 
     def _migrate(self, step: int) -> None:
         """Applies one migration in a write transaction, re-reading the version inside it: several servers
@@ -604,7 +715,7 @@ class SqliteJournal:
                 raise
 
         def slow() -> Any:
-            db = _connect(self.path, timeout=_SLOW_TIMEOUT)
+            db = self._reader()
             try:
                 cur = db.execute(sql, args)
                 return cur.fetchall() if many else cur.fetchone()
@@ -680,6 +791,8 @@ class SqliteJournal:
         return None if row is None else _record(row)
 
     async def mark_delivered(self, prediction_id: str) -> None:
+        if self._read_only is not None:  # nothing to join later: no new job can be started here
+            return
         with self._lock:
             pending = self._backlog.get(prediction_id)
             if pending is not None:
@@ -793,7 +906,7 @@ class SqliteJournal:
         sql, args = search.sql(limit + len(unwritten))  # an unwritten version may replace a row read
 
         def run() -> list[tuple[Any, ...]]:
-            db = _connect(self.path, timeout=_SLOW_TIMEOUT)
+            db = self._reader()
             try:
                 db.create_function("flux_fold", 1, _fold, deterministic=True)
                 return db.execute(sql, args).fetchall()
@@ -807,6 +920,45 @@ class SqliteJournal:
             else:
                 found.pop(rec.id, None)
         return sorted(found.values(), key=lambda r: (r.created_at, r.id), reverse=True)[:limit]
+
+    # --- failover attempts --------------------------------------------------------------------
+
+    async def add_attempt(self, attempt: Attempt) -> bool:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO attempts (principal, provider, model, kind, reason, at) VALUES (?,?,?,?,?,?)",
+                       (attempt.principal, attempt.provider, attempt.model, attempt.kind, attempt.reason, attempt.at))
+            db.execute("DELETE FROM attempts WHERE at < ?", (attempt.at - ATTEMPT_RETENTION,))
+
+        try:
+            await self._write(work)
+            return True
+        except LedgerUnavailable as exc:
+            log.info("attempt on %s not recorded: %s", attempt.provider, exc)
+            return False
+
+    async def refusals_since(self, since: float) -> dict[str, Refusals]:
+        try:  # SQLite takes the bare columns of a MAX() aggregate from the row holding the maximum
+            rows = await self._read(
+                f"SELECT provider, COUNT(*), MAX(at), kind, reason FROM attempts WHERE at >= ? AND kind IN "
+                f"({','.join('?' * len(HEALTH_KINDS))}) GROUP BY provider", (since, *HEALTH_KINDS), many=True)
+        except sqlite3.Error as exc:
+            log.info("recent refusals not read: %s", exc)
+            return {}
+        return {r[0]: Refusals(int(r[1]), float(r[2]), r[3], r[4]) for r in rows}
+
+    async def remove_attempts(self, before: float, *, dry_run: bool = False) -> int:
+        if dry_run:
+            row = await self._read("SELECT COUNT(*) FROM attempts WHERE at < ?", (before,))
+            return int(row[0])
+        with self._lock:
+            return int(self._db.execute("DELETE FROM attempts WHERE at < ?", (before,)).rowcount)
+
+    def read_only(self) -> str | None:
+        return self._read_only
+
+    def _reader(self) -> sqlite3.Connection:
+        """A connection of its own for a read off the event loop (read-only where the folder is)."""
+        return _connect_read_only(self.path) if self._opened_read_only else _connect(self.path, timeout=_SLOW_TIMEOUT)
 
     # --- closing ------------------------------------------------------------------------------
 

@@ -38,12 +38,16 @@ from urllib.parse import urlsplit, urlunsplit
 from .journal import (
     _CHARGE_COLUMNS,
     _COLUMNS,
+    ATTEMPT_RETENTION,
+    HEALTH_KINDS,
     RECENT,
+    Attempt,
     Charge,
     ChargeState,
     JournalUnusable,
     LedgerUnavailable,
     Record,
+    Refusals,
     Search,
     Totals,
 )
@@ -55,7 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flux_mcp.journal")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The database layout this code reads and writes (the highest row of `flux_schema`)."""
 _LOCK_KEY = 0x666C7578  # 'flux': the advisory lock that serialises migrations across replicas
 _RECENT_TTL = 10.0
@@ -123,6 +127,19 @@ CREATE INDEX IF NOT EXISTS flux_charges_when ON flux_charges (principal, created
 CREATE INDEX IF NOT EXISTS flux_charges_prediction ON flux_charges (prediction_id);
 CREATE INDEX IF NOT EXISTS flux_predictions_history ON flux_predictions (principal, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS flux_predictions_created ON flux_predictions (created_at DESC, id DESC);
+""",
+    # 2 -> 3: failover attempts that created nothing (refused, or never sent), one row each; "auto" reads the
+    # recent ones, so every replica puts a provider that refused lately last.
+    3: """
+CREATE TABLE IF NOT EXISTS flux_attempts (
+    principal TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flux_attempts_at ON flux_attempts (at, provider);
 """,
 }
 
@@ -526,6 +543,48 @@ class PgJournal:
 
         result: list[Charge] = await self._ledger(work, "read")
         return result
+
+    # --- failover attempts --------------------------------------------------------------------
+
+    async def add_attempt(self, attempt: Attempt) -> bool:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute("INSERT INTO flux_attempts (principal, provider, model, kind, reason, at) VALUES "
+                                   "(%s, %s, %s, %s, %s, %s)", (attempt.principal, attempt.provider, attempt.model,
+                                                                attempt.kind, attempt.reason, attempt.at))
+                await conn.execute("DELETE FROM flux_attempts WHERE at < %s", (attempt.at - ATTEMPT_RETENTION,))
+            return True
+        except (psycopg.Error, PoolTimeout) as exc:  # it only informs later choices
+            log.info("attempt on %s not recorded: %s", attempt.provider, _first_line(exc))
+            return False
+
+    async def refusals_since(self, since: float) -> dict[str, Refusals]:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            rows = await self._fetch(
+                "SELECT provider, count(*), max(at), (array_agg(kind ORDER BY at DESC))[1], "
+                "(array_agg(reason ORDER BY at DESC))[1] FROM flux_attempts WHERE at >= %s AND kind = ANY(%s) "
+                "GROUP BY provider", (since, list(HEALTH_KINDS)))
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.info("recent refusals not read: %s", _first_line(exc))
+            return {}
+        return {r[0]: Refusals(int(r[1]), float(r[2]), r[3], r[4]) for r in rows}
+
+    async def remove_attempts(self, before: float, *, dry_run: bool = False) -> int:
+        if dry_run:
+            rows = await self._fetch("SELECT count(*) FROM flux_attempts WHERE at < %s", (before,))
+            return int(rows[0][0])
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("DELETE FROM flux_attempts WHERE at < %s", (before,))
+            return int(cur.rowcount)
+
+    def read_only(self) -> str | None:
+        return None  # a database that refuses writes for a while keeps them in the backlog
 
     async def ping(self) -> None:
         """Raises unless the database answers a trivial query (the readiness check)."""

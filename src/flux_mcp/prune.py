@@ -3,7 +3,9 @@
 Only finished jobs (succeeded, failed, canceled) older than the cut-off go, and of their images only the
 copies the image store keeps in the data folder — never a `save_to` copy in a project, never anything of
 a pending job. `FLUX_MCP_KEEP_DAYS` prunes at server start; `flux-mcp prune` does it by hand, with
-`--dry-run` listing what would go.
+`--dry-run` listing what would go. Failover attempts (rows that only inform the choice of provider in the
+next minutes) go once older than a day, or than the cut-off when that is sooner. A read-only data folder
+is left as it is.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from .assets import ORIGINAL_INDEX
-from .journal import Journal
+from .journal import ATTEMPT_RETENTION, Journal
 from .store import ImageStore
 
 log = logging.getLogger("flux_mcp.prune")
@@ -27,13 +29,20 @@ class Pruned:
 
     predictions: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    attempts: int = 0
+    """Failover attempt rows."""
 
 
 async def prune(journal: Journal, store: ImageStore, *, older_than_days: float, dry_run: bool = False,
                 now: float | None = None) -> Pruned:
     """Removes finished jobs last updated more than `older_than_days` ago, with their stored images."""
-    cutoff = (now if now is not None else time.time()) - older_than_days * DAY
+    now = now if now is not None else time.time()
+    cutoff = now - older_than_days * DAY
     done = Pruned()
+    if why := journal.read_only():
+        log.warning("nothing pruned: %s", why)
+        return done
+    done.attempts = await journal.remove_attempts(max(cutoff, now - ATTEMPT_RETENTION), dry_run=dry_run)
     seen: set[str] = set()
     while True:
         batch = [r for r in await journal.finished_before(cutoff, BATCH) if r.id not in seen]

@@ -21,11 +21,12 @@ import anyio
 import httpx2
 
 from . import assets
-from .choose import AUTO, Chooser, Plan, short
+from .choose import AUTO, Chooser, Plan, attempt_kind, short
 from .config import Settings
 from .errors import (
     ConfigError,
     DownloadFailed,
+    FluxError,
     InvalidInput,
     ProviderError,
     UnknownPrediction,
@@ -33,7 +34,7 @@ from .errors import (
 )
 from .http import LazyClient, ProviderHttp, RetryPolicy
 from .jobs import Alive, JobRunner, Outcome, ProgressFn
-from .journal import Journal, Record
+from .journal import Attempt, Journal, Record
 from .keep import Keeper, SavePlan, save_targets
 from .lifecycle import inflight
 from .media import Downloader, decode_data_uri, inspect_image, to_data_uri
@@ -164,6 +165,8 @@ class FluxService:
                    principal: str, alive: Alive | None, ask: Ask | None = None) -> Outcome | Planned:
         """A new job: on the provider the call named (or the default), moving on to the next of the plan
         only when a provider provably created nothing (see `choose`)."""
+        if not req.dry_run and (read_only := self.journal.read_only()):  # a job it cannot record is not started
+            raise ConfigError(read_only)
         auto = (req.provider or self.default_provider_id()).strip().lower() == AUTO
         first = None if auto else self.provider(req.provider, need="edit" if req.kind == "edit" else None)
         plan = await self.chooser.plan(req, first)
@@ -205,7 +208,7 @@ class FluxService:
                 outcome.notes.extend(hold.notes)
                 return outcome
             except ProviderError as exc:  # refused, or never sent: this provider created nothing
-                self.chooser.refused(provider.id, type(exc).__name__)
+                await self._attempted(principal, provider, model, exc)
                 if len(plan.steps) == 1:
                     raise
                 refusals.append(f"{provider.id}: {short(exc)}")
@@ -215,11 +218,18 @@ class FluxService:
                     raise type(exc)("Every provider refused, so nothing was charged: " + " | ".join(refusals)
                                     + ". Fix what each says (a key, credit, a setting), then call again.",
                                     status_code=exc.status_code) from None
-            except InvalidInput:
+            except InvalidInput as exc:
                 if i == 0 or last:
                     raise
+                await self._attempted(principal, provider, model, exc)
                 refusals.append(f"{provider.id}: does not take these arguments")
         raise AssertionError("unreachable: a plan has at least one step")  # pragma: no cover
+
+    async def _attempted(self, principal: str, provider: Provider, model: str, exc: FluxError) -> None:
+        """Journals a failover step that created nothing, with its reason (scrubbed, short)."""
+        with anyio.CancelScope(shield=True):
+            await self.chooser.refused(Attempt(principal, provider.id, model, attempt_kind(exc),
+                                               short(self.redactor.scrub(str(exc)))))
 
     @staticmethod
     def _save_plan(prepared: JobRequest, asked: JobRequest, asset: assets.AssetPlan | None,
@@ -249,6 +259,13 @@ class FluxService:
 
     async def check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
                     progress: ProgressFn | None = None, *, principal: str = LOCAL) -> Outcome:
+        outcome = await self._check(prediction_id, wait_seconds, paths, progress, principal=principal)
+        if read_only := self.journal.read_only():
+            outcome.notes.append(read_only)
+        return outcome
+
+    async def _check(self, prediction_id: str, wait_seconds: float, paths: PathPolicy,
+                     progress: ProgressFn | None, *, principal: str) -> Outcome:
         inflight.refuse_new()
         pid = prediction_id.strip()
         if not _PREDICTION_ID.match(pid) or ".." in pid:
