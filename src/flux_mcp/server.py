@@ -50,6 +50,7 @@ from .journal import Record
 from .media import Downloader, DownloadLimits, flush_pending
 from .models import PredictionResult, UploadResult
 from .money import LOCAL, Planned
+from .oauth import ResourceServer
 from .paths import PathPolicy
 from .prompts import add_prompts
 from .providers import overview, registry
@@ -104,12 +105,13 @@ ListingOut = Annotated[CallToolResult, history.Listing]
 
 def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
                  retry: RetryPolicy | None = None, downloads: DownloadLimits | None = None,
-                 paths: PathPolicy | None = None, clock: Callable[[], float] = time.time) -> MCPServer[AppState]:
+                 paths: PathPolicy | None = None, clock: Callable[[], float] = time.time,
+                 oauth: ResourceServer | None = None) -> MCPServer[AppState]:
     """Builds a server; nothing is opened until its lifespan starts. `http_client` lets tests inject a
     client over `httpx2.MockTransport`; `retry` and `downloads` tune the network limits. `paths` fixes
     the folders every call may use (the terminal's `generate -o`: the person chose the path), instead
     of FLUX_MCP_ALLOWED_DIRS and the client's roots. `clock` is the time the budgets and confirmations
-    are kept by (tests move it)."""
+    are kept by (tests move it). `oauth` makes the HTTP apps an OAuth resource server (see `oauth`)."""
 
     # One state per server, shared by every lifespan entry (SSE enters it once per connection).
     live: list[AppState] = []
@@ -135,6 +137,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS, icons=ICONS,
         lifespan=lifespan, extensions=[_app()], log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
+        **(oauth.server_kwargs() if oauth is not None else {}),
     )
 
     # Handshake-era clients send logging/setLevel, which MCPServer has no handler for (-32601). This server
