@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from mcp import Client
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
 from flux_mcp.backends import open_journal
@@ -98,9 +99,10 @@ def issuer() -> Iterator[Issuer]:
 
 
 @contextlib.contextmanager
-def serving(settings: Settings, port: int, limits: HttpLimits = LIMITS) -> Iterator[str]:
-    """flux-mcp's streamable-HTTP app served by uvicorn on 127.0.0.1:`port` in a thread."""
-    app = http_app(settings, "streamable-http", "127.0.0.1", port, limits)
+def serving(settings: Settings, port: int, limits: HttpLimits = LIMITS, transport: str = "streamable-http"
+            ) -> Iterator[str]:
+    """flux-mcp's HTTP app served by uvicorn on 127.0.0.1:`port` in a thread."""
+    app = http_app(settings, transport, "127.0.0.1", port, limits)
     server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -319,6 +321,32 @@ async def test_the_verifier_rereads_keys_after_the_miss_interval_and_drops_withd
     assert await verifier.verify_token(issuer.token(resource=resource)) is not None  # still cached
     now[0] += 3600
     assert await verifier.verify_token(issuer.token(resource=resource)) is None
+
+
+async def test_the_sse_transport_takes_the_same_tokens_and_challenges(
+        issuer: Issuer, make_settings: Callable[..., Settings]):
+    port = free_port()
+    resource = f"http://127.0.0.1:{port}/sse"
+    settings = make_settings(FLUX_MCP_PROVIDER="placeholder", FLUX_MCP_OAUTH_ISSUER=issuer.url,
+                             FLUX_MCP_RESOURCE_URL=resource, FLUX_MCP_REQUIRED_SCOPES=SCOPE)
+    with serving(settings, port, transport="sse") as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            refused = await http.get(resource)
+            lacking = await http.get(resource, headers={
+                "Authorization": f"Bearer {issuer.token(resource=resource, scope='openid')}"})
+        headers = {"Authorization": f"Bearer {issuer.token('dora', resource=resource)}"}
+        async with Client(sse_client(resource, headers=headers)) as dora:
+            made = await dora.call_tool("generate_image", {"prompt": "a kite"})
+    assert refused.status_code == 401
+    assert f'resource_metadata="{url}/.well-known/oauth-protected-resource/sse"' in challenge(refused)
+    assert lacking.status_code == 403 and f'scope="{SCOPE}"' in challenge(lacking)
+    assert not made.is_error, text_of(made)
+    journal = await open_journal(settings)
+    try:
+        record = await journal.get(made.structured_content["prediction_id"])
+    finally:
+        await journal.close()
+    assert record is not None and record.principal == f"{issuer.url.removeprefix('http://')}|dora"
 
 
 # --- configuration ----------------------------------------------------------------------------------
