@@ -243,6 +243,24 @@ async def test_refused_tokens_are_logged_without_the_token_and_throttled_per_add
     assert all(expired.split(".")[2] not in line for line in caplog.messages)
 
 
+async def test_an_unreachable_issuer_refuses_tokens_without_holding_it_against_the_client(
+        issuer: Issuer, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture):
+    port, nobody = free_port(), f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    resource = f"http://127.0.0.1:{port}/mcp"
+    settings = make_settings(FLUX_MCP_PROVIDER="placeholder", FLUX_MCP_OAUTH_ISSUER=nobody,
+                             FLUX_MCP_RESOURCE_URL=resource)
+    limits = HttpLimits(max_connections=200, auth_burst=2, auth_per_second=0.001)
+    caplog.set_level(logging.INFO, logger="flux_mcp")
+    with serving(settings, port, limits) as url:
+        site = Site(url, issuer, settings)
+        token = issuer.token(iss=nobody, resource=resource)
+        answers = [(await site.post(token)).status_code for _ in range(4)]
+    # The first attempt finds the issuer down; the next ones within the minute do not ask it again. None
+    # is answered 429: the client did nothing wrong.
+    assert answers == [401, 401, 401, 401]
+    assert any("issuer's keys cannot be read" in m for m in caplog.messages), caplog.messages
+
+
 async def test_a_request_without_a_valid_token_is_refused_before_its_body_is_read(site: Site):
     host, port = site.url.removeprefix("http://").split(":")
 
@@ -390,3 +408,23 @@ def test_the_cli_refuses_to_start_without_a_resource_url(monkeypatch: pytest.Mon
     assert main(["serve", "--transport", "streamable-http"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "FLUX_MCP_RESOURCE_URL" in err
+
+
+def test_doctor_reports_the_issuer_and_its_keys(issuer: Issuer, monkeypatch: pytest.MonkeyPatch, home: Path,
+                                               capsys: pytest.CaptureFixture[str]):
+    from flux_mcp import cli
+    from flux_mcp.providers import registry
+
+    for spec in registry.SPECS:
+        for variable in spec.variables:
+            monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("FLUX_MCP_HOME", str(home))
+    monkeypatch.setenv("FLUX_MCP_OAUTH_ISSUER", issuer.url)
+    monkeypatch.setenv("FLUX_MCP_RESOURCE_URL", "https://flux.example.com/mcp")
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "oauth issuer" in out and "1 signing key (RSA)" in out and f"{issuer.url}/jwks" in out
+    monkeypatch.setenv("FLUX_MCP_OAUTH_ISSUER", f"http://127.0.0.1:{free_port()}")
+    assert cli.main(["doctor", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["oauth"]["ok"] is False

@@ -233,6 +233,17 @@ def _doctor(settings: Settings, *, as_json: bool) -> int:
     from . import doctor
 
     code, text = anyio.run(lambda: doctor.run(settings, as_json=as_json))
+    if settings.oauth is not None:  # the issuer's metadata and keys, read as the server will read them
+        from .oauth import check_issuer
+
+        ok, detail = anyio.run(check_issuer, settings.oauth)
+        code = code if ok else 1
+        if as_json:
+            report = json.loads(text)
+            report.update(ok=code == 0, oauth={"ok": ok, "detail": detail})
+            text = json.dumps(report, indent=2)
+        else:
+            text += f"\n\n{'oauth issuer':<14} {'OK' if ok else 'UNREACHABLE':<15} {detail}"
     print(text)
     return code
 

@@ -192,7 +192,7 @@ class JwtVerifier:
         self._keys = _Keys()
         self._lock = anyio.Lock()
         self.reads = 0
-        """How many times the JWKS was read (for `flux-mcp doctor` and tests)."""
+        """How many times the JWKS was read."""
 
     async def verify_token(self, token: str) -> AccessToken | None:
         attempt = _attempt.get()
@@ -317,6 +317,12 @@ class JwtVerifier:
         self._keys.parsed[(kid, alg)] = parsed
         return parsed
 
+    async def read_keys(self) -> dict[str, dict[str, Any]]:
+        """Reads the issuer's signing keys now (kid -> JWK); raises Unreachable when they cannot be read."""
+        async with self._lock:
+            await self._refresh()
+            return dict(self._keys.jwks)
+
     async def _refresh(self) -> None:
         """Reads the JWKS (finding its URL in the issuer's metadata first); keeps only signing keys of the
         accepted types. Raises Unreachable when it cannot be read."""
@@ -336,8 +342,13 @@ class JwtVerifier:
             what = str(exc) if isinstance(exc, Unreachable) else f"{type(exc).__name__} reading them"
             log.warning("cannot read the OAuth issuer's keys: %s", what)
             raise Unreachable(what) from None
+        listed = document.get("keys")
+        if not isinstance(listed, list):
+            self._keys.failed_at = self.clock()
+            log.warning("cannot read the OAuth issuer's keys: %s has no `keys` list", self.jwks_uri)
+            raise Unreachable(f"{self.jwks_uri} has no `keys` list")
         found: dict[str, dict[str, Any]] = {}
-        for jwk in document.get("keys") or []:
+        for jwk in listed:
             if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig" or jwk.get("kty") not in ("RSA", "EC", "OKP"):
                 continue
             if jwk.get("alg") is not None and jwk.get("alg") not in ALGORITHMS:
@@ -374,6 +385,21 @@ class JwtVerifier:
                 raise Unreachable(str(exc)) from None
             return jwks_uri
         raise Unreachable(f"no authorization server metadata under {origin}")
+
+
+async def check_issuer(config: OAuthConfig) -> tuple[bool, str]:
+    """For `flux-mcp doctor`: whether the issuer's metadata and keys can be read now, and what was found."""
+    verifier = JwtVerifier(config)
+    try:
+        keys = await verifier.read_keys()
+    except Unreachable as exc:
+        return False, f"{config.issuer}: {exc}"
+    algs = sorted({str(k.get("alg") or k.get("kty")) for k in keys.values()})
+    if not keys:
+        return False, f"{config.issuer}: {verifier.jwks_uri} publishes no signing key flux-mcp accepts"
+    return True, (f"{config.issuer}: {len(keys)} signing key{'s' if len(keys) != 1 else ''} ({', '.join(algs)}) "
+                  f"at {verifier.jwks_uri}; tokens for {', '.join(config.audiences[:1])}"
+                  + (f" with scope {' '.join(config.required_scopes)}" if config.required_scopes else ""))
 
 
 class Refused(Exception):
