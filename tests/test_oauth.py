@@ -35,7 +35,7 @@ from flux_mcp.errors import ConfigError
 from flux_mcp.httpguard import HttpLimits, uvicorn_config
 from flux_mcp.oauth import MISS_REFRESH_SECONDS, JwtVerifier, OAuthConfig
 from flux_mcp.transport import http_app
-from tests.conftest import text_of
+from tests.conftest import ATLAS_KEY, text_of
 from tests.fakes.wire import free_port, json_response, serve_on_loopback
 
 pytestmark = [pytest.mark.anyio]
@@ -305,6 +305,24 @@ async def test_one_user_cannot_see_another_users_prediction(site: Site):
     assert stranger.is_error and unknown.is_error
     assert text_of(stranger).replace(pid, "ID") == text_of(unknown).replace("placeholder:nosuchjob", "ID")
     assert pid not in text_of(listed)
+
+
+async def test_the_image_cap_counts_each_oauth_user_apart(
+        issuer: Issuer, make_settings: Callable[..., Settings], loopback_fake: Any):
+    port = free_port()
+    settings = make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=loopback_fake.url,
+                             FLUX_MCP_MAX_IMAGES_PER_DAY="1", FLUX_MCP_OAUTH_ISSUER=issuer.url,
+                             FLUX_MCP_RESOURCE_URL=f"http://127.0.0.1:{port}/mcp")
+    with serving(settings, port) as url:
+        site = Site(url, issuer, settings)
+        async with site.user(site.token("alice")) as alice:
+            first = await alice.call_tool("generate_image", {"prompt": "a lighthouse"})
+            over = await alice.call_tool("generate_image", {"prompt": "a harbour"})
+        async with site.user(site.token("bob")) as bob:
+            own = await bob.call_tool("generate_image", {"prompt": "a harbour"})
+    assert not first.is_error and not own.is_error, (text_of(first), text_of(own))
+    assert over.is_error and "1 of the FLUX_MCP_MAX_IMAGES_PER_DAY limit of 1" in text_of(over)
+    assert len(loopback_fake.ledger) == 2
 
 
 async def test_a_rotated_key_is_fetched_once_and_unknown_keys_do_not_refetch_every_time(site: Site, issuer: Issuer):
