@@ -158,7 +158,12 @@ _attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar("flux_
 
 
 class Unreachable(Exception):
-    """The issuer's metadata or keys could not be read (said in the log; the request is refused)."""
+    """The issuer's metadata or keys could not be read (said in the log; the request is refused).
+    `status` is the HTTP status that said so, if one did."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -335,24 +340,21 @@ class JwtVerifier:
                                               trust_env=False) as http:
                     if self.jwks_uri is None:
                         self.jwks_uri = await self._discover(http)
-                    document = await _read_json(http, self.jwks_uri)
+                    listed = (await _read_json(http, self.jwks_uri)).get("keys")
+            if not isinstance(listed, list):
+                raise Unreachable(f"{self.jwks_uri} has no `keys` list")
         except (Unreachable, TimeoutError, httpx2.HTTPError) as exc:
             self._keys.failed_at = self.clock()
             self.jwks_uri = None  # found again next time: the issuer may have moved its keys
             what = str(exc) if isinstance(exc, Unreachable) else f"{type(exc).__name__} reading them"
             log.warning("cannot read the OAuth issuer's keys: %s", what)
             raise Unreachable(what) from None
-        listed = document.get("keys")
-        if not isinstance(listed, list):
-            self._keys.failed_at = self.clock()
-            log.warning("cannot read the OAuth issuer's keys: %s has no `keys` list", self.jwks_uri)
-            raise Unreachable(f"{self.jwks_uri} has no `keys` list")
         found: dict[str, dict[str, Any]] = {}
         for jwk in listed:
-            if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig" or jwk.get("kty") not in ("RSA", "EC", "OKP"):
+            if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig" or jwk.get("kty") not in _FAMILY.values():
                 continue
             if jwk.get("alg") is not None and jwk.get("alg") not in ALGORITHMS:
-                continue
+                continue  # an encryption key, or one for an algorithm never accepted
             kid = jwk.get("kid")
             found.setdefault(kid if isinstance(kid, str) else "", jwk)
         self._keys = _Keys(jwks=found, read_at=self.clock(), miss_at=self._keys.miss_at)
@@ -371,7 +373,7 @@ class JwtVerifier:
             try:
                 metadata = await _read_json(http, url)
             except Unreachable as exc:
-                if "HTTP 404" in str(exc) or "HTTP 400" in str(exc) or "HTTP 405" in str(exc):
+                if exc.status in (400, 404, 405):  # not there: the next place
                     continue
                 raise
             if str(metadata.get("issuer", "")).rstrip("/") != self.config.issuer.rstrip("/"):
@@ -423,7 +425,7 @@ async def _read_json(http: Any, url: str) -> dict[str, Any]:
 
     async with http.stream("GET", url, headers={"Accept": "application/json"}) as response:
         if response.status_code != 200:
-            raise Unreachable(f"HTTP {response.status_code} from {url}")
+            raise Unreachable(f"HTTP {response.status_code} from {url}", response.status_code)
         try:
             body = await read_capped(response, MAX_DOCUMENT_BYTES)
         except BodyTooLarge:
