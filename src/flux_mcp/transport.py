@@ -1,4 +1,4 @@
-"""The HTTP transports (SSE, streamable HTTP): Host/Origin checks, bearer token, body size cap.
+"""The HTTP transports (SSE, streamable HTTP): Host/Origin checks, bearer token or OAuth (`oauth`), body size cap.
 
 What one client can hold is bounded before it authenticates (`httpguard`: read deadlines and a
 connection cap; `middleware`: the body read once under its cap, open sessions per client) and a
