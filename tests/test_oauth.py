@@ -420,9 +420,11 @@ def test_the_cli_refuses_to_start_without_a_resource_url(monkeypatch: pytest.Mon
                                                          capsys: pytest.CaptureFixture[str]):
     from flux_mcp.cli import main
 
+    monkeypatch.chdir(home.parent)  # no .env there
     monkeypatch.setenv("FLUX_MCP_HOME", str(home))
     monkeypatch.setenv("FLUX_MCP_OAUTH_ISSUER", "https://login.example.com")
-    monkeypatch.delenv("FLUX_MCP_RESOURCE_URL", raising=False)
+    for variable in ("FLUX_MCP_RESOURCE_URL", "FLUX_MCP_AUTH_TOKEN", "FLUX_MCP_AUTH_TOKENS"):
+        monkeypatch.delenv(variable, raising=False)
     assert main(["serve", "--transport", "streamable-http"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "FLUX_MCP_RESOURCE_URL" in err
@@ -436,6 +438,9 @@ def test_doctor_reports_the_issuer_and_its_keys(issuer: Issuer, monkeypatch: pyt
     for spec in registry.SPECS:
         for variable in spec.variables:
             monkeypatch.delenv(variable, raising=False)
+    for variable in ("FLUX_MCP_AUTH_TOKEN", "FLUX_MCP_AUTH_TOKENS", "FLUX_MCP_PROVIDER"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(home.parent)
     monkeypatch.setenv("FLUX_MCP_HOME", str(home))
     monkeypatch.setenv("FLUX_MCP_OAUTH_ISSUER", issuer.url)
     monkeypatch.setenv("FLUX_MCP_RESOURCE_URL", "https://flux.example.com/mcp")

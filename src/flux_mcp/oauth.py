@@ -444,9 +444,13 @@ async def _read_json(http: Any, url: str) -> dict[str, Any]:
 class ResourceServer:
     """The OAuth mode of one HTTP app: the verifier, the SDK's settings for it, and the layers in front."""
 
-    def __init__(self, config: OAuthConfig, verifier: JwtVerifier | None = None):
+    def __init__(self, config: OAuthConfig, verifier: JwtVerifier | None = None, *, endpoint: str = "/mcp"):
         self.config = config
         self.verifier = verifier or JwtVerifier(config)
+        if not urlsplit(config.resource_url).path.rstrip("/").endswith(endpoint):
+            log.warning("FLUX_MCP_RESOURCE_URL (%s) does not end with this transport's endpoint %s: clients "
+                        "connecting to %s will be told about another resource", config.resource_url, endpoint,
+                        endpoint)
 
     def server_kwargs(self) -> dict[str, Any]:
         """What MCPServer takes to serve as this resource server (`auth`, `token_verifier`)."""

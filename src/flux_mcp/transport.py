@@ -147,7 +147,8 @@ def http_app(settings: Settings, transport: str, host: str, port: int, limits: H
             raise ConfigError(problem)
     from .oauth import ResourceServer
 
-    oauth = ResourceServer(settings.oauth) if settings.oauth is not None else None
+    oauth = ResourceServer(settings.oauth, endpoint="/sse" if transport == "sse" else "/mcp") \
+        if settings.oauth is not None else None
     server = build_server(settings, oauth=oauth, **server_kwargs)
     security = security_settings(host, port, token_required=settings.http_auth)
     if transport == "sse":
