@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import httpx2
@@ -55,6 +56,9 @@ class Issuer:
         self.private: dict[str, Any] = {}
         self.published: list[dict[str, Any]] = []
         self.jwks_reads = 0
+        self.token_requests: list[dict[str, str]] = []
+        self.consented = ""
+        """The scope the user agreed to at the authorization endpoint."""
         self.add_key("rsa-1", rsa.generate_private_key(public_exponent=65537, key_size=2048))
         self.publish("rsa-1")
 
@@ -74,10 +78,23 @@ class Issuer:
         if request.url.path == "/.well-known/oauth-authorization-server":
             return json_response(200, {"issuer": self.url, "jwks_uri": f"{self.url}/jwks",
                                        "authorization_endpoint": f"{self.url}/authorize",
-                                       "token_endpoint": f"{self.url}/token", "response_types_supported": ["code"]})
+                                       "token_endpoint": f"{self.url}/token", "registration_endpoint":
+                                       f"{self.url}/register", "response_types_supported": ["code"],
+                                       "code_challenge_methods_supported": ["S256"]})
         if request.url.path == "/jwks":
             self.jwks_reads += 1
             return json_response(200, {"keys": self.published})
+        # Enough of an authorization server for an MCP client's sign-in: registration, and a token endpoint
+        # that issues the JWT for the resource the client names, with the scope the user consented to.
+        if request.url.path == "/register" and request.method == "POST":
+            return json_response(201, {**json.loads(request.content), "client_id": "registered-client"})
+        if request.url.path == "/token" and request.method == "POST":
+            form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
+            self.token_requests.append(form)
+            if form.get("grant_type") != "authorization_code" or form.get("code") != "code-for-erin":
+                return json_response(400, {"error": "invalid_grant"})
+            token = self.token("erin", resource=form.get("resource", ""), scope=self.consented)
+            return json_response(200, {"access_token": token, "token_type": "Bearer", "expires_in": 300})
         return json_response(404, {"error": "not_found"})
 
     def token(self, sub: str = "alice", *, kid: str = "rsa-1", aud: str | None = None, iss: str | None = None,
@@ -178,7 +195,7 @@ async def test_no_token_is_answered_401_with_the_resource_metadata_which_names_t
     assert f'scope="{SCOPE}"' in challenge(refused)
     assert metadata.status_code == 200
     assert metadata.json()["resource"] == site.resource
-    assert [s.rstrip("/") for s in metadata.json()["authorization_servers"]] == [site.issuer.url]
+    assert metadata.json()["authorization_servers"] == [site.issuer.url]  # exactly: clients compare it so
     assert metadata.json()["scopes_supported"] == [SCOPE]
     assert health.status_code == 200  # a load balancer has no token
 
@@ -290,6 +307,49 @@ async def test_a_valid_token_uses_the_tools_and_its_journal_row_carries_the_toke
         await journal.close()
     host = site.issuer.url.removeprefix("http://")
     assert record is not None and record.principal == f"{host}|alice"
+
+
+async def test_an_mcp_client_signs_in_from_the_challenge_and_the_metadata_alone(site: Site, issuer: Issuer):
+    from mcp.client.auth import OAuthClientProvider
+    from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+
+    class Memory:
+        tokens: OAuthToken | None = None
+        client: OAuthClientInformationFull | None = None
+
+        async def get_tokens(self) -> OAuthToken | None:
+            return self.tokens
+
+        async def set_tokens(self, tokens: OAuthToken) -> None:
+            self.tokens = tokens
+
+        async def get_client_info(self) -> OAuthClientInformationFull | None:
+            return self.client
+
+        async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+            self.client = client_info
+
+    visited: list[str] = []
+
+    async def browser(url: str) -> None:  # the user signs in and consents; the issuer redirects back
+        visited.append(url)
+        issuer.consented = parse_qs(urlsplit(url).query).get("scope", [""])[0]
+
+    async def callback() -> AuthorizationCodeResult:
+        return AuthorizationCodeResult(code="code-for-erin", state=parse_qs(urlsplit(visited[-1]).query)["state"][0])
+
+    provider = OAuthClientProvider(site.resource, OAuthClientMetadata(
+        redirect_uris=["http://127.0.0.1:9/callback"], client_name="test", token_endpoint_auth_method="none"),
+        Memory(), browser, callback)
+    async with httpx2.AsyncClient(auth=provider, timeout=30) as http, \
+            Client(streamable_http_client(site.resource, http_client=http)) as erin:
+        made = await erin.call_tool("generate_image", {"prompt": "a sailing boat"})
+    asked = parse_qs(urlsplit(visited[0]).query)
+    # The client learned the issuer, this resource and the scope from the 401 and the metadata it names.
+    assert visited[0].startswith(f"{issuer.url}/authorize?")
+    assert asked["resource"] == [site.resource] and asked["scope"] == [SCOPE]
+    assert issuer.token_requests[0]["resource"] == site.resource
+    assert not made.is_error, text_of(made)
 
 
 async def test_one_user_cannot_see_another_users_prediction(site: Site):

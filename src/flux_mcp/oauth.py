@@ -455,10 +455,11 @@ class ResourceServer:
     def server_kwargs(self) -> dict[str, Any]:
         """What MCPServer takes to serve as this resource server (`auth`, `token_verifier`)."""
         from mcp.server.auth.settings import AuthSettings
-        from pydantic import AnyHttpUrl
 
-        auth = AuthSettings(issuer_url=AnyHttpUrl(self.config.issuer),
-                            resource_server_url=AnyHttpUrl(self.config.resource_url),
+        # As strings: AuthSettings keeps them as written, while AnyHttpUrl(...) would add a `/` to a bare
+        # host, and clients compare the metadata's issuer with the issuer's own spelling exactly.
+        auth = AuthSettings(issuer_url=self.config.issuer,  # type: ignore[arg-type]
+                            resource_server_url=self.config.resource_url,  # type: ignore[arg-type]
                             required_scopes=list(self.config.required_scopes) or None,
                             validate_token_resource=False)  # JwtVerifier checks the audience itself
         return {"auth": auth, "token_verifier": self.verifier}
