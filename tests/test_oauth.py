@@ -238,7 +238,7 @@ async def test_a_token_signed_with_an_unpublished_key_or_hmac_is_refused(site: S
         assert (await site.post(token)).status_code == 401
 
 
-async def test_refused_tokens_are_logged_without_the_token_and_throttled_per_address(
+async def test_refused_tokens_not_missing_ones_are_throttled_per_address_and_logged_without_the_token(
         issuer: Issuer, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture):
     port = free_port()
     settings = make_settings(FLUX_MCP_PROVIDER="placeholder", FLUX_MCP_OAUTH_ISSUER=issuer.url,
@@ -247,11 +247,12 @@ async def test_refused_tokens_are_logged_without_the_token_and_throttled_per_add
     caplog.set_level(logging.INFO, logger="flux_mcp")
     with serving(settings, port, limits) as url:
         site = Site(url, issuer, settings)
+        starting = [(await site.post(None)).status_code for _ in range(5)]  # clients finding the issuer
         expired = site.token(lifetime=-120)
         answers = [await site.post(expired) for _ in range(3)]
         good = site.token()
         throttled = await site.post(good)
-    assert [a.status_code for a in answers] == [401, 401, 401]
+    assert starting == [401] * 5 and [a.status_code for a in answers] == [401, 401, 401]
     # Once the allowance is spent, even a good token waits: guessing cannot go on at full speed.
     assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1
     lines = [r.getMessage() for r in caplog.records if r.name == "flux_mcp.http"]

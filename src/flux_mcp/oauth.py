@@ -515,10 +515,12 @@ class OAuthGate:
     """In front of everything: checks the bearer token once (the verifier memoizes its answer for the SDK's
     own check of the same request). Without a valid token the request goes straight to the SDK's app with
     an empty body (its 401 challenge never needs one), so the client's body is never read and holds no
-    session; the failure spends the address's allowance (`FailureThrottle`) and is logged with the address
-    and the reason, never the token. An address whose allowance is spent is answered 429 with Retry-After.
-    A refusal because the issuer cannot be reached is not the client's fault and spends nothing.
-    Health routes and the protected resource metadata pass untouched."""
+    session. A refused token spends the address's allowance (`FailureThrottle`) and is logged with the
+    address and the reason, never the token; an address whose allowance is spent is answered 429 with
+    Retry-After. Spending nothing: a request with no token at all (every client's first, which the
+    challenge answers with where to sign in; a team behind one address starts many), and a refusal because
+    the issuer cannot be reached (not the client's fault). Health routes and the protected resource
+    metadata pass untouched."""
 
     def __init__(self, app: ASGIApp, sdk_app: ASGIApp, verifier: JwtVerifier, throttle: FailureThrottle, *,
                  open_paths: frozenset[str] = frozenset()):
@@ -562,13 +564,15 @@ class OAuthGate:
             _attempt.reset(reset)
         if status != 401:  # a route without auth (or none at all) answered
             return
+        if token is None:  # how every client starts: the challenge tells it where to sign in
+            log.info("answered a request from %s without a token with the sign-in challenge", client)
+            return
         if attempt.issuer_down:
             log.warning("refused an HTTP request from %s: %s", client, attempt.reason)
             return
         failures = self.throttle.failed(client)
-        why = "no bearer token" if token is None else f"an OAuth token refused: {attempt.reason or 'invalid'}"
-        log.warning("refused an HTTP request from %s: %s (%d recent failed attempt%s)", client, why, failures,
-                    "" if failures == 1 else "s")
+        log.warning("refused an HTTP request from %s: an OAuth token refused: %s (%d recent failed attempt%s)",
+                    client, attempt.reason or "invalid", failures, "" if failures == 1 else "s")
 
 
 def _bearer(scope: Scope) -> str | None:
