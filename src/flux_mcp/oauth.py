@@ -96,6 +96,11 @@ class OAuthConfig(BaseModel):
                               "FLUX_MCP_AUTH_TOKENS: with OAuth every user signs in at the issuer; unset the "
                               "static tokens (or the issuer, to keep them).")
         _check_url("FLUX_MCP_OAUTH_ISSUER", issuer)
+        import importlib.util
+
+        if importlib.util.find_spec("jwt") is None:
+            raise ConfigError("FLUX_MCP_OAUTH_ISSUER needs PyJWT, part of the shared mode's extra: "
+                              "pip install 'flux-image-mcp[cluster]'.")
         resource = env.get("FLUX_MCP_RESOURCE_URL", "").strip()
         if not resource:
             raise ConfigError("FLUX_MCP_OAUTH_ISSUER needs FLUX_MCP_RESOURCE_URL: the URL clients connect to, "
