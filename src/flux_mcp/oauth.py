@@ -16,8 +16,8 @@ module adds what the SDK does not have:
   `|` keeps OAuth principals apart from FLUX_MCP_AUTH_TOKENS' user names and from `local`, which cannot
   contain one: a journal that saw other modes never hands their jobs to a token's user.
 * `scope="..."` in the challenges (the MCP authorization spec's SHOULD, which the SDK leaves out), and
-  the gate in front of the server: failed attempts are throttled per address and logged without the
-  token, exactly like the bearer tokens', and the body of a request without a valid token is never read.
+  the gate in front of the server: refused tokens are throttled per address and logged without the
+  token, like the static bearer tokens, and the body of a request without a valid token is never read.
 
 Static bearer tokens (FLUX_MCP_AUTH_TOKEN, FLUX_MCP_AUTH_TOKENS) cannot be combined with the issuer: the
 MCP spec has a resource server accept only tokens its authorization server issued for it, and its
