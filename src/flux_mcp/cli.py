@@ -233,6 +233,17 @@ def _doctor(settings: Settings, *, as_json: bool) -> int:
     from . import doctor
 
     code, text = anyio.run(lambda: doctor.run(settings, as_json=as_json))
+    if settings.oauth is not None:  # the issuer's metadata and keys, read as the server will read them
+        from .oauth import check_issuer
+
+        ok, detail = anyio.run(check_issuer, settings.oauth)
+        code = code if ok else 1
+        if as_json:
+            report = json.loads(text)
+            report.update(ok=code == 0, oauth={"ok": ok, "detail": detail})
+            text = json.dumps(report, indent=2)
+        else:
+            text += f"\n\n{'oauth issuer':<14} {'OK' if ok else 'UNREACHABLE':<15} {detail}"
     print(text)
     return code
 
@@ -301,13 +312,17 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
         print(f"flux-mcp: refusing to serve {transport}: {problem}", file=sys.stderr)
         return 2
     if not is_loopback(host) and not settings.http_auth:
-        print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN or FLUX_MCP_AUTH_TOKENS; set a "
-              "token (clients then send 'Authorization: Bearer <token>') or bind 127.0.0.1.", file=sys.stderr)
+        print(f"flux-mcp: refusing to listen on {host} without FLUX_MCP_AUTH_TOKEN, FLUX_MCP_AUTH_TOKENS or "
+              "FLUX_MCP_OAUTH_ISSUER; set a token (clients then send 'Authorization: Bearer <token>') or bind "
+              "127.0.0.1.", file=sys.stderr)
         return 2
     from .transport import serve_http
 
     log.info("flux-mcp %s serving %s on http://%s:%d%s; default provider %s; data folder %s", __version__,
              transport, host, port, "/sse" if transport == "sse" else "/mcp", default, settings.home)
+    if settings.oauth is not None:
+        log.info("OAuth: accepting access tokens from %s for %s%s", settings.oauth.issuer, settings.oauth.resource_url,
+                 f" with scope {' '.join(settings.oauth.required_scopes)}" if settings.oauth.required_scopes else "")
     if transport == "sse":
         log.warning("the SSE transport is deprecated (kept for old clients); use --transport streamable-http")
     serve_http(settings, transport, host, port)

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from .errors import ConfigError
+from .oauth import OAuthConfig
 from .providers import registry
 from .request import MAX_WAIT_SECONDS
 
@@ -59,6 +60,8 @@ class Settings(BaseModel):
     auth_token: SecretStr | None = None
     auth_tokens: tuple[tuple[str, SecretStr], ...] = ()
     """FLUX_MCP_AUTH_TOKENS: (user name, token) pairs; a request's token names its principal."""
+    oauth: OAuthConfig | None = None
+    """FLUX_MCP_OAUTH_ISSUER and its companions: the HTTP transports accept the issuer's JWT access tokens."""
     database_url: SecretStr | None = None
     """FLUX_MCP_DATABASE_URL: the journal on PostgreSQL (shared mode); None: SQLite in `home`."""
     s3_url: str | None = None
@@ -159,6 +162,7 @@ class Settings(BaseModel):
             else None,
             auth_token=SecretStr(token) if token else None,
             auth_tokens=shared.parse_tokens(env.get("FLUX_MCP_AUTH_TOKENS", "")),
+            oauth=OAuthConfig.from_env(env),
             database_url=SecretStr(database_url) if database_url else None,
             s3_url=s3_url or None,
             s3=s3_config(env) if s3_url else {},
@@ -204,8 +208,8 @@ class Settings(BaseModel):
 
     @property
     def http_auth(self) -> bool:
-        """Whether the HTTP transports require a bearer token (one shared token, or named ones)."""
-        return self.auth_token is not None or bool(self.auth_tokens)
+        """Whether the HTTP transports require a bearer token (one shared token, named ones, or OAuth's)."""
+        return self.auth_token is not None or bool(self.auth_tokens) or self.oauth is not None
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:

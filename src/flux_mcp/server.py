@@ -55,6 +55,7 @@ from .shared import LOCAL, PRINCIPAL_KEY, add_health_routes, present
 
 if TYPE_CHECKING:
     from .jobs import Alive, Outcome
+    from .oauth import ResourceServer
     from .journal import Journal, Record
     from .media import DownloadLimits
     from .service import FluxService, ProgressFn
@@ -113,12 +114,13 @@ ListingOut = Annotated[CallToolResult, history.Listing]
 
 def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None = None,
                  retry: RetryPolicy | None = None, downloads: DownloadLimits | None = None,
-                 paths: PathPolicy | None = None, clock: Callable[[], float] = time.time) -> MCPServer[AppState]:
+                 paths: PathPolicy | None = None, clock: Callable[[], float] = time.time,
+                 oauth: ResourceServer | None = None) -> MCPServer[AppState]:
     """Builds a server; nothing is opened until its lifespan starts. `http_client` lets tests inject a
     client over `httpx2.MockTransport`; `retry` and `downloads` tune the network limits. `paths` fixes
     the folders every call may use (the terminal's `generate -o`: the person chose the path), instead
     of FLUX_MCP_ALLOWED_DIRS and the client's roots. `clock` is the time the budgets and confirmations
-    are kept by (tests move it)."""
+    are kept by (tests move it). `oauth` makes the HTTP apps an OAuth resource server (see `oauth`)."""
 
     # One state per server, shared by every lifespan entry (SSE enters it once per connection).
     live: list[AppState] = []
@@ -144,6 +146,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS, icons=ICONS,
         lifespan=lifespan, extensions=[_app()], log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
+        **(oauth.server_kwargs() if oauth is not None else {}),
     )
 
     # Handshake-era clients send logging/setLevel, which MCPServer has no handler for (-32601). This server

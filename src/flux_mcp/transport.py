@@ -1,4 +1,4 @@
-"""The HTTP transports (SSE, streamable HTTP): Host/Origin checks, bearer token, body size cap.
+"""The HTTP transports (SSE, streamable HTTP): Host/Origin checks, bearer token or OAuth (`oauth`), body size cap.
 
 What one client can hold is bounded before it authenticates (`httpguard`: read deadlines and a
 connection cap; `middleware`: the body read once under its cap, open sessions per client) and a
@@ -145,7 +145,11 @@ def http_app(settings: Settings, transport: str, host: str, port: int, limits: H
     for name, named in settings.auth_tokens:
         if problem := token_problem(named.get_secret_value(), f"FLUX_MCP_AUTH_TOKENS' entry for {name}"):
             raise ConfigError(problem)
-    server = build_server(settings, **server_kwargs)
+    from .oauth import ResourceServer
+
+    oauth = ResourceServer(settings.oauth, endpoint="/sse" if transport == "sse" else "/mcp") \
+        if settings.oauth is not None else None
+    server = build_server(settings, oauth=oauth, **server_kwargs)
     security = security_settings(host, port, token_required=settings.http_auth)
     if transport == "sse":
         app: ASGIApp = server.sse_app(transport_security=security, max_request_body_size=MAX_BODY_BYTES, host=host)
@@ -155,13 +159,16 @@ def http_app(settings: Settings, transport: str, host: str, port: int, limits: H
                                          host=host, stateless_http=settings.shared,
                                          session_idle_timeout=limits.session_idle_seconds,
                                          max_sessions=limits.max_sessions)
-    if not settings.shared:  # the gallery reads the local journal and data folder
+    if not settings.shared and oauth is None:  # the gallery reads the local journal and data folder, every user's
         _mount_gallery(app, settings, host)
+    sdk_app = app = oauth.wrap_sdk_app(app) if oauth is not None else app
     app = BodyGuard(app, MAX_BODY_BYTES)
     if transport != "sse":
         manager = server.session_manager
         app = SessionLimit(app, lambda: open_sessions(manager), limits.sessions_per_client)
-    if settings.http_auth:
+    if oauth is not None:  # the SDK checks the token and answers the challenges; the gate throttles failures
+        app = oauth.guard(app, sdk_app, limits)
+    elif settings.http_auth:
         app = BearerTokenMiddleware(app, throttle=FailureThrottle(limits.auth_burst, limits.auth_per_second),
                                     tokens=token_principals(settings.auth_token, settings.auth_tokens))
     return app
