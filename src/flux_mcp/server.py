@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from .journal import Journal, Record
     from .media import DownloadLimits
     from .service import FluxService, ProgressFn
-    from .store import ImageStore
 
 log = logging.getLogger("flux_mcp.server")
 
