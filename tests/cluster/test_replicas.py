@@ -1,0 +1,160 @@
+"""Three replicas of the real command behind haproxy (deploy/haproxy.cfg), on one PostgreSQL database and
+one bucket: any replica answers any call, they migrate a fresh database once, and a replica SIGKILLed in
+the middle of a call loses nothing and pays nothing twice. The client is the mcp SDK's streamable-HTTP
+client; the provider is the Atlas Cloud fake on loopback, which counts accepted submits per call (the
+prompt's nonce). Every wait is bounded with `anyio.fail_after`; none is an assertion on wall-clock time."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+
+from flux_mcp.journal_pg import SCHEMA_VERSION
+from tests.cluster.replicas import Cluster, new_nonce, sdk_client, submits_per_nonce, with_nonce
+from tests.cluster_env import kept_bytes
+from tests.conftest import ATLAS_KEY, text_of
+from tests.fakes.atlascloud import AtlasFake
+from tests.fakes.wire import serve_on_loopback
+
+pytestmark = [pytest.mark.anyio, pytest.mark.cluster, pytest.mark.subprocess]
+ALICE = "alice-token-5d1e9a3c7b2f-4e8a0c6d2b9f1a7e"
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[AtlasFake]:
+    """The Atlas Cloud fake on 127.0.0.1 (one for the module's cluster); its base URL in `.url`."""
+    fake = AtlasFake(key=ATLAS_KEY)
+    with serve_on_loopback(fake) as url:
+        fake.url = url  # type: ignore[attr-defined]
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def database(cluster_services: tuple[Any, Any]) -> Iterator[str]:
+    """A fresh, empty database: the replicas migrate it."""
+    pg, _ = cluster_services
+    name = pg.create_database("replicas")
+    try:
+        yield name
+    finally:
+        pg.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_services: tuple[Any, Any], database: str, provider: AtlasFake,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three replicas started at the same moment on `database`, haproxy in front."""
+    pg, s3 = cluster_services
+    with Cluster(tmp_path_factory.mktemp("replicas"), pg.url(database), s3.env(s3.create_bucket()),
+                 provider.url, ATLAS_KEY, {"alice": ALICE},  # type: ignore[attr-defined]
+                 env={"FLUX_MCP_LOG_LEVEL": "INFO"}) as running:
+        yield running
+
+
+@pytest.fixture
+def fake(provider: AtlasFake) -> Iterator[AtlasFake]:
+    provider.hold = False
+    yield provider
+    provider.hold = False
+    for job in provider.jobs.values():  # nothing left running for the next test's replicas to poll
+        job.done = True
+
+
+def _job_of(fake: AtlasFake, nonce: str, *, polled: bool = False) -> Any:
+    """The fake's job for the call with `nonce` (polled: once a replica has asked about it, i.e. journaled it)."""
+    return next((j for j in fake.jobs.values() if nonce in str(j.body.get("prompt"))
+                 and (j.polls > 0 or not polled)), None)
+
+
+async def _until(found: Any, what: str, limit: float = 20) -> Any:
+    """Waits (bounded) until `found()` returns something."""
+    with anyio.fail_after(limit):
+        while (value := found()) is None:
+            await anyio.sleep(0.02)
+    return value
+
+
+
+async def test_three_replicas_started_at_once_on_a_fresh_database_migrate_it_once(
+        cluster: Cluster, cluster_services: tuple[Any, Any], database: str):
+    pg, _ = cluster_services
+    versions = pg.psql("SELECT version FROM flux_schema ORDER BY version", database).split()
+    assert versions == [str(v) for v in range(1, SCHEMA_VERSION + 1)]
+    # Each step was applied by exactly one of them (the others found it done under the lock).
+    steps = [int(m) for r in cluster.replicas for m in re.findall(r"migrated to schema (\d+)", r.log_text())]
+    assert sorted(steps) == list(range(1, SCHEMA_VERSION + 1))
+    async with httpx2.AsyncClient(timeout=10, trust_env=False) as http:
+        ready = [(await http.get(f"{r.url}/readyz")).json() for r in cluster.replicas]
+    assert ready == [{"status": "ready", "database": "ok", "bucket": "ok"}] * 3
+
+
+async def test_any_replica_answers_any_call_made_through_haproxy(cluster: Cluster, fake: AtlasFake):
+    served: list[str] = []
+    nonce = new_nonce()
+    with anyio.fail_after(60):
+        async with sdk_client(cluster.url, ALICE, served) as client:
+            made = await client.call_tool("generate_image", {"prompt": with_nonce("a harbour", nonce)})
+        assert made.structured_content["status"] == "succeeded", text_of(made)
+        pid = made.structured_content["prediction_id"]
+        answers = []
+        for r in cluster.replicas:  # straight to each replica, then through haproxy again
+            async with sdk_client(r.url, ALICE) as client:
+                answers.append(await client.call_tool("check_prediction", {"prediction_id": pid}))
+        async with sdk_client(cluster.url, ALICE, served) as client:
+            answers.append(await client.call_tool("check_prediction", {"prediction_id": pid}))
+        async with httpx2.AsyncClient(timeout=10, trust_env=False) as http:
+            links = [a.structured_content["images"][0]["url"] for a in answers]
+            downloads = [await http.get(link) for link in links]
+    # One session's requests went to different replicas (stateless: no replica holds the session).
+    assert len(set(served)) >= 2
+    assert [a.structured_content["status"] for a in answers] == ["succeeded"] * 4
+    assert {a.structured_content["prediction_id"] for a in answers} == {pid}
+    stored = kept_bytes(made.structured_content["images"][0]["path"])
+    assert stored is not None and stored.startswith(b"\x89PNG")
+    assert all(d.status_code == 200 and d.content == stored for d in downloads)
+    assert submits_per_nonce(fake.ledger)[nonce] == 1
+
+
+async def test_a_replica_killed_mid_call_and_the_call_reissued_with_its_key_pays_once(
+        cluster: Cluster, fake: AtlasFake, cluster_services: tuple[Any, Any], database: str):
+    pg, _ = cluster_services
+    fake.hold = True  # jobs stay processing until finished below
+    nonce, key = new_nonce(), f"key-{new_nonce()}"
+    args = {"prompt": with_nonce("a red kite", nonce), "idempotency_key": key}
+    first: list[BaseException | Any] = []
+
+    async def call_once() -> None:
+        try:
+            async with sdk_client(cluster.url, ALICE) as client:
+                first.append(await client.call_tool("generate_image", args))
+        except Exception as exc:  # the cut: the SDK client raises when the stream breaks
+            first.append(exc)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call_once)
+            job = await _until(lambda: _job_of(fake, nonce, polled=True), "the job journaled and polled")
+            victim = await _until(lambda: cluster.holding(job.id), "the replica that submitted it")
+            cluster.kill(victim.name)
+        assert len(first) == 1 and isinstance(first[0], Exception), first  # the call got no answer
+        fake.finish(job.id)
+        served: list[str] = []
+        async with sdk_client(cluster.url, ALICE, served) as client:  # the client re-issues the call
+            again = await client.call_tool("generate_image", args)
+    try:
+        data = again.structured_content
+        assert data["status"] == "succeeded", text_of(again)
+        assert data["prediction_id"] == f"atlascloud:{job.id}"
+        assert victim.name not in served  # answered by a survivor
+        assert submits_per_nonce(fake.ledger)[nonce] == 1  # one submit at the provider, for two calls
+        assert kept_bytes(data["images"][0]["path"]) is not None
+        rows = cluster.rows(pg.psql, database, f"idempotency_key = '{key}'")
+        assert [(r["id"], r["status"]) for r in rows] == [(data["prediction_id"], "succeeded")]
+    finally:
+        cluster.restart(victim.name)
+
