@@ -201,6 +201,8 @@ class Cluster:
     check_interval: str | None = "500ms"
     """haproxy's health-check interval here (deployed: 2 s); a killed replica refuses connections at once
     either way, and haproxy then retries on another (`retry-on conn-failure`, `option redispatch`)."""
+    balancer: bool = True
+    """Start haproxy in front (False: the replicas only, each at its own `url`)."""
     replicas: list[Replica] = field(default_factory=list)
     haproxy: subprocess.Popen[bytes] | None = None
     lb_port: int = 0
@@ -228,6 +230,8 @@ class Cluster:
             self._spawn(r)
         for r in self.replicas:
             _wait_http(f"{r.url}/readyz", r.proc, limit=90)
+        if not self.balancer:
+            return
         self.lb_port = free_port()
         cfg = self.workdir / "haproxy.cfg"
         cfg.write_text(haproxy_config(self.lb_port, [(r.name, r.port) for r in self.replicas],
@@ -272,6 +276,20 @@ class Cluster:
         """Returns once haproxy listens and routes to a ready replica."""
         _wait_http(f"{self.url}/readyz", self.haproxy, limit=limit)
 
+    def wait_routed_to_all(self, limit: float = 30) -> None:
+        """Returns once haproxy has routed a request to every replica since this was called (after a restart:
+        its health checks marked the replica up again)."""
+        seen: set[str] = set()
+        deadline = time.monotonic() + limit
+        with httpx2.Client(timeout=5, trust_env=False) as http:
+            while len(seen) < len(self.replicas):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"haproxy routed only to {sorted(seen)} within {limit:g} s")
+                with contextlib.suppress(httpx2.TransportError):
+                    if name := http.get(f"{self.url}/readyz").headers.get(REPLICA_HEADER):
+                        seen.add(name)
+                time.sleep(0.02)
+
     # --- what tests and the benchmark do to it ----------------------------------------------------
 
     @property
@@ -308,6 +326,21 @@ class Cluster:
         """The journal's prediction rows (as JSON objects), read with `psql(sql, database)`."""
         sql = f"SELECT coalesce(json_agg(row_to_json(p)), '[]') FROM flux_predictions p WHERE {where}"
         return list(json.loads(psql(sql, database) or "[]"))
+
+
+def list_keys(endpoint: str, bucket: str) -> list[str]:
+    """Every object key in `bucket` at an S3 endpoint that answers unsigned requests (moto), page by page."""
+    keys: list[str] = []
+    token: str | None = None
+    with httpx2.Client(timeout=60, trust_env=False) as http:
+        while True:
+            params = {"list-type": "2", **({"continuation-token": token} if token else {})}
+            body = http.get(f"{endpoint}/{bucket}", params=params).text
+            keys += re.findall(r"<Key>([^<]+)</Key>", body)
+            m = re.search(r"<NextContinuationToken>([^<]+)</NextContinuationToken>", body)
+            if "<IsTruncated>true</IsTruncated>" not in body or not m:
+                return keys
+            token = m.group(1)
 
 
 # --- clients ------------------------------------------------------------------------------------------

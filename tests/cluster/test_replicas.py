@@ -15,7 +15,7 @@ import httpx2
 import pytest
 
 from flux_mcp.journal_pg import SCHEMA_VERSION
-from tests.cluster.replicas import Cluster, new_nonce, sdk_client, submits_per_nonce, with_nonce
+from tests.cluster.replicas import Cluster, call_tool, new_nonce, sdk_client, submits_per_nonce, with_nonce
 from tests.cluster_env import kept_bytes
 from tests.conftest import ATLAS_KEY, text_of
 from tests.fakes.atlascloud import AtlasFake
@@ -158,3 +158,30 @@ async def test_a_replica_killed_mid_call_and_the_call_reissued_with_its_key_pays
     finally:
         cluster.restart(victim.name)
 
+
+
+async def test_a_replica_answers_more_simultaneous_calls_from_one_address_than_the_session_limit(
+        cluster: Cluster, fake: AtlasFake):
+    # Behind a load balancer every call reaches a replica from the balancer's address, and stateless calls open
+    # no session: the per-address session limit (FLUX_MCP_SESSIONS_PER_CLIENT, 32 by default) must not refuse them.
+    fake.hold = True
+    nonces = [new_nonce() for _ in range(40)]
+    answers: list[Any] = []
+    replica = cluster.replicas[0]
+
+    async def one(http: httpx2.AsyncClient, nonce: str) -> None:
+        answers.append(await call_tool(http, replica.url, ALICE, "generate_image",
+                                       {"prompt": with_nonce("a kite", nonce)}))
+
+    with anyio.fail_after(60):
+        async with httpx2.AsyncClient(timeout=60, trust_env=False) as http, anyio.create_task_group() as tg:
+            for nonce in nonces:
+                tg.start_soon(one, http, nonce)
+            # All 40 are in progress at once: each one's job was submitted and is being polled.
+            jobs = await _until(lambda: (found if len(found := [j for n in nonces
+                                                                if (j := _job_of(fake, n, polled=True))]) == 40
+                                         else None), "40 jobs polled")
+            for job in jobs:
+                fake.finish(job.id)
+    assert [a.result["structuredContent"]["status"] for a in answers] == ["succeeded"] * 40
+    assert all(submits_per_nonce(fake.ledger)[n] == 1 for n in nonces)
