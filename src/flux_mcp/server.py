@@ -88,6 +88,8 @@ class AppState:
     paths: PathPolicy | None = None
     """A folder policy fixed by the caller of build_server (the terminal's `generate -o`), used instead of
     the roots and the settings."""
+    replica: Any = None
+    """Shared mode: this process's `replica.Replica` (heartbeat, reconciler, wake-ups); None on SQLite."""
 
 
 ProviderArg = Annotated[str | None, Field(max_length=40, json_schema_extra=quiet("maxLength"))]
@@ -224,10 +226,19 @@ async def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None
     downloader = Downloader(client, max_bytes=limits.max_bytes, deadline=limits.deadline, attempts=limits.attempts)
     service = FluxService(settings, client, journal, store=open_store(settings), redactor=Redactor(settings.secrets()),
                           retry=retry, downloader=downloader, clock=clock)
-    return AppState(settings, service, Folders(settings), paths=paths)
+    state = AppState(settings, service, Folders(settings), paths=paths)
+    if service.runner.leases is not None:  # shared mode: this replica's part in the cluster
+        from .replica import Replica
+
+        state.replica = Replica(journal, service.runner, service.providers,  # type: ignore[arg-type]
+                                paths or PathPolicy([], settings.home))
+        await state.replica.start()
+    return state
 
 
 async def _close_state(state: AppState, *, own_client: bool) -> None:
+    if state.replica is not None:
+        await state.replica.stop()  # its leases end now: other replicas take its jobs over at once
     if own_client:
         await state.service.client.aclose()
     await state.service.journal.close()
