@@ -322,6 +322,12 @@ class Cluster:
         """The live replica whose log mentions `text` (a prediction id: it logs each job it submitted)."""
         return next((r for r in self.replicas if r.alive and text in r.log_text()), None)
 
+    def owning(self, lease_owner: str | None) -> Replica | None:
+        """The live replica a journal row's `lease_owner` (host:pid:random) names."""
+        parts = (lease_owner or "").split(":")
+        pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+        return next((r for r in self.replicas if r.alive and r.proc is not None and r.proc.pid == pid), None)
+
     def rows(self, psql: Any, database: str, where: str = "TRUE") -> list[dict[str, Any]]:
         """The journal's prediction rows (as JSON objects), read with `psql(sql, database)`."""
         sql = f"SELECT coalesce(json_agg(row_to_json(p)), '[]') FROM flux_predictions p WHERE {where}"

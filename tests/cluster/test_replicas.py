@@ -7,7 +7,10 @@ prompt's nonce). Every wait is bounded with `anyio.fail_after`; none is an asser
 from __future__ import annotations
 
 import re
+import json
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -15,7 +18,8 @@ import httpx2
 import pytest
 
 from flux_mcp.journal_pg import SCHEMA_VERSION
-from tests.cluster.replicas import Cluster, call_tool, new_nonce, sdk_client, submits_per_nonce, with_nonce
+from tests.cluster.replicas import (Cluster, call_tool, new_nonce, nonce_of, sdk_client, submits_per_nonce,
+                                    with_nonce)
 from tests.cluster_env import kept_bytes
 from tests.conftest import ATLAS_KEY, text_of
 from tests.fakes.atlascloud import AtlasFake
@@ -23,12 +27,34 @@ from tests.fakes.wire import serve_on_loopback
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster, pytest.mark.subprocess]
 ALICE = "alice-token-5d1e9a3c7b2f-4e8a0c6d2b9f1a7e"
+LEASE = 2
+"""FLUX_MCP_LEASE_SECONDS of the replicas: how soon a dead replica's jobs are taken over."""
+
+
+@dataclass
+class GatedAtlasFake(AtlasFake):
+    """The Atlas Cloud fake, able to hold a submit's answer: a submit whose prompt carries a gated nonce
+    creates its job at once, then answers only once the test opens the gate (`arrived` tells it came)."""
+
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+    arrived: set[str] = field(default_factory=set)
+
+    async def handle(self, request: httpx2.Request) -> httpx2.Response:
+        response = await super().handle(request)
+        if request.method == "POST" and request.url.path == "/api/v1/model/generateImage":
+            nonce = nonce_of(str(json.loads(request.content).get("prompt", "")))
+            gate = self.gates.get(nonce or "")
+            if gate is not None and response.status_code == 200:
+                self.arrived.add(str(nonce))
+                while not gate.is_set():
+                    await anyio.sleep(0.01)
+        return response
 
 
 @pytest.fixture(scope="module")
-def provider() -> Iterator[AtlasFake]:
+def provider() -> Iterator[GatedAtlasFake]:
     """The Atlas Cloud fake on 127.0.0.1 (one for the module's cluster); its base URL in `.url`."""
-    fake = AtlasFake(key=ATLAS_KEY)
+    fake = GatedAtlasFake(key=ATLAS_KEY)
     with serve_on_loopback(fake) as url:
         fake.url = url  # type: ignore[attr-defined]
         yield fake
@@ -52,15 +78,17 @@ def cluster(cluster_services: tuple[Any, Any], database: str, provider: AtlasFak
     pg, s3 = cluster_services
     with Cluster(tmp_path_factory.mktemp("replicas"), pg.url(database), s3.env(s3.create_bucket()),
                  provider.url, ATLAS_KEY, {"alice": ALICE},  # type: ignore[attr-defined]
-                 env={"FLUX_MCP_LOG_LEVEL": "INFO"}) as running:
+                 env={"FLUX_MCP_LOG_LEVEL": "INFO", "FLUX_MCP_LEASE_SECONDS": str(LEASE)}) as running:
         yield running
 
 
 @pytest.fixture
-def fake(provider: AtlasFake) -> Iterator[AtlasFake]:
+def fake(provider: GatedAtlasFake) -> Iterator[GatedAtlasFake]:
     provider.hold = False
     yield provider
     provider.hold = False
+    for gate in provider.gates.values():
+        gate.set()
     for job in provider.jobs.values():  # nothing left running for the next test's replicas to poll
         job.done = True
 
@@ -185,3 +213,79 @@ async def test_a_replica_answers_more_simultaneous_calls_from_one_address_than_t
                 fake.finish(job.id)
     assert [a.result["structuredContent"]["status"] for a in answers] == ["succeeded"] * 40
     assert all(submits_per_nonce(fake.ledger)[n] == 1 for n in nonces)
+
+
+async def _cut_call(cluster: Cluster, args: dict[str, Any], first: list[Any]) -> None:
+    """One call through haproxy that is expected to be cut (its replica is killed meanwhile)."""
+    try:
+        async with sdk_client(cluster.url, ALICE) as client:
+            first.append(await client.call_tool("generate_image", args))
+    except Exception as exc:  # the cut: the SDK client raises when the stream breaks
+        first.append(exc)
+
+
+def _row(cluster: Cluster, psql: Any, database: str, key: str) -> dict[str, Any] | None:
+    rows = cluster.rows(psql, database, f"idempotency_key = '{key}'")
+    return rows[0] if len(rows) == 1 else None
+
+
+async def test_a_replica_killed_before_the_provider_answered_leaves_unknown_never_resubmitted(
+        cluster: Cluster, fake: GatedAtlasFake, cluster_services: tuple[Any, Any], database: str):
+    pg, _ = cluster_services
+    nonce, key = new_nonce(), f"key-{new_nonce()}"
+    fake.gates[nonce] = threading.Event()  # the provider creates the job but holds its answer
+    args = {"prompt": with_nonce("a blue heron", nonce), "idempotency_key": key}
+    first: list[Any] = []
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cut_call, cluster, args, first)
+            await _until(lambda: nonce in fake.arrived or None, "the submit at the provider")
+            # The intent row names the replica whose submit is out (host:pid:...).
+            victim = await _until(lambda: cluster.owning((_row(cluster, pg.psql, database, key) or {})
+                                                         .get("lease_owner")), "the submitting replica")
+            cluster.kill(victim.name)
+        fake.gates[nonce].set()  # the answer goes to a dead replica
+        assert len(first) == 1 and isinstance(first[0], Exception), first
+        served: list[str] = []
+        async with sdk_client(cluster.url, ALICE, served) as client:  # the client re-issues, same key
+            again = await client.call_tool("generate_image", args)
+    try:
+        data = again.structured_content
+        assert data["status"] == "unknown", text_of(again)
+        assert "check_prediction" in text_of(again) or "may have" in text_of(again)
+        assert victim.name not in served
+        assert submits_per_nonce(fake.ledger)[nonce] == 1  # never resubmitted
+        row = _row(cluster, pg.psql, database, key)
+        assert row is not None and row["status"] == "unknown"
+    finally:
+        cluster.restart(victim.name)
+
+
+async def test_a_replica_killed_after_the_provider_answered_has_its_job_taken_over_and_finished(
+        cluster: Cluster, fake: GatedAtlasFake, cluster_services: tuple[Any, Any], database: str):
+    pg, _ = cluster_services
+    fake.hold = True
+    nonce, key = new_nonce(), f"key-{new_nonce()}"
+    args = {"prompt": with_nonce("a grey seal", nonce), "idempotency_key": key}
+    first: list[Any] = []
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cut_call, cluster, args, first)
+            job = await _until(lambda: _job_of(fake, nonce, polled=True), "the job journaled and polled")
+            victim = await _until(lambda: cluster.owning((_row(cluster, pg.psql, database, key) or {})
+                                                         .get("lease_owner")), "the replica driving it")
+            cluster.kill(victim.name)
+        assert len(first) == 1 and isinstance(first[0], Exception), first
+        fake.finish(job.id)
+        # Nobody calls again: a survivor claims the lapsed lease and finishes the job on its own.
+        row = await _until(lambda: (r if (r := _row(cluster, pg.psql, database, key)) and r["status"] == "succeeded"
+                                    else None), "the job finished by a survivor", limit=LEASE + 30)
+        async with sdk_client(cluster.url, ALICE) as client:
+            checked = await client.call_tool("check_prediction", {"prediction_id": row["id"]})
+    try:
+        assert row["id"] == f"atlascloud:{job.id}" and row["lease_epoch"] >= 1
+        assert checked.structured_content["status"] == "succeeded", text_of(checked)
+        assert kept_bytes(checked.structured_content["images"][0]["path"]) is not None
+        assert submits_per_nonce(fake.ledger)[nonce] == 1
+    finally:
+        cluster.restart(victim.name)
