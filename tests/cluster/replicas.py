@@ -198,9 +198,12 @@ class Cluster:
     size: int = 3
     env: dict[str, str] = field(default_factory=dict)
     """Extra variables for every replica (FLUX_MCP_LOG_LEVEL, lease settings, ...)."""
-    check_interval: str | None = "500ms"
-    """haproxy's health-check interval here (deployed: 2 s); a killed replica refuses connections at once
-    either way, and haproxy then retries on another (`retry-on conn-failure`, `option redispatch`)."""
+    check_interval: str | None = None
+    """haproxy's health-check interval (None: as deployed, 2 s, which is also each check's timeout). A
+    killed replica refuses connections at once, and haproxy retries those on another (`retry-on
+    conn-failure`, `option redispatch`) until its checks mark it down. A shorter interval marks busy
+    replicas down: on a loaded 2-core machine `/readyz` (a database and a bucket request) can take
+    longer than 500 ms, and with every replica down haproxy answers 503."""
     balancer: bool = True
     """Start haproxy in front (False: the replicas only, each at its own `url`)."""
     replicas: list[Replica] = field(default_factory=list)
@@ -395,7 +398,7 @@ async def call_tool(http: httpx2.AsyncClient, url: str, token: str, name: str,
         raise Cut(type(exc).__name__) from None
     replica = response.headers.get(REPLICA_HEADER)
     if response.status_code >= 500:
-        raise Cut(f"HTTP {response.status_code}")
+        raise Cut(f"HTTP {response.status_code} from {replica or 'haproxy'}: {text[:120]}")
     if response.status_code >= 400:
         raise RuntimeError(f"HTTP {response.status_code}: {text[:300]}")
     for line in text.splitlines() if response.headers.get("content-type", "").startswith("text/event-stream") \
