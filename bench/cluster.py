@@ -186,7 +186,7 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
              presigned: dict[str, int]) -> dict[str, Any]:
     by_nonce = {c.nonce: c for c in calls}
     mine = [j for j in jobs.values() if j.nonce in by_nonce]
-    submits = Counter(j.nonce for j in mine)
+    submits = Counter(str(j.nonce) for j in mine)
     doubles = sum(n - 1 for n in submits.values() if n > 1)
     row_status = {r["id"]: r["status"] for r in rows}
 
@@ -196,10 +196,12 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
         paths = [str(i.get("path") or "") for i in c.images]
         return all(x.startswith(f"s3://{bucket}/") and x.removeprefix(f"s3://{bucket}/") in keys for x in paths)
 
-    lost = [n for n in submits if not (delivered(by_nonce[n]) or by_nonce[n].status == "unknown")]
-    # A paid job no row holds as finished (e.g. the first of a double submission): paid for, never delivered.
-    orphaned = [j.id for j in mine if row_status.get(f"atlascloud:{j.id}") not in ("succeeded", "unknown")
-                and by_nonce[str(j.nonce)].prediction_id != f"atlascloud:{j.id}"]
+    lost = [str(n) for n in submits if not (delivered(by_nonce[n]) or by_nonce[n].status == "unknown")]
+    # A paid job that neither a succeeded row holds nor its call reports (as its result, or as `unknown`): e.g.
+    # the first of a double submission, paid for and never delivered.
+    orphaned = [j.id for j in mine if row_status.get(f"atlascloud:{j.id}") != "succeeded"
+                and by_nonce[str(j.nonce)].prediction_id != f"atlascloud:{j.id}"
+                and by_nonce[str(j.nonce)].status != "unknown"]
     statuses = Counter(c.status or ("error" if c.error else "none") for c in calls)
     cut = [c for c in calls if c.first is not None and c.first.cut]
     # In flight on the killed replica at the kill: cut calls whose first attempt began before the kill.
@@ -220,7 +222,7 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
         extra.append((c.end - kill_at) - remaining)
     pending_rows = [r["id"] for r in rows if r["status"] in (*PENDING, "submitting")]
     reasons = Counter(str(a.cut).split(":")[0] for c in calls for a in c.attempts if a.cut)
-    samples = {}
+    samples: dict[str, str] = {}
     for c in calls:
         for a in c.attempts:
             if a.cut:
@@ -477,7 +479,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {x['status_requests_per_job']:.2f} | {_s(x['latency_s']['p50'])} / {_s(x['latency_s']['p95'])} "
             f"| {_s(sv['p50'])} / {_s(sv['p95'])}{versus} | {cut} | {x['wall_s']:.1f} s "
             f"| {' '.join(map(str, x['load_before']))} → {' '.join(map(str, x['load_after']))} |")
-    reasons = Counter()
+    reasons: Counter[str] = Counter()
     for x in runs:
         reasons.update(x.get("cut_reasons", {}))
     if reasons:
@@ -602,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                         say("warm-up: the journal learns the job length")
                         one_run(cluster, fake, pg, database, bucket, "warm", {**p, "calls": 12, "spread_s": 1.0,
                                 "presigned_checks": 0}, keyed=True, victim=None, rng=rng)
-                        plan = [("base", True, None)]
+                        plan: list[tuple[str, bool, str | None]] = [("base", True, None)]
                         names = [r.name for r in cluster.replicas]
                         for i in range(p["killed_runs"]):
                             plan.append((f"kill{i + 1}", True, names[(i + 1) % len(names)]))

@@ -111,7 +111,7 @@ class MotoProcess(MotoS3):
     """moto's S3 server (`moto_server`) in a child process on 127.0.0.1; the same helpers as `MotoS3`."""
 
     @classmethod
-    def start(cls) -> MotoProcess:  # type: ignore[override]
+    def start(cls) -> MotoProcess:
         port = free_port()
         exe = Path(sys.executable).parent / "moto_server"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]

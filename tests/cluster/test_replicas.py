@@ -109,7 +109,7 @@ async def _until(found: Any, what: str, limit: float = 20) -> Any:
 
 
 async def test_three_replicas_started_at_once_on_a_fresh_database_migrate_it_once(
-        cluster: Cluster, cluster_services: tuple[Any, Any], database: str):
+        cluster: Cluster, cluster_services: tuple[Any, Any], database: str) -> None:
     pg, _ = cluster_services
     versions = pg.psql("SELECT version FROM flux_schema ORDER BY version", database).split()
     assert versions == [str(v) for v in range(1, SCHEMA_VERSION + 1)]
@@ -121,7 +121,7 @@ async def test_three_replicas_started_at_once_on_a_fresh_database_migrate_it_onc
     assert ready == [{"status": "ready", "database": "ok", "bucket": "ok"}] * 3
 
 
-async def test_any_replica_answers_any_call_made_through_haproxy(cluster: Cluster, fake: AtlasFake):
+async def test_any_replica_answers_any_call_made_through_haproxy(cluster: Cluster, fake: AtlasFake) -> None:
     served: list[str] = []
     nonce = new_nonce()
     with anyio.fail_after(60):
@@ -149,7 +149,7 @@ async def test_any_replica_answers_any_call_made_through_haproxy(cluster: Cluste
 
 
 async def test_a_replica_killed_mid_call_and_the_call_reissued_with_its_key_pays_once(
-        cluster: Cluster, fake: AtlasFake, cluster_services: tuple[Any, Any], database: str):
+        cluster: Cluster, fake: AtlasFake, cluster_services: tuple[Any, Any], database: str) -> None:
     pg, _ = cluster_services
     fake.hold = True  # jobs stay processing until finished below
     nonce, key = new_nonce(), f"key-{new_nonce()}"
@@ -189,7 +189,7 @@ async def test_a_replica_killed_mid_call_and_the_call_reissued_with_its_key_pays
 
 
 async def test_a_replica_answers_more_simultaneous_calls_from_one_address_than_the_session_limit(
-        cluster: Cluster, fake: AtlasFake):
+        cluster: Cluster, fake: AtlasFake) -> None:
     # Behind a load balancer every call reaches a replica from the balancer's address, and stateless calls open
     # no session: the per-address session limit (FLUX_MCP_SESSIONS_PER_CLIENT, 32 by default) must not refuse them.
     fake.hold = True
@@ -230,7 +230,7 @@ def _row(cluster: Cluster, psql: Any, database: str, key: str) -> dict[str, Any]
 
 
 async def test_a_replica_killed_before_the_provider_answered_leaves_unknown_never_resubmitted(
-        cluster: Cluster, fake: GatedAtlasFake, cluster_services: tuple[Any, Any], database: str):
+        cluster: Cluster, fake: GatedAtlasFake, cluster_services: tuple[Any, Any], database: str) -> None:
     pg, _ = cluster_services
     nonce, key = new_nonce(), f"key-{new_nonce()}"
     fake.gates[nonce] = threading.Event()  # the provider creates the job but holds its answer
@@ -262,7 +262,7 @@ async def test_a_replica_killed_before_the_provider_answered_leaves_unknown_neve
 
 
 async def test_a_replica_killed_after_the_provider_answered_has_its_job_taken_over_and_finished(
-        cluster: Cluster, fake: GatedAtlasFake, cluster_services: tuple[Any, Any], database: str):
+        cluster: Cluster, fake: GatedAtlasFake, cluster_services: tuple[Any, Any], database: str) -> None:
     pg, _ = cluster_services
     fake.hold = True
     nonce, key = new_nonce(), f"key-{new_nonce()}"
