@@ -6,8 +6,8 @@ prompt's nonce). Every wait is bounded with `anyio.fail_after`; none is an asser
 
 from __future__ import annotations
 
-import re
 import json
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,8 +18,15 @@ import httpx2
 import pytest
 
 from flux_mcp.journal_pg import SCHEMA_VERSION
-from tests.cluster.replicas import (Cluster, call_tool, new_nonce, nonce_of, sdk_client, submits_per_nonce,
-                                    with_nonce)
+from tests.cluster.replicas import (
+    Cluster,
+    call_tool,
+    new_nonce,
+    nonce_of,
+    sdk_client,
+    submits_per_nonce,
+    with_nonce,
+)
 from tests.cluster_env import kept_bytes
 from tests.conftest import ATLAS_KEY, text_of
 from tests.fakes.atlascloud import AtlasFake
