@@ -238,6 +238,10 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
         "paid_not_delivered": len(orphaned),
         "unknown": len(unknown),
         "unknown_reached_provider": sum(1 for c in unknown if submits[c.nonce] > 0),
+        # For each unknown job the provider created: when it sent the submit's answer, against the kill (negative:
+        # before it; the replica died between reading the answer and committing it).
+        "unknown_answered_vs_kill_s": [round(j.answered - kill_at, 4) for j in mine if kill_at is not None
+                                       and j.answered is not None and by_nonce[str(j.nonce)].status == "unknown"],
         "killed_in_flight": len(in_flight),
         "killed_submits_in_flight": len(submits_in_flight),
         "cut_after_kill": len(refused),
@@ -318,7 +322,7 @@ def overhead(workdir: Path, fake: FakeProcess, pg: Postgres, s3: MotoProcess, p:
     env = flux_env(home, fake.url)  # Atlas Cloud's default: a held submit (one request, the image inline)
     shared_env = {"FLUX_MCP_LOG_LEVEL": "WARNING", "ATLASCLOUD_SYNC_MODE": "auto"}
     rng = random.Random(11)
-    samples: dict[str, list[float]] = {f"{b}_{op}": [] for b in BACKENDS for op in ("generate", "check")}
+    samples: dict[str, list[float]] = {f"{b}_{op}": [] for b in BACKENDS for op in ("generate", "check", "ping")}
     samples.update({f"floor_{op}": [] for op in ("commit", "put", "get")})
     errors = 0
     with (
@@ -341,7 +345,7 @@ def overhead(workdir: Path, fake: FakeProcess, pg: Postgres, s3: MotoProcess, p:
                 pids[name] = session.call("generate_image", {"prompt": "bench overhead warm-up"})[
                     "structuredContent"]["prediction_id"]
         floors = _Floors(pg.url(durable), s3, bucket, fake)
-        ops: list[tuple[str, str]] = [(b, op) for b in sessions for op in ("generate", "check")]
+        ops: list[tuple[str, str]] = [(b, op) for b in sessions for op in ("generate", "check", "ping")]
         ops += [("floor", op) for op in ("commit", "put", "get")]
         for _ in range(p["overhead_rounds"]):
             rng.shuffle(ops)
@@ -351,6 +355,10 @@ def overhead(workdir: Path, fake: FakeProcess, pg: Postgres, s3: MotoProcess, p:
                     getattr(floors, op)()
                     samples[f"floor_{op}"].append(time.perf_counter() - t0)
                     continue
+                if op == "ping":  # the transport alone: one JSON-RPC round trip, no tool
+                    sessions[backend].request("ping")
+                    samples[f"{backend}_ping"].append(time.perf_counter() - t0)
+                    continue
                 args = {"prompt": "bench overhead"} if op == "generate" else {"prediction_id": pids[backend]}
                 result = sessions[backend].call("generate_image" if op == "generate" else "check_prediction", args)
                 samples[f"{backend}_{op}"].append(time.perf_counter() - t0)
@@ -358,7 +366,7 @@ def overhead(workdir: Path, fake: FakeProcess, pg: Postgres, s3: MotoProcess, p:
                     errors += 1
         floors.close()
     out: dict[str, Any] = {"rounds": p["overhead_rounds"], "errors": errors, "samples_s": samples}
-    for op in ("generate", "check"):
+    for op in ("generate", "check", "ping"):
         base = p50(samples[f"sqlite_{op}"])
         out[op] = {b: {"p50": p50(samples[f"{b}_{op}"]), "p95": p95(samples[f"{b}_{op}"]),
                        "diff_p50": p50(samples[f"{b}_{op}"]) - base} for b in BACKENDS}
@@ -485,6 +493,11 @@ def markdown(r: dict[str, Any]) -> str:
         reasons.update(x.get("cut_reasons", {}))
     if reasons:
         lines += ["", "Cut attempts by what the client saw: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common())]
+    late = [t for x in runs for t in x.get("unknown_answered_vs_kill_s", [])]
+    if late:
+        lines += ["", "The provider's answer to each `unknown` job's submit, against the kill: "
+                  + ", ".join(f"{t * 1000:+.0f} ms" for t in late) + " (negative: answered before the kill, so the "
+                  "replica died between reading the answer and committing it)."]
     errors = [e for x in runs for e in x["errors"]]
     if errors:
         lines += ["", "Errors (first of each run): " + "; ".join(f"`{e}`" for e in errors[:5])]
@@ -496,7 +509,10 @@ def markdown(r: dict[str, Any]) -> str:
                   "HTTP (shared mode is stateless: no session), 64x64 results. Errors: " + str(o["errors"]) + ".", "",
                   "| call | " + " | ".join(f"{label} p50 / p95" for label in BACKENDS.values())
                   + " | p50 difference against SQLite |", "| --- | --- | --- | --- | --- |"]
-        for op, label in (("generate", "`generate_image`"), ("check", "`check_prediction`, finished job")):
+        for op, label in (("generate", "`generate_image`"), ("check", "`check_prediction`, finished job"),
+                          ("ping", "`ping` (the transport alone: stateless in shared mode)")):
+            if op not in o:
+                continue
             x = o[op]
             cells = " | ".join(f"{secs(x[b]['p50'])} / {secs(x[b]['p95'])}" for b in BACKENDS)
             lines.append(f"| {label} | {cells} | durable {x['pg']['diff_p50'] * 1000:+.1f} ms, not flushed "
