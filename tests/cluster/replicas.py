@@ -16,8 +16,8 @@ The pieces, all on loopback:
   the replicas' calls apart by it).
 
 `Cluster` starts all replicas at the same moment (they migrate a fresh database together), SIGKILLs one
-(`kill`), restarts it (`restart`), finds the replica whose log shows a job (`holding`) and reads the
-journal's rows (`rows`). `nonce_of` / `submits_per_nonce` count the fake's accepted submits per call.
+(`kill`), restarts it (`restart`), finds the replica whose log shows a job (`holding`) or whose process a
+row's lease names (`owning`), and reads the journal's rows (`rows`). `nonce_of` / `submits_per_nonce` count the fake's accepted submits per call.
 
 This lives under tests/ because the benchmark already builds on the tests' fakes and process helpers
 (bench/fake.py is the tests' Atlas fake with a clock); one harness keeps both on the same setup.

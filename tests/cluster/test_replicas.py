@@ -1,8 +1,11 @@
 """Three replicas of the real command behind haproxy (deploy/haproxy.cfg), on one PostgreSQL database and
 one bucket: any replica answers any call, they migrate a fresh database once, and a replica SIGKILLed in
-the middle of a call loses nothing and pays nothing twice. The client is the mcp SDK's streamable-HTTP
-client; the provider is the Atlas Cloud fake on loopback, which counts accepted submits per call (the
-prompt's nonce). Every wait is bounded with `anyio.fail_after`; none is an assertion on wall-clock time."""
+the middle of a call loses nothing and pays nothing twice — re-issued with its key it is paid once; killed
+before the provider answered, the job is `unknown` and never resubmitted; killed after, a survivor takes
+the job over once its lease lapses and finishes it with nobody calling again. The client is the mcp SDK's
+streamable-HTTP client; the provider is the Atlas Cloud fake on loopback, which counts accepted submits per
+call (the prompt's nonce). Every wait is bounded with `anyio.fail_after`; none is an assertion on
+wall-clock time."""
 
 from __future__ import annotations
 
