@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -63,11 +64,16 @@ from tests.cluster_env import Postgres
 
 TOKEN = "bench-cluster-token-6c1f9e3a2b7d4e8f0a5c"
 """The bench user's bearer token (a test value: it guards nothing)."""
+
+
+def team(users: int) -> dict[str, str]:
+    """The team's users and their bearer tokens (test values); call i is made by user i mod `users`."""
+    return {f"user{u:02d}": f"{TOKEN}-{u:02d}" for u in range(users)}
 PENDING = ("starting", "processing")
 FULL: dict[str, Any] = {
     "calls": 500, "killed_runs": 5, "keyless_runs": 1, "spread_s": 10.0, "job_s": 5.0, "kill_at_s": 2.5,
-    "lease_s": 5.0, "submit_delay_s": [0.015, 0.045], "overhead_rounds": 200, "overhead_warmup": 10,
-    "presigned_checks": 50,
+    "lease_s": 5.0, "submit_delay_s": [0.015, 0.045], "overhead_rounds": 100, "overhead_warmup": 10,
+    "presigned_checks": 50, "users": 10,
 }
 QUICK: dict[str, Any] = {
     **FULL, "calls": 100, "killed_runs": 1, "keyless_runs": 1, "spread_s": 4.0, "kill_at_s": 2.0,
@@ -95,6 +101,7 @@ class Call:
     index: int
     nonce: str
     key: str | None
+    token: str = TOKEN
     start: float = 0.0
     end: float | None = None
     attempts: list[Attempt] = field(default_factory=list)
@@ -117,7 +124,7 @@ async def _attempt(call: Call, http: httpx2.AsyncClient, url: str, tool: str, ar
     while True:
         t0 = time.monotonic()
         try:
-            answer = await call_tool(http, url, TOKEN, tool, args)
+            answer = await call_tool(http, url, call.token, tool, args)
         except Cut as exc:
             call.attempts.append(Attempt(tool, t0, time.monotonic(), None, str(exc)))
             if len(call.attempts) >= MAX_ATTEMPTS:
@@ -155,8 +162,9 @@ async def run_call(call: Call, http: httpx2.AsyncClient, url: str, prompt: str) 
 
 async def _drive(cluster: Cluster, tag: str, p: dict[str, Any], *, keyed: bool, victim: str | None,
                  prompt_of: Any) -> tuple[list[Call], float | None]:
-    calls = [Call(i, f"{tag}-{i:04d}-{uuid.uuid4().hex[:6]}", f"{tag}-key-{i:04d}" if keyed else None)
-             for i in range(p["calls"])]
+    tokens = list(team(p["users"]).values())
+    calls = [Call(i, f"{tag}-{i:04d}-{uuid.uuid4().hex[:6]}", f"{tag}-key-{i:04d}" if keyed else None,
+                  tokens[i % len(tokens)]) for i in range(p["calls"])]
     killed: list[float] = []
     limits = httpx2.Limits(max_connections=2000, max_keepalive_connections=2000)
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(180, connect=10), limits=limits, trust_env=False) as http:
@@ -231,6 +239,7 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
         "calls": len(calls),
         "statuses": dict(statuses),
         "errors": [c.error for c in calls if c.error][:10],
+        "error_kinds": dict(Counter(re.sub(r"[0-9a-f]{8,}", "…", str(c.error))[:90] for c in calls if c.error)),
         "provider_submits": sum(submits.values()),
         "double_submissions": doubles,
         "lost": len(lost),
@@ -434,7 +443,7 @@ def markdown(r: dict[str, Any]) -> str:
         "(fsync and synchronous commits on), moto S3 in its own process, haproxy with deploy/haproxy.cfg, the "
         f"Atlas Cloud fake: {p['job_s']:g} s jobs, submit answers {p['submit_delay_s'][0] * 1000:.0f}-"
         f"{p['submit_delay_s'][1] * 1000:.0f} ms after the job exists, polled mode. {p['calls']} "
-        f"`generate_image` calls per run over {p['spread_s']:g} s; the killed runs SIGKILL one replica "
+        f"`generate_image` calls per run over {p['spread_s']:g} s from {p['users']} users (tokens); the killed runs SIGKILL one replica "
         f"{p['kill_at_s']:g} s in; cut calls are re-issued at once with the same arguments (and key).", "",
         "| figure | result | goal | |", "| --- | --- | --- | --- |",
         f"| double submissions (accepted submits per call beyond the first) | {t['double_submissions']} over "
@@ -498,9 +507,15 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", "The provider's answer to each `unknown` job's submit, against the kill: "
                   + ", ".join(f"{t * 1000:+.0f} ms" for t in late) + " (negative: answered before the kill, so the "
                   "replica died between reading the answer and committing it)."]
-    errors = [e for x in runs for e in x["errors"]]
-    if errors:
-        lines += ["", "Errors (first of each run): " + "; ".join(f"`{e}`" for e in errors[:5])]
+    kinds: Counter[str] = Counter()
+    for x in runs:
+        kinds.update(x.get("error_kinds", {}))
+    if kinds:
+        lines += ["", "Calls that ended in an error, by kind: " + "; ".join(f"{n} × `{k}`" for k, n in
+                                                                          kinds.most_common(6))]
+    problems = [f"{x['tag']}: {x['restart_problem']}" for x in runs if x.get("restart_problem")]
+    if problems:
+        lines += ["", "After a restart: " + "; ".join(problems)]
     if o := r.get("overhead"):
         lines += ["", "## Overhead: PostgreSQL + S3 against SQLite + the data folder", "",
                   f"One server of each on the zero-latency fake (done at its first status request), held submits "
@@ -585,11 +600,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, help="calls per run")
     parser.add_argument("--runs", type=int, help="killed runs with idempotency keys")
     parser.add_argument("--keyless-runs", type=int, help="killed runs whose clients send no idempotency_key")
+    parser.add_argument("--users", type=int, help="the team's size: calls are spread over this many tokens")
     parser.add_argument("--no-overhead", action="store_true", help="skip the PostgreSQL+S3 vs SQLite figure")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
-    for name, value in (("calls", args.calls), ("killed_runs", args.runs), ("keyless_runs", args.keyless_runs)):
+    for name, value in (("calls", args.calls), ("killed_runs", args.runs), ("keyless_runs", args.keyless_runs),
+                        ("users", args.users)):
         if value is not None:
             p[name] = value
     started = time.monotonic()
@@ -617,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
                     say("starting 3 replicas and haproxy")
                     lease = {"FLUX_MCP_LEASE_SECONDS": f"{p['lease_s']:g}"}
                     with Cluster(workdir / "cluster", pg.url(database), s3.env(bucket), fake.url, KEY,
-                                 {"bench": TOKEN}, env={"FLUX_MCP_LOG_LEVEL": "WARNING", **lease}) as cluster:
+                                 team(p["users"]), env={"FLUX_MCP_LOG_LEVEL": "WARNING", **lease}) as cluster:
                         say("warm-up: the journal learns the job length")
                         one_run(cluster, fake, pg, database, bucket, "warm", {**p, "calls": 12, "spread_s": 1.0,
                                 "presigned_checks": 0}, keyed=True, victim=None, rng=rng)
@@ -639,7 +656,12 @@ def main(argv: list[str] | None = None) -> int:
                             runs.append(run)
                             if victim:
                                 cluster.restart(victim)
-                                cluster.wait_routed_to_all()
+                                t0 = time.monotonic()
+                                try:
+                                    cluster.wait_routed_to_all(limit=180)
+                                except RuntimeError as exc:  # reported; the next run starts with what routes
+                                    run["restart_problem"] = str(exc)
+                                run["routed_again_after_s"] = time.monotonic() - t0
                         results["runs"] = runs
             finally:
                 s3.stop()
@@ -653,11 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     results["totals"] = _totals(results["runs"])
     results["seconds"] = time.monotonic() - started
     results["environment"]["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    text = markdown(results)
     stem = "cluster-quick" if args.quick else "cluster"
     args.out.mkdir(parents=True, exist_ok=True)
+    dump(args.out / f"{stem}.json", results)  # first: the samples survive a report that fails
+    text = markdown(results)
     (args.out / f"{stem}.md").write_text(text)
-    dump(args.out / f"{stem}.json", results)
     print(text)
     say(f"wrote {args.out / (stem + '.md')} and {args.out / (stem + '.json')}")
     return 0

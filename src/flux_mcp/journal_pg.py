@@ -314,6 +314,9 @@ class PgJournal:
         self._backlog_reason: str | None = None
         self._retrier: asyncio.Task[None] | None = None
         self._closed = False
+        self._reserving: dict[str, asyncio.Lock] = {}
+        """Per principal: one of this replica's reservations at a time waits on the principal's ledger lock, so a
+        burst of one user's calls holds one pooled connection, not all of them (the heartbeat needs one)."""
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0,
@@ -594,7 +597,8 @@ class PgJournal:
                 await conn.execute(_INSERT_CHARGE, _charge_row(charge))
             return refusal
 
-        result: R | None = await self._ledger(work)
+        async with self._reserving.setdefault(charge.principal, asyncio.Lock()):
+            result: R | None = await self._ledger(work)
         return result
 
     async def totals(self, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:

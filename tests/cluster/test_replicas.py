@@ -299,3 +299,49 @@ async def test_a_replica_killed_after_the_provider_answered_has_its_job_taken_ov
         assert submits_per_nonce(fake.ledger)[nonce] == 1
     finally:
         cluster.restart(victim.name)
+
+
+async def test_one_users_burst_of_reservations_never_takes_every_pooled_connection(pg_env_one: str) -> None:
+    # Every paid call of a user takes that user's ledger lock (so two replicas never both spend the last
+    # dollar). A burst of one user's calls must wait for it without holding all the replica's pooled
+    # connections: the heartbeat, lookups and other users' calls need one meanwhile.
+    import uuid as _uuid
+
+    import psycopg
+
+    from flux_mcp.journal import Charge
+    from flux_mcp.journal_pg import _LEDGER_LOCK, PgJournal
+
+    journal = await PgJournal.open(pg_env_one, max_size=4, timeout=3)
+    blocker = await psycopg.AsyncConnection.connect(pg_env_one, autocommit=True)
+    try:
+        # Another replica is in the middle of alice's reservation: it holds her lock.
+        await blocker.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (_LEDGER_LOCK, "alice"))
+        done: list[object] = []
+
+        async def reserve() -> None:
+            charge = Charge(id=_uuid.uuid4().hex, principal="alice", provider="atlascloud", model="m", images=1,
+                            usd=0.003)
+            done.append(await journal.reserve(charge, {}, lambda totals: None))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(20):
+                    tg.start_soon(reserve)
+                await anyio.sleep(0.5)  # let the burst queue up behind the lock (not an assertion)
+                with anyio.fail_after(2):  # well inside the pool's 3 s timeout
+                    assert await journal.get("atlascloud:pred_none") is None
+                    assert await journal.by_idempotency_key("bob", "k") is None
+                await blocker.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_LEDGER_LOCK, "alice"))
+        assert done == [None] * 20  # every reservation went through once the lock was free
+    finally:
+        await blocker.close()
+        await journal.close()
+
+
+@pytest.fixture
+def pg_env_one(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty schema's database URL (the shared-mode fixtures' own)."""
+    from tests.conftest import pg_env
+
+    return pg_env(request)["FLUX_MCP_DATABASE_URL"]
