@@ -190,6 +190,25 @@ async def test_concurrent_intents_with_one_key_on_two_journals_let_exactly_one_t
     assert len(landed) == 1 and len(holders) == 1  # every other call was handed the one job holding the key
 
 
+async def test_a_submit_without_an_answer_leaves_its_key_on_an_unknown_job_and_a_refused_one_frees_it(
+        make_node, fake: AtlasFake):
+    from flux_mcp.errors import ProviderError, SubmitOutcomeUnknown
+    from tests.fakes.base import RESET
+
+    async with make_node() as a, make_node() as b:
+        fake.submit_errors.append(RESET)  # the request reached the provider; the connection broke before the answer
+        with pytest.raises(SubmitOutcomeUnknown):
+            await a.run(idempotency_key="k-reset", wait_seconds=5)
+        again = await b.run(idempotency_key="k-reset", wait_seconds=5)
+        fake.submit_errors.append((400, {"code": 400, "message": "prompt is required"}, {}))  # provably refused
+        with pytest.raises(ProviderError):
+            await a.run(idempotency_key="k-refused", wait_seconds=5)
+        fake.hold = False
+        retried = await b.run(idempotency_key="k-refused", wait_seconds=5)
+    assert again.joined and again.record.status == "unknown" and fake.count(SUBMIT) == 3
+    assert not retried.joined and retried.record.status == "succeeded" and len(fake.ledger) == 1
+
+
 # --- a replica that dies: before the provider answered (unknown), after it (taken over) --------------------
 
 async def test_a_replica_dying_before_the_answer_leaves_unknown_which_is_never_resubmitted_and_a_late_answer_revives(
@@ -394,6 +413,24 @@ async def test_a_replica_that_stops_hands_its_jobs_over_at_once_not_after_its_le
         handover = time.monotonic() - stopped
         gate.open.set()
     assert handover < 5 and len(fake.ledger) == 1
+
+
+async def test_a_stopping_replica_hands_over_the_jobs_of_the_calls_it_cuts(make_node, fake: AtlasFake, monkeypatch):
+    from flux_mcp.lifecycle import inflight
+
+    async with make_node(lease=30.0) as a, make_node() as b:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: a.run(wait_seconds=60))
+            await until(lambda: fake.count(POLL) >= 1)
+            [pid] = [f"atlascloud:{j}" for j in fake.jobs]
+            monkeypatch.setattr(inflight, "stopping", True)  # the server is stopping: its calls are cut
+            tg.cancel_scope.cancel()
+        assert a.replica is not None
+        await a.replica.stop()  # then its lifespan ends
+        monkeypatch.setattr(inflight, "stopping", False)
+        fake.finish(native(pid))
+        await until(lambda: _status(b, pid, "succeeded"), 10)  # taken over at once, not after the 30 s lease
+    assert b.replica is not None and b.replica.takeovers >= 1 and len(fake.ledger) == 1
 
 
 # --- helpers --------------------------------------------------------------------------------------------
