@@ -139,3 +139,24 @@ async def test_sigkill_after_the_provider_answered_is_taken_over_and_a_reissue_g
     assert download.status_code == 200 and download.content.startswith(b"\x89PNG")
     assert fake.submits == 1 and len(fake.ledger) == 1
     assert len([k for k in s3.keys(bucket) if k.endswith(".png")]) == 1
+
+
+async def test_sigterm_hands_the_replicas_jobs_over_at_once_instead_of_after_the_lease(
+        fake: GatedAtlas, env: dict[str, str], workspace: Path, cluster_services):
+    _, s3 = cluster_services
+    env = {**env, "FLUX_MCP_LEASE_SECONDS": "60"}
+    args = {"prompt": "a lighthouse at dusk", "idempotency_key": "run-3", "wait_seconds": 60}
+    with http_server("streamable-http", env, workspace) as (one, first), \
+            http_server("streamable-http", env, workspace) as (_, _second):
+        cut: list[BaseException] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call_until_killed, one, args, cut)
+            await until(lambda: fake.count("GET /api/v1/model/prediction/") >= 1)
+            first.terminate()  # a rolling restart: SIGTERM
+            await anyio.to_thread.run_sync(first.wait)
+        [job] = list(fake.jobs)
+        fake.finish(job)
+        bucket = env["FLUX_MCP_S3_URL"].removeprefix("s3://")
+        # Far sooner than the 60 s lease: the stopping replica ended its leases and the other took the job.
+        await until(lambda: [k for k in s3.keys(bucket) if k.endswith(".png")], 15)
+    assert first.returncode == 0 and fake.submits == 1 and len(fake.ledger) == 1
