@@ -222,8 +222,8 @@ class JobRunner:
         if record.status in FINAL:
             self.leases.forget(record.id)
             return
-        with anyio.CancelScope(shield=True):
-            await self.leases.release(record.id)
+        with anyio.CancelScope(shield=True):  # a stopping server hands its jobs over rather than leaving them
+            await self.leases.release(record.id, hand_over=inflight.stopping)
 
     async def _inline(self, provider: Provider, model: str | None, wait: float) -> bool:
         """Whether to hold the submit open until the images come back in its answer (one request, and

@@ -209,6 +209,9 @@ _HEARTBEAT = (f"UPDATE flux_predictions SET lease_until = {_NOW} + %s WHERE leas
               f"AND status IN {_PENDING} AND lease_until IS NOT NULL")
 _END_LEASES = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE lease_owner = %s AND status IN {_PENDING} "
                f"AND lease_until IS NOT NULL")
+_HAND_OVER = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE id = %s AND lease_owner = %s "
+              f"AND lease_epoch = %s AND status IN {_PENDING}")
+"""A stopping replica's job: its lease ends now, so another replica's reconciler takes it over at once."""
 _RELEASE = (f"UPDATE flux_predictions SET lease_owner = NULL, lease_until = NULL WHERE id = %s AND lease_owner = %s "
             f"AND lease_epoch = %s AND status IN {_PENDING}")
 
@@ -309,6 +312,8 @@ class PgJournal:
         """Calls waiting on jobs, woken by final writes here and by notifications from other replicas."""
         self._held: dict[str, int] = {}
         """Jobs whose lease this replica holds, with the epoch it holds them at."""
+        self._intents: dict[str, str] = {}
+        """Records (by id) whose write must replace an intent row (by its id), until it lands."""
         self._recent: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
         self._backlog: dict[str, Record] = {}
         self._backlog_reason: str | None = None
@@ -398,6 +403,9 @@ class PgJournal:
     async def _write(self, record: Record) -> None:
         """Writes a record; a held job's write is fenced (raises LeaseLost when this replica lost the lease)
         and the write that completes a job notifies every replica in the same statement."""
+        intent = self._intents.get(record.id)
+        if intent is not None:
+            return await self._replace_intent(intent, record)
         epoch = self._held.get(record.id)
         if epoch is None:
             async with self.pool.connection() as conn:
@@ -688,17 +696,16 @@ class PgJournal:
         self.waits.wake(intent_id)
 
     async def submitted(self, intent_id: str, record: Record) -> bool:
-        self._remember_duration(record)
         self._held.pop(intent_id, None)
-        try:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(_SUBMITTED, (intent_id, *_row(record), self.owner, self.lease_seconds,
-                                                      intent_id))
-                row = await cur.fetchone()
-        except _kept() as exc:
-            log.warning("the record of %s did not replace its intent (%s); kept and retried", record.id,
-                        _first_line(exc))
-            return await self.put(record)
+        self._intents[record.id] = intent_id  # until it lands: a retried write from the backlog replaces it too
+        return await self.put(record)
+
+    async def _replace_intent(self, intent_id: str, record: Record) -> None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_SUBMITTED, (intent_id, *_row(record), self.owner, self.lease_seconds,
+                                                  intent_id))
+            row = await cur.fetchone()
+        self._intents.pop(record.id, None)
         epoch, was = (int(row[0]), row[1]) if row else (0, None)
         self._held[record.id] = epoch
         if was == "unknown":
@@ -706,7 +713,6 @@ class PgJournal:
                         record.id)
         if _done(record) or was == "unknown":
             self.waits.wake(intent_id)
-        return True
 
     async def claim(self, prediction_id: str) -> Record | None:
         async with self.pool.connection() as conn:
@@ -751,7 +757,7 @@ class PgJournal:
             cur = await conn.execute(_END_LEASES, (self.owner,))
             return cur.rowcount
 
-    async def release(self, prediction_id: str) -> None:
+    async def release(self, prediction_id: str, *, hand_over: bool = False) -> None:
         import psycopg
         from psycopg_pool import PoolTimeout
 
@@ -760,7 +766,7 @@ class PgJournal:
             return
         try:
             async with self.pool.connection() as conn:
-                await conn.execute(_RELEASE, (prediction_id, self.owner, epoch))
+                await conn.execute(_HAND_OVER if hand_over else _RELEASE, (prediction_id, self.owner, epoch))
         except (psycopg.Error, PoolTimeout) as exc:  # the lease lapses by itself; another replica then takes it
             log.info("lease of %s not released (%s)", prediction_id, _first_line(exc))
 

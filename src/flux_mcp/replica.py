@@ -70,7 +70,7 @@ def replica_id() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-class LeaseLost(Exception):  # noqa: N818 - a signal between the journal and the runner, never shown to users
+class LeaseLost(Exception):  # a signal between the journal and the runner, never shown to users
     """A write of a job this replica held did not land: another replica took the job over (higher epoch)."""
 
     def __init__(self, prediction_id: str):
@@ -78,7 +78,7 @@ class LeaseLost(Exception):  # noqa: N818 - a signal between the journal and the
         self.prediction_id = prediction_id
 
 
-class KeyTaken(Exception):  # noqa: N818 - a signal between the runner and the service, never shown to users
+class KeyTaken(Exception):  # a signal between the runner and the service, never shown to users
     """The intent of a new job found its idempotency key held by another job (another replica's, typically):
     nothing was sent; the call attaches to `record` instead."""
 
@@ -114,8 +114,9 @@ class Leases(Protocol):
         """Takes the lease of a pending job nobody drives (or whose lease lapsed); the record, or None."""
         ...
 
-    async def release(self, prediction_id: str) -> None:
-        """Lets go of a held job: a pending one is left for whoever checks on it next."""
+    async def release(self, prediction_id: str, *, hand_over: bool = False) -> None:
+        """Lets go of a held job: a pending one is left for whoever checks on it next, or (`hand_over`, the
+        process is stopping) for another replica's reconciler to take over at once."""
         ...
 
     def forget(self, prediction_id: str) -> None:

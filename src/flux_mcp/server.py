@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import httpx2
@@ -34,6 +34,9 @@ from mcp_types import (
 )
 from mcp_types import Tool as MCPTool
 from pydantic import AnyUrl, Field
+
+if TYPE_CHECKING:
+    from .replica import Replica
 
 from . import __version__, history
 from .compat import add_request_handler, drop_middleware
@@ -88,7 +91,7 @@ class AppState:
     paths: PathPolicy | None = None
     """A folder policy fixed by the caller of build_server (the terminal's `generate -o`), used instead of
     the roots and the settings."""
-    replica: Any = None
+    replica: Replica | None = None
     """Shared mode: this process's `replica.Replica` (heartbeat, reconciler, wake-ups); None on SQLite."""
 
 
@@ -227,12 +230,13 @@ async def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None
     service = FluxService(settings, client, journal, store=open_store(settings), redactor=Redactor(settings.secrets()),
                           retry=retry, downloader=downloader, clock=clock)
     state = AppState(settings, service, Folders(settings), paths=paths)
-    if service.runner.leases is not None:  # shared mode: this replica's part in the cluster
+    if settings.database_url is not None:  # shared mode: this replica's part in the cluster
+        from .journal_pg import PgJournal
         from .replica import Replica
 
-        state.replica = Replica(journal, service.runner, service.providers,  # type: ignore[arg-type]
-                                paths or PathPolicy([], settings.home))
-        await state.replica.start()
+        if isinstance(journal, PgJournal):
+            state.replica = Replica(journal, service.runner, service.providers, paths or PathPolicy([], settings.home))
+            await state.replica.start()
     return state
 
 

@@ -60,6 +60,8 @@ class Node:
     journal: PgJournal
     replica: Replica | None
     paths: PathPolicy
+    sent: list[str]
+    """Every request this replica sent to the provider, as "METHOD /path"."""
 
     async def run(self, prompt: str = "a red fox", principal: str = "alice", **kw: Any) -> Outcome:
         out = await self.service.run(JobRequest(prompt=prompt, **kw), self.paths, principal=principal)
@@ -89,7 +91,10 @@ def make_node(shared_env: dict[str, str], fake: AtlasFake, tmp_path: Path
         settings = Settings.from_env({"FLUX_MCP_HOME": str(tmp_path / "home"), "ATLASCLOUD_API_KEY": ATLAS_KEY,
                                       "ATLASCLOUD_BASE_URL": ATLAS_BASE, **shared_env}, cwd=tmp_path)
 
+        sent: list[str] = []
+
         async def handle(request: httpx2.Request) -> httpx2.Response:
+            sent.append(f"{request.method} {request.url.path}")
             if gate is not None and gate.holds(request):
                 gate.count += 1
                 gate.arrived.set()
@@ -104,7 +109,7 @@ def make_node(shared_env: dict[str, str], fake: AtlasFake, tmp_path: Path
         if replica is not None:
             await replica.start()
         try:
-            yield Node(service, journal, replica, paths)
+            yield Node(service, journal, replica, paths, sent)
         finally:
             if gate is not None:
                 gate.open.set()  # a stalled call ends with the test
@@ -183,6 +188,25 @@ async def test_concurrent_intents_with_one_key_on_two_journals_let_exactly_one_t
     landed = [r for r in results if r is None]
     holders = {r.id for r in results if r is not None}
     assert len(landed) == 1 and len(holders) == 1  # every other call was handed the one job holding the key
+
+
+async def test_a_submit_without_an_answer_leaves_its_key_on_an_unknown_job_and_a_refused_one_frees_it(
+        make_node, fake: AtlasFake):
+    from flux_mcp.errors import ProviderError, SubmitOutcomeUnknown
+    from tests.fakes.base import RESET
+
+    async with make_node() as a, make_node() as b:
+        fake.submit_errors.append(RESET)  # the request reached the provider; the connection broke before the answer
+        with pytest.raises(SubmitOutcomeUnknown):
+            await a.run(idempotency_key="k-reset", wait_seconds=5)
+        again = await b.run(idempotency_key="k-reset", wait_seconds=5)
+        fake.submit_errors.append((400, {"code": 400, "message": "prompt is required"}, {}))  # provably refused
+        with pytest.raises(ProviderError):
+            await a.run(idempotency_key="k-refused", wait_seconds=5)
+        fake.hold = False
+        retried = await b.run(idempotency_key="k-refused", wait_seconds=5)
+    assert again.joined and again.record.status == "unknown" and fake.count(SUBMIT) == 3
+    assert not retried.joined and retried.record.status == "succeeded" and len(fake.ledger) == 1
 
 
 # --- a replica that dies: before the provider answered (unknown), after it (taken over) --------------------
@@ -297,8 +321,8 @@ async def test_hundreds_of_calls_waiting_on_another_replicas_job_need_only_a_few
         for _ in range(300):
             tg.start_soon(wait_on_b)
         await until(lambda: b.journal.waits.waiting == 300)
-        assert fake.count(POLL) <= 3  # b polls nothing: it waits for a's row
         fake.finish(native(pid))
+    assert b.sent == []  # b asked the provider nothing: its calls waited for a's row
     assert len(answers) == 300 and {o.record.status for o in answers} == {"succeeded"}
     assert {o.record.images[0].path for o in answers} == {made[0].record.images[0].path}
     assert len(fake.ledger) == 1
@@ -389,6 +413,24 @@ async def test_a_replica_that_stops_hands_its_jobs_over_at_once_not_after_its_le
         handover = time.monotonic() - stopped
         gate.open.set()
     assert handover < 5 and len(fake.ledger) == 1
+
+
+async def test_a_stopping_replica_hands_over_the_jobs_of_the_calls_it_cuts(make_node, fake: AtlasFake, monkeypatch):
+    from flux_mcp.lifecycle import inflight
+
+    async with make_node(lease=30.0) as a, make_node() as b:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: a.run(wait_seconds=60))
+            await until(lambda: fake.count(POLL) >= 1)
+            [pid] = [f"atlascloud:{j}" for j in fake.jobs]
+            monkeypatch.setattr(inflight, "stopping", True)  # the server is stopping: its calls are cut
+            tg.cancel_scope.cancel()
+        assert a.replica is not None
+        await a.replica.stop()  # then its lifespan ends
+        monkeypatch.setattr(inflight, "stopping", False)
+        fake.finish(native(pid))
+        await until(lambda: _status(b, pid, "succeeded"), 10)  # taken over at once, not after the 30 s lease
+    assert b.replica is not None and b.replica.takeovers >= 1 and len(fake.ledger) == 1
 
 
 # --- helpers --------------------------------------------------------------------------------------------
