@@ -59,7 +59,7 @@ import httpx2
 from bench.common import (BENCH, KEY, ROOT, FakeJob, FakeProcess, dump, flux_env, http_server, p50, p95, percentile,
                           secs, verdict)
 from bench.raw import RawHttp
-from tests.cluster.replicas import Cluster, Cut, MotoProcess, call_tool, flux_command, list_keys
+from tests.cluster.replicas import Cluster, Cut, MotoProcess, call_tool, flux_command, list_keys, nonce_of
 from tests.cluster_env import Postgres
 
 TOKEN = "bench-cluster-token-6c1f9e3a2b7d4e8f0a5c"
@@ -73,7 +73,7 @@ PENDING = ("starting", "processing")
 FULL: dict[str, Any] = {
     "calls": 500, "killed_runs": 5, "keyless_runs": 1, "spread_s": 10.0, "job_s": 5.0, "kill_at_s": 2.5,
     "lease_s": 5.0, "submit_delay_s": [0.015, 0.045], "overhead_rounds": 100, "overhead_warmup": 10,
-    "presigned_checks": 50, "users": 10,
+    "presigned_checks": 50, "users": 10, "call_limit_s": 150.0,
 }
 QUICK: dict[str, Any] = {
     **FULL, "calls": 100, "killed_runs": 1, "keyless_runs": 1, "spread_s": 4.0, "kill_at_s": 2.0,
@@ -180,12 +180,17 @@ async def _drive(cluster: Cluster, tag: str, p: dict[str, Any], *, keyed: bool, 
             await anyio.sleep(max(0.0, start + p["kill_at_s"] - time.monotonic()))
             killed.append(cluster.kill(victim))
 
-        with anyio.fail_after(p["spread_s"] + 240):
+        with anyio.move_on_after(p["spread_s"] + p["call_limit_s"]):
             async with anyio.create_task_group() as tg:
                 for c in calls:
                     tg.start_soon(launch, c)
                 if victim:
                     tg.start_soon(kill)
+    for c in calls:
+        if c.end is None:  # still unanswered at the limit: reported as such, with what it saw last
+            c.error = (f"not finished within {p['spread_s'] + p['call_limit_s']:g} s (last status {c.status}, "
+                       f"{len(c.attempts)} attempts, last {c.attempts[-1].tool if c.attempts else '-'} "
+                       f"{'cut: ' + str(c.attempts[-1].cut) if c.attempts and c.attempts[-1].cut else ''})")
     return calls, (killed[0] if killed else None)
 
 
@@ -204,7 +209,26 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
         paths = [str(i.get("path") or "") for i in c.images]
         return all(x.startswith(f"s3://{bucket}/") and x.removeprefix(f"s3://{bucket}/") in keys for x in paths)
 
-    lost = [str(n) for n in submits if not (delivered(by_nonce[n]) or by_nonce[n].status == "unknown")]
+    def stored(paths: list[str]) -> bool:
+        return bool(paths) and all(x.startswith(f"s3://{bucket}/") and x.removeprefix(f"s3://{bucket}/") in keys
+                                   for x in paths)
+
+    # What the journal holds per call (a call cut off by the bench's own limit may still have been finished).
+    row_of: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        prompt = str((r.get("request") or {}).get("prompt", ""))
+        if (n := nonce_of(prompt)) is not None:
+            row_of[n] = r
+
+    def in_journal(n: str) -> bool:
+        r = row_of.get(n)
+        return r is not None and (r["status"] == "unknown" or (r["status"] == "succeeded" and stored(
+            [str(i.get("path") or "") for i in r.get("images") or []])))
+
+    lost = [str(n) for n in submits if not (delivered(by_nonce[n]) or by_nonce[n].status == "unknown")
+            and not in_journal(n)]
+    late = [str(n) for n in submits if not (delivered(by_nonce[n]) or by_nonce[n].status == "unknown")
+            and in_journal(n)]
     # A paid job that neither a succeeded row holds nor its call reports (as its result, or as `unknown`): e.g.
     # the first of a double submission, paid for and never delivered.
     orphaned = [j.id for j in mine if row_status.get(f"atlascloud:{j.id}") != "succeeded"
@@ -244,6 +268,8 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
         "double_submissions": doubles,
         "lost": len(lost),
         "lost_nonces": lost[:10],
+        "finished_but_not_answered": len(late),
+        "unfinished_calls": sum(1 for c in calls if c.end is None),
         "paid_not_delivered": len(orphaned),
         "unknown": len(unknown),
         "unknown_reached_provider": sum(1 for c in unknown if submits[c.nonce] > 0),
@@ -477,7 +503,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"| rows left pending after the runs | {t['pending_rows']} | 0 | {verdict(t['pending_rows'] == 0)} |",
         f"| presigned links that download (sampled) | {t['presigned']['ok']} / {t['presigned']['checked']} | all "
         f"| {verdict(t['presigned']['ok'] == t['presigned']['checked'])} |",
-        f"| calls that ended in an error | {t['errors']} | 0 | {verdict(t['errors'] == 0)} |",
+        f"| calls that ended in an error | {t['errors']} (of which not answered within "
+        f"{p['spread_s'] + p['call_limit_s']:g} s: {t['unfinished_calls']}; jobs the journal finished whose call "
+        f"had no answer: {t['finished_but_not_answered']}) | 0 | {verdict(t['errors'] == 0)} |",
         "", "## Runs", "",
         "| run | keys | killed (at) | outcomes | provider submits | doubles | lost | unknown / in flight "
         "(submits in flight) | cut after the kill | re-issues | status requests per job | p50 / p95, all calls "
@@ -586,6 +614,8 @@ def _totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "killed_in_flight": in_flight,
         "unknown_share": unknown / in_flight if in_flight else 0.0,
         "pending_rows": sum(r["pending_rows"] for r in runs),
+        "finished_but_not_answered": sum(r.get("finished_but_not_answered", 0) for r in runs),
+        "unfinished_calls": sum(r.get("unfinished_calls", 0) for r in runs),
         "errors": sum(r["statuses"].get("error", 0) for r in runs),
         "cut_extra_max_s": max((r["cut_extra_s"]["max"] for r in killed if r["cut_extra_s"]["n"]), default=math.nan),
         "presigned": {"checked": sum(r["presigned"]["checked"] for r in runs),
@@ -603,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, help="the team's size: calls are spread over this many tokens")
     parser.add_argument("--no-overhead", action="store_true", help="skip the PostgreSQL+S3 vs SQLite figure")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--logs", type=Path, help="copy the replicas' and haproxy's logs here at the end")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     for name, value in (("calls", args.calls), ("killed_runs", args.runs), ("keyless_runs", args.keyless_runs),
@@ -667,6 +698,12 @@ def main(argv: list[str] | None = None) -> int:
                 s3.stop()
         finally:
             pg.stop()
+            if args.logs:
+                import shutil
+
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log in workdir.rglob("*.log"):
+                    shutil.copy(log, args.logs / f"{log.parent.name}-{log.name}")
     base = next(r for r in results["runs"] if r["victim"] is None)
     for r in results["runs"]:
         if r["victim"]:
