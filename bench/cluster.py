@@ -633,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, help="the team's size: calls are spread over this many tokens")
     parser.add_argument("--no-overhead", action="store_true", help="skip the PostgreSQL+S3 vs SQLite figure")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--check-timeout", help="haproxy's `timeout check` (deployed: unset, i.e. the 2 s interval)")
+    parser.add_argument("--name", help="results go to cluster-NAME.md/.json")
     parser.add_argument("--logs", type=Path, help="copy the replicas' and haproxy's logs here at the end")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
@@ -641,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             p[name] = value
     started = time.monotonic()
-    results: dict[str, Any] = {"command": "python -m bench.cluster" + (" --quick" if args.quick else ""),
+    results: dict[str, Any] = {"command": "python -m bench.cluster" + (" --quick" if args.quick else "")
+                               + (f" --check-timeout {args.check_timeout}" if args.check_timeout else ""),
                                "quick": args.quick, "parameters": p, "environment": _environment()}
     rng = random.Random(5)
 
@@ -665,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
                     say("starting 3 replicas and haproxy")
                     lease = {"FLUX_MCP_LEASE_SECONDS": f"{p['lease_s']:g}"}
                     with Cluster(workdir / "cluster", pg.url(database), s3.env(bucket), fake.url, KEY,
-                                 team(p["users"]), env={"FLUX_MCP_LOG_LEVEL": "WARNING", **lease}) as cluster:
+                                 team(p["users"]), env={"FLUX_MCP_LOG_LEVEL": "WARNING", **lease},
+                                 check_timeout=args.check_timeout) as cluster:
                         say("warm-up: the journal learns the job length")
                         one_run(cluster, fake, pg, database, bucket, "warm", {**p, "calls": 12, "spread_s": 1.0,
                                 "presigned_checks": 0}, keyed=True, victim=None, rng=rng)
@@ -712,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     results["totals"] = _totals(results["runs"])
     results["seconds"] = time.monotonic() - started
     results["environment"]["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    stem = "cluster-quick" if args.quick else "cluster"
+    stem = ("cluster-quick" if args.quick else "cluster") + (f"-{args.name}" if args.name else "")
+    p["check_timeout"] = args.check_timeout
     args.out.mkdir(parents=True, exist_ok=True)
     dump(args.out / f"{stem}.json", results)  # first: the samples survive a report that fails
     text = markdown(results)

@@ -72,7 +72,8 @@ def submits_per_nonce(bodies: Iterable[Mapping[str, Any]]) -> Counter[str]:
 
 # --- haproxy ----------------------------------------------------------------------------------------
 
-def haproxy_config(port: int, replicas: list[tuple[str, int]], *, check_interval: str | None = None) -> str:
+def haproxy_config(port: int, replicas: list[tuple[str, int]], *, check_interval: str | None = None,
+                   check_timeout: str | None = None) -> str:
     """deploy/haproxy.cfg with its listening address on 127.0.0.1:`port`, its servers the given (name, port)
     pairs on loopback, no docker DNS, no log line, and the answering replica named in `x-flux-replica`.
     `check_interval` replaces the health-check interval (None: as deployed)."""
@@ -97,6 +98,8 @@ def haproxy_config(port: int, replicas: list[tuple[str, int]], *, check_interval
         if stripped.startswith("server "):
             continue  # replaced below, after the backend's other lines
         out.append(line)
+        if check_timeout and line.startswith("defaults"):
+            out.append(f"    timeout check {check_timeout}")
     if not any(line.startswith("backend ") for line in out):
         raise RuntimeError("deploy/haproxy.cfg has no backend section")
     out.append(f"    http-response set-header {REPLICA_HEADER} %[srv_name]")
@@ -204,6 +207,8 @@ class Cluster:
     conn-failure`, `option redispatch`) until its checks mark it down. A shorter interval marks busy
     replicas down: on a loaded 2-core machine `/readyz` (a database and a bucket request) can take
     longer than 500 ms, and with every replica down haproxy answers 503."""
+    check_timeout: str | None = None
+    """haproxy's `timeout check` (None: as deployed, unset, so a check must answer within its interval)."""
     balancer: bool = True
     """Start haproxy in front (False: the replicas only, each at its own `url`)."""
     replicas: list[Replica] = field(default_factory=list)
@@ -238,7 +243,7 @@ class Cluster:
         self.lb_port = free_port()
         cfg = self.workdir / "haproxy.cfg"
         cfg.write_text(haproxy_config(self.lb_port, [(r.name, r.port) for r in self.replicas],
-                                      check_interval=self.check_interval))
+                                      check_interval=self.check_interval, check_timeout=self.check_timeout))
         with open(self.workdir / "haproxy.log", "wb") as log:
             self.haproxy = subprocess.Popen([ensure_haproxy(), "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT)
