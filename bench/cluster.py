@@ -577,6 +577,11 @@ def markdown(r: dict[str, Any]) -> str:
               "* *Survivors*: calls never cut and answered by a replica that was not killed; the no-kill run's are "
               "the baseline. After a kill, two replicas carry the third's calls on a shared 2-core machine, so "
               "part of any difference is CPU, not coordination.",
+              "* The survivors' figure only counts calls never cut. When haproxy has no replica to route to (its "
+              "health checks time out on busy replicas: see the run's haproxy log), calls get 503s and count as cut, "
+              "so the calls left in the figure are the ones that finished early: read it with the cut counts.",
+              "* `unknown` is what a replica that died between the provider's answer and committing it leaves: the "
+              "answer times above show how long that window is on this machine under this load.",
               "* Every call's wall time includes its 5 s job; all processes (3 replicas, haproxy, PostgreSQL, moto, "
               "the fake, the client) share the machine's cores with other work: the load averages are beside "
               "each run."]
