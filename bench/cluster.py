@@ -631,7 +631,7 @@ def _totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run: 100 calls, one keyed and one key-less "
-                                                             "killed run (about 2 minutes)")
+                                                             "killed run (about 3 minutes)")
     parser.add_argument("--calls", type=int, help="calls per run")
     parser.add_argument("--runs", type=int, help="killed runs with idempotency keys")
     parser.add_argument("--keyless-runs", type=int, help="killed runs whose clients send no idempotency_key")
