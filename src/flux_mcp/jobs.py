@@ -173,7 +173,11 @@ class JobRunner:
                                                                       poll_now=False))
             await self._finish(outcome, provider, state, paths)
         except LeaseLost:  # stalled past the lease: the new owner's row is the answer (waited on for the rest)
-            await self._follow(outcome, provider, deadline - time.monotonic(), paths, progress)
+            try:
+                await self._follow(outcome, provider, deadline - time.monotonic(), paths, progress)
+            except FluxError as exc:
+                outcome.notes.append(f"{exc} The job is kept: call check_prediction with "
+                                     f"prediction_id=\"{outcome.record.id}\".")
         except FluxError as exc:
             outcome.notes.append(f"{exc} The job is kept: call check_prediction with prediction_id=\"{record.id}\".")
         except Exception as exc:  # an unexpected failure after paying must not lose the job
