@@ -169,6 +169,8 @@ class FakeJob:
     complete_at: float | None
     polls: int
     done_seen_at: float | None
+    nonce: str | None = None
+    answered: float | None = None
 
 
 class FakeProcess:
@@ -208,6 +210,11 @@ class FakeProcess:
     def jobs(self) -> dict[str, FakeJob]:
         data = httpx2.get(f"{self.url}/_bench/jobs", timeout=30).json()
         return {k: FakeJob(id=k, **v) for k, v in data["jobs"].items()}
+
+    def configure(self, *, submit_delay: tuple[float, float]) -> None:
+        """Makes the fake slow to answer submits (each job is created at once, its answer sent later)."""
+        httpx2.post(f"{self.url}/_bench/config", json={"submit_delay": list(submit_delay)},
+                    timeout=30).raise_for_status()
 
     def serve_image(
         self, fmt: str = "png", width: int = 64, height: int = 64, content: str = "flat"

@@ -12,7 +12,12 @@
   every process, so the bench compares it with its own;
 * result files are an image chosen by the bench (format, size, flat colour or photo-like content).
 
-Control endpoints (not part of the Atlas API): `GET /_bench/jobs`, `POST /_bench/image`.
+The cluster benchmark also reads, per job, the nonce its prompt carries (`[nonce=...]`: which logical call
+submitted it, so submits per call can be counted) and can make the provider slow to answer a submit
+(`POST /_bench/config {"submit_delay": [LOW, HIGH]}`: the job is created at once, its answer sent a
+uniformly drawn LOW..HIGH seconds later, as a real provider's answer takes time to come back).
+
+Control endpoints (not part of the Atlas API): `GET /_bench/jobs`, `POST /_bench/image`, `POST /_bench/config`.
 Run it with `python -m bench.fake --port PORT` (the bench does); it only binds 127.0.0.1.
 """
 
@@ -33,6 +38,7 @@ from tests.fakes.atlascloud import AtlasFake, Job
 from tests.fakes.wire import json_response
 
 _DURATION = re.compile(r"\[duration=([0-9.]+)\]")
+_NONCE = re.compile(r"\[nonce=([A-Za-z0-9_-]+)\]")
 _MIME = {"png": "image/png", "jpeg": "image/jpeg"}
 
 
@@ -73,6 +79,9 @@ class Timing:
     complete_at: float | None
     polls: int = 0
     done_seen_at: float | None = None
+    nonce: str | None = None
+    answered: float | None = None
+    """When the submit's answer was sent (the job exists from `submitted` on)."""
 
 
 @dataclass
@@ -82,6 +91,9 @@ class TimedAtlasFake(AtlasFake):
     timings: dict[str, Timing] = field(default_factory=dict)
     image: bytes = b""
     image_mime: str = "image/png"
+    submit_delay: tuple[float, float] = (0.0, 0.0)
+    _created: dict[int, Timing] = field(default_factory=dict)
+    """The job each submit request in progress created (by the request object's id)."""
 
     def __post_init__(self) -> None:
         self.image = synth_image()
@@ -97,6 +109,22 @@ class TimedAtlasFake(AtlasFake):
             self.image = synth_image(spec["format"], spec["width"], spec["height"], spec["content"])
             self.image_mime = _MIME[spec["format"]]
             return json_response(200, {"bytes": len(self.image), "mime_type": self.image_mime})
+        if path == "/_bench/config" and request.method == "POST":
+            lo, hi = json.loads(request.content)["submit_delay"]
+            self.submit_delay = (float(lo), float(hi))
+            return json_response(200, {"submit_delay": list(self.submit_delay)})
+        if path == "/api/v1/model/generateImage" and request.method == "POST":
+            response = await super().handle(request)
+            timing = self._created.pop(id(request), None)
+            if timing is None:  # refused: no job
+                return response
+            lo, hi = self.submit_delay
+            if hi > 0:
+                import anyio
+
+                await anyio.sleep(random.uniform(lo, hi))  # created; the answer is on its way
+            timing.answered = time.monotonic()
+            return response
         return await super().handle(request)
 
     def _submit(self, request: httpx2.Request) -> httpx2.Response:
@@ -118,8 +146,10 @@ class TimedAtlasFake(AtlasFake):
             payload = response.json()
             job_id = (payload.get("data") or {}).get("id") or payload.get("id")
             m = _DURATION.search(str(body.get("prompt", "")))
-            self.timings[job_id] = Timing(
-                model=model, submitted=arrived, complete_at=arrived + float(m.group(1)) if m else None
+            nonce = _NONCE.search(str(body.get("prompt", "")))
+            self.timings[job_id] = self._created[id(request)] = Timing(
+                model=model, submitted=arrived, complete_at=arrived + float(m.group(1)) if m else None,
+                nonce=nonce.group(1) if nonce else None,
             )
         return response
 

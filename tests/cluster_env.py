@@ -76,7 +76,8 @@ class Postgres:
         return f"postgresql://flux@127.0.0.1:{self.port}/{database}"
 
     @classmethod
-    def start(cls) -> Postgres:
+    def start(cls, *, durable: bool = False) -> Postgres:
+        """`durable`: fsync and synchronous commits on, as in production (the benchmark); else off (tests)."""
         pgbin = ensure_postgres_installed()
         folder = Path(tempfile.mkdtemp(prefix="flux-pg-"))
         if os.geteuid() == 0:
@@ -84,8 +85,9 @@ class Postgres:
         pg = cls(folder, pgbin, free_port())
         _as_postgres([str(pgbin / "initdb"), "-D", str(pg.data), "-A", "trust", "-U", "flux", "--no-sync",
                       "-E", "UTF8", "--locale=C"])
-        options = (f"-h 127.0.0.1 -p {pg.port} -k {folder} -c fsync=off -c synchronous_commit=off "
-                   "-c full_page_writes=off -c max_connections=300 -c shared_buffers=32MB")
+        speed = "" if durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        options = (f"-h 127.0.0.1 -p {pg.port} -k {folder} {speed}-c max_connections=300 "
+                   "-c shared_buffers=32MB")
         try:
             _as_postgres([str(pgbin / "pg_ctl"), "-D", str(pg.data), "-l", str(folder / "log"), "-o", options,
                           "-w", "-t", "60", "start"])

@@ -22,7 +22,7 @@ async def open_journal(settings: Settings) -> Journal:
     if settings.database_url is not None:
         from .journal_pg import PgJournal
 
-        return await PgJournal.open(settings.database_url.get_secret_value())
+        return await PgJournal.open(settings.database_url.get_secret_value(), lease_seconds=settings.lease_seconds)
     return open_sqlite_journal(settings.home)
 
 

@@ -69,6 +69,9 @@ class Settings(BaseModel):
     s3: dict[str, str] = {}
     """The object store's endpoint and credentials, from the standard AWS_* variables."""
     presign_seconds: float = 3600.0
+    lease_seconds: float = 10.0
+    """FLUX_MCP_LEASE_SECONDS (shared mode): how long a replica's hold on a pending job lasts without its
+    heartbeat, i.e. how soon another replica takes over the jobs of one that died."""
     preview: Literal["auto", "off", "full"] = "auto"
     preview_budget: int = DEFAULT_PREVIEW_BUDGET
     log_level: str = "INFO"
@@ -167,6 +170,7 @@ class Settings(BaseModel):
             s3_url=s3_url or None,
             s3=s3_config(env) if s3_url else {},
             presign_seconds=presign,
+            lease_seconds=_number(env, "FLUX_MCP_LEASE_SECONDS", 10.0, 1, 3600),
             preview=preview,  # type: ignore[arg-type]
             preview_budget=budget,
             log_level=env.get("FLUX_MCP_LOG_LEVEL", "INFO").strip().upper() or "INFO",

@@ -28,7 +28,7 @@ MAX_QUERY = 400
 """Characters of a prompt query: a few words, each a condition of the search."""
 PROMPT_START = 80
 """Characters of the prompt a compact row keeps."""
-STATUSES = ("pending", "succeeded", "failed", "canceled", "starting", "processing")
+STATUSES = ("pending", "succeeded", "failed", "canceled", "starting", "processing", "unknown")
 """What a status filter accepts: "pending" is starting or processing."""
 
 _UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hr": 3600, "hour": 3600,

@@ -13,6 +13,13 @@ taken; `JobRunner.check` resumes a journaled job at the step it reached. The gua
   call is cancelled; a kept image that went missing is fetched again on the next check.
 * **No secret leaks.** Provider text is scrubbed where it enters a record (`scrub_record`, before
   every journal write and before the record is returned) and a progress message.
+
+On a shared journal (one that has `replica.Leases`: PostgreSQL) a new job's intent is journaled before
+the paid request and every write of a pending job belongs to this replica's lease; a call about a job
+another replica drives waits for its row instead of polling the provider (`_follow`). On SQLite none of
+this runs: no other process takes a job over there, so an intent row would only cost a statement per
+call (a crash between submit and answer loses the id from the journal there, as before; the provider's
+dashboard has the job), and one process's `_key_lock` in the service keeps one idempotency key to one job.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from .money import Hold, Money
 from .paths import PathPolicy
 from .providers.base import JobState, Provider, Submitted
 from .redact import Redactor
+from .replica import REREAD, KeyTaken, LeaseLost, Leases
 from .request import JobRequest
 from .store import ImageStore
 from .waiting import PollSchedule
@@ -57,6 +65,8 @@ INLINE_LONGEST = 10.0
 """Submits are held open (sync mode) only for models whose jobs typically end within this many seconds."""
 INLINE_MIN_WAIT = 15.0
 """...and only when the call may wait at least this long (a short wait wants the id back at once)."""
+DRIVE_SECONDS = 3600.0
+"""The longest a replica's reconciler drives a job it took over before letting its lease go."""
 
 
 @dataclass
@@ -104,6 +114,8 @@ class JobRunner:
         self.in_flight: dict[str, Alive] = {}
         """Jobs whose call is still running here, with a check of whether its caller is still there: a call
         whose caller is there is not abandoned, so not for an identical call to join."""
+        self.leases: Leases | None = journal if isinstance(journal, Leases) else None
+        """The shared journal's leases (None on SQLite: a single server drives every job it is asked about)."""
 
     # --- a new job ----------------------------------------------------------------------------
 
@@ -119,15 +131,24 @@ class JobRunner:
         reservation in the spend ledger. Raises FluxError only when no job was created (or its
         creation is unknowable: SubmitOutcomeUnknown); after the submit it always returns the job."""
         inline = await self._inline(provider, req.model, wait)
+        intent = await self._intend(provider, req, plan, image_source, owner, selection, hold)
         sent = time.time()
         # Shielded from cancellation, and awaited by a stopping server (within its deadline), from the moment
         # the paid request leaves until its answer (the job's id) is journaled.
         with inflight.submitting(f"the {provider.id} {req.model} job"):
             try:
                 submitted = await self._submit(provider, req, inline, progress, wait)
-            except SubmitOutcomeUnknown:
+            except SubmitOutcomeUnknown as exc:
                 if hold is not None:
                     await hold.unknown()  # it may have started: it keeps counting
+                await self._intent_failed(intent, str(exc) or type(exc).__name__)
+                raise
+            except ProviderError:
+                await self._intent_failed(intent, None)  # provably not created: the key is free again
+                raise
+            except Exception as exc:
+                await self._intent_failed(intent, f"The submit failed unexpectedly ({type(exc).__name__}); the "
+                                                  "job may exist and is never resubmitted.")
                 raise
             record = self._record(provider, req, plan, submitted, sent, image_source, hold)
             record.principal, record.request_key = owner
@@ -140,17 +161,25 @@ class JobRunner:
             state = submitted.state
             if state is not None and state.status in FINAL:
                 state = self._settle(record, state, time.time())
-            await self._save(outcome)  # the id first; then the ledger learns the job exists (and maybe its cost)
+            # The id first (replacing the intent); then the ledger learns the job exists (and maybe its cost)
+            await self._save(outcome, intent=intent.id if intent else None)
             ended = record if record.status in FINAL else None
             if hold is not None:
                 await hold.billed(record.id, ended)  # one write: billed, with the cost of a job already over
             elif ended is not None:
                 await self._charge(record)
+        deadline = time.monotonic() + wait
         try:
             if state is None or state.status not in FINAL:
                 state = await self._observe(outcome, await self._wait(record, provider, wait, progress, outcome,
                                                                       poll_now=False))
             await self._finish(outcome, provider, state, paths)
+        except LeaseLost:  # stalled past the lease: the new owner's row is the answer (waited on for the rest)
+            try:
+                await self._follow(outcome, provider, deadline - time.monotonic(), paths, progress)
+            except FluxError as exc:
+                outcome.notes.append(f"{exc} The job is kept: call check_prediction with "
+                                     f"prediction_id=\"{outcome.record.id}\".")
         except FluxError as exc:
             outcome.notes.append(f"{exc} The job is kept: call check_prediction with prediction_id=\"{record.id}\".")
         except Exception as exc:  # an unexpected failure after paying must not lose the job
@@ -164,7 +193,43 @@ class JobRunner:
             raise
         finally:
             self.in_flight.pop(record.id, None)
+            await self._let_go(record)
         return self._scrubbed(outcome)
+
+    async def _intend(self, provider: Provider, req: JobRequest, plan: SavePlan, image_source: str | None,
+                      owner: tuple[str, str | None], selection: str | None, hold: Hold | None) -> Record | None:
+        """On a shared journal: journals the job's intent before anything is sent (None on SQLite). Raises
+        KeyTaken when another job (on any replica) holds the call's idempotency key."""
+        if self.leases is None:
+            return None
+        import secrets
+
+        intent = self._record(provider, req, plan, Submitted(native_id=""), time.time(), image_source, hold)
+        intent.id = f"{provider.id}:intent-{secrets.token_hex(8)}"
+        intent.principal, intent.request_key = owner
+        intent.idempotency_key = req.idempotency_key
+        if selection:
+            intent.request["selection_reason"] = selection
+        taken = await self.leases.intent(scrub_record(intent, self.redactor))
+        if taken is not None:
+            raise KeyTaken(taken)
+        return intent
+
+    async def _intent_failed(self, intent: Record | None, error: str | None) -> None:
+        if intent is not None and self.leases is not None:
+            with anyio.CancelScope(shield=True):
+                await self.leases.intent_failed(intent.id, self.redactor.scrub(error) if error else None)
+
+    async def _let_go(self, record: Record) -> None:
+        """A call ends: a pending job's lease goes (whoever checks on it next drives it); a final one's needs
+        no statement."""
+        if self.leases is None or not self.leases.holds(record.id):
+            return
+        if record.status in FINAL:
+            self.leases.forget(record.id)
+            return
+        with anyio.CancelScope(shield=True):  # a stopping server hands its jobs over rather than leaving them
+            await self.leases.release(record.id, hand_over=inflight.stopping)
 
     async def _inline(self, provider: Provider, model: str | None, wait: float) -> bool:
         """Whether to hold the submit open until the images come back in its answer (one request, and
@@ -210,14 +275,78 @@ class JobRunner:
         """Resumes a journaled job: looks (and waits up to `wait`) if it is pending, fetches its images
         again if they went missing; a finished job with its files is returned as it is."""
         outcome = Outcome(record)
+        if record.status == "unknown":  # nothing to look at: it may exist, and is never resubmitted
+            return self._scrubbed(outcome)
         if record.status in FINAL:
             if await self.missing_files(record):
                 await self._keep_again(outcome, provider, paths)
+            return self._scrubbed(outcome)
+        if self.leases is not None:
+            await self._follow(outcome, provider, wait, paths, progress)
             return self._scrubbed(outcome)
         state = await self._observe(outcome, await self._wait(record, provider, wait, progress, outcome,
                                                               poll_now=True))
         await self._finish(outcome, provider, state, paths)
         return self._scrubbed(outcome)
+
+    async def drive(self, record: Record, provider: Provider, paths: PathPolicy) -> None:
+        """Drives a job whose lease this replica just took over (the reconciler): poll, settle, keep, with the
+        steps of any call, until it is final (or DRIVE_SECONDS pass: then its lease goes)."""
+        outcome = Outcome(record)
+        try:
+            state = await self._observe(outcome, await self._wait(record, provider, DRIVE_SECONDS, None, outcome,
+                                                                  poll_now=True))
+            await self._finish(outcome, provider, state, paths)
+        except LeaseLost:
+            log.info("%s: taken over by another replica meanwhile", record.id)
+        except Exception:
+            log.exception("driving %s", record.id)
+        finally:
+            await self._let_go(outcome.record)
+
+    async def _follow(self, outcome: Outcome, provider: Provider, wait: float, paths: PathPolicy,
+                      progress: ProgressFn | None) -> None:
+        """A shared journal's check: drives the job when nobody does (taking its lease), else waits up to `wait`
+        for its row as the replica that drives it writes it (woken by a notification, re-read at least every
+        second; no connection is held while waiting). `outcome.record` is the row as last read."""
+        assert self.leases is not None
+        start = time.monotonic()
+        deadline = start + max(wait, 0.0)
+        last_progress = start
+        while True:
+            seen = await self.leases.watch(outcome.record.id)
+            if seen is None:
+                return
+            record, live = seen
+            outcome.record = record
+            if record.status == "unknown" or (record.status in FINAL and (not live or not await self.missing_files(
+                    record))):
+                break  # done (a success whose images nobody is keeping any more is fetched again below)
+            if record.status not in FINAL and not live and record.native_id:
+                claimed = await self.leases.claim(record.id)
+                if claimed is not None:  # nobody drives it: this call does, for the rest of its wait
+                    outcome.record = claimed
+                    try:
+                        state = await self._observe(outcome, await self._wait(
+                            claimed, provider, max(deadline - time.monotonic(), 0.0), progress, outcome,
+                            poll_now=True))
+                        await self._finish(outcome, provider, state, paths)
+                        return
+                    except LeaseLost:
+                        continue  # taken over meanwhile: follow the new owner's row
+                    finally:
+                        await self._let_go(outcome.record)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if progress is not None and time.monotonic() - last_progress >= PROGRESS_EVERY - 0.01:
+                last_progress = time.monotonic()
+                await progress(round(last_progress - start, 1), wait, self.redactor.scrub(
+                    f"{record.provider}: {record.status} ({last_progress - start:.0f}s)"))
+            await self.leases.changed(record.id, min(remaining, REREAD, PROGRESS_EVERY))
+        outcome.waited = time.monotonic() - start
+        if outcome.record.status == "succeeded" and await self.missing_files(outcome.record):
+            await self._keep_again(outcome, provider, paths)
 
     async def _keep_again(self, outcome: Outcome, provider: Provider, paths: PathPolicy) -> None:
         """Fetches a finished job's missing images again: from the kept copies, the provider URLs, or —
@@ -327,12 +456,12 @@ class JobRunner:
         if self.money is not None and record.status in FINAL:
             await self.money.settle(record)
 
-    async def _save(self, outcome: Outcome) -> None:
-        """Journals the record (scrubbed). A write that cannot land yet is kept by the journal; the
-        result says so, once, with the id to keep."""
+    async def _save(self, outcome: Outcome, *, intent: str | None = None) -> None:
+        """Journals the record (scrubbed; in place of the intent `intent`, on a shared journal). A write that
+        cannot land yet is kept by the journal; the result says so, once, with the id to keep."""
         record = scrub_record(outcome.record, self.redactor)
         record.updated_at = time.time()
-        if not await self.journal.put(record):
+        if not await (self.leases.submitted(intent, record) if intent and self.leases else self.journal.put(record)):
             note = (f"The server's journal could not be written just now; it keeps retrying. Keep the "
                     f"prediction_id \"{record.id}\" to check on this job.")
             if note not in outcome.notes:

@@ -20,6 +20,15 @@ database, so any of them answers for any prediction. The rules it keeps:
 * **`delivered` only goes from false to true**, whatever order the versions of a record land in.
 * **Pooler-safe:** no server-side prepared statements (`prepare_threshold=None`), so the URL may point
   at PgBouncer in transaction mode.
+* **Leases** (schema 4, see `Leases` in `replica`): a job is driven (polled, settled, kept) by one replica
+  at a time, the holder of its lease (`lease_owner`, `lease_until`, `lease_epoch`). Before a paid submit
+  the runner inserts an *intent* row (status `submitting`, no provider id yet, id `<provider>:intent-<hex>`)
+  that already holds the caller's idempotency key, so a same-key call on any replica attaches to it
+  instead of paying again; the provider's answer replaces the intent by the real record in one
+  statement. Every write of a held job carries `lease_owner = me AND lease_epoch = mine` (fencing: a
+  replica stalled past its lease cannot overwrite the new owner's work) and a final status is never
+  changed to another one; the write that makes a job final (with its images) sends `pg_notify` in the
+  same statement. Lease times are the database's clock, so replicas' clocks need not agree.
 
 Times are kept as epoch seconds (double precision) exactly as `Record` holds them.
 """
@@ -51,7 +60,8 @@ from .journal import (
     Search,
     Totals,
 )
-from .models import ImageOutput
+from .models import FINAL, ImageOutput
+from .replica import CHANNEL, LEASE_SECONDS, LeaseLost, Waits, replica_id
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -59,7 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flux_mcp.journal")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The database layout this code reads and writes (the highest row of `flux_schema`)."""
 _LOCK_KEY = 0x666C7578  # 'flux': the advisory lock that serialises migrations across replicas
 _RECENT_TTL = 10.0
@@ -141,6 +151,21 @@ CREATE TABLE IF NOT EXISTS flux_attempts (
 );
 CREATE INDEX IF NOT EXISTS flux_attempts_at ON flux_attempts (at, provider);
 """,
+    # 3 -> 4: leases. Who drives a pending job (a replica id), until when (epoch seconds, the database's
+    # clock; NULL: nobody, whoever checks on it next takes it), the fencing epoch (+1 on every takeover), and
+    # for a record that replaced an intent row, the intent's id (an id a caller may have been given).
+    4: """
+ALTER TABLE flux_predictions ADD COLUMN IF NOT EXISTS lease_owner TEXT;
+ALTER TABLE flux_predictions ADD COLUMN IF NOT EXISTS lease_until DOUBLE PRECISION;
+ALTER TABLE flux_predictions ADD COLUMN IF NOT EXISTS lease_epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE flux_predictions ADD COLUMN IF NOT EXISTS intent_id TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS flux_predictions_intent ON flux_predictions (intent_id)
+    WHERE intent_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS flux_predictions_leases ON flux_predictions (lease_until)
+    WHERE status IN ('submitting', 'starting', 'processing');
+CREATE INDEX IF NOT EXISTS flux_predictions_owner ON flux_predictions (lease_owner)
+    WHERE status IN ('submitting', 'starting', 'processing');
+""",
 }
 
 R = TypeVar("R")
@@ -152,6 +177,64 @@ _INSERT = (f"INSERT INTO flux_predictions ({', '.join(_COLUMNS)}) VALUES ({', '.
            "delivered = flux_predictions.delivered OR EXCLUDED.delivered")
 """An upsert; `delivered` only ever goes from false to true (a late write of an older copy cannot undo it)."""
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM flux_predictions"
+
+# --- leases (schema 4) ---------------------------------------------------------------------------------
+_NOW = "extract(epoch from clock_timestamp())"
+_PENDING = "('submitting', 'starting', 'processing')"
+_LEASED = ("lease_owner", "lease_until", "lease_epoch", "intent_id")
+_STATUS = _COLUMNS.index("status")
+_ID = _COLUMNS.index("id")
+_INTENT = (f"INSERT INTO flux_predictions ({', '.join(_COLUMNS + _LEASED)}) VALUES "
+           f"({', '.join(['%s'] * len(_COLUMNS))}, %s, {_NOW} + %s, 0, %s) ON CONFLICT DO NOTHING RETURNING id")
+"""An intent: its idempotency key is taken at once (nothing is inserted when another job holds it)."""
+_SUBMITTED = (f"WITH gone AS (DELETE FROM flux_predictions WHERE id = %s AND native_id = '' "
+              f"RETURNING lease_epoch, status) "
+              f"INSERT INTO flux_predictions ({', '.join(_COLUMNS + _LEASED)}) VALUES "
+              f"({', '.join(['%s'] * len(_COLUMNS))}, %s, {_NOW} + %s, "
+              f"(SELECT coalesce(max(lease_epoch), 0) FROM gone), %s) "
+              f"ON CONFLICT (id) DO UPDATE SET "
+              f"{', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS + _LEASED if c not in ('id', 'delivered'))} "
+              f"RETURNING lease_epoch, (SELECT max(status) FROM gone)")
+"""The provider's answer: the intent row goes and the real record (same key, same epoch) comes, at once."""
+_FENCED = (_INSERT + " WHERE flux_predictions.lease_owner = %s AND flux_predictions.lease_epoch = %s AND "
+           f"(flux_predictions.status IN {_PENDING} OR flux_predictions.status = EXCLUDED.status) RETURNING id")
+"""A held job's write: only while this replica's lease (owner and epoch) is on the row; a final status stays."""
+_NOTIFY = f"WITH w AS ({{}}) SELECT id, pg_notify('{CHANNEL}', id) FROM w"
+_SELECT_LEASE = (f"SELECT {', '.join(_COLUMNS)}, lease_owner IS NOT NULL AND lease_until > {_NOW} "
+                 "FROM flux_predictions WHERE id = %s OR intent_id = %s ORDER BY native_id = '' LIMIT 1")
+_CLAIM = (f"UPDATE flux_predictions SET lease_owner = %s, lease_until = {_NOW} + %s, lease_epoch = lease_epoch + 1 "
+          f"WHERE id = %s AND status IN ('starting', 'processing') AND native_id <> '' "
+          f"AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < {_NOW}) "
+          f"RETURNING lease_epoch, {', '.join(_COLUMNS)}")
+_CLAIM_LAPSED = (f"WITH due AS (SELECT id FROM flux_predictions WHERE status IN ('starting', 'processing') "
+                 f"AND native_id <> '' AND lease_until < {_NOW} ORDER BY lease_until LIMIT %s "
+                 f"FOR UPDATE SKIP LOCKED) "
+                 f"UPDATE flux_predictions p SET lease_owner = %s, lease_until = {_NOW} + %s, "
+                 f"lease_epoch = p.lease_epoch + 1 FROM due WHERE p.id = due.id "
+                 f"RETURNING p.lease_epoch, {', '.join('p.' + c for c in _COLUMNS)}")
+"""The reconciler's claim: only leases that lapsed (a NULL lease is a job nobody waits on: left to a check)."""
+UNKNOWN_ERROR = ("The server that sent this job's paid request stopped before the provider answered, so whether "
+                 "the provider started the job is unknown. It is never resubmitted: look in the provider's "
+                 "dashboard before starting it again.")
+_EXPIRE_INTENTS = _NOTIFY.format(
+    f"UPDATE flux_predictions SET status = 'unknown', error = %s, completed_at = {_NOW}, updated_at = {_NOW}, "
+    f"lease_owner = NULL, lease_until = NULL, lease_epoch = lease_epoch + 1 "
+    f"WHERE status = 'submitting' AND lease_until < {_NOW} RETURNING id")
+_HEARTBEAT = (f"UPDATE flux_predictions SET lease_until = {_NOW} + %s WHERE lease_owner = %s "
+              f"AND status IN {_PENDING} AND lease_until IS NOT NULL")
+_END_LEASES = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE lease_owner = %s AND status IN {_PENDING} "
+               f"AND lease_until IS NOT NULL")
+_HAND_OVER = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE id = %s AND lease_owner = %s "
+              f"AND lease_epoch = %s AND status IN {_PENDING}")
+"""A stopping replica's job: its lease ends now, so another replica's reconciler takes it over at once."""
+_RELEASE = (f"UPDATE flux_predictions SET lease_owner = NULL, lease_until = NULL WHERE id = %s AND lease_owner = %s "
+            f"AND lease_epoch = %s AND status IN {_PENDING}")
+
+
+def _done(rec: Record) -> bool:
+    """Whether a write makes the job's answer complete (final, with its images when it succeeded): waiters
+    are woken then, not at the final status that precedes the download."""
+    return rec.status == "unknown" or (rec.status in FINAL and (rec.status != "succeeded" or bool(rec.images)))
 
 
 def display_url(url: str) -> str:
@@ -178,6 +261,8 @@ def _row(rec: Record) -> tuple[Any, ...]:
 
 def _record(row: Sequence[Any]) -> Record:
     data = dict(zip(_COLUMNS, row, strict=True))
+    if data["status"] == "submitting":  # an intent: the submit is on its way (no provider id yet)
+        data["status"] = "starting"
     data["images"] = [ImageOutput(**i) for i in data["images"]]
     data["delivered"] = bool(data["delivered"])
     data["cost_estimated"] = bool(data["cost_estimated"])
@@ -203,7 +288,7 @@ def _charge(row: Sequence[Any]) -> Charge:
 def _search_sql(search: Search, limit: int) -> tuple[str, tuple[Any, ...]]:
     """`Search` as PostgreSQL: each word must appear in the prompt, both lower-cased (the SQLite journal
     folds with Python's casefold; the two differ only for a few letters such as the German sharp s)."""
-    where: list[str] = []
+    where: list[str] = ["status <> 'submitting'"]  # an intent is listed once the provider answered
     args: list[Any] = []
     if search.principal is not None:
         where.append("principal = %s")
@@ -229,18 +314,35 @@ def _search_sql(search: Search, limit: int) -> tuple[str, tuple[Any, ...]]:
 class PgJournal:
     """The journal in a PostgreSQL database, shared by every replica. Open with `await PgJournal.open(url)`."""
 
-    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]], where: str):
+    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]], where: str, *, owner: str | None = None,
+                 lease_seconds: float = LEASE_SECONDS, conninfo: str = ""):
         self.pool = pool
         self.where = where
+        self.owner = owner or replica_id()
+        """This replica's name in `lease_owner`."""
+        self.lease_seconds = lease_seconds
+        self.conninfo = conninfo
+        """The database URL (for the LISTEN connection, which is not pooled)."""
+        self.waits = Waits()
+        """Calls waiting on jobs, woken by final writes here and by notifications from other replicas."""
+        self._held: dict[str, int] = {}
+        """Jobs whose lease this replica holds, with the epoch it holds them at."""
+        self._intents: dict[str, str] = {}
+        """Records (by id) whose write must replace an intent row (by its id), until it lands."""
         self._recent: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
         self._backlog: dict[str, Record] = {}
         self._backlog_reason: str | None = None
         self._retrier: asyncio.Task[None] | None = None
         self._closed = False
+        self._reserving: dict[str, asyncio.Lock] = {}
+        """Per principal: one of this replica's reservations at a time waits on the principal's ledger lock, so a
+        burst of one user's calls holds one pooled connection, not all of them (the heartbeat needs one)."""
 
     @classmethod
-    async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0) -> PgJournal:
-        """Connects (waiting up to `timeout` for the database), migrates, and checks the layout."""
+    async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0,
+                   owner: str | None = None, lease_seconds: float = LEASE_SECONDS) -> PgJournal:
+        """Connects (waiting up to `timeout` for the database), migrates, and checks the layout. `owner` names
+        this replica in leases (default: host, pid and a random part); `lease_seconds` is the lease length."""
         try:
             from psycopg_pool import AsyncConnectionPool
         except ImportError:
@@ -258,7 +360,7 @@ class PgJournal:
             await pool.close()
             raise JournalUnusable(f"The database {where} cannot be reached ({type(exc).__name__}: "
                                   f"{_first_line(exc)}). Check FLUX_MCP_DATABASE_URL.") from None
-        journal = cls(pool, where)
+        journal = cls(pool, where, owner=owner, lease_seconds=lease_seconds, conninfo=url)
         try:
             await journal._migrate()
         except JournalUnusable:
@@ -301,7 +403,7 @@ class PgJournal:
         self._remember_duration(record)
         if record.id not in self._backlog and not self._backlog:
             try:
-                await self._write(record)
+                await self._write(record)  # LeaseLost passes through: a fenced write is dropped, never retried
                 return True
             except _kept() as exc:
                 reason = _first_line(exc)
@@ -314,8 +416,30 @@ class PgJournal:
         return False
 
     async def _write(self, record: Record) -> None:
+        """Writes a record; a held job's write is fenced (raises LeaseLost when this replica lost the lease)
+        and the write that completes a job notifies every replica in the same statement."""
+        intent = self._intents.get(record.id)
+        if intent is not None:
+            return await self._replace_intent(intent, record)
+        epoch = self._held.get(record.id)
+        if epoch is None:
+            async with self.pool.connection() as conn:
+                await conn.execute(_NOTIFY.format(_INSERT + " RETURNING id") if _done(record) else _INSERT,
+                                   _row(record))
+            if _done(record):
+                self.waits.wake(record.id)
+            return
+        sql = _NOTIFY.format(_FENCED) if _done(record) else _FENCED
         async with self.pool.connection() as conn:
-            await conn.execute(_INSERT, _row(record))
+            cur = await conn.execute(sql, (*_row(record), self.owner, epoch))
+            landed = await cur.fetchone() is not None
+        if not landed:
+            self._held.pop(record.id, None)
+            log.warning("write of %s dropped: another replica took the job over (this one's lease lapsed)",
+                        record.id)
+            raise LeaseLost(record.id)
+        if _done(record):
+            self.waits.wake(record.id)
 
     def unwritten(self) -> list[str]:
         return list(self._backlog)
@@ -334,6 +458,8 @@ class PgJournal:
         for rec in list(self._backlog.values()):
             try:
                 await self._write(rec)
+            except LeaseLost:
+                pass  # another replica owns the job now: this older version is dropped
             except _kept() as exc:
                 self._backlog_reason = _first_line(exc)
                 return False
@@ -367,6 +493,8 @@ class PgJournal:
         if pending is not None:
             return pending.copy()
         rows = await self._fetch(f"{_SELECT} WHERE id = %s", (prediction_id,))
+        if not rows and ":intent-" in prediction_id:  # an id given out before the provider answered
+            rows = await self._fetch(f"{_SELECT} WHERE intent_id = %s", (prediction_id,))
         return _record(rows[0]) if rows else None
 
     async def typical_duration(self, provider: str, model: str) -> float | None:
@@ -499,7 +627,8 @@ class PgJournal:
                 await conn.execute(_INSERT_CHARGE, _charge_row(charge))
             return refusal
 
-        result: R | None = await self._ledger(work)
+        async with self._reserving.setdefault(charge.principal, asyncio.Lock()):
+            result: R | None = await self._ledger(work)
         return result
 
     async def totals(self, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
@@ -585,6 +714,146 @@ class PgJournal:
 
     def read_only(self) -> str | None:
         return None  # a database that refuses writes for a while keeps them in the backlog
+
+    # --- leases (the `replica.Leases` protocol and the replica's own statements) ----------------
+
+    async def intent(self, record: Record) -> Record | None:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        from .errors import FluxError
+
+        row = list(_row(record))
+        row[_STATUS] = "submitting"
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(_INTENT, (*row, self.owner, self.lease_seconds, record.id))
+                landed = await cur.fetchone() is not None
+                if not landed and record.idempotency_key:
+                    cur = await conn.execute(f"{_SELECT} WHERE principal = %s AND idempotency_key = %s",
+                                             (record.principal, record.idempotency_key))
+                    held = await cur.fetchone()
+                    if held is not None:
+                        return _record(held)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise FluxError(f"The database {self.where} cannot record the job before it is sent "
+                            f"({_first_line(exc)}), so nothing was sent and nothing was charged. Call again "
+                            "in a moment.") from None
+        if not landed:  # the key's job went between the two statements (pruned): never send without an intent
+            raise FluxError("Another call with this idempotency_key is being recorded right now; nothing was sent. "
+                            "Call again to get that job.")
+        self._held[record.id] = 0
+        return None
+
+    async def intent_failed(self, intent_id: str, error: str | None) -> None:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        self._held.pop(intent_id, None)
+        try:
+            async with self.pool.connection() as conn:
+                if error is None:
+                    await conn.execute("DELETE FROM flux_predictions WHERE id = %s AND native_id = ''", (intent_id,))
+                else:
+                    await conn.execute(_NOTIFY.format(
+                        f"UPDATE flux_predictions SET status = 'unknown', error = %s, completed_at = {_NOW}, "
+                        f"updated_at = {_NOW}, lease_owner = NULL, lease_until = NULL "
+                        f"WHERE id = %s AND native_id = '' RETURNING id"), (error, intent_id))
+        except (psycopg.Error, PoolTimeout) as exc:  # the reconciler turns it into `unknown` once its lease lapses
+            log.warning("intent %s not updated (%s)", intent_id, _first_line(exc))
+        self.waits.wake(intent_id)
+
+    async def submitted(self, intent_id: str, record: Record) -> bool:
+        self._held.pop(intent_id, None)
+        self._intents[record.id] = intent_id  # until it lands: a retried write from the backlog replaces it too
+        return await self.put(record)
+
+    async def _replace_intent(self, intent_id: str, record: Record) -> None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_SUBMITTED, (intent_id, *_row(record), self.owner, self.lease_seconds,
+                                                  intent_id))
+            row = await cur.fetchone()
+        self._intents.pop(record.id, None)
+        epoch, was = (int(row[0]), row[1]) if row else (0, None)
+        self._held[record.id] = epoch
+        if was == "unknown":
+            log.warning("%s: the provider's answer came after the job was reported unknown; the job continues",
+                        record.id)
+        if _done(record) or was == "unknown":
+            self.waits.wake(intent_id)
+
+    async def claim(self, prediction_id: str) -> Record | None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_CLAIM, (self.owner, self.lease_seconds, prediction_id))
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        self._held[prediction_id] = int(row[0])
+        return _record(row[1:])
+
+    async def claim_lapsed(self, limit: int) -> list[Record]:
+        """The reconciler's claim: up to `limit` pending jobs whose lease lapsed, now held here (epoch + 1)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_CLAIM_LAPSED, (limit, self.owner, self.lease_seconds))
+            rows = await cur.fetchall()
+        claimed = []
+        for row in rows:
+            rec = _record(row[1:])
+            self._held[rec.id] = int(row[0])
+            claimed.append(rec)
+        return claimed
+
+    async def expire_intents(self) -> list[str]:
+        """Intents whose replica's lease lapsed become `unknown` (never resubmitted); returns their ids."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_EXPIRE_INTENTS, (UNKNOWN_ERROR,))
+            ids = [str(r[0]) for r in await cur.fetchall()]
+        for rid in ids:
+            self.waits.wake(rid)
+        return ids
+
+    async def heartbeat(self) -> int:
+        """Renews every lease this replica holds, in one statement; returns how many rows it renewed."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_HEARTBEAT, (self.lease_seconds, self.owner))
+            return cur.rowcount
+
+    async def end_leases(self) -> int:
+        """A stopping replica's leases end now, so other replicas take its jobs over at once."""
+        self._held.clear()
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_END_LEASES, (self.owner,))
+            return cur.rowcount
+
+    async def release(self, prediction_id: str, *, hand_over: bool = False) -> None:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        epoch = self._held.pop(prediction_id, None)
+        if epoch is None:
+            return
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(_HAND_OVER if hand_over else _RELEASE, (prediction_id, self.owner, epoch))
+        except (psycopg.Error, PoolTimeout) as exc:  # the lease lapses by itself; another replica then takes it
+            log.info("lease of %s not released (%s)", prediction_id, _first_line(exc))
+
+    def forget(self, prediction_id: str) -> None:
+        """A finished job's lease needs no statement: nobody claims a final job."""
+        self._held.pop(prediction_id, None)
+
+    def holds(self, prediction_id: str) -> bool:
+        return prediction_id in self._held
+
+    async def watch(self, prediction_id: str) -> tuple[Record, bool] | None:
+        pending = self._backlog.get(prediction_id)
+        if pending is not None:
+            return pending.copy(), True
+        rows = await self._fetch(_SELECT_LEASE, (prediction_id, prediction_id))
+        return (_record(rows[0][:-1]), bool(rows[0][-1])) if rows else None
+
+    async def changed(self, prediction_id: str, timeout: float) -> None:
+        await self.waits.wait(prediction_id, timeout)
 
     async def ping(self) -> None:
         """Raises unless the database answers a trivial query (the readiness check)."""

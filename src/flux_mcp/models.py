@@ -11,8 +11,9 @@ DETAIL: JsonDict = {"x-detail": True}
 """`json_schema_extra` of a result field that the compact outputSchema leaves out (see schema.compact_output):
 the field is still in every structuredContent; the schema lists the ones a model acts on."""
 
-Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
-"""`starting` and `processing` are pending; the other three are final."""
+Status = Literal["starting", "processing", "succeeded", "failed", "canceled", "unknown"]
+"""`starting` and `processing` are pending; succeeded, failed and canceled are final; `unknown` (shared mode): the
+server that sent the paid request stopped before the provider answered, so the job may exist; never resubmitted."""
 
 PENDING: frozenset[str] = frozenset({"starting", "processing"})
 FINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})

@@ -44,6 +44,10 @@ def next_step(record: Record, settings: Settings, *, joined: bool = False) -> st
     elif record.status == "failed":
         step = ("Adjust the prompt or parameters and call the tool again (this is a new, paid job), or try "
                 "another provider.")
+    elif record.status == "unknown":
+        step = ("Whether the provider started this job is unknown and it is never resubmitted: look for it in the "
+                f"provider's dashboard before calling the tool again (that is a new, paid job); {check} later: "
+                "it shows the images if the provider's answer arrives after all.")
     else:
         step = "The job was canceled; call the tool again to start a new job."
     if is_placeholder(record):
@@ -107,6 +111,9 @@ def prediction_result(outcome: Outcome, paths: PathPolicy, settings: Settings, *
         lines.append(next_step(record, settings, joined=outcome.joined))
     elif record.status == "failed":
         lines.append(f"The job {record.id} on {who} failed: {record.error or 'no reason given'}.")
+        lines.append(next_step(record, settings, joined=outcome.joined))
+    elif record.status == "unknown":
+        lines.append(f"The job {record.id} on {who} is unknown: {record.error or 'no answer to its submit'}")
         lines.append(next_step(record, settings, joined=outcome.joined))
     else:
         lines.append(f"The job {record.id} on {who} was canceled: {record.error or 'no reason given'}.")

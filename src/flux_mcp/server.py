@@ -36,6 +36,9 @@ from mcp_types import (
 from mcp_types import Tool as MCPTool
 from pydantic import AnyUrl, Field
 
+if TYPE_CHECKING:
+    from .replica import Replica
+
 from . import __version__, history
 from .compat import add_request_handler, drop_middleware, registered_tool
 from .config import Settings
@@ -91,6 +94,8 @@ class AppState:
     paths: PathPolicy | None = None
     """A folder policy fixed by the caller of build_server (the terminal's `generate -o`), used instead of
     the roots and the settings."""
+    replica: Replica | None = None
+    """Shared mode: this process's `replica.Replica` (heartbeat, reconciler, wake-ups); None on SQLite."""
 
     @functools.cached_property
     def service(self) -> FluxService:
@@ -243,17 +248,28 @@ async def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None
         return FluxService(settings, client, journal, store=store, redactor=Redactor(settings.secrets()),
                            retry=retry, downloader=downloader, clock=clock)
 
-    return AppState(settings, journal, client, make_service, Folders(settings), paths=paths)
+    state = AppState(settings, journal, client, make_service, Folders(settings), paths=paths)
+    if settings.database_url is not None:  # shared mode: this replica's part in the cluster
+        from .journal_pg import PgJournal
+        from .replica import Replica
+
+        if isinstance(journal, PgJournal):
+            service = state.service  # made now: the replica finishes other replicas' jobs from the start
+            state.replica = Replica(journal, service.runner, service.providers, paths or PathPolicy([], settings.home))
+            await state.replica.start()
+    return state
 
 
 async def _close_state(state: AppState, *, own_client: bool) -> None:
+    if state.replica is not None:
+        await state.replica.stop()  # its leases end now: other replicas take its jobs over at once
     if own_client:
         await state.client.aclose()
     await state.journal.close()
     if "service" in state.__dict__:  # a job ran: every image written is on stable storage before exit
         from .media import flush_pending
 
-        await anyio.to_thread.run_sync(flush_pending)  # every image written is on stable storage before exit
+        await anyio.to_thread.run_sync(flush_pending)
 
 
 async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyResult:

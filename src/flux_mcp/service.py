@@ -43,6 +43,7 @@ from .money import Ask, Money, Planned
 from .paths import PathPolicy
 from .providers import Provider, registry
 from .redact import Redactor
+from .replica import KeyTaken
 from .request import JobRequest, request_key
 from .shared import LOCAL, UPLOAD_REFUSED, check_job_inputs
 from .store import FolderStore, ImageStore
@@ -132,15 +133,20 @@ class FluxService:
             return await self._new(req, "", paths, progress, principal, alive, ask)
         key = request_key(req)
         if req.idempotency_key:
+            # One process: the lock keeps one key to one job. Several replicas: the intent row holds the key in
+            # the database before any paid request, so a same-key call elsewhere attaches (KeyTaken).
             async with self._key_lock(principal, req.idempotency_key):
                 earlier = await self.journal.by_idempotency_key(principal, req.idempotency_key)
-                if earlier is not None and earlier.request_key != key:
+                if earlier is None:
+                    try:
+                        return await self._new(req, key, paths, progress, principal, alive, ask)
+                    except KeyTaken as taken:
+                        earlier = taken.record
+                if earlier.request_key != key:
                     raise InvalidInput(
                         f"idempotency_key {req.idempotency_key!r} already belongs to {earlier.id}, made with other "
                         "arguments. Use a new key for a new job, or the same arguments to get that job back.")
-                if earlier is not None:
-                    return await self._join(earlier, req, paths, progress)
-                return await self._new(req, key, paths, progress, principal, alive, ask)
+                return await self._join(earlier, req, paths, progress)
         for earlier in await self.journal.rejoinable(principal, key, time.time() - self.settings.rejoin_seconds):
             alive = self.runner.in_flight.get(earlier.id)
             if alive is None or not await alive():  # a call whose caller still waits on it is not abandoned
@@ -154,7 +160,7 @@ class FluxService:
         if provider is None or not provider.configured:
             outcome = Outcome(record, notes=[f"Set {provider.key_env if provider else record.provider} to check "
                                              "on this job again."])
-        elif record.status in FINAL and not await self.runner.missing_files(record):
+        elif (record.status in FINAL and not await self.runner.missing_files(record)) or record.status == "unknown":
             outcome = Outcome(record)
         else:
             outcome = await self.runner.check(record, provider, self.wait_for(req.wait_seconds), paths, progress)

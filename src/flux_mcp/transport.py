@@ -163,7 +163,9 @@ def http_app(settings: Settings, transport: str, host: str, port: int, limits: H
         _mount_gallery(app, settings, host)
     sdk_app = app = oauth.wrap_sdk_app(app) if oauth is not None else app
     app = BodyGuard(app, MAX_BODY_BYTES)
-    if transport != "sse":
+    # Stateless (shared mode) opens no session to limit, and behind a load balancer every call comes from its
+    # address: counting calls there would refuse the 33rd simultaneous call of the whole team.
+    if transport != "sse" and not settings.shared:
         manager = server.session_manager
         app = SessionLimit(app, lambda: open_sessions(manager), limits.sessions_per_client)
     if oauth is not None:  # the SDK checks the token and answers the challenges; the gate throttles failures
