@@ -10,9 +10,10 @@
   `Money.plan` makes the same checks for a dry run, without asking or reserving.
 * **Budgets.** FLUX_MCP_BUDGET_DAY_USD, FLUX_MCP_BUDGET_MONTH_USD and FLUX_MCP_MAX_IMAGES_PER_DAY
   hold each principal (the local user; over HTTP, each authenticated identity) to its charges since
-  the start of the current UTC day or UTC calendar month, counted across every process that shares
-  the journal. A call reserves its estimate atomically with the check (`Journal.reserve`), so
-  parallel calls cannot both spend the last dollar. The reservation is released when the provider
+  the start of the current UTC day or UTC calendar month, and the server as a whole (every
+  principal's charges together) to the same limits, counted across every process that shares the
+  journal. A call reserves its estimate atomically with both checks (`Journal.reserve`), so
+  parallel calls, of one principal or of several, cannot both spend the last dollar. The reservation is released when the provider
   provably created no job, kept when the job may have started (`SubmitOutcomeUnknown`: it counts
   until proven otherwise, and nothing can prove it), and becomes the job's cost when the job ends.
   An unpriced job adds no dollars but its images count: FLUX_MCP_MAX_IMAGES_PER_DAY holds
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import SpendRefused
-from .journal import Charge, Journal, LedgerUnavailable, Totals
+from .journal import EVERYONE, Charge, Journal, LedgerUnavailable, Totals
 from .models import DryRun, PredictionResult
 
 if TYPE_CHECKING:
@@ -313,15 +314,25 @@ class Money:
     async def _over_budget(self, est: Estimate, principal: str) -> str | None:
         if not est.billed or not self.limits.budgeted:
             return None
+        windows = self.windows(self.clock())
         try:
-            totals = await self.journal.totals(principal, self.windows(self.clock()))
+            totals = await self.journal.totals(principal, windows)
+            everyone = await self.journal.totals(None, windows)
         except LedgerUnavailable as exc:
             return self._no_ledger(exc)
-        return self._refusal(totals, est, principal)
+        return self._refusal({**totals, **{EVERYONE + k: v for k, v in everyone.items()}}, est, principal)
 
     def _refusal(self, totals: Mapping[str, Totals], est: Estimate, principal: str) -> str | None:
-        """Why `est` does not fit the budgets given what was charged so far (None: it fits)."""
+        """Why `est` does not fit the budgets given what was charged so far (None: it fits): the principal's
+        own totals first, then the server's (every principal's, under EVERYONE-prefixed names, when given)."""
         who = "" if principal == LOCAL else f" for {principal}"
+        mine = self._refusal_of(totals, est, who, "")
+        if mine is not None or f"{EVERYONE}day" not in totals:
+            return mine
+        return self._refusal_of({k[len(EVERYONE):]: v for k, v in totals.items() if k.startswith(EVERYONE)}, est,
+                                " on this server by all its users together", " (every user's calls count)")
+
+    def _refusal_of(self, totals: Mapping[str, Totals], est: Estimate, who: str, counted: str) -> str | None:
         limits = self.limits
         for window, limit, variable, spent_when, resets in (
                 ("day", limits.day_usd, "FLUX_MCP_BUDGET_DAY_USD", "today (UTC)", "at 00:00 UTC"),
@@ -330,15 +341,15 @@ class Money:
             spent = totals[window].usd
             if limit is None or est.usd is None or spent + est.usd <= limit + EPSILON:
                 continue
-            return (f"Spent {spent_when}{who}: {usd(spent)} of the {variable} limit of {usd(limit)}; this call's "
-                    f"estimate of {usd(est.usd)} ({est.what}) would go over it. Nothing was submitted. The limit "
+            return (f"Spent {spent_when}{who}: {usd(spent)} of the {variable} limit of {usd(limit)}{counted}; this "
+                    f"call's estimate of {usd(est.usd)} ({est.what}) would go over it. Nothing was submitted. The limit "
                     f"resets {resets}; to allow more now, the user can raise {variable} in the server's "
                     "environment and restart it.")
         cap = limits.images_per_day
         made = totals["day"].images
         if cap is not None and made + est.images > cap:
-            return (f"Images made today (UTC){who}: {made} of the FLUX_MCP_MAX_IMAGES_PER_DAY limit of {cap}; this "
-                    f"call asks for {est.images} more ({est.what}). Nothing was submitted. The limit resets at "
+            return (f"Images made today (UTC){who}: {made} of the FLUX_MCP_MAX_IMAGES_PER_DAY limit of {cap}"
+                    f"{counted}; this call asks for {est.images} more ({est.what}). Nothing was submitted. The limit resets at "
                     "00:00 UTC; to allow more now, the user can raise FLUX_MCP_MAX_IMAGES_PER_DAY in the server's "
                     "environment and restart it.")
         return None
@@ -424,6 +435,7 @@ class Money:
         windows = self.windows(now)
         charges = await self.journal.charges_since(windows["month"])
         people: dict[str, dict[str, Any]] = {}
+        server = {"today": _sums(), "month": _sums()}
         for c in charges:
             person = people.setdefault(c.principal, {"principal": c.principal, "today": _sums(), "month": _sums(),
                                                      "providers": {}})
@@ -431,13 +443,15 @@ class Money:
                                                                    "month": _sums()})
             spans = ("today", "month") if c.created_at >= windows["day"] else ("month",)
             for span in spans:
-                for bucket in (person[span], provider[span]):
+                for bucket in (person[span], provider[span], server[span]):
                     _add(bucket, c)
         for person in people.values():
             person["providers"] = sorted(person["providers"].values(), key=lambda p: p["provider"])
             for bucket in [person["today"], person["month"]] + [p[s] for p in person["providers"]
                                                                   for s in ("today", "month")]:
                 bucket["usd"] = round(bucket["usd"], 6)
+        for bucket in server.values():
+            bucket["usd"] = round(bucket["usd"], 6)
         limits = self.limits
         return {
             "now": _iso(now), "day_start": _iso(windows["day"]), "month_start": _iso(windows["month"]),
@@ -445,6 +459,7 @@ class Money:
                        "FLUX_MCP_MAX_IMAGES_PER_DAY": limits.images_per_day,
                        "FLUX_MCP_CONFIRM_ABOVE_USD": limits.confirm_above_usd},
             "principals": sorted(people.values(), key=lambda p: (p["principal"] != LOCAL, p["principal"])),
+            "server": server,
         }
 
 
@@ -495,6 +510,10 @@ def format_report(report: Mapping[str, Any]) -> str:
             lines.append(f"  {row['provider']:<16} {cell(row['today']):<34} {cell(row['month'])}")
         lines.append(f"  {'total':<16} {cell(person['today'], day_limit, cap):<34} "
                      f"{cell(person['month'], month_limit)}")
+    if len(report["principals"]) > 1:  # the limits hold the server as a whole too
+        server = report["server"]
+        lines.append("all users together:")
+        lines.append(f"  {'total':<16} {cell(server['today'], day_limit, cap):<34} {cell(server['month'], month_limit)}")
     unset = [name for name, value in limits.items() if value is None]
     set_ = [f"{name}={value:g}" for name, value in limits.items() if value is not None]
     lines.append("Limits: " + ("; ".join(set_) if set_ else "none") + (f" (not set: {', '.join(unset)})"
