@@ -171,7 +171,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
-            result = await state.service.upload(path, provider, paths)
+            result = await state.service.upload(path, provider, paths, principal=principal_of(ctx))
         except FluxError as exc:
             return error_result(state.service.redactor.scrub(str(exc)))
         text = (f"Uploaded {paths.display(result.path)} to {result.provider}"
@@ -211,6 +211,10 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     _add_resources(server, settings)
     add_prompts(server)
     add_health_routes(server, lambda: live[0].service if live else None)
+    if settings.shared:  # remote users: upload links and their own gallery (see `remote`)
+        from .remote import add_remote_io
+
+        add_remote_io(server, lambda: live[0].service if live else None, principal_of)
     return server
 
 

@@ -128,11 +128,13 @@ def match_token(supplied: bytes, tokens: list[tuple[bytes, str]]) -> str | None:
 SAVE_TO_REFUSED = ("save_to writes on the server's disk, which a shared server's users cannot reach. Omit "
                    "save_to: the result's images[].url is a download link for each image (valid for a while; call "
                    "check_prediction for a fresh one), then save the file in your project yourself.")
-LOCAL_IMAGE_REFUSED = ("`image` must be an http(s) URL or a data: URI on a shared server: it cannot read files on "
-                       "your machine (nor should it read its own). Pass the file as a data: URI (base64 of the "
-                       "bytes, e.g. data:image/png;base64,...) or a public URL.")
+LOCAL_IMAGE_REFUSED = ("`image` must be an http(s) URL, a data: URI or an upload on a shared server: it cannot read "
+                       "files on your machine (nor should it read its own). Call create_upload_link and PUT the file "
+                       "to its URL, then pass its `upload:...` reference; or pass the file as a data: URI (base64 of "
+                       "the bytes, e.g. data:image/png;base64,...) or a public URL.")
 UPLOAD_REFUSED = ("upload_media reads a file on the server's disk, which a shared server's users cannot reach. "
-                  "Pass the image to edit_image directly as a data: URI (base64 of the file) or an http(s) URL.")
+                  "Call create_upload_link, PUT the file to its URL and pass its `upload:...` reference as `path`; "
+                  "or pass the image to edit_image directly as a data: URI (base64 of the file) or an http(s) URL.")
 
 
 VARIATION_REFUSED = ("variation_of reads an image file on the server's disk, which a shared server's users cannot "
@@ -146,7 +148,10 @@ def check_job_inputs(save_to: str | None, image: str | None, variation_of: str |
         raise InvalidInput(VARIATION_REFUSED)
     if save_to:
         raise InvalidInput(SAVE_TO_REFUSED)
-    if image is not None and not image.strip().startswith(("http://", "https://", "data:")):
+    from .uploads import is_reference
+
+    if image is not None and not image.strip().startswith(("http://", "https://", "data:")) \
+            and not is_reference(image):
         raise InvalidInput(LOCAL_IMAGE_REFUSED)
 
 
