@@ -58,7 +58,8 @@ from .render import error_result, needs_image_work, prediction_result, structure
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
 from .schema import compact_annotations, compact_input, compact_output, quiet
 from .service import FluxService, ProgressFn
-from .shared import PRINCIPAL_KEY, add_health_routes, present
+from .uploads import SHARED_IMAGE, SHARED_UPLOAD_PATH
+from .shared import PRINCIPAL_KEY, REFUSED_HERE, add_health_routes, present
 
 log = logging.getLogger("flux_mcp.server")
 
@@ -131,7 +132,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
                 if users == 0:
                     await _close_state(live.pop(), own_client=http_client is None)
 
-    server: MCPServer[AppState] = _Server(
+    server = _Server(
         "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS, icons=ICONS,
         lifespan=lifespan, extensions=[_app()], log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
@@ -149,17 +150,22 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True)
 
+    # Shared mode: the parameters refused there (they name the server's disk) are not listed, which keeps
+    # tools/list within its bound with the link tools; a call that sends one gets the refusal saying why.
+    dropped = frozenset(REFUSED_HERE) if settings.shared else frozenset()
+    server.refused_here = REFUSED_HERE if settings.shared else {}
     provider = provider_text(settings)
     described = {"provider": provider, "wait_seconds": (
         f"Default {settings.wait_seconds:g}, at most {settings.max_wait_seconds:g}.")}
     server.tool(title="Generate image", annotations=job_annotations, meta=APP_META)(
-        _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {**described}))
+        _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {**described}, drop=dropped))
     # edit_image's other parameters mean what generate_image's do, and its description says so: the
     # model reads both tools, so their descriptions are not paid for twice.
     as_generate = dict.fromkeys(JobRequest.model_fields.keys() - {"prompt", "image"})
     server.tool(title="Edit image", annotations=job_annotations, meta=APP_META)(
         _job_tool("edit_image", "edit", "Edited", EDIT_DOC, {
-            **as_generate, "prompt": "The change, e.g. 'make the sky a sunset'."}))
+            **as_generate, "prompt": "The change, e.g. 'make the sky a sunset'.",
+            **({"image": SHARED_IMAGE} if settings.shared else {})}, drop=dropped))
 
     async def upload_media(
         path: Annotated[str, Field(min_length=1, max_length=4096, json_schema_extra=quiet("minLength", "maxLength"),
@@ -182,7 +188,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
     server.tool(title="Upload image", annotations=ToolAnnotations(
         read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))(
-        upload_media)
+        _redescribe(upload_media, path=SHARED_UPLOAD_PATH) if settings.shared else upload_media)
 
     async def check_prediction(
         prediction_id: Annotated[str, Field(min_length=3, max_length=230,
@@ -247,13 +253,14 @@ wait_seconds: a prediction_id for check_prediction (calling again pays again).""
 EDIT_DOC = """Edit an image by instruction (FLUX Kontext or img2img); parameters and answer as generate_image."""
 
 
-def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str | None]) -> Any:
+def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str | None], *,
+              drop: frozenset[str] = frozenset()) -> Any:
     """A generate/edit tool whose parameters are `JobRequest`'s fields (see request.tool_parameters)."""
 
     async def tool(ctx: Context[AppState, Any], **args: Any) -> CallToolResult | InputRequiredResult:
         return await _run_job(ctx, JobRequest(kind=kind, **args), action=action)
 
-    params = tool_parameters(kind, descriptions)
+    params = [p for p in tool_parameters(kind, descriptions) if p.name not in drop]
     context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context[AppState, Any])
     tool.__name__ = tool.__qualname__ = name
     tool.__doc__ = doc
@@ -504,6 +511,8 @@ class _Server(MCPServer[AppState]):
     """
 
     _arguments: dict[str, tuple[list[str], frozenset[str]]] | None = None
+    refused_here: dict[str, str] = {}
+    """Parameters not listed on this server, each with the refusal a call sending it gets (shared mode)."""
     """Each tool's parameter names as clients send them, in order, and the required ones; None until
     asked (or after a tool was added or removed)."""
 
@@ -541,6 +550,10 @@ class _Server(MCPServer[AppState]):
                                for t in await super().list_tools()}
         if name in self._arguments:
             known, required = self._arguments[name]
+            for arg in [a for a in arguments if a in self.refused_here and a not in known]:
+                if arguments[arg] not in (None, False, ""):
+                    return error_result(self.refused_here[arg])
+                arguments = {k: v for k, v in arguments.items() if k != arg}  # unset: as if not sent
             unknown = [arg for arg in arguments if arg not in known]
             if unknown:
                 log.info("Tool %r refused unknown arguments %r", name, unknown)

@@ -142,6 +142,14 @@ VARIATION_REFUSED = ("variation_of reads an image file on the server's disk, whi
                      "check_prediction result lists them).")
 
 
+PRESET_REFUSED = ("preset writes its files under save_to on the server's disk, which a shared server's users cannot "
+                  "reach. Generate the image (width/height give its exact size) and make the other sizes from its "
+                  "images[].url yourself.")
+REFUSED_HERE = {"save_to": SAVE_TO_REFUSED, "overwrite": SAVE_TO_REFUSED, "preset": PRESET_REFUSED,
+                "variation_of": VARIATION_REFUSED}
+"""The job parameters a shared server does not list (each names the server's disk) and their refusals."""
+
+
 def check_job_inputs(save_to: str | None, image: str | None, variation_of: str | None = None) -> None:
     """Refuses, before anything is paid for, the inputs that name the server's disk."""
     if variation_of:

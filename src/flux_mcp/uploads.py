@@ -46,6 +46,10 @@ MAX_BYTES = 20 * 1024 * 1024
 """The largest file an upload link takes."""
 PATH = "/uploads/"
 REFERENCE = "upload:"
+SHARED_IMAGE = "A URL, data: URI or upload:... reference (create_upload_link)."
+"""edit_image's `image` on a shared server (no local paths there)."""
+SHARED_UPLOAD_PATH = "An upload:... reference (create_upload_link)."
+"""upload_media's `path` on a shared server."""
 _LINK = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _URL_LINK = re.compile(r"^https?://[^/?#]+/uploads/([A-Za-z0-9_-]{43})$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
@@ -226,8 +230,8 @@ def add_upload_route(server: Any, uploads: Callable[[], Uploads | None]) -> None
         return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
 
 
-UPLOAD_DOC = """Shared server only: a one-time URL (10 min) to PUT a local image to (`curl -T FILE URL`, up to
-20 MB); then pass the `image` it gives to edit_image or upload_media."""
+UPLOAD_DOC = """A one-time URL (10 min) to PUT a local image to (curl -T FILE URL, max 20 MB); then pass the
+`image` it answers to edit_image or upload_media."""
 
 
 def upload_link_text(base: str, link: str, ticket: Ticket) -> tuple[str, dict[str, Any]]:

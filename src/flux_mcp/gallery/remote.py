@@ -38,8 +38,7 @@ SESSION_SECONDS = 12 * 3600.0
 PREFIX = "/gallery"
 _CACHE_MAX = 4096
 
-GALLERY_DOC = """Shared server only: a one-time link (10 min) that opens the user's own gallery of images in
-their browser."""
+GALLERY_DOC = """A one-time link (10 min) for the user: opens their own image gallery in a browser."""
 
 
 def gallery_link_text(base: str, link: str, ticket: Ticket) -> tuple[str, dict[str, Any]]:
