@@ -221,3 +221,13 @@ async def test_the_ledger_lock_holds_every_principal_not_only_one(shared_env):
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_client_without_http_gets_no_link_and_is_told_why(make_settings, shared_env):
+    from tests.conftest import connect
+
+    async with connect(make_settings(**shared_env)) as client:
+        upload = await client.call_tool("create_upload_link", {})
+        gallery = await client.call_tool("create_gallery_link", {})
+    assert upload.is_error and gallery.is_error and "over HTTP" in text_of(upload) == text_of(gallery) or (
+        upload.is_error and gallery.is_error and "over HTTP" in text_of(upload) and "over HTTP" in text_of(gallery))
