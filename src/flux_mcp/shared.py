@@ -9,7 +9,8 @@ one PostgreSQL database and (with FLUX_MCP_S3_URL) one bucket. There:
   answers exactly as an id that does not exist.
 * **Nothing refers to the server's disk.** A remote caller can neither see the server's files nor
   have it write into their project: `save_to`, local-path `image` inputs and `upload_media` paths are
-  refused with what to do instead (a data: URI or URL in, the presigned `images[].url` out).
+  refused with what to do instead (an upload link's `upload:` reference, a data: URI or a URL in, the
+  presigned `images[].url` out); the parameters refused here (REFUSED_HERE) are not even listed.
 * **No held submits by default.** Atlas Cloud's sync mode holds the submit open for the whole job, so
   a replica that dies meanwhile leaves a paid job with no id to recover: it is off unless
   ATLASCLOUD_SYNC_MODE asks for it.

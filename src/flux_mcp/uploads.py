@@ -131,9 +131,10 @@ class Uploads:
         self.clock = clock
 
     @staticmethod
-    def _names(link: str) -> tuple[str, str]:
+    def _names(link: str) -> tuple[str, str, str]:
+        """The link's ticket, its file, and the small mark saying the file is in (read instead of the file)."""
         folder = f"uploads/{digest(link)}"
-        return f"{folder}/ticket.json", f"{folder}/image"
+        return f"{folder}/ticket.json", f"{folder}/image", f"{folder}/used"
 
     async def create(self, principal: str) -> tuple[str, Ticket]:
         """A new link for `principal`, recorded in the store."""
@@ -148,11 +149,11 @@ class Uploads:
 
         if not _LINK.match(link):
             return 404, {"error": "no such upload link"}
-        ticket_name, image_name = self._names(link)
+        ticket_name, image_name, used = self._names(link)
         ticket = Ticket.load(await self.store.get_object(ticket_name))
         if ticket is None:
             return 404, {"error": "no such upload link"}
-        if await self.store.get_object(image_name) is not None:
+        if await self.store.get_object(used) is not None:
             return 409, {"error": "this upload link was used already; ask for a new one (create_upload_link)"}
         if self.clock() > ticket.expires_at:
             return 410, {"error": "this upload link expired; ask for a new one (create_upload_link)"}
@@ -173,8 +174,9 @@ class Uploads:
             info = inspect_image(data)
         except DownloadFailed as exc:
             return 415, {"error": f"not an image this server takes: {exc} (PNG, JPEG, WebP or GIF)"}
-        if not await self.store.put_object(image_name, data, create=True):
+        if not await self.store.put_object(image_name, data, create=True):  # the one gate: first writer wins
             return 409, {"error": "this upload link was used already; ask for a new one (create_upload_link)"}
+        await self.store.put_object(used, b"1")
         return 201, {"image": REFERENCE + link, "mime_type": info.mime_type, "width": info.width,
                      "height": info.height, "size_bytes": len(data),
                      "message": f"Uploaded. Pass image=\"{REFERENCE}{link}\" to edit_image."}
@@ -187,7 +189,7 @@ class Uploads:
                                "answers a new one, with the `image` reference to pass here after the PUT).")
         if not _LINK.match(link):
             raise missing
-        ticket_name, image_name = self._names(link)
+        ticket_name, image_name, _ = self._names(link)
         ticket = Ticket.load(await self.store.get_object(ticket_name))
         if ticket is None or ticket.principal != principal:
             raise missing
