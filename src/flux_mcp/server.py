@@ -10,9 +10,10 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -58,8 +59,8 @@ from .render import error_result, needs_image_work, prediction_result, structure
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
 from .schema import compact_annotations, compact_input, compact_output, quiet
 from .service import FluxService, ProgressFn
-from .uploads import SHARED_IMAGE, SHARED_UPLOAD_PATH
 from .shared import PRINCIPAL_KEY, REFUSED_HERE, add_health_routes, present
+from .uploads import SHARED_IMAGE, SHARED_UPLOAD_PATH
 
 log = logging.getLogger("flux_mcp.server")
 
@@ -511,10 +512,10 @@ class _Server(MCPServer[AppState]):
     """
 
     _arguments: dict[str, tuple[list[str], frozenset[str]]] | None = None
-    refused_here: dict[str, str] = {}
-    """Parameters not listed on this server, each with the refusal a call sending it gets (shared mode)."""
     """Each tool's parameter names as clients send them, in order, and the required ones; None until
     asked (or after a tool was added or removed)."""
+    refused_here: Mapping[str, str] = MappingProxyType({})
+    """Parameters not listed on this server, each with the refusal a call sending it gets (shared mode)."""
 
     def add_tool(self, fn: Callable[..., Any], name: str | None = None, title: str | None = None,
                  description: str | None = None, annotations: ToolAnnotations | None = None,

@@ -41,9 +41,9 @@ def chromium() -> str:
 
 @contextlib.asynccontextmanager
 async def as_user(url: str, token: str) -> AsyncIterator[Client]:
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
-        async with Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client:
-            yield client
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http, \
+            Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client:
+        yield client
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -42,9 +41,9 @@ def fake(loopback_fake):
 
 @contextlib.asynccontextmanager
 async def as_user(url: str, token: str) -> AsyncIterator[Client]:
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
-        async with Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client:
-            yield client
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http, \
+            Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client:
+        yield client
 
 
 def server_env(home: Path, fake: Any, shared_env: dict[str, str], **extra: str) -> dict[str, str]:
@@ -75,7 +74,7 @@ async def test_a_file_put_to_an_upload_link_is_edited_for_its_user_only(fake, sh
             edited = await alice.call_tool("edit_image", {"prompt": "make it blue", "image": link["image"]})
             by_url = await alice.call_tool("upload_media", {"path": link["url"]})
     assert not made.is_error and link["url"].startswith(f"{one}/uploads/") and link["image"].startswith("upload:")
-    assert f"curl -T" in text_of(made) and link["image"] in text_of(made)
+    assert "curl -T" in text_of(made) and link["image"] in text_of(made)
     assert put.status_code == 201 and put.json()["image"] == link["image"] and put.json()["width"] == 48
     assert again.status_code == 409  # one use, on any replica
     assert edited.structured_content["status"] == "succeeded", text_of(edited)
@@ -112,8 +111,8 @@ async def test_an_upload_link_takes_only_images_within_the_size_cap_and_no_paths
 
 
 async def test_an_upload_link_expires_and_a_reference_outlives_it_by_a_day_only(shared_env):
-    from flux_mcp.config import Settings
     from flux_mcp.backends import open_store
+    from flux_mcp.config import Settings
     from flux_mcp.errors import InvalidInput
 
     now = [1_000_000.0]
@@ -154,18 +153,19 @@ async def test_each_user_has_their_own_limit_and_the_server_limit_holds_across_b
             first = [await alice.call_tool("generate_image", {"prompt": f"fox {i}"}) for i in range(3)]
         async with as_user(two, BOB) as bob:
             second = [await bob.call_tool("generate_image", {"prompt": f"owl {i}"}) for i in range(2)]
-        spend = subprocess.run(flux_command("spend"), env=env, cwd=workspace, capture_output=True, text=True,
-                               timeout=60)
-        report = json.loads(subprocess.run(flux_command("spend", "--json"), env=env, cwd=workspace,
-                                           capture_output=True, text=True, timeout=60).stdout)
+        with anyio.fail_after(60):
+            spend = await anyio.run_process(flux_command("spend"), env=env, cwd=workspace, check=False)
+            report = json.loads((await anyio.run_process(flux_command("spend", "--json"), env=env, cwd=workspace,
+                                                         check=False)).stdout)
     assert [r.is_error for r in first] == [False, False, True]
     assert "for alice: $0.006 of the FLUX_MCP_USER_BUDGET_DAY_USD limit of $0.006" in text_of(first[2])
     assert [r.is_error for r in second] == [False, True]
     assert "by all its users together: $0.009 of the FLUX_MCP_BUDGET_DAY_USD limit" in text_of(second[1])
     assert len(fake.ledger) == 3
+    shown = spend.stdout.decode()
     assert spend.returncode == 0, spend.stderr
-    assert "alice:" in spend.stdout and "bob:" in spend.stdout and "$0.006 of $0.006" in spend.stdout
-    assert "all users together:" in spend.stdout and "$0.009 of $0.009" in spend.stdout
+    assert "alice:" in shown and "bob:" in shown and "$0.006 of $0.006" in shown
+    assert "all users together:" in shown and "$0.009 of $0.009" in shown
     people = {p["principal"]: p["today"]["usd"] for p in report["principals"]}
     assert people == {"alice": 0.006, "bob": 0.003} and report["server"]["today"]["usd"] == 0.009
 
