@@ -231,3 +231,23 @@ async def test_a_client_without_http_gets_no_link_and_is_told_why(make_settings,
         gallery = await client.call_tool("create_gallery_link", {})
     assert upload.is_error and gallery.is_error
     assert "Connect over HTTP" in text_of(upload) and text_of(upload) == text_of(gallery)
+
+
+async def test_a_shared_server_lists_no_parameter_it_refuses_and_says_why_when_one_is_sent(
+        make_settings, shared_env, fake):
+    from tests.conftest import ATLAS_BASE, connect
+
+    dropped = {"save_to", "overwrite", "preset", "variation_of"}
+    async with connect(make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=ATLAS_BASE, **shared_env),
+                       fake) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        preset = await client.call_tool("generate_image", {"prompt": "a fox logo", "preset": "favicon"})
+        nulls = await client.call_tool("generate_image", {"prompt": "a fox", "save_to": None, "overwrite": False})
+    async with connect(make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=ATLAS_BASE), fake) as client:
+        local = {t.name: t for t in (await client.list_tools()).tools}
+    for name in ("generate_image", "edit_image"):
+        assert not dropped & set(tools[name].input_schema["properties"])
+        assert dropped - {"variation_of"} <= set(local[name].input_schema["properties"])
+    assert preset.is_error and "preset writes its files under save_to" in text_of(preset)
+    assert nulls.structured_content["status"] == "succeeded", text_of(nulls)  # an unset one is as if not sent
+    assert len(fake.ledger) == 1
