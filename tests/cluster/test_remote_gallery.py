@@ -89,7 +89,8 @@ async def test_a_person_logs_in_with_a_link_and_sees_only_their_images_from_the_
                 page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
                 # The link names the replica that made it; the other one logs the person in just as well.
                 await page.goto(link.replace(one, two))
-                assert page.url == f"{two}/gallery/"
+                await page.click("#open")
+                await page.wait_for_url(f"{two}/gallery/")
                 card = page.locator(".card")
                 await card.first.wait_for(timeout=15_000)
                 await page.wait_for_function("() => { const i = document.querySelector('.card .thumb img');"
@@ -139,12 +140,17 @@ async def test_a_login_link_works_once_and_the_assistants_token_does_not_open_th
     with two_replicas(fake, shared_env, home, workspace) as (one, two):
         _, _, link = await jobs_and_link(one, two)
         async with httpx2.AsyncClient() as http:
-            first = await http.get(link)
-            second = await http.get(link)
+            looked = [await http.get(link), await http.get(link)]  # a link preview's fetch spends nothing
+            foreign = await http.post(link, headers={"Origin": "https://evil.example"})
+            first = await http.post(link)
+            second = await http.post(link)
+            after = await http.get(link)
         async with httpx2.AsyncClient() as http:  # no cookie jar from the login above
             with_token = await http.get(f"{one}/gallery/api/predictions",
                                         headers={"Authorization": f"Bearer {ALICE}"})
+    assert [r.status_code for r in looked] == [200, 200] and 'method="post"' in looked[0].text
+    assert "set-cookie" not in looked[0].headers and foreign.status_code == 403
     assert first.status_code == 303 and first.headers["location"] == "/gallery/"
     assert "flux_gallery=" in first.headers["set-cookie"] and "HttpOnly" in first.headers["set-cookie"]
-    assert second.status_code == 410
+    assert second.status_code == 410 and after.status_code == 410
     assert with_token.status_code == 401  # the gallery is the person's: a cookie, not the assistant's token

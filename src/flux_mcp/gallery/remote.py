@@ -5,9 +5,11 @@ a web page is worse. So a person logs in with a link their assistant asks for:
 
 1. `create_gallery_link` (a tool, shared mode only) answers `<server>/gallery/login/<link>`: 256 random
    bits, bound to the caller's principal, usable once within ten minutes (`uploads.LINK_SECONDS`).
-2. Opening it spends it (a create-only write in the store: one winner on any replica) and sets a
+2. Opening it shows one button; pressing it (a POST: a link preview or a prefetch, which only GET, never
+   spends a link) spends it (a create-only write in the store: one winner on any replica) and sets a
    session cookie (`flux_gallery`: HttpOnly, SameSite=Lax, Path=/gallery, Secure over https) for
-   SESSION_SECONDS, then redirects to `/gallery/`. A spent, expired or unknown link is refused.
+   SESSION_SECONDS, then redirects to `/gallery/`. A spent, expired or unknown link is refused, and so
+   is a POST another site's page sends (its Origin is not this server's).
 3. Every gallery request reads the session's principal (kept in the store, so any replica knows it) and
    shows that principal's jobs only; another person's id is answered as one that does not exist.
    Full images are presigned URLs of the bucket (the page is allowed to load images from it), never a
@@ -63,17 +65,24 @@ class Logins:
         await self.store.put_object(f"gallery/{digest(link)}/login.json", ticket.dump(), create=True)
         return link, ticket
 
-    async def log_in(self, link: str) -> tuple[str, Ticket] | None:
-        """Spends `link` and starts a session: (session secret, its ticket); None when the link is unknown,
-        spent or expired."""
+    async def usable(self, link: str) -> Ticket | None:
+        """The ticket of `link` if it can still log someone in (known, not expired, not spent)."""
         if len(link) != 43:
             return None
         folder = f"gallery/{digest(link)}"
         ticket = Ticket.load(await self.store.get_object(f"{folder}/login.json"))
-        now = self.clock()
-        if ticket is None or now > ticket.expires_at:
+        if ticket is None or self.clock() > ticket.expires_at or await self.store.get_object(f"{folder}/used"):
             return None
-        if not await self.store.put_object(f"{folder}/used", b"1", create=True):
+        return ticket
+
+    async def log_in(self, link: str) -> tuple[str, Ticket] | None:
+        """Spends `link` and starts a session: (session secret, its ticket); None when the link is unknown,
+        spent or expired."""
+        ticket = await self.usable(link)
+        now = self.clock()
+        if ticket is None:
+            return None
+        if not await self.store.put_object(f"gallery/{digest(link)}/used", b"1", create=True):
             return None  # spent already (by this browser or another, on any replica)
         secret = new_link()
         session = Ticket(ticket.principal, now, now + SESSION_SECONDS)
@@ -181,9 +190,20 @@ def add_gallery_routes(server: Any, service: Callable[[], Any]) -> None:
         shown = gallery()
         if shown is None:
             return JSONResponse({"error": "starting"}, status_code=503)
-        started = await shown.logins.log_in(str(request.path_params["link"]))
+        link = str(request.path_params["link"])
+        if request.method == "GET":  # a look only (a person, or a link preview): the button spends the link
+            usable = await shown.logins.usable(link) is not None
+            return HTMLResponse(_CONFIRM_PAGE if usable else _SPENT_PAGE, status_code=200 if usable else 410,
+                                headers={**_PAGE_HEADERS, "Content-Security-Policy": (
+                                    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+                                    "base-uri 'none'; frame-ancestors 'none'")})
+        origin = request.headers.get("origin")
+        if origin is not None and origin != public_base(request) and origin != f"{request.url.scheme}://" \
+                f"{request.headers.get('host', '')}":
+            return HTMLResponse(_SPENT_PAGE, status_code=403, headers=_PAGE_HEADERS)
+        started = await shown.logins.log_in(link)
         if started is None:
-            return HTMLResponse(_SPENT_PAGE, status_code=410, headers={"Cache-Control": "no-store"})
+            return HTMLResponse(_SPENT_PAGE, status_code=410, headers=_PAGE_HEADERS)
         secret, session = started
         response = RedirectResponse(f"{PREFIX}/", status_code=303, headers={"Cache-Control": "no-store",
                                                                               "Referrer-Policy": "no-referrer"})
@@ -197,7 +217,7 @@ def add_gallery_routes(server: Any, service: Callable[[], Any]) -> None:
 
     server.custom_route(PREFIX, methods=["GET"])(to_index)
     server.custom_route(f"{PREFIX}/", methods=["GET"])(guarded(index, page=True))
-    server.custom_route(f"{PREFIX}/login/{{link}}", methods=["GET"])(login)
+    server.custom_route(f"{PREFIX}/login/{{link}}", methods=["GET", "POST"])(login)
     for path, handler in (("/api/predictions", SharedGallery.predictions),
                           ("/api/predictions/{prediction_id:str}", SharedGallery.prediction),
                           ("/thumb/{prediction_id:str}/{index:str}", SharedGallery.thumbnail),
@@ -205,6 +225,11 @@ def add_gallery_routes(server: Any, service: Callable[[], Any]) -> None:
         server.custom_route(PREFIX + path, methods=["GET"])(guarded(handler))
 
 
+_PAGE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "same-origin", "X-Frame-Options": "DENY"}
+"""`same-origin`, not `no-referrer`: under the latter a browser sends `Origin: null` with the form's POST."""
+_CONFIRM_PAGE = """<!doctype html><meta charset="utf-8"><title>FLUX gallery</title>
+<form method="post"><p>This link logs this browser in to your FLUX gallery, once.</p>
+<button id="open" type="submit">Open my gallery</button></form>"""
 _LOGIN_PAGE = """<!doctype html><meta charset="utf-8"><title>FLUX gallery</title>
 <p>Not logged in. Ask your assistant for a gallery link (its <code>create_gallery_link</code> tool) and open it
 here: it logs this browser in to your own images.</p>"""
