@@ -133,7 +133,7 @@ async def test_an_upload_link_expires_and_a_reference_outlives_it_by_a_day_only(
         await uploads.resolve(f"upload:{link}", "alice")
 
 
-async def test_local_mode_lists_no_link_tools_and_keeps_its_schemas(make_settings):
+async def test_local_mode_lists_no_link_tools(make_settings):
     from tests.conftest import connect
 
     async with connect(make_settings()) as client:
