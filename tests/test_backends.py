@@ -264,6 +264,26 @@ async def test_two_servers_never_both_spend_the_last_dollar(backend: Callable[[]
 
 # --- the image store --------------------------------------------------------------------------------
 
+async def test_of_two_create_only_writes_of_one_object_one_wins(backend: Callable[[], Settings]):
+    """What makes an upload link single-use on any replica: two stores over the same place, one name."""
+    first, second = open_store(backend()), open_store(backend())
+    won: list[bool] = []
+
+    async def write(store: Any, payload: bytes) -> None:
+        won.append(await store.put_object("uploads/abc123/image", payload, create=True))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write, first, b"one")
+        tg.start_soon(write, second, b"two")
+    assert sorted(won) == [False, True]
+    assert await second.get_object("uploads/abc123/image") in (b"one", b"two")
+    assert await first.get_object("uploads/abc123/ticket.json") is None
+    assert await first.put_object("uploads/abc123/used", b"1") and await first.put_object("uploads/abc123/used", b"2")
+    assert await second.get_object("uploads/abc123/used") == b"2"  # without create: replaced
+    with pytest.raises(ValueError):
+        await first.get_object("../images/x")
+
+
 async def test_a_kept_image_is_found_read_and_discarded_by_its_location(store: ImageStore):
     data = png_bytes(16, 16)
     assert await store.find("atlascloud:job1", 0) is None

@@ -81,6 +81,9 @@ class Settings(BaseModel):
     """FLUX_MCP_PRICES: USD per image by provider id and model id (`*`: the provider's other models)."""
     budget_day_usd: float | None = None
     budget_month_usd: float | None = None
+    user_budget_day_usd: float | None = None
+    """FLUX_MCP_USER_BUDGET_DAY_USD: each principal's own day limit, below the server's (None: the server's)."""
+    user_budget_month_usd: float | None = None
     max_images_per_day: int | None = None
     confirm_above_usd: float | None = None
     confirm_seconds: float = CONFIRM_SECONDS
@@ -179,6 +182,8 @@ class Settings(BaseModel):
             prices=read_prices(cwd / prices_file) if prices_file else {},
             budget_day_usd=_optional(env, "FLUX_MCP_BUDGET_DAY_USD", 0, 1_000_000),
             budget_month_usd=_optional(env, "FLUX_MCP_BUDGET_MONTH_USD", 0, 1_000_000),
+            user_budget_day_usd=_optional(env, "FLUX_MCP_USER_BUDGET_DAY_USD", 0, 1_000_000),
+            user_budget_month_usd=_optional(env, "FLUX_MCP_USER_BUDGET_MONTH_USD", 0, 1_000_000),
             max_images_per_day=None if images_cap is None else int(images_cap),
             confirm_above_usd=_optional(env, "FLUX_MCP_CONFIRM_ABOVE_USD", 0, 1_000_000),
         )

@@ -22,6 +22,8 @@ API key; `flux_mcp.redact` scrubs provider text before it is put into one.
 
 from __future__ import annotations
 
+from mcp_types import CallToolResult, TextContent
+
 
 class FluxError(Exception):
     """Base class: a failure whose message tells the caller what to do next."""
@@ -94,3 +96,8 @@ class SubmitOutcomeUnknown(FluxError):
 
 class DownloadFailed(FluxError):
     """A finished image could not be downloaded, or what came back is not an image."""
+
+
+def error_result(message: str) -> CallToolResult:
+    """A tool error the model reads and can act on (`isError: true`, the message as its text)."""
+    return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)

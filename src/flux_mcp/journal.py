@@ -224,7 +224,7 @@ class Charge:
 
 @dataclass(frozen=True)
 class Totals:
-    """What one principal's charges since some moment add up to."""
+    """What one principal's (or everyone's) charges since some moment add up to."""
 
     usd: float = 0.0
     """Priced charges only."""
@@ -265,6 +265,10 @@ class Refusals:
 
 
 R = TypeVar("R")
+
+EVERYONE = "all:"
+"""`Journal.reserve` hands its check the whole ledger's totals too, each under this prefix and the window's name
+(`all:day`): the budgets hold the server as a whole as well as each principal."""
 
 
 class LedgerUnavailable(ConfigError):
@@ -349,14 +353,14 @@ class Journal(Protocol):
 
     async def reserve(self, charge: Charge, since: Mapping[str, float],
                       check: Callable[[Mapping[str, Totals]], R | None] | None) -> R | None:
-        """Atomically: totals `charge.principal`'s charges created at or after each moment of `since`, calls
-        `check` with them (by the same names), and records `charge` unless `check` returned a refusal, which
-        is returned. No other reservation can land between the sums and the insert. With no `check` (no
-        limit to keep) the charge is simply recorded."""
+        """Atomically: totals `charge.principal`'s charges created at or after each moment of `since`, and every
+        principal's (by the same names, prefixed with EVERYONE), calls `check` with them, and records `charge`
+        unless `check` returned a refusal, which is returned. No other reservation, of any principal, can land
+        between the sums and the insert. With no `check` (no limit to keep) the charge is simply recorded."""
         ...
 
-    async def totals(self, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
-        """The principal's totals since each moment (a reading: nothing is reserved)."""
+    async def totals(self, principal: str | None, since: Mapping[str, float]) -> dict[str, Totals]:
+        """The principal's totals since each moment (None: every principal's; a reading: nothing is reserved)."""
         ...
 
     async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None, *,
@@ -399,6 +403,7 @@ _CHARGE_COLUMNS = ("id", "principal", "provider", "model", "images", "usd", "est
                    "created_at", "updated_at")
 _INSERT_CHARGE = f"INSERT INTO charges ({', '.join(_CHARGE_COLUMNS)}) VALUES ({','.join('?' * len(_CHARGE_COLUMNS))})"
 _SUM_CHARGES = "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(images), 0) FROM charges WHERE principal=? AND created_at>=?"
+_SUM_ALL = "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(images), 0) FROM charges WHERE created_at>=?"
 
 
 def _charge_row(c: Charge) -> tuple[Any, ...]:
@@ -412,10 +417,13 @@ def _charge(row: tuple[Any, ...]) -> Charge:
 
 
 def _totals(db: sqlite3.Connection, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
+    """The principal's totals, and everyone's under EVERYONE-prefixed names (see `Journal.reserve`)."""
     out: dict[str, Totals] = {}
     for name, start in since.items():
         usd, images = db.execute(_SUM_CHARGES, (principal, start)).fetchone()
         out[name] = Totals(float(usd), int(images))
+        usd, images = db.execute(_SUM_ALL, (start,)).fetchone()
+        out[EVERYONE + name] = Totals(float(usd), int(images))
     return out
 
 
@@ -862,11 +870,12 @@ class SqliteJournal:
 
         return await self._write(work)
 
-    async def totals(self, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
+    async def totals(self, principal: str | None, since: Mapping[str, float]) -> dict[str, Totals]:
         out: dict[str, Totals] = {}
         try:
             for name, start in since.items():
-                usd, images = await self._read(_SUM_CHARGES, (principal, start))
+                usd, images = await self._read(*((_SUM_ALL, (start,)) if principal is None
+                                                 else (_SUM_CHARGES, (principal, start))))
                 out[name] = Totals(float(usd), int(images))
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"The spend ledger in {self._where} cannot be read ({exc}).") from None

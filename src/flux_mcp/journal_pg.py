@@ -49,6 +49,7 @@ from .journal import (
     _COLUMNS,
     ATTEMPT_RETENTION,
     HEALTH_KINDS,
+    EVERYONE,
     RECENT,
     Attempt,
     Charge,
@@ -169,7 +170,7 @@ CREATE INDEX IF NOT EXISTS flux_predictions_owner ON flux_predictions (lease_own
 }
 
 R = TypeVar("R")
-_LEDGER_LOCK = 0x666C7579  # with the principal's hash: serialises one principal's reservations across replicas
+_LEDGER_LOCK = 0x666C7579  # serialises every reservation across replicas (the server's budgets span principals)
 
 _INSERT = (f"INSERT INTO flux_predictions ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_COLUMNS))}) "
            f"ON CONFLICT (id) DO UPDATE SET "
@@ -273,6 +274,7 @@ _INSERT_CHARGE = (f"INSERT INTO flux_charges ({', '.join(_CHARGE_COLUMNS)}) "
                   f"VALUES ({', '.join(['%s'] * len(_CHARGE_COLUMNS))})")
 _SUM_CHARGES = ("SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(images), 0) FROM flux_charges WHERE principal = %s "
                 "AND created_at >= %s")
+_SUM_ALL = "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(images), 0) FROM flux_charges WHERE created_at >= %s"
 
 
 def _charge_row(c: Charge) -> tuple[Any, ...]:
@@ -334,9 +336,10 @@ class PgJournal:
         self._backlog_reason: str | None = None
         self._retrier: asyncio.Task[None] | None = None
         self._closed = False
-        self._reserving: dict[str, asyncio.Lock] = {}
-        """Per principal: one of this replica's reservations at a time waits on the principal's ledger lock, so a
-        burst of one user's calls holds one pooled connection, not all of them (the heartbeat needs one)."""
+        self._reserving = asyncio.Lock()
+        """One of this replica's reservations at a time waits on the ledger's lock (one for every principal: the
+        server's budgets sum them all), so a burst of calls holds one pooled connection, not all of them (the
+        heartbeat needs one). Calls with no limit to keep take neither lock."""
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0,
@@ -620,18 +623,21 @@ class PgJournal:
             return None
 
         async def work(conn: AsyncConnection[Any]) -> R | None:
-            # This principal's lock first: no other reservation (on any replica) between the sums and the insert.
-            await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LEDGER_LOCK, charge.principal))
-            refusal = check(await _totals(conn, charge.principal, since))
+            # The ledger's lock first: no other reservation (of any principal, on any replica) between the sums
+            # and the insert. One lock for all: the server's budgets sum every principal's charges.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LEDGER_LOCK,))
+            totals = await _totals(conn, charge.principal, since)
+            totals.update({EVERYONE + k: v for k, v in (await _totals(conn, None, since)).items()})
+            refusal = check(totals)
             if refusal is None:
                 await conn.execute(_INSERT_CHARGE, _charge_row(charge))
             return refusal
 
-        async with self._reserving.setdefault(charge.principal, asyncio.Lock()):
+        async with self._reserving:
             result: R | None = await self._ledger(work)
         return result
 
-    async def totals(self, principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
+    async def totals(self, principal: str | None, since: Mapping[str, float]) -> dict[str, Totals]:
         async def work(conn: AsyncConnection[Any]) -> dict[str, Totals]:
             return await _totals(conn, principal, since)
 
@@ -877,10 +883,11 @@ class PgJournal:
         await self.pool.close()
 
 
-async def _totals(conn: AsyncConnection[Any], principal: str, since: Mapping[str, float]) -> dict[str, Totals]:
+async def _totals(conn: AsyncConnection[Any], principal: str | None, since: Mapping[str, float]) -> dict[str, Totals]:
     out: dict[str, Totals] = {}
     for name, start in since.items():
-        cur = await conn.execute(_SUM_CHARGES, (principal, start))
+        cur = await (conn.execute(_SUM_ALL, (start,)) if principal is None
+                     else conn.execute(_SUM_CHARGES, (principal, start)))
         row = await cur.fetchone()
         usd, images = row if row else (0, 0)
         out[name] = Totals(float(usd), int(images))

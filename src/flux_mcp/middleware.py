@@ -55,12 +55,15 @@ class BodyGuard:
     further, and replaces lone surrogate escapes by U+FFFD (see `surrogates`) so the SDK's parser can
     read the request and answer its id. The app then reads the body as if from the wire."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, *, own_limit: Collection[str] = ()):
         self.app = app
         self.max_bytes = max_bytes
+        self.own_limit = tuple(own_limit)
+        """Path prefixes whose routes read (and cap) their bodies themselves: shared mode's upload links."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") or (
+                self.own_limit and str(scope.get("path", "")).startswith(self.own_limit)):
             await self.app(scope, receive, send)
             return
         declared = next((v for k, v in scope.get("headers", []) if k == b"content-length"), b"")

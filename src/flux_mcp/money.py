@@ -10,9 +10,11 @@
   `Money.plan` makes the same checks for a dry run, without asking or reserving.
 * **Budgets.** FLUX_MCP_BUDGET_DAY_USD, FLUX_MCP_BUDGET_MONTH_USD and FLUX_MCP_MAX_IMAGES_PER_DAY
   hold each principal (the local user; over HTTP, each authenticated identity) to its charges since
-  the start of the current UTC day or UTC calendar month, counted across every process that shares
-  the journal. A call reserves its estimate atomically with the check (`Journal.reserve`), so
-  parallel calls cannot both spend the last dollar. The reservation is released when the provider
+  the start of the current UTC day or UTC calendar month, and the server as a whole (every
+  principal's charges together) to the same limits, counted across every process that shares the
+  journal. FLUX_MCP_USER_BUDGET_DAY_USD / _MONTH_USD set a lower limit for each principal (a team's
+  server: $50 a day in all, $10 for each person); unset, each principal's limit is the server's. A call reserves its estimate atomically with both checks (`Journal.reserve`), so
+  parallel calls, of one principal or of several, cannot both spend the last dollar. The reservation is released when the provider
   provably created no job, kept when the job may have started (`SubmitOutcomeUnknown`: it counts
   until proven otherwise, and nothing can prove it), and becomes the job's cost when the job ends.
   An unpriced job adds no dollars but its images count: FLUX_MCP_MAX_IMAGES_PER_DAY holds
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import SpendRefused
-from .journal import Charge, Journal, LedgerUnavailable, Totals
+from .journal import EVERYONE, Charge, Journal, LedgerUnavailable, Totals
 from .models import DryRun, PredictionResult
 from .shared import LOCAL
 
@@ -130,15 +132,25 @@ class Limits:
     month_usd: float | None = None
     images_per_day: int | None = None
     confirm_above_usd: float | None = None
+    user_day_usd: float | None = None
+    """Each principal's own limits where lower than the server's (None: the server's)."""
+    user_month_usd: float | None = None
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
         return cls(settings.budget_day_usd, settings.budget_month_usd, settings.max_images_per_day,
-                   settings.confirm_above_usd)
+                   settings.confirm_above_usd, settings.user_budget_day_usd, settings.user_budget_month_usd)
 
     @property
     def budgeted(self) -> bool:
-        return self.day_usd is not None or self.month_usd is not None or self.images_per_day is not None
+        return any(v is not None for v in (self.day_usd, self.month_usd, self.images_per_day, self.user_day_usd,
+                                           self.user_month_usd))
+
+    def of_user(self) -> tuple[float | None, float | None]:
+        """A principal's day and month limits: its own where set (never above the server's), else the server's."""
+        def lower(own: float | None, server: float | None) -> float | None:
+            return server if own is None else own if server is None else min(own, server)
+        return lower(self.user_day_usd, self.day_usd), lower(self.user_month_usd, self.month_usd)
 
 
 @dataclass(frozen=True)
@@ -313,32 +325,49 @@ class Money:
     async def _over_budget(self, est: Estimate, principal: str) -> str | None:
         if not est.billed or not self.limits.budgeted:
             return None
+        windows = self.windows(self.clock())
         try:
-            totals = await self.journal.totals(principal, self.windows(self.clock()))
+            totals = await self.journal.totals(principal, windows)
+            everyone = await self.journal.totals(None, windows)
         except LedgerUnavailable as exc:
             return self._no_ledger(exc)
-        return self._refusal(totals, est, principal)
+        return self._refusal({**totals, **{EVERYONE + k: v for k, v in everyone.items()}}, est, principal)
 
     def _refusal(self, totals: Mapping[str, Totals], est: Estimate, principal: str) -> str | None:
-        """Why `est` does not fit the budgets given what was charged so far (None: it fits)."""
+        """Why `est` does not fit the budgets given what was charged so far (None: it fits): the principal's
+        own totals first, then the server's (every principal's, under EVERYONE-prefixed names, when given)."""
         who = "" if principal == LOCAL else f" for {principal}"
         limits = self.limits
+        day, month = limits.of_user()
+        variables = ("FLUX_MCP_USER_BUDGET_DAY_USD" if day != limits.day_usd else "FLUX_MCP_BUDGET_DAY_USD",
+                     "FLUX_MCP_USER_BUDGET_MONTH_USD" if month != limits.month_usd else "FLUX_MCP_BUDGET_MONTH_USD")
+        mine = self._refusal_of(totals, est, who, "", (day, month), variables)
+        if mine is not None or f"{EVERYONE}day" not in totals:
+            return mine
+        return self._refusal_of({k[len(EVERYONE):]: v for k, v in totals.items() if k.startswith(EVERYONE)}, est,
+                                " on this server by all its users together", " (every user's calls count)",
+                                (limits.day_usd, limits.month_usd),
+                                ("FLUX_MCP_BUDGET_DAY_USD", "FLUX_MCP_BUDGET_MONTH_USD"))
+
+    def _refusal_of(self, totals: Mapping[str, Totals], est: Estimate, who: str, counted: str,
+                    usd_limits: tuple[float | None, float | None], variables: tuple[str, str]) -> str | None:
+        limits = self.limits
         for window, limit, variable, spent_when, resets in (
-                ("day", limits.day_usd, "FLUX_MCP_BUDGET_DAY_USD", "today (UTC)", "at 00:00 UTC"),
-                ("month", limits.month_usd, "FLUX_MCP_BUDGET_MONTH_USD", "this calendar month (UTC)",
+                ("day", usd_limits[0], variables[0], "today (UTC)", "at 00:00 UTC"),
+                ("month", usd_limits[1], variables[1], "this calendar month (UTC)",
                  "on the 1st at 00:00 UTC")):
             spent = totals[window].usd
             if limit is None or est.usd is None or spent + est.usd <= limit + EPSILON:
                 continue
-            return (f"Spent {spent_when}{who}: {usd(spent)} of the {variable} limit of {usd(limit)}; this call's "
-                    f"estimate of {usd(est.usd)} ({est.what}) would go over it. Nothing was submitted. The limit "
+            return (f"Spent {spent_when}{who}: {usd(spent)} of the {variable} limit of {usd(limit)}{counted}; this "
+                    f"call's estimate of {usd(est.usd)} ({est.what}) would go over it. Nothing was submitted. The limit "
                     f"resets {resets}; to allow more now, the user can raise {variable} in the server's "
                     "environment and restart it.")
         cap = limits.images_per_day
         made = totals["day"].images
         if cap is not None and made + est.images > cap:
-            return (f"Images made today (UTC){who}: {made} of the FLUX_MCP_MAX_IMAGES_PER_DAY limit of {cap}; this "
-                    f"call asks for {est.images} more ({est.what}). Nothing was submitted. The limit resets at "
+            return (f"Images made today (UTC){who}: {made} of the FLUX_MCP_MAX_IMAGES_PER_DAY limit of {cap}"
+                    f"{counted}; this call asks for {est.images} more ({est.what}). Nothing was submitted. The limit resets at "
                     "00:00 UTC; to allow more now, the user can raise FLUX_MCP_MAX_IMAGES_PER_DAY in the server's "
                     "environment and restart it.")
         return None
@@ -377,7 +406,7 @@ class Money:
         hold = Hold(self, est)
         if not est.billed:
             return hold
-        if est.usd is None and (self.limits.day_usd is not None or self.limits.month_usd is not None):
+        if est.usd is None and any(limit is not None for limit in self.limits.of_user()):
             hold.notes.append(f"{est.label} states no price for {est.model}: this job's dollars are not counted "
                               "in the budgets (its images are, for FLUX_MCP_MAX_IMAGES_PER_DAY).")
         now = self.clock()
@@ -430,6 +459,7 @@ class Money:
         windows = self.windows(now)
         charges = await self.journal.charges_since(windows["month"])
         people: dict[str, dict[str, Any]] = {}
+        server = {"today": _sums(), "month": _sums()}
         for c in charges:
             person = people.setdefault(c.principal, {"principal": c.principal, "today": _sums(), "month": _sums(),
                                                      "providers": {}})
@@ -437,20 +467,25 @@ class Money:
                                                                    "month": _sums()})
             spans = ("today", "month") if c.created_at >= windows["day"] else ("month",)
             for span in spans:
-                for bucket in (person[span], provider[span]):
+                for bucket in (person[span], provider[span], server[span]):
                     _add(bucket, c)
         for person in people.values():
             person["providers"] = sorted(person["providers"].values(), key=lambda p: p["provider"])
             for bucket in [person["today"], person["month"]] + [p[s] for p in person["providers"]
                                                                   for s in ("today", "month")]:
                 bucket["usd"] = round(bucket["usd"], 6)
+        for bucket in server.values():
+            bucket["usd"] = round(bucket["usd"], 6)
         limits = self.limits
         return {
             "now": _iso(now), "day_start": _iso(windows["day"]), "month_start": _iso(windows["month"]),
             "limits": {"FLUX_MCP_BUDGET_DAY_USD": limits.day_usd, "FLUX_MCP_BUDGET_MONTH_USD": limits.month_usd,
                        "FLUX_MCP_MAX_IMAGES_PER_DAY": limits.images_per_day,
-                       "FLUX_MCP_CONFIRM_ABOVE_USD": limits.confirm_above_usd},
+                       "FLUX_MCP_CONFIRM_ABOVE_USD": limits.confirm_above_usd,
+                       "FLUX_MCP_USER_BUDGET_DAY_USD": limits.user_day_usd,
+                       "FLUX_MCP_USER_BUDGET_MONTH_USD": limits.user_month_usd},
             "principals": sorted(people.values(), key=lambda p: (p["principal"] != LOCAL, p["principal"])),
+            "server": server,
         }
 
 
@@ -481,6 +516,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     limits = report["limits"]
     day_limit, month_limit, cap = (limits["FLUX_MCP_BUDGET_DAY_USD"], limits["FLUX_MCP_BUDGET_MONTH_USD"],
                                    limits["FLUX_MCP_MAX_IMAGES_PER_DAY"])
+    user_day, user_month = Limits(day_limit, month_limit, user_day_usd=limits.get("FLUX_MCP_USER_BUDGET_DAY_USD"),
+                                  user_month_usd=limits.get("FLUX_MCP_USER_BUDGET_MONTH_USD")).of_user()
     lines = [f"Spend today ({report['day_start'][:10]}) and this month ({report['month_start'][:7]}), UTC:"]
 
     def cell(bucket: Mapping[str, Any], limit: float | None = None, images: int | None = None) -> str:
@@ -499,9 +536,13 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(f"  {'provider':<16} {'today':<34} this month")
         for row in person["providers"]:
             lines.append(f"  {row['provider']:<16} {cell(row['today']):<34} {cell(row['month'])}")
-        lines.append(f"  {'total':<16} {cell(person['today'], day_limit, cap):<34} "
-                     f"{cell(person['month'], month_limit)}")
-    unset = [name for name, value in limits.items() if value is None]
+        lines.append(f"  {'total':<16} {cell(person['today'], user_day, cap):<34} "
+                     f"{cell(person['month'], user_month)}")
+    if len(report["principals"]) > 1:  # the limits hold the server as a whole too
+        server = report["server"]
+        lines.append("all users together:")
+        lines.append(f"  {'total':<16} {cell(server['today'], day_limit, cap):<34} {cell(server['month'], month_limit)}")
+    unset = [name for name, value in limits.items() if value is None and "_USER_" not in name]
     set_ = [f"{name}={value:g}" for name, value in limits.items() if value is not None]
     lines.append("Limits: " + ("; ".join(set_) if set_ else "none") + (f" (not set: {', '.join(unset)})"
                                                                        if unset else ""))

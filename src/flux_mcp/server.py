@@ -11,9 +11,10 @@ import json
 import logging
 import time
 import typing
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 from . import __version__, history
 from .compat import add_request_handler, drop_middleware, registered_tool
 from .config import Settings
-from .errors import FluxError
+from .errors import FluxError, error_result
 from .folders import Folders
 from .gallery import static_text
 from .http import LazyClient, RetryPolicy
@@ -54,13 +55,14 @@ from .providers import overview, registry
 from .redact import Redactor, protect_logs
 from .request import MAX_WAIT_SECONDS, JobRequest, Kind, tool_parameters
 from .schema import compact_annotations, compact_input, compact_output, quiet
-from .shared import LOCAL, PRINCIPAL_KEY, add_health_routes, present
+from .shared import LOCAL, PRINCIPAL_KEY, REFUSED_HERE, add_health_routes, present
+from .uploads import SHARED_IMAGE, SHARED_UPLOAD_PATH
 
 if TYPE_CHECKING:
     from .jobs import Alive, Outcome
-    from .oauth import ResourceServer
     from .journal import Journal, Record
     from .media import DownloadLimits
+    from .oauth import ResourceServer
     from .service import FluxService, ProgressFn
 
 log = logging.getLogger("flux_mcp.server")
@@ -146,7 +148,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
                 if users == 0:
                     await _close_state(live.pop(), own_client=http_client is None)
 
-    server: MCPServer[AppState] = _Server(
+    server = _Server(
         "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS, icons=ICONS,
         lifespan=lifespan, extensions=[_app()], log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
@@ -165,17 +167,22 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     job_annotations = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True)
 
+    # Shared mode: the parameters refused there (they name the server's disk) are not listed, which keeps
+    # tools/list within its bound with the link tools; a call that sends one gets the refusal saying why.
+    dropped = frozenset(REFUSED_HERE) if settings.shared else frozenset()
+    server.refused_here = REFUSED_HERE if settings.shared else {}
     provider = provider_text(settings)
     described = {"provider": provider, "wait_seconds": (
         f"Default {settings.wait_seconds:g}, at most {settings.max_wait_seconds:g}.")}
     server.tool(title="Generate image", annotations=job_annotations, meta=APP_META)(
-        _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {**described}))
+        _job_tool("generate_image", "generate", "Generated", GENERATE_DOC, {**described}, drop=dropped))
     # edit_image's other parameters mean what generate_image's do, and its description says so: the
     # model reads both tools, so their descriptions are not paid for twice.
     as_generate = dict.fromkeys(JobRequest.model_fields.keys() - {"prompt", "image"})
     server.tool(title="Edit image", annotations=job_annotations, meta=APP_META)(
         _job_tool("edit_image", "edit", "Edited", EDIT_DOC, {
-            **as_generate, "prompt": "The change, e.g. 'make the sky a sunset'."}))
+            **as_generate, "prompt": "The change, e.g. 'make the sky a sunset'.",
+            **({"image": SHARED_IMAGE} if settings.shared else {})}, drop=dropped))
 
     async def upload_media(
         path: Annotated[str, Field(min_length=1, max_length=4096, json_schema_extra=quiet("minLength", "maxLength"),
@@ -187,7 +194,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
         state = _state(ctx)
         try:
             paths = await _path_policy(ctx, state)
-            result = await state.service.upload(path, provider, paths)
+            result = await state.service.upload(path, provider, paths, principal=principal_of(ctx))
         except FluxError as exc:
             return error_result(state.service.redactor.scrub(str(exc)))
         text = (f"Uploaded {paths.display(result.path)} to {result.provider}"
@@ -198,7 +205,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
 
     server.tool(title="Upload image", annotations=ToolAnnotations(
         read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))(
-        upload_media)
+        _redescribe(upload_media, path=SHARED_UPLOAD_PATH) if settings.shared else upload_media)
 
     async def check_prediction(
         prediction_id: Annotated[str, Field(min_length=3, max_length=230,
@@ -227,6 +234,10 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     _add_resources(server, settings)
     add_prompts(server)
     add_health_routes(server, lambda: live[0].service if live else None)
+    if settings.shared:  # remote users: upload links and their own gallery (see `remote`)
+        from .remote import add_remote_io
+
+        add_remote_io(server, lambda: live[0].service if live else None, principal_of)
     return server
 
 
@@ -281,13 +292,14 @@ wait_seconds: a prediction_id for check_prediction (calling again pays again).""
 EDIT_DOC = """Edit an image by instruction (FLUX Kontext or img2img); parameters and answer as generate_image."""
 
 
-def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str | None]) -> Any:
+def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str | None], *,
+              drop: frozenset[str] = frozenset()) -> Any:
     """A generate/edit tool whose parameters are `JobRequest`'s fields (see request.tool_parameters)."""
 
     async def tool(ctx: Context[AppState, Any], **args: Any) -> CallToolResult | InputRequiredResult:
         return await _run_job(ctx, JobRequest(kind=kind, **args), action=action)
 
-    params = tool_parameters(kind, descriptions)
+    params = [p for p in tool_parameters(kind, descriptions) if p.name not in drop]
     context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context[AppState, Any])
     tool.__name__ = tool.__qualname__ = name
     tool.__doc__ = doc
@@ -552,6 +564,8 @@ class _Server(MCPServer[AppState]):
     asked (or after a tool was added or removed)."""
     _listed: list[MCPTool] | None = None
     """The tools as `tools/list` serves them; None until asked (or after a tool was added or removed)."""
+    refused_here: Mapping[str, str] = MappingProxyType({})
+    """Parameters not listed on this server, each with the refusal a call sending it gets (shared mode)."""
 
     def add_tool(self, fn: Callable[..., Any], name: str | None = None, title: str | None = None,
                  description: str | None = None, annotations: ToolAnnotations | None = None,
@@ -604,6 +618,10 @@ class _Server(MCPServer[AppState]):
                                for t in await super().list_tools()}
         if name in self._arguments:
             known, required = self._arguments[name]
+            for arg in [a for a in arguments if a in self.refused_here and a not in known]:
+                if arguments[arg] not in (None, False, ""):
+                    return error_result(self.refused_here[arg])
+                arguments = {k: v for k, v in arguments.items() if k != arg}  # unset: as if not sent
             unknown = [arg for arg in arguments if arg not in known]
             if unknown:
                 log.info("Tool %r refused unknown arguments %r", name, unknown)
@@ -632,11 +650,6 @@ def _declared_result(fn: Callable[..., Any]) -> Any:
         return None
     args = typing.get_args(declared) if typing.get_origin(declared) is Annotated else ()
     return args[1] if len(args) == 2 and args[0] is CallToolResult and isinstance(args[1], type) else None
-
-
-def error_result(message: str) -> CallToolResult:
-    """A tool error the model reads and can act on."""
-    return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
 
 
 def unknown_arguments_text(tool: str, unknown: list[str], known: list[str]) -> str:

@@ -47,6 +47,7 @@ from .replica import KeyTaken
 from .request import JobRequest, request_key
 from .shared import LOCAL, UPLOAD_REFUSED, check_job_inputs
 from .store import FolderStore, ImageStore
+from .uploads import Uploads, is_reference
 
 log = logging.getLogger("flux_mcp.service")
 
@@ -80,6 +81,7 @@ class FluxService:
         self.money = Money(settings, journal, clock=clock)
         self.runner = JobRunner(journal, self.store, Keeper(self.store, downloader or Downloader(client)),
                                 self.redactor, money=self.money)
+        self.uploads = Uploads(self.store, clock)  # shared mode's upload links (see `uploads`)
 
     # --- choosing a provider ------------------------------------------------------------------
 
@@ -194,14 +196,14 @@ class FluxService:
                 if prepared.dry_run:
                     if prepared.kind == "edit":
                         await self._image_input(provider, prepared.image or "", paths, send=False,
-                                                check=check_source)
+                                                check=check_source, principal=principal)
                     return await self.money.plan(estimate, prepared, [str(t) for t in saves.targets], principal)
                 hold = await self.money.before_paying(estimate, prepared, principal, ask)
                 try:
                     source_bytes = None
                     if prepared.kind == "edit":
                         image, source_bytes = await self._image_input(provider, prepared.image or "", paths,
-                                                                      check=check_source)
+                                                                      check=check_source, principal=principal)
                         prepared = prepared.model_copy(update={"image": image})
                     outcome = await self.runner.run(
                         provider, prepared, saves, self.wait_for(prepared.wait_seconds), paths, progress,
@@ -304,14 +306,19 @@ class FluxService:
     # --- files --------------------------------------------------------------------------------
 
     async def _image_input(self, provider: Provider, image: str, paths: PathPolicy, *, send: bool = True,
-                           check: Callable[[bytes], None] | None = None) -> tuple[str, bytes | None]:
+                           check: Callable[[bytes], None] | None = None,
+                           principal: str = LOCAL) -> tuple[str, bytes | None]:
         """Turns edit_image's `image` into what the provider accepts: a URL, an upload, or a data: URI;
         with the image's bytes when they were read here (not for a URL), checked by `check` first. With
-        `send` false (a dry run) it is only checked: nothing is uploaded."""
+        `send` false (a dry run) it is only checked: nothing is uploaded. In shared mode an upload link's
+        reference (`upload:<link>`, see `uploads`) stands for the file PUT to it by the same principal."""
         text = image.strip()
-        if text.startswith(("http://", "https://")):
+        if self.settings.shared and is_reference(text):
+            data = await self.uploads.resolve(text, principal)
+            name = "upload"
+        elif text.startswith(("http://", "https://")):
             return text, None
-        if text.startswith("data:"):
+        elif text.startswith("data:"):
             data = decode_data_uri(text)
             name = "image"
         else:
@@ -346,12 +353,17 @@ class FluxService:
         await self.journal.add_upload(digest, provider.id, url)
         return url, False
 
-    async def upload(self, path: str, provider_name: str | None, paths: PathPolicy) -> UploadResult:
+    async def upload(self, path: str, provider_name: str | None, paths: PathPolicy, *,
+                     principal: str = LOCAL) -> UploadResult:
         inflight.refuse_new()
         provider = self.provider(provider_name, need="upload")
-        if self.settings.shared:
+        if self.settings.shared and not is_reference(path):
             raise InvalidInput(UPLOAD_REFUSED)
-        resolved, data = paths.read_bytes(path)
+        if self.settings.shared:  # a file the same principal PUT to an upload link
+            data = await self.uploads.resolve(path, principal)
+            resolved = Path(path.strip())
+        else:
+            resolved, data = paths.read_bytes(path)
         try:
             info = inspect_image(data)
         except DownloadFailed as exc:

@@ -9,7 +9,8 @@ one PostgreSQL database and (with FLUX_MCP_S3_URL) one bucket. There:
   answers exactly as an id that does not exist.
 * **Nothing refers to the server's disk.** A remote caller can neither see the server's files nor
   have it write into their project: `save_to`, local-path `image` inputs and `upload_media` paths are
-  refused with what to do instead (a data: URI or URL in, the presigned `images[].url` out).
+  refused with what to do instead (an upload link's `upload:` reference, a data: URI or a URL in, the
+  presigned `images[].url` out); the parameters refused here (REFUSED_HERE) are not even listed.
 * **No held submits by default.** Atlas Cloud's sync mode holds the submit open for the whole job, so
   a replica that dies meanwhile leaves a paid job with no id to recover: it is off unless
   ATLASCLOUD_SYNC_MODE asks for it.
@@ -128,16 +129,26 @@ def match_token(supplied: bytes, tokens: list[tuple[bytes, str]]) -> str | None:
 SAVE_TO_REFUSED = ("save_to writes on the server's disk, which a shared server's users cannot reach. Omit "
                    "save_to: the result's images[].url is a download link for each image (valid for a while; call "
                    "check_prediction for a fresh one), then save the file in your project yourself.")
-LOCAL_IMAGE_REFUSED = ("`image` must be an http(s) URL or a data: URI on a shared server: it cannot read files on "
-                       "your machine (nor should it read its own). Pass the file as a data: URI (base64 of the "
-                       "bytes, e.g. data:image/png;base64,...) or a public URL.")
+LOCAL_IMAGE_REFUSED = ("`image` must be an http(s) URL, a data: URI or an upload on a shared server: it cannot read "
+                       "files on your machine (nor should it read its own). Call create_upload_link and PUT the file "
+                       "to its URL, then pass its `upload:...` reference; or pass the file as a data: URI (base64 of "
+                       "the bytes, e.g. data:image/png;base64,...) or a public URL.")
 UPLOAD_REFUSED = ("upload_media reads a file on the server's disk, which a shared server's users cannot reach. "
-                  "Pass the image to edit_image directly as a data: URI (base64 of the file) or an http(s) URL.")
+                  "Call create_upload_link, PUT the file to its URL and pass its `upload:...` reference as `path`; "
+                  "or pass the image to edit_image directly as a data: URI (base64 of the file) or an http(s) URL.")
 
 
 VARIATION_REFUSED = ("variation_of reads an image file on the server's disk, which a shared server's users cannot "
                      "reach. Call generate_image with the earlier job's prompt, model and size instead (its "
                      "check_prediction result lists them).")
+
+
+PRESET_REFUSED = ("preset writes its files under save_to on the server's disk, which a shared server's users cannot "
+                  "reach. Generate the image (width/height give its exact size) and make the other sizes from its "
+                  "images[].url yourself.")
+REFUSED_HERE = {"save_to": SAVE_TO_REFUSED, "overwrite": SAVE_TO_REFUSED, "preset": PRESET_REFUSED,
+                "variation_of": VARIATION_REFUSED}
+"""The job parameters a shared server does not list (each names the server's disk) and their refusals."""
 
 
 def check_job_inputs(save_to: str | None, image: str | None, variation_of: str | None = None) -> None:
@@ -146,7 +157,10 @@ def check_job_inputs(save_to: str | None, image: str | None, variation_of: str |
         raise InvalidInput(VARIATION_REFUSED)
     if save_to:
         raise InvalidInput(SAVE_TO_REFUSED)
-    if image is not None and not image.strip().startswith(("http://", "https://", "data:")):
+    from .uploads import is_reference
+
+    if image is not None and not image.strip().startswith(("http://", "https://", "data:")) \
+            and not is_reference(image):
         raise InvalidInput(LOCAL_IMAGE_REFUSED)
 
 

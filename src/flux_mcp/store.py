@@ -16,8 +16,11 @@ from typing import Protocol
 
 import anyio
 
+from .errors import PathNotAllowed
 
 _EXTENSIONS = ("png", "jpg", "webp", "gif")
+_OBJECT_NAME = re.compile(r"^(uploads|gallery)/[a-z0-9]{1,64}/[a-z0-9._-]{1,40}$")
+"""Names of the small objects kept beside the images (upload links and their files, gallery logins)."""
 _BIG = 256 * 1024
 """Writes larger than this go to a worker thread (a few hundred microseconds of disk work otherwise)."""
 
@@ -108,6 +111,36 @@ class FolderStore:
         except FileNotFoundError:
             return False
 
+    # --- objects beside the images (upload links, gallery logins: see `uploads`) -----------------------
+
+    def _object(self, name: str) -> Path:
+        if not _OBJECT_NAME.match(name) or ".." in name:
+            raise ValueError(f"not an object name: {name!r}")
+        return self.root.parent / name
+
+    async def put_object(self, name: str, payload: bytes, *, create: bool = False) -> bool:
+        """Writes the object `name` (a relative name under FLUX_MCP_HOME); with `create`, only if no object of
+        that name exists yet (atomically: of two writers one wins). True if this call wrote it."""
+        target = self._object(name)
+
+        def write() -> bool:
+            from .media import atomic_write
+
+            try:
+                atomic_write(target, payload, overwrite=not create)
+            except PathNotAllowed:  # `create` and the name is taken
+                return False
+            return True
+
+        return await anyio.to_thread.run_sync(write)
+
+    async def get_object(self, name: str) -> bytes | None:
+        """The object's bytes (None: there is none)."""
+        target = self._object(name)
+        try:
+            return await anyio.to_thread.run_sync(target.read_bytes)
+        except FileNotFoundError:
+            return None
 
 def _atomic_write(target: Path, payload: bytes) -> None:
     from .media import atomic_write  # the download and image code, imported when the first image is kept

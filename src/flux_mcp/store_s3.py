@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .store import _EXTENSIONS, FolderStore
+from .store import _EXTENSIONS, _OBJECT_NAME, FolderStore
 
 MAX_PRESIGN_SECONDS = 604_800
 """SigV4 presigned URLs live at most seven days."""
@@ -174,6 +174,43 @@ class S3Store:
         except FileNotFoundError:
             return None
         return await obstore.sign_async(self._store, "GET", key, timedelta(seconds=self.presign_seconds))
+
+    async def presign_origin(self) -> str:
+        """`scheme://host[:port]` of this store's presigned URLs (what a web page must allow images from)."""
+        from .media import origin_of
+
+        url = await self.presign(self.location(self.key("x:y", 0, "png")))
+        return origin_of(url or "") or ""
+
+    # --- objects beside the images (upload links, gallery logins: see `uploads`) -----------------------
+
+    def _object_key(self, name: str) -> str:
+        if not _OBJECT_NAME.match(name) or ".." in name:
+            raise ValueError(f"not an object name: {name!r}")
+        return "/".join(filter(None, [self.where.prefix, name]))
+
+    async def put_object(self, name: str, payload: bytes, *, create: bool = False) -> bool:
+        """Writes the object `name`; with `create`, only if the key is free (`If-None-Match: *`: of two
+        writers, on any replica, one wins). True if this call wrote it."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        try:
+            await obstore.put_async(self._store, self._object_key(name), payload,
+                                    mode="create" if create else "overwrite")
+        except (AlreadyExistsError, PreconditionError):
+            return False
+        return True
+
+    async def get_object(self, name: str) -> bytes | None:
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        try:
+            result = await obstore.get_async(self._store, self._object_key(name))
+            return bytes(await result.bytes_async())
+        except (NotFoundError, FileNotFoundError):
+            return None
 
     async def ping(self) -> None:
         """Raises unless the bucket answers (the readiness check): one listing of at most one key."""

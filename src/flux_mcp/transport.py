@@ -24,6 +24,7 @@ from .httpguard import HttpLimits, Occasional, QuietRepeats, uvicorn_config
 from .lifecycle import graceful_stop
 from .middleware import BodyGuard, FailureThrottle, SessionLimit, client_key, send_json
 from .shared import HEALTH_PATHS, LOCAL, PRINCIPAL_KEY, match_token, token_principals
+from .uploads import PATH as UPLOAD_PATH
 
 log = logging.getLogger("flux_mcp.http")
 
@@ -87,8 +88,10 @@ class BearerTokenMiddleware:
     """
 
     def __init__(self, app: ASGIApp, token: str | None = None, throttle: FailureThrottle | None = None, *,
-                 tokens: list[tuple[bytes, str]] | None = None):
+                 tokens: list[tuple[bytes, str]] | None = None, own_auth: tuple[str, ...] = ()):
         self.app = app
+        self.own_auth = own_auth
+        """Path prefixes whose routes authenticate by themselves (shared mode: upload links, gallery cookie)."""
         self.tokens = list(tokens or []) + ([(token.encode(), LOCAL)] if token else [])
         self.throttle = throttle or FailureThrottle(HttpLimits.auth_burst, HttpLimits.auth_per_second)
         self._occasional = Occasional()
@@ -99,6 +102,9 @@ class BearerTokenMiddleware:
             return
         if scope.get("path") in HEALTH_PATHS and scope.get("method") == "GET":
             await self.app(scope, receive, send)  # up or ready, nothing more: a load balancer has no token
+            return
+        if self.own_auth and str(scope.get("path", "")).startswith(self.own_auth):
+            await self.app(scope, receive, send)
             return
         client = client_key(scope)
         wait = self.throttle.retry_after(client)
@@ -162,7 +168,10 @@ def http_app(settings: Settings, transport: str, host: str, port: int, limits: H
     if not settings.shared and oauth is None:  # the gallery reads the local journal and data folder, every user's
         _mount_gallery(app, settings, host)
     sdk_app = app = oauth.wrap_sdk_app(app) if oauth is not None else app
-    app = BodyGuard(app, MAX_BODY_BYTES)
+    # Shared mode: upload links are the capability of their own routes, and cap their own bodies; the
+    # gallery's session cookie guards it (see `uploads`, `gallery.remote`).
+    own_auth = (UPLOAD_PATH, "/gallery/", "/gallery") if settings.shared else ()
+    app = BodyGuard(app, MAX_BODY_BYTES, own_limit=(UPLOAD_PATH,) if settings.shared else ())
     # Stateless (shared mode) opens no session to limit, and behind a load balancer every call comes from its
     # address: counting calls there would refuse the 33rd simultaneous call of the whole team.
     if transport != "sse" and not settings.shared:
@@ -172,7 +181,8 @@ def http_app(settings: Settings, transport: str, host: str, port: int, limits: H
         app = oauth.guard(app, sdk_app, limits)
     elif settings.http_auth:
         app = BearerTokenMiddleware(app, throttle=FailureThrottle(limits.auth_burst, limits.auth_per_second),
-                                    tokens=token_principals(settings.auth_token, settings.auth_tokens))
+                                    tokens=token_principals(settings.auth_token, settings.auth_tokens),
+                                    own_auth=own_auth)
     return app
 
 

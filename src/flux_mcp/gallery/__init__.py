@@ -110,7 +110,8 @@ class Gallery:
                                        since=since, limit=limit, before=q.get("before") or None)
         except (FluxError, ValueError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400, headers=_SECURITY)
-        return JSONResponse({"predictions": [history.full(r) for r in found.records], "next": found.next,
+        rows = [await self.shown(history.full(r), r) for r in found.records]
+        return JSONResponse({"predictions": rows, "next": found.next,
                              "providers": registry.ids()}, headers={**_SECURITY, "Cache-Control": "no-store"})
 
     async def prediction(self, request: Request) -> Response:
@@ -122,7 +123,12 @@ class Gallery:
             shown["provenance"] = await self._provenance(image.path)
             shown["on_disk"] = await self.store.present(image.path)
         row["request"] = {k: v for k, v in record.request.items() if k != "prompt"}
+        row = await self.shown(row, record)
         return JSONResponse(row, headers={**_SECURITY, "Cache-Control": "no-store"})
+
+    async def shown(self, row: dict[str, Any], record: Record) -> dict[str, Any]:
+        """A row as the page gets it (a shared server's gallery hides server paths: `remote`)."""
+        return row
 
     async def _provenance(self, path: str | None) -> dict[str, str]:
         if not path:
