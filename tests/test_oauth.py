@@ -382,12 +382,14 @@ async def test_one_user_cannot_see_another_users_prediction(site: Site):
     assert pid not in text_of(listed)
 
 
-async def test_the_image_cap_counts_each_oauth_user_apart(
+async def test_each_oauth_user_is_held_to_their_own_budget(
         issuer: Issuer, make_settings: Callable[..., Settings], loopback_fake: Any):
+    """Two users of one client (one client_id) are two principals: each has their own per-user limit (one
+    $0.003 flux-schnell image a day each), within the server's."""
     port = free_port()
     settings = make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL=loopback_fake.url,
-                             FLUX_MCP_MAX_IMAGES_PER_DAY="1", FLUX_MCP_OAUTH_ISSUER=issuer.url,
-                             FLUX_MCP_RESOURCE_URL=f"http://127.0.0.1:{port}/mcp")
+                             FLUX_MCP_USER_BUDGET_DAY_USD="0.003", FLUX_MCP_BUDGET_DAY_USD="1",
+                             FLUX_MCP_OAUTH_ISSUER=issuer.url, FLUX_MCP_RESOURCE_URL=f"http://127.0.0.1:{port}/mcp")
     with serving(settings, port) as url:
         site = Site(url, issuer, settings)
         async with site.user(site.token("alice")) as alice:
@@ -396,7 +398,8 @@ async def test_the_image_cap_counts_each_oauth_user_apart(
         async with site.user(site.token("bob")) as bob:
             own = await bob.call_tool("generate_image", {"prompt": "a harbour"})
     assert not first.is_error and not own.is_error, (text_of(first), text_of(own))
-    assert over.is_error and "1 of the FLUX_MCP_MAX_IMAGES_PER_DAY limit of 1" in text_of(over)
+    assert over.is_error and "$0.003 of the FLUX_MCP_USER_BUDGET_DAY_USD limit of $0.003" in text_of(over), \
+        text_of(over)
     assert len(loopback_fake.ledger) == 2
 
 

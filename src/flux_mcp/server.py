@@ -430,7 +430,7 @@ def _add_history(server: MCPServer[AppState]) -> None:
         query: str | None = None,
         provider: Annotated[str | None, Field(max_length=40, json_schema_extra=quiet("maxLength"),
                                               description="Only this provider's jobs.")] = None,
-        status: Literal["succeeded", "failed", "canceled", "pending"] | None = None,
+        status: Literal["succeeded", "failed", "canceled", "pending", "unknown"] | None = None,
         since: Annotated[str | None, Field(description='"2d", "yesterday", a date...')] = None,
         limit: Annotated[int, Field(ge=1, le=history.MAX_LIMIT)] = 20,
     ) -> ListingOut:
