@@ -38,6 +38,7 @@ import os
 import platform
 import random
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -62,8 +63,8 @@ from bench.raw import RawHttp
 from tests.cluster.replicas import Cluster, Cut, MotoProcess, call_tool, flux_command, list_keys, nonce_of
 from tests.cluster_env import Postgres
 
-TOKEN = "bench-cluster-token-6c1f9e3a2b7d4e8f0a5c"
-"""The bench user's bearer token (a test value: it guards nothing)."""
+TOKEN = secrets.token_urlsafe(24)
+"""The bench user's bearer token, made for this run (the replicas it guards live only as long as the run)."""
 
 
 def team(users: int) -> dict[str, str]:
