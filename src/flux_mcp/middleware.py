@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .surrogates import repair_surrogates
+
+if TYPE_CHECKING:
+    from .httpguard import Occasional
 
 MCP_SESSION_ID = b"mcp-session-id"
 
@@ -170,6 +174,19 @@ def _opens_session(scope: Scope) -> bool:
         if name == b"mcp-protocol-version":
             version = value
     return version is None or version.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS
+
+
+async def refuse_throttled(send: Send, client: str, wait: int, occasional: Occasional, log: logging.Logger,
+                           refused: str) -> None:
+    """Answers a client throttled after repeated `refused` credentials: 429 with Retry-After, and a log line
+    now and then (with how many attempts were refused since), never one per attempt."""
+    held = occasional.due(f"throttled {client}")
+    if held is not None:
+        log.warning("throttling %s after repeated %s (retry in %d s%s)", client, refused, wait,
+                    f"; {held} more attempts refused in the last minute" if held else "")
+    await send_json(send, 429, {"error": "too_many_attempts",
+                                "error_description": f"Too many failed attempts; retry in {wait} s."},
+                    [(b"retry-after", str(wait).encode())])
 
 
 class FailureThrottle:

@@ -540,7 +540,7 @@ class OAuthGate:
         self._occasional = Occasional()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from .middleware import client_key, send_json
+        from .middleware import client_key, refuse_throttled
 
         if scope["type"] != "http" or scope.get("path") in self.open_paths:
             await self.app(scope, receive, send)
@@ -548,13 +548,7 @@ class OAuthGate:
         client = client_key(scope)
         wait = self.throttle.retry_after(client)
         if wait:
-            held = self._occasional.due(f"throttled {client}")
-            if held is not None:
-                log.warning("throttling %s after repeated refused OAuth tokens (retry in %d s%s)", client, wait,
-                            f"; {held} more attempts refused in the last minute" if held else "")
-            await send_json(send, 429, {"error": "too_many_attempts",
-                                        "error_description": f"Too many failed attempts; retry in {wait} s."},
-                            [(b"retry-after", str(wait).encode())])
+            await refuse_throttled(send, client, wait, self._occasional, log, "refused OAuth tokens")
             return
         token = _bearer(scope)
         attempt = Attempt()

@@ -22,7 +22,7 @@ from .config import Settings
 from .errors import ConfigError
 from .httpguard import HttpLimits, Occasional, QuietRepeats, uvicorn_config
 from .lifecycle import graceful_stop
-from .middleware import BodyGuard, FailureThrottle, SessionLimit, client_key, send_json
+from .middleware import BodyGuard, FailureThrottle, SessionLimit, client_key, refuse_throttled, send_json
 from .shared import HEALTH_PATHS, LOCAL, PRINCIPAL_KEY, match_token, token_principals
 from .uploads import PATH as UPLOAD_PATH
 
@@ -109,13 +109,7 @@ class BearerTokenMiddleware:
         client = client_key(scope)
         wait = self.throttle.retry_after(client)
         if wait:
-            held = self._occasional.due(f"throttled {client}")
-            if held is not None:
-                log.warning("throttling %s after repeated wrong bearer tokens (retry in %d s%s)", client, wait,
-                            f"; {held} more attempts refused in the last minute" if held else "")
-            await send_json(send, 429, {"error": "too_many_attempts",
-                                        "error_description": f"Too many failed attempts; retry in {wait} s."},
-                            [(b"retry-after", str(wait).encode())])
+            await refuse_throttled(send, client, wait, self._occasional, log, "wrong bearer tokens")
             return
         supplied: bytes | None = None
         for name, value in scope.get("headers", []):
