@@ -35,9 +35,11 @@ FAST = HttpLimits(header_seconds=1.0, body_seconds=1.0, body_min_rate=500, max_c
 
 
 @contextlib.contextmanager
-def serving(settings, limits: HttpLimits = FAST, transport: str = "streamable-http") -> Iterator[str]:
-    """The flux-mcp HTTP app under `limits`, served by uvicorn on a loopback port in a thread."""
-    port = free_port()
+def serving(settings, limits: HttpLimits = FAST, transport: str = "streamable-http", *,
+            port: int | None = None) -> Iterator[str]:
+    """The flux-mcp HTTP app under `limits`, served by uvicorn on a loopback port (`port`, else a free one)
+    in a thread."""
+    port = port or free_port()
     app = http_app(settings, transport, "127.0.0.1", port, limits)
     server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

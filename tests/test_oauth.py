@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,6 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import httpx2
 import pytest
-import uvicorn
 
 if importlib.util.find_spec("jwt") is None:  # PyJWT comes with the shared mode's extra
     why = "PyJWT not installed: pip install -e '.[test,cluster,cluster-test]'"
@@ -42,11 +40,11 @@ from mcp.client.streamable_http import streamable_http_client
 from flux_mcp.backends import open_journal
 from flux_mcp.config import Settings
 from flux_mcp.errors import ConfigError
-from flux_mcp.httpguard import HttpLimits, uvicorn_config
+from flux_mcp.httpguard import HttpLimits
 from flux_mcp.oauth import MISS_REFRESH_SECONDS, JwtVerifier, OAuthConfig
-from flux_mcp.transport import http_app
 from tests.conftest import ATLAS_KEY, text_of
 from tests.fakes.wire import free_port, json_response, serve_on_loopback
+from tests.test_hardening_http import serving as served_in_thread
 
 pytestmark = [pytest.mark.anyio]
 SCOPE = "flux:images"
@@ -124,23 +122,10 @@ def issuer() -> Iterator[Issuer]:
         yield issuer
 
 
-@contextlib.contextmanager
 def serving(settings: Settings, port: int, limits: HttpLimits = LIMITS, transport: str = "streamable-http"
-            ) -> Iterator[str]:
-    """flux-mcp's HTTP app served by uvicorn on 127.0.0.1:`port` in a thread."""
-    app = http_app(settings, transport, "127.0.0.1", port, limits)
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
+            ) -> contextlib.AbstractContextManager[str]:
+    """flux-mcp's HTTP app served by uvicorn on 127.0.0.1:`port` in a thread (the resource URL names the port)."""
+    return served_in_thread(settings, limits, transport, port=port)
 
 
 class Site:
