@@ -3,11 +3,12 @@ call each tool right; clean descriptions, icons, a stable order, honest capabili
 
 from __future__ import annotations
 
-import base64
 import inspect
 import json
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
+from xml.etree import ElementTree
 
 import jsonschema
 import pytest
@@ -193,20 +194,54 @@ async def test_tools_are_listed_in_the_same_order_byte_for_byte(make_settings, t
     assert first.model_dump_json() == second.model_dump_json()
 
 
+def svg_of(icon: Any) -> ElementTree.Element:
+    """The SVG document an icon's `data:` URI holds, parsed (it must be well-formed XML in the SVG namespace,
+    sized by a viewBox, drawing nothing from outside)."""
+    assert icon.src.startswith("data:image/svg+xml,"), icon.src
+    text = unquote(icon.src.removeprefix("data:image/svg+xml,"))
+    assert not set(icon.src.removeprefix("data:")) & set('<> "'), "characters a URI may not hold unescaped"
+    root = ElementTree.fromstring(text)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg" and root.get("viewBox")
+    assert "http" not in text.replace("http://www.w3.org/2000/svg", ""), text
+    return root
+
+
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_the_server_carries_an_embedded_svg_icon_and_the_tools_none(make_settings, mode):
-    """Tools carry no icon of their own: each costs its bytes in every tools/list (158 for this mark),
-    four of them more than the bound leaves; clients show the server's beside its tools."""
+async def test_the_server_carries_an_embedded_svg_icon_and_the_tools_none_by_default(make_settings, mode):
+    """By default tools carry no icon of their own: each costs ~150 bytes in every tools/list, five of them
+    more than the bound leaves; clients show the server's beside its tools."""
     server = build_server(make_settings())
     async with connect(make_settings(), mode=mode) as client:
         tools = (await client.list_tools()).tools
         info = client.server_info
     assert server.icons and info is not None and info.icons == server.icons
     [icon] = info.icons
-    assert icon.src.startswith("data:image/svg+xml;base64,")
-    svg = base64.b64decode(icon.src.removeprefix("data:image/svg+xml;base64,"), validate=True)
-    assert svg.startswith(b'<svg xmlns="http://www.w3.org/2000/svg"') and b"http" not in svg[40:]
+    svg_of(icon)
     assert not [t.name for t in tools if t.icons]
+
+
+async def test_tool_icons_on_give_every_tool_its_own_embedded_svg(make_settings):
+    plain, iconic = make_settings(), make_settings(FLUX_MCP_TOOL_ICONS="on")
+    async with connect(plain) as client:
+        without = await client.list_tools()
+    async with connect(iconic) as client:
+        listed = await client.list_tools()
+    assert [t.name for t in listed.tools] == [t.name for t in without.tools]
+    marks = {}
+    for tool in listed.tools:
+        assert tool.icons and len(tool.icons) == 1, tool.name
+        root = svg_of(tool.icons[0])
+        marks[tool.name] = ElementTree.tostring(root)
+    assert len(set(marks.values())) == len(marks)  # each tool its own glyph
+    extra = wire_size(listed) - wire_size(without)
+    assert 0 < extra <= 160 * len(listed.tools)  # what the option costs every conversation, as documented
+
+
+def test_tool_icons_take_only_on_or_off(make_settings):
+    from flux_mcp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="FLUX_MCP_TOOL_ICONS must be on or off"):
+        make_settings(FLUX_MCP_TOOL_ICONS="maybe")
 
 
 async def test_prompts_capability_is_advertised_only_with_prompts_to_list(make_settings):
@@ -237,3 +272,39 @@ async def test_a_finished_result_text_stays_under_300_tokens(settings, fake):
     async with connect(settings, fake) as client:
         result = await client.call_tool("generate_image", {"prompt": "a lighthouse", "save_to": "img/"})
     assert not result.is_error and len(text_of(result).encode()) <= 300 * 4
+
+
+@pytest.mark.browser
+async def test_every_icon_draws_its_glyph_in_a_real_browser(make_settings):
+    """Chromium loads each icon as an image (as a client's UI would) and draws something: a broken or
+    namespace-less SVG loads as an empty or failed image."""
+    from playwright.async_api import async_playwright
+
+    from tests.browser import ARTIFACTS, CHROMIUM, LAUNCH_ARGS, ensure_chromium
+
+    if problem := ensure_chromium():
+        pytest.skip(problem)
+    async with connect(make_settings(FLUX_MCP_TOOL_ICONS="on")) as client:
+        icons = {t.name: t.icons[0].src for t in (await client.list_tools()).tools if t.icons}
+        icons["server"] = client.server_info.icons[0].src
+    html = "".join(f'<img id="{name}" width="32" height="32" src="{src}">' for name, src in icons.items())
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.set_content(f"<body style='margin:0;background:#fff'>{html}</body>")
+            drawn = await page.evaluate("""() => Array.from(document.images).map(img => {
+                const c = document.createElement('canvas'); c.width = 32; c.height = 32;
+                const g = c.getContext('2d'); g.drawImage(img, 0, 0, 32, 32);
+                const px = g.getImageData(0, 0, 32, 32).data; let ink = 0;
+                for (let i = 3; i < px.length; i += 4) if (px[i] > 128) ink++;
+                return [img.id, img.complete && img.naturalWidth > 0, ink];
+            })""")
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "icons.png"), clip={"x": 0, "y": 0, "width": 32 * len(icons),
+                                                                          "height": 32})
+        finally:
+            await browser.close()
+    assert {name for name, _, _ in drawn} == set(icons)
+    for name, loaded, ink in drawn:
+        assert loaded and 32 * 32 // 8 < ink < 32 * 32, (name, loaded, ink)  # some of the square, not all of it

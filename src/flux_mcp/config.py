@@ -75,6 +75,9 @@ class Settings(BaseModel):
     preview: Literal["auto", "off", "full"] = "auto"
     preview_budget: int = DEFAULT_PREVIEW_BUDGET
     log_level: str = "INFO"
+    tool_icons: bool = False
+    """FLUX_MCP_TOOL_ICONS: each tool is listed with its icon (~150 bytes each in every `tools/list`: with all
+    tools, more than the listing's 6,000-byte bound leaves room for); the server's own icon is always sent."""
     tracing: bool = False
     """OpenTelemetry is configured (an `OTEL_*` variable is set): every message gets a span."""
     prices: dict[str, dict[str, float]] = {}
@@ -138,6 +141,9 @@ class Settings(BaseModel):
         if preview not in ("auto", "off", "full"):
             raise ConfigError(f"FLUX_MCP_PREVIEW must be auto, off or full (got {preview!r}).")
         budget = int(_number(env, "FLUX_MCP_PREVIEW_BYTES", DEFAULT_PREVIEW_BUDGET, 10_000, 50_000_000))
+        icons_raw = env.get("FLUX_MCP_TOOL_ICONS", "").strip().lower()
+        if icons_raw not in ("", "on", "off", "1", "0", "true", "false", "yes", "no"):
+            raise ConfigError(f"FLUX_MCP_TOOL_ICONS must be on or off (got {icons_raw!r}).")
         from . import shared
 
         database_url = env.get("FLUX_MCP_DATABASE_URL", "").strip()
@@ -176,6 +182,7 @@ class Settings(BaseModel):
             lease_seconds=_number(env, "FLUX_MCP_LEASE_SECONDS", 10.0, 1, 3600),
             preview=preview,  # type: ignore[arg-type]
             preview_budget=budget,
+            tool_icons=icons_raw in ("on", "1", "true", "yes"),
             log_level=env.get("FLUX_MCP_LOG_LEVEL", "INFO").strip().upper() or "INFO",
             tracing=any(k.startswith("OTEL_") for k in env)
             and env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true",

@@ -93,6 +93,8 @@ class _Compactor:
                 continue
             if key == "default" and (value is None or value is False):  # absent, or off: what omitting means
                 continue
+            if key == "additionalProperties" and value is True and "type" in schema:  # JSON Schema's default
+                continue
             if key == "properties":
                 out[key] = {name: self.node(sub) for name, sub in value.items() if name not in details}
             elif key in _SCHEMA_LISTS:

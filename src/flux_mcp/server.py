@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import difflib
 import functools
@@ -47,6 +46,7 @@ from .errors import FluxError, error_result
 from .folders import Folders
 from .gallery import static_text
 from .http import LazyClient, RetryPolicy
+from .icons import GLYPHS, icons as tool_icons
 from .backends import open_journal, open_store
 from .models import PredictionResult, UploadResult
 from .paths import PathPolicy
@@ -75,10 +75,6 @@ the file straight into the project, e.g. "public/hero.png"). A job still running
 returns is not lost: call check_prediction with its prediction_id. Never call generate_image
 again for the same request just because it is pending: each call is a new paid job."""
 
-ICON_SVG = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 4 4"><path d="M0 4 2 1l2 3z"/></svg>'
-"""The server's mark, a mountain as in a picture. Small: every 2026-07-28 answer carries the server's
-identity, `tools/list` included. The tools have none of their own (each would cost as much again)."""
-ICONS = [Icon(src="data:image/svg+xml;base64," + base64.b64encode(ICON_SVG).decode())]
 
 
 @dataclass
@@ -149,7 +145,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
                     await _close_state(live.pop(), own_client=http_client is None)
 
     server = _Server(
-        "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS, icons=ICONS,
+        "flux-mcp", title="FLUX image generation", version=__version__, instructions=INSTRUCTIONS, icons=tool_icons("server"),
         lifespan=lifespan, extensions=[_app()], log_level=settings.log_level if settings.log_level in
         ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO",  # type: ignore[arg-type]
         **(oauth.server_kwargs() if oauth is not None else {}),
@@ -171,6 +167,7 @@ def build_server(settings: Settings, *, http_client: httpx2.AsyncClient | None =
     # tools/list within its bound with the link tools; a call that sends one gets the refusal saying why.
     dropped = frozenset(REFUSED_HERE) if settings.shared else frozenset()
     server.refused_here = REFUSED_HERE if settings.shared else {}
+    server.tool_icons = settings.tool_icons
     provider = provider_text(settings)
     described = {"provider": provider, "wait_seconds": (
         f"Default {settings.wait_seconds:g}, at most {settings.max_wait_seconds:g}.")}
@@ -287,7 +284,7 @@ async def _accept_log_level(_ctx: Any, _params: SetLevelRequestParams) -> EmptyR
     return EmptyResult()
 
 
-GENERATE_DOC = """Generate images with FLUX: local paths (use in code), a preview. Still running after
+GENERATE_DOC = """Generate images with FLUX: local paths (use in code), a preview. Still running after \
 wait_seconds: a prediction_id for check_prediction (calling again pays again)."""
 EDIT_DOC = """Edit an image by instruction (FLUX Kontext or img2img); parameters and answer as generate_image."""
 
@@ -566,6 +563,8 @@ class _Server(MCPServer[AppState]):
     """The tools as `tools/list` serves them; None until asked (or after a tool was added or removed)."""
     refused_here: Mapping[str, str] = MappingProxyType({})
     """Parameters not listed on this server, each with the refusal a call sending it gets (shared mode)."""
+    tool_icons = False
+    """List each tool with its icon (FLUX_MCP_TOOL_ICONS); set before the tools are added."""
 
     def add_tool(self, fn: Callable[..., Any], name: str | None = None, title: str | None = None,
                  description: str | None = None, annotations: ToolAnnotations | None = None,
@@ -575,11 +574,14 @@ class _Server(MCPServer[AppState]):
         # (deriving it is most of what registering a tool costs, and a server start registers three
         # PredictionResult tools).
         model = _declared_result(fn)
+        name = name or fn.__name__
+        if icons is None and self.tool_icons and name in GLYPHS:  # each tool of ours has its glyph (see `icons`)
+            icons = tool_icons(name)
         known = _OUTPUT_SCHEMAS.get(model) if model is not None and structured_output is None else None
         super().add_tool(fn, name=name, title=title, description=inspect.cleandoc(description or fn.__doc__ or ""),
                          annotations=annotations, icons=icons, meta=meta,
                          structured_output=False if known is not None else structured_output)
-        meta_of = registered_tool(self, name or fn.__name__).fn_metadata
+        meta_of = registered_tool(self, name).fn_metadata
         if known is not None:
             meta_of.output_model, meta_of.output_schema = model, known
         elif model is not None and meta_of.output_model is model and meta_of.output_schema is not None:
