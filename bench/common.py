@@ -80,10 +80,16 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+SOURCE: Path | None = None
+"""Another flux_mcp source tree (a `src` folder) that the servers the figures start run instead of the
+installed package: `bench.run --before REV` measures that revision beside this one, in the same run."""
+
+
 def flux_command() -> list[str]:
-    """`flux-mcp` from the running interpreter's environment (the console script users launch)."""
+    """`flux-mcp` from the running interpreter's environment (the console script users launch); the
+    `SOURCE` tree's package when one is set."""
     script = Path(sys.executable).parent / "flux-mcp"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "flux_mcp"]
+    return [str(script)] if script.is_file() and SOURCE is None else [sys.executable, "-m", "flux_mcp"]
 
 
 def floor_command(*args: str) -> list[str]:
@@ -98,6 +104,8 @@ def base_env(home: Path) -> dict[str, str]:
         for k, v in os.environ.items()
         if k in ("PATH", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH", "SYSTEMROOT")
     }
+    if SOURCE is not None:  # ahead of the installed package on the import path
+        keep["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE), keep.get("PYTHONPATH")]))
     return {**keep, "HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
 

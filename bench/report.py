@@ -271,6 +271,54 @@ def details(r: dict[str, Any]) -> list[str]:
     return out
 
 
+SAME = 1.05
+"""Against another revision, a figure within this factor of it counts as the same: these figures move by
+about that much between two runs of one revision on this machine."""
+
+
+def against(r: dict[str, Any]) -> list[str]:
+    """Each figure `--before` measured on both revisions, as the ratio to its own baseline (measured with
+    it), this revision's against the other's."""
+    b = r.get("before")
+    if not b:
+        return []
+    rows: list[tuple[str, float, float]] = []
+    if (now := r.get("cold_start")) and (old := b.get("cold_start")):
+        rows.append(("cold start, p50 / floor's", now["ratio_p50"], old["ratio_p50"]))
+        rows.append(("cold start CPU, p50 / floor's", now["cpu_ratio_p50"], old["cpu_ratio_p50"]))
+    if (now := r.get("overhead")) and (old := b.get("overhead")):
+        for transport in ("stdio", "streamable-http"):
+            n, o = now.get(transport), old.get(transport)
+            if n and o:
+                for op, floor, label in (("generate", "floorgen_p50", "generate_image"),
+                                         ("check", "floor_p50", "check_prediction")):
+                    rows.append((f"`{label}` p50 / raw requests' ({transport})", n[op]["p50"] / n[floor],
+                                 o[op]["p50"] / o[floor]))
+    if (now := r.get("concurrency")) and (old := b.get("concurrency")):
+        rows.append(("concurrency (held submits), wall / job", now["ratio_to_job"], old["ratio_to_job"]))
+        rows.append(("concurrency (polled), wall / job", now["polled"]["ratio_to_job"], old["polled"]["ratio_to_job"]))
+        rows.append(("concurrency (held), server CPU per call / floor's", now["server_cpu_per_call_ms"]
+                     / now["floor"]["server_cpu_per_call_ms"], old["server_cpu_per_call_ms"]
+                     / old["floor"]["server_cpu_per_call_ms"]))
+    if (now := r.get("preview")) and (old := b.get("preview")):
+        for n, o in zip(now["rows"], old.get("rows", [])):
+            rows.append((f"preview {n['side']}² {n['format']}, time / one decode + encode", n["ratio"], o["ratio"]))
+    out = [
+        "",
+        f"### Against {b['rev']}, same run",
+        "",
+        f"Each figure right after this revision's, with `{b['rev']}`'s package (`--before`), as the ratio to "
+        f"the baseline measured with it; lower is better. Within {SAME:g}x counts as the same.",
+        "",
+        f"| figure | this revision | {b['rev']} | this / {b['rev']} | |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, n, o in rows:
+        ratio = n / o if o else float("nan")
+        out.append(f"| {label} | {n:.2f} | {o:.2f} | {ratio:.2f} | {'not worse' if ratio <= SAME else '**worse**'} |")
+    return out
+
+
 def markdown(r: dict[str, Any]) -> str:
     env = r["environment"]
     head = [
@@ -283,4 +331,4 @@ def markdown(r: dict[str, Any]) -> str:
         ),
         "",
     ]
-    return "\n".join(head + summary(r) + details(r)) + "\n"
+    return "\n".join(head + summary(r) + against(r) + details(r)) + "\n"

@@ -36,6 +36,7 @@ from bench import (
     report,
     simulate,
 )
+from bench import common
 from bench.common import BENCH, ROOT, FakeProcess, dump
 
 SETTLE_SECONDS = 3.0
@@ -94,6 +95,43 @@ def _environment() -> dict[str, Any]:
     }
 
 
+BEFORE_FIGURES = ("cold_start", "overhead", "concurrency", "preview")
+"""The figures `--before` also measures on the other revision: the ones its code decides (the others
+are this revision's own features, or the fake's)."""
+
+
+def _tree(rev: str, into: Path) -> Path:
+    """The `src` folder of revision `rev` of this repository, unpacked under `into`."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", rev, "src"], cwd=ROOT, capture_output=True, check=False, timeout=60)
+    if archive.returncode != 0:
+        raise SystemExit(f"--before {rev}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=60)
+    return into / "src"
+
+
+@contextlib.contextmanager
+def _running(source: Path) -> Any:
+    """The figures' servers run the package in `source` meanwhile."""
+    common.SOURCE = source
+    try:
+        yield
+    finally:
+        common.SOURCE = None
+
+
+def _preview_of(source: Path, repeats: int) -> dict[str, Any]:
+    """The preview figure with `source`'s package: it times functions in-process, so in a child whose
+    import path starts there."""
+    code = f"import json, sys; from bench import preview; json.dump(preview.run(repeats={repeats}), sys.stdout)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          check=True, timeout=600)
+    import json
+
+    return json.loads(done.stdout)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -104,10 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         "--no-npm", action="store_true", help="do not install atlascloud-mcp from npm if missing"
     )
     parser.add_argument("--out", type=Path, default=BENCH / "results", help="where latest.md/.json go")
+    parser.add_argument(
+        "--before", metavar="REV",
+        help="also measure git revision REV (e.g. the one before a change) right after each of the figures "
+        f"{', '.join(BEFORE_FIGURES)}, and report this revision's figures against it",
+    )
     args = parser.parse_args(argv)
     p = QUICK if args.quick else FULL
     wanted = set(args.only or FIGURES)
-    command = "python -m bench.run" + (" --quick" if args.quick else "")
+    command = "python -m bench.run" + (" --quick" if args.quick else "") + (f" --before {args.before}" if args.before
+                                                                              else "")
     started = time.monotonic()
     results: dict[str, Any] = {
         "command": command,
@@ -130,17 +174,35 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
         workdir = Path(tmp)
+        before = _tree(args.before, workdir / "before") if args.before else None
+        other = workdir / "before-run"  # its own data folders: an older revision cannot open a newer journal
+        other.mkdir()
+        if before is not None:
+            results["before"] = {"rev": args.before}
+
+        def again(name: str, run: Any) -> None:
+            """`run` once more with the other revision, right after this one's (the same machine state)."""
+            if before is not None and name in BEFORE_FIGURES:
+                time.sleep(SETTLE_SECONDS)
+                print(f"[{time.monotonic() - started:5.0f} s] {name} ({args.before}) ...", file=sys.stderr, flush=True)
+                with _running(before):
+                    results["before"][name] = run()
+
         with FakeProcess(workdir) as fake:
             if step("cold_start"):
                 results["cold_start"] = cold_start.run(workdir, fake.url, rounds=p["cold_rounds"])
+                again("cold_start", lambda: cold_start.run(other, fake.url, rounds=p["cold_rounds"]))
             if step("overhead"):
                 results["overhead"] = overhead.run(
                     workdir, fake, rounds=p["overhead_rounds"], warmup=p["overhead_warmup"]
                 )
+                again("overhead", lambda: overhead.run(other, fake, rounds=p["overhead_rounds"],
+                                                       warmup=p["overhead_warmup"]))
             if step("health"):
                 results["health"] = health.run(workdir)
             if step("concurrency"):
                 results["concurrency"] = concurrency.run(workdir, fake, calls=p["calls"])
+                again("concurrency", lambda: concurrency.run(other, fake, calls=p["calls"]))
             if step("memory"):
                 results["memory"] = memory.run(workdir, fake, rounds=p["memory_rounds"])
             if step("completion"):
@@ -156,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["long_run"] = simulate.run(p["lengths"])
             if step("preview"):
                 results["preview"] = preview.run(repeats=p["preview_repeats"])
+                again("preview", lambda: _preview_of(before, p["preview_repeats"]) if before else {})
             if step("context"):
                 typical = (results.get("overhead") or {}).get("typical_result")
                 results["context"] = context.run(workdir, fake.url, typical, install=not args.no_npm)
