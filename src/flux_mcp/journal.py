@@ -28,6 +28,7 @@ answers from the event loop without ever blocking it:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -61,6 +62,8 @@ _RETRY_EVERY = 1.0
 """Seconds between the background thread's attempts to write the backlog."""
 _SLOW_TIMEOUT = 10.0
 """Busy timeout (seconds) of the connections used off the event loop."""
+DELIVERED_AFTER = 0.05
+"""Seconds a delivered mark waits for others to be written with (see `SqliteJournal.mark_delivered`)."""
 
 _COLUMNS = ("id", "provider", "native_id", "model", "kind", "status", "request", "images", "outputs", "error",
             "cost_usd", "remaining_credits", "created_at", "updated_at", "completed_at", "principal", "request_key",
@@ -584,6 +587,10 @@ class SqliteJournal:
         self._backlog_reason: str | None = None
         self._retrier: threading.Thread | None = None
         self._closed = threading.Event()
+        self._delivered: set[str] = set()
+        """Jobs whose answer reached the caller, not yet marked in the file (guarded by `_lock`): written
+        together, DELIVERED_AFTER seconds after the first (see `mark_delivered`)."""
+        self._delivering: asyncio.TimerHandle | None = None
 
     def _prepare(self) -> None:
         """Sets WAL mode, migrates an older layout, refuses one it does not understand."""
@@ -785,7 +792,9 @@ class SqliteJournal:
         rows = await self._read(
             f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE principal=? AND request_key=? AND delivered=0"
             " AND created_at >= ? ORDER BY created_at DESC LIMIT 5", (principal, request_key, since), many=True)
-        found = {r.id: r for r in [*(_record(row) for row in rows), *pending]}
+        with self._lock:
+            delivered = set(self._delivered)  # marked, not yet written
+        found = {r.id: r for r in [*(_record(row) for row in rows), *pending] if r.id not in delivered}
         return sorted(found.values(), key=lambda r: r.created_at, reverse=True)
 
     async def by_idempotency_key(self, principal: str, key: str) -> Record | None:
@@ -799,6 +808,10 @@ class SqliteJournal:
         return None if row is None else _record(row)
 
     async def mark_delivered(self, prediction_id: str) -> None:
+        """Noted at once for this process (`rejoinable` leaves the job out from here on) and written to the
+        file with the other marks of the next DELIVERED_AFTER seconds in one statement: one write per answer
+        would be the costliest step of a call. Until it lands, only another process sharing the file could
+        still join the job: the safe side (a join pays nothing), and the window is that short."""
         if self._read_only is not None:  # nothing to join later: no new job can be started here
             return
         with self._lock:
@@ -806,10 +819,22 @@ class SqliteJournal:
             if pending is not None:
                 pending.delivered = True
                 return
+            self._delivered.add(prediction_id)
+            if self._delivering is None:
+                self._delivering = asyncio.get_running_loop().call_later(DELIVERED_AFTER, self._write_delivered)
+
+    def _write_delivered(self) -> None:
+        with self._lock:
+            ids, self._delivered, self._delivering = sorted(self._delivered), set(), None
+            if not ids:
+                return
             try:
-                self._db.execute("UPDATE predictions SET delivered=1 WHERE id=?", (prediction_id,))
-            except sqlite3.Error as exc:  # losing it only means a later identical call may join this job
-                log.info("delivery of %s not recorded: %s", prediction_id, exc)
+                for at in range(0, len(ids), 500):  # within SQLite's limit on bound parameters
+                    chunk = ids[at:at + 500]
+                    self._db.execute(f"UPDATE predictions SET delivered=1 WHERE id IN ({','.join('?' * len(chunk))})",
+                                     chunk)
+            except sqlite3.Error as exc:  # losing it only means a later identical call may join these jobs
+                log.info("delivery of %d job(s) not recorded: %s", len(ids), exc)
 
     async def finished_before(self, before: float, limit: int) -> list[Record]:
         rows = await self._read(
@@ -972,6 +997,9 @@ class SqliteJournal:
     # --- closing ------------------------------------------------------------------------------
 
     async def close(self) -> None:
+        if self._delivering is not None:
+            self._delivering.cancel()
+        self._write_delivered()
         self._closed.set()
         if self._retrier is not None:
             await anyio.to_thread.run_sync(self._retrier.join, 5.0)
