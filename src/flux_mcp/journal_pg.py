@@ -241,6 +241,8 @@ _ADOPT = (f"WITH pick AS (SELECT id FROM flux_predictions WHERE {_ADOPTABLE} AND
 """A key-less re-issue's one statement: adopts the first free orphan (else any other job of the call whose
 answer never reached its caller), and reads the newest of the call's jobs that cannot be adopted (an intent,
 an `unknown` job): joined, not adopted, when nothing could be."""
+_PRUNABLE = "('succeeded', 'failed', 'canceled', 'unknown')"
+"""Statuses retention removes once old: final ones, and `unknown` (nothing more will be learnt about it)."""
 _HEARTBEAT = (f"UPDATE flux_predictions SET lease_until = {_NOW} + %s WHERE lease_owner = %s "
               f"AND status IN {_PENDING} AND lease_until IS NOT NULL")
 _END_LEASES = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE lease_owner = %s AND status IN {_PENDING} "
@@ -562,18 +564,38 @@ class PgJournal:
         return None
 
     async def finished_before(self, before: float, limit: int) -> list[Record]:
-        rows = await self._fetch(f"{_SELECT} WHERE status IN ('succeeded', 'failed', 'canceled') AND updated_at < %s "
+        rows = await self._fetch(f"{_SELECT} WHERE status IN {_PRUNABLE} AND updated_at < %s "
                                  "ORDER BY updated_at LIMIT %s", (before, limit))
         return [_record(r) for r in rows]
 
     async def remove(self, prediction_ids: list[str], uploads_before: float | None = None) -> int:
         async with self.pool.connection() as conn:
-            cur = await conn.execute("DELETE FROM flux_predictions WHERE id = ANY(%s) AND status IN ('succeeded', "
-                                     "'failed', 'canceled')", (list(prediction_ids),))
+            cur = await conn.execute(f"DELETE FROM flux_predictions WHERE id = ANY(%s) AND status IN {_PRUNABLE}",
+                                     (list(prediction_ids),))
             removed = cur.rowcount
             if uploads_before is not None:
                 await conn.execute("DELETE FROM flux_uploads WHERE created_at < %s", (uploads_before,))
         return removed
+
+    async def release_stale_reservations(self, before: float, *, dry_run: bool = False) -> int:
+        """Releases (deletes, never bills) spend-ledger reservations still `reserved` with no job, last written
+        before `before`: the call that made one reserves it just before its submit and marks it within that
+        submit, so one left that long belongs to a replica that stopped before its intent was sent or
+        answered; it only holds budget. Returns how many (would) go."""
+        where = "FROM flux_charges WHERE state = 'reserved' AND prediction_id IS NULL AND updated_at < %s"
+        if dry_run:
+            return int((await self._fetch(f"SELECT count(*) {where}", (before,)))[0][0])
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(f"DELETE {where}", (before,))
+            return int(cur.rowcount)
+
+    async def remove_uploads(self, before: float, *, dry_run: bool = False) -> int:
+        """Removes cached provider upload URLs recorded before `before` (they are reused for an hour only)."""
+        if dry_run:
+            return int((await self._fetch("SELECT count(*) FROM flux_uploads WHERE created_at < %s", (before,)))[0][0])
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("DELETE FROM flux_uploads WHERE created_at < %s", (before,))
+            return int(cur.rowcount)
 
     async def rejoinable(self, principal: str, request_key: str, since: float) -> list[Record]:
         pending = [r.copy() for r in self._backlog.values() if r.principal == principal
