@@ -346,7 +346,7 @@ class PgJournal:
         """This replica's name in `lease_owner`."""
         self.lease_seconds = lease_seconds
         self.conninfo = conninfo
-        """The database URL (for the LISTEN connection, which is not pooled)."""
+        """The URL of the LISTEN connection (not pooled): FLUX_MCP_LISTEN_DATABASE_URL, else the pool's URL."""
         self.waits = Waits()
         """Calls waiting on jobs, woken by final writes here and by notifications from other replicas."""
         self._held: dict[str, int] = {}
@@ -365,9 +365,12 @@ class PgJournal:
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0,
-                   owner: str | None = None, lease_seconds: float = LEASE_SECONDS) -> PgJournal:
+                   owner: str | None = None, lease_seconds: float = LEASE_SECONDS,
+                   listen_url: str | None = None) -> PgJournal:
         """Connects (waiting up to `timeout` for the database), migrates, and checks the layout. `owner` names
-        this replica in leases (default: host, pid and a random part); `lease_seconds` is the lease length."""
+        this replica in leases (default: host, pid and a random part); `lease_seconds` is the lease length;
+        `listen_url` is where the replica's LISTEN connection goes (default: `url`; LISTEN needs a session of
+        its own, which a pooler in transaction mode does not give)."""
         try:
             from psycopg_pool import AsyncConnectionPool
         except ImportError:
@@ -385,7 +388,7 @@ class PgJournal:
             await pool.close()
             raise JournalUnusable(f"The database {where} cannot be reached ({type(exc).__name__}: "
                                   f"{_first_line(exc)}). Check FLUX_MCP_DATABASE_URL.") from None
-        journal = cls(pool, where, owner=owner, lease_seconds=lease_seconds, conninfo=url)
+        journal = cls(pool, where, owner=owner, lease_seconds=lease_seconds, conninfo=listen_url or url)
         try:
             await journal._migrate()
         except JournalUnusable:
