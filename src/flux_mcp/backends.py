@@ -22,7 +22,9 @@ async def open_journal(settings: Settings) -> Journal:
     if settings.database_url is not None:
         from .journal_pg import PgJournal
 
-        return await PgJournal.open(settings.database_url.get_secret_value(), lease_seconds=settings.lease_seconds)
+        listen = settings.listen_database_url
+        return await PgJournal.open(settings.database_url.get_secret_value(), lease_seconds=settings.lease_seconds,
+                                    listen_url=listen.get_secret_value() if listen else None)
     return open_sqlite_journal(settings.home)
 
 

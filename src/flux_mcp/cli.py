@@ -196,14 +196,18 @@ def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet
         finally:
             await journal.close()
         verb = "would remove" if dry_run else "removed"
+        where = getattr(journal, "where", None) or settings.home
+        shared = (f"; {'would release' if dry_run else 'released'} {done.reservations} reservation(s) no job can "
+                  f"bill, {verb} {done.upload_urls} upload URL row(s) and {len(done.objects)} upload/gallery "
+                  "object(s) past their lifetime") if settings.shared else ""
         if quiet:  # at server start: stdout may be the JSON-RPC channel
-            log.info("%s %d prediction(s) and %d image file(s) older than %g days", verb, len(done.predictions),
-                     len(done.files), days)
+            log.info("%s %d prediction(s) and %d image file(s) older than %g days%s", verb, len(done.predictions),
+                     len(done.files), days, shared)
             return 0
-        for path in done.files:
+        for path in [*done.files, *done.objects]:
             print(path)
         print(f"{verb} {len(done.predictions)} prediction(s) and {len(done.files)} image file(s) older than "
-              f"{days:g} days from {settings.home}", file=sys.stderr)
+              f"{days:g} days from {where}{shared}", file=sys.stderr)
         return 0
 
     return anyio.run(run)

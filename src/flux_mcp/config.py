@@ -64,6 +64,10 @@ class Settings(BaseModel):
     """FLUX_MCP_OAUTH_ISSUER and its companions: the HTTP transports accept the issuer's JWT access tokens."""
     database_url: SecretStr | None = None
     """FLUX_MCP_DATABASE_URL: the journal on PostgreSQL (shared mode); None: SQLite in `home`."""
+    listen_database_url: SecretStr | None = None
+    """FLUX_MCP_LISTEN_DATABASE_URL (shared mode): where each replica's one LISTEN connection goes (None: the
+    FLUX_MCP_DATABASE_URL). LISTEN needs a session of its own: behind PgBouncer in transaction mode, point it
+    at PostgreSQL directly (or at a session-mode pool) while FLUX_MCP_DATABASE_URL goes through the pooler."""
     s3_url: str | None = None
     """FLUX_MCP_S3_URL: images in an S3-compatible bucket; None: files in `home`."""
     s3: dict[str, str] = {}
@@ -150,6 +154,11 @@ class Settings(BaseModel):
         if database_url:
             shared.check_database_url(database_url)
             shared.shared_defaults(env, providers)
+        listen_url = env.get("FLUX_MCP_LISTEN_DATABASE_URL", "").strip() if database_url else ""
+        if listen_url and not listen_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("FLUX_MCP_LISTEN_DATABASE_URL must start with postgresql:// (e.g. "
+                              "postgresql://user:password@db-host:5432/flux, the database itself, not a pooler "
+                              "in transaction mode).")
         s3_url = env.get("FLUX_MCP_S3_URL", "").strip()
         if s3_url:
             from .store_s3 import S3Location, s3_config
@@ -176,6 +185,7 @@ class Settings(BaseModel):
             auth_tokens=shared.parse_tokens(env.get("FLUX_MCP_AUTH_TOKENS", "")),
             oauth=OAuthConfig.from_env(env),
             database_url=SecretStr(database_url) if database_url else None,
+            listen_database_url=SecretStr(listen_url) if listen_url else None,
             s3_url=s3_url or None,
             s3=s3_config(env) if s3_url else {},
             presign_seconds=presign,
@@ -214,6 +224,10 @@ class Settings(BaseModel):
             from .shared import url_password
 
             values += filter(None, [url_password(self.database_url.get_secret_value())])
+        if self.listen_database_url:
+            from .shared import url_password
+
+            values += filter(None, [url_password(self.listen_database_url.get_secret_value())])
         values += [v for k, v in self.s3.items() if k in ("secret_access_key", "session_token")]
         return values
 

@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flux_mcp.journal")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The database layout this code reads and writes (the highest row of `flux_schema`)."""
 _LOCK_KEY = 0x666C7578  # 'flux': the advisory lock that serialises migrations across replicas
 _RECENT_TTL = 10.0
@@ -167,6 +167,12 @@ CREATE INDEX IF NOT EXISTS flux_predictions_leases ON flux_predictions (lease_un
 CREATE INDEX IF NOT EXISTS flux_predictions_owner ON flux_predictions (lease_owner)
     WHERE status IN ('submitting', 'starting', 'processing');
 """,
+    # 4 -> 5: orphans. When the job's lease was taken over from an owner that stopped renewing it (epoch
+    # seconds), and when a key-less re-issue of the same call attached to it (see `PgJournal.adopt`).
+    5: """
+ALTER TABLE flux_predictions ADD COLUMN IF NOT EXISTS orphaned_at DOUBLE PRECISION;
+ALTER TABLE flux_predictions ADD COLUMN IF NOT EXISTS adopted_at DOUBLE PRECISION;
+""",
 }
 
 R = TypeVar("R")
@@ -211,9 +217,11 @@ _CLAIM_LAPSED = (f"WITH due AS (SELECT id FROM flux_predictions WHERE status IN 
                  f"AND native_id <> '' AND lease_until < {_NOW} ORDER BY lease_until LIMIT %s "
                  f"FOR UPDATE SKIP LOCKED) "
                  f"UPDATE flux_predictions p SET lease_owner = %s, lease_until = {_NOW} + %s, "
-                 f"lease_epoch = p.lease_epoch + 1 FROM due WHERE p.id = due.id "
+                 f"lease_epoch = p.lease_epoch + 1, orphaned_at = coalesce(p.orphaned_at, {_NOW}) "
+                 f"FROM due WHERE p.id = due.id "
                  f"RETURNING p.lease_epoch, {', '.join('p.' + c for c in _COLUMNS)}")
-"""The reconciler's claim: only leases that lapsed (a NULL lease is a job nobody waits on: left to a check)."""
+"""The reconciler's claim: only leases that lapsed (a NULL lease is a job nobody waits on: left to a check).
+The job becomes an orphan (`orphaned_at`): its owner stopped, and with it the call that was waiting on it."""
 UNKNOWN_ERROR = ("The server that sent this job's paid request stopped before the provider answered, so whether "
                  "the provider started the job is unknown. It is never resubmitted: look in the provider's "
                  "dashboard before starting it again.")
@@ -221,6 +229,20 @@ _EXPIRE_INTENTS = _NOTIFY.format(
     f"UPDATE flux_predictions SET status = 'unknown', error = %s, completed_at = {_NOW}, updated_at = {_NOW}, "
     f"lease_owner = NULL, lease_until = NULL, lease_epoch = lease_epoch + 1 "
     f"WHERE status = 'submitting' AND lease_until < {_NOW} RETURNING id")
+_ADOPTABLE = ("principal = %s AND request_key = %s AND NOT delivered AND created_at >= %s AND id <> ALL(%s)")
+_ADOPT = (f"WITH pick AS (SELECT id FROM flux_predictions WHERE {_ADOPTABLE} AND adopted_at IS NULL "
+          f"AND native_id <> '' AND status <> 'unknown' ORDER BY orphaned_at IS NULL, created_at LIMIT 1 "
+          f"FOR UPDATE SKIP LOCKED), "
+          f"adopted AS (UPDATE flux_predictions p SET adopted_at = {_NOW} FROM pick WHERE p.id = pick.id "
+          f"RETURNING {', '.join('p.' + c for c in _COLUMNS)}) "
+          f"SELECT *, TRUE FROM adopted UNION ALL "
+          f"(SELECT {', '.join(_COLUMNS)}, FALSE FROM flux_predictions WHERE {_ADOPTABLE} "
+          f"AND (native_id = '' OR status = 'unknown') ORDER BY created_at DESC LIMIT 1)")
+"""A key-less re-issue's one statement: adopts the first free orphan (else any other job of the call whose
+answer never reached its caller), and reads the newest of the call's jobs that cannot be adopted (an intent,
+an `unknown` job): joined, not adopted, when nothing could be."""
+_PRUNABLE = "('succeeded', 'failed', 'canceled', 'unknown')"
+"""Statuses retention removes once old: final ones, and `unknown` (nothing more will be learnt about it)."""
 _HEARTBEAT = (f"UPDATE flux_predictions SET lease_until = {_NOW} + %s WHERE lease_owner = %s "
               f"AND status IN {_PENDING} AND lease_until IS NOT NULL")
 _END_LEASES = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE lease_owner = %s AND status IN {_PENDING} "
@@ -324,7 +346,7 @@ class PgJournal:
         """This replica's name in `lease_owner`."""
         self.lease_seconds = lease_seconds
         self.conninfo = conninfo
-        """The database URL (for the LISTEN connection, which is not pooled)."""
+        """The URL of the LISTEN connection (not pooled): FLUX_MCP_LISTEN_DATABASE_URL, else the pool's URL."""
         self.waits = Waits()
         """Calls waiting on jobs, woken by final writes here and by notifications from other replicas."""
         self._held: dict[str, int] = {}
@@ -343,9 +365,12 @@ class PgJournal:
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0,
-                   owner: str | None = None, lease_seconds: float = LEASE_SECONDS) -> PgJournal:
+                   owner: str | None = None, lease_seconds: float = LEASE_SECONDS,
+                   listen_url: str | None = None) -> PgJournal:
         """Connects (waiting up to `timeout` for the database), migrates, and checks the layout. `owner` names
-        this replica in leases (default: host, pid and a random part); `lease_seconds` is the lease length."""
+        this replica in leases (default: host, pid and a random part); `lease_seconds` is the lease length;
+        `listen_url` is where the replica's LISTEN connection goes (default: `url`; LISTEN needs a session of
+        its own, which a pooler in transaction mode does not give)."""
         try:
             from psycopg_pool import AsyncConnectionPool
         except ImportError:
@@ -363,7 +388,7 @@ class PgJournal:
             await pool.close()
             raise JournalUnusable(f"The database {where} cannot be reached ({type(exc).__name__}: "
                                   f"{_first_line(exc)}). Check FLUX_MCP_DATABASE_URL.") from None
-        journal = cls(pool, where, owner=owner, lease_seconds=lease_seconds, conninfo=url)
+        journal = cls(pool, where, owner=owner, lease_seconds=lease_seconds, conninfo=listen_url or url)
         try:
             await journal._migrate()
         except JournalUnusable:
@@ -542,18 +567,38 @@ class PgJournal:
         return None
 
     async def finished_before(self, before: float, limit: int) -> list[Record]:
-        rows = await self._fetch(f"{_SELECT} WHERE status IN ('succeeded', 'failed', 'canceled') AND updated_at < %s "
+        rows = await self._fetch(f"{_SELECT} WHERE status IN {_PRUNABLE} AND updated_at < %s "
                                  "ORDER BY updated_at LIMIT %s", (before, limit))
         return [_record(r) for r in rows]
 
     async def remove(self, prediction_ids: list[str], uploads_before: float | None = None) -> int:
         async with self.pool.connection() as conn:
-            cur = await conn.execute("DELETE FROM flux_predictions WHERE id = ANY(%s) AND status IN ('succeeded', "
-                                     "'failed', 'canceled')", (list(prediction_ids),))
+            cur = await conn.execute(f"DELETE FROM flux_predictions WHERE id = ANY(%s) AND status IN {_PRUNABLE}",
+                                     (list(prediction_ids),))
             removed = cur.rowcount
             if uploads_before is not None:
                 await conn.execute("DELETE FROM flux_uploads WHERE created_at < %s", (uploads_before,))
         return removed
+
+    async def release_stale_reservations(self, before: float, *, dry_run: bool = False) -> int:
+        """Releases (deletes, never bills) spend-ledger reservations still `reserved` with no job, last written
+        before `before`: the call that made one reserves it just before its submit and marks it within that
+        submit, so one left that long belongs to a replica that stopped before its intent was sent or
+        answered; it only holds budget. Returns how many (would) go."""
+        where = "FROM flux_charges WHERE state = 'reserved' AND prediction_id IS NULL AND updated_at < %s"
+        if dry_run:
+            return int((await self._fetch(f"SELECT count(*) {where}", (before,)))[0][0])
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(f"DELETE {where}", (before,))
+            return int(cur.rowcount)
+
+    async def remove_uploads(self, before: float, *, dry_run: bool = False) -> int:
+        """Removes cached provider upload URLs recorded before `before` (they are reused for an hour only)."""
+        if dry_run:
+            return int((await self._fetch("SELECT count(*) FROM flux_uploads WHERE created_at < %s", (before,)))[0][0])
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("DELETE FROM flux_uploads WHERE created_at < %s", (before,))
+            return int(cur.rowcount)
 
     async def rejoinable(self, principal: str, request_key: str, since: float) -> list[Record]:
         pending = [r.copy() for r in self._backlog.values() if r.principal == principal
@@ -817,6 +862,37 @@ class PgJournal:
         for rid in ids:
             self.waits.wake(rid)
         return ids
+
+    async def adopt(self, principal: str, request_key: str, since: float,
+                    skip: Sequence[str] = ()) -> tuple[Record, bool] | None:
+        """The job a key-less re-issue of a call (same principal, same `request_key`, created at or after `since`)
+        attaches to instead of paying again, and whether this call adopted it (`adopted_at` set: no other
+        re-issue gets it). Orphans first (jobs taken over from a replica that stopped), oldest first, claimed
+        with FOR UPDATE SKIP LOCKED so two re-issues of two cut calls adopt two different jobs; then any
+        other job of the call whose answer never reached its caller. A job whose submit has no recorded
+        answer (an intent, or an `unknown` job: the provider may or may not have made it) is not adoptable:
+        it carries no provider id, so there is nothing to wait on that could bring images; it is answered
+        (joined, any number of times) only when nothing could be adopted, so such a re-issue reports it
+        rather than paying again. `skip`: ids not to take (a call here still waits on them)."""
+        since_args = (principal, request_key, since, list(skip))
+        rows = await self._fetch(_ADOPT, (*since_args, *since_args))
+        if not rows:
+            pending = next((r for r in self._backlog.values() if r.principal == principal and not r.delivered
+                            and r.request_key == request_key and r.created_at >= since and r.id not in skip), None)
+            return None if pending is None else (pending.copy(), False)
+        best = max(rows, key=lambda r: bool(r[-1]))
+        return _record(best[:-1]), bool(best[-1])
+
+    async def unadopt(self, prediction_id: str) -> None:
+        """The adopting call ended without its answer (cancelled): the job is free for the next re-issue."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute("UPDATE flux_predictions SET adopted_at = NULL WHERE id = %s", (prediction_id,))
+        except (psycopg.Error, PoolTimeout) as exc:  # it stays adopted: a further re-issue then starts a new job
+            log.info("adoption of %s not undone: %s", prediction_id, _first_line(exc))
 
     async def heartbeat(self) -> int:
         """Renews every lease this replica holds, in one statement; returns how many rows it renewed."""

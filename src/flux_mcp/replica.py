@@ -260,11 +260,16 @@ class Replica:
     async def _listen(self) -> None:
         """The one LISTEN connection: each notification wakes the waits on that job; reconnects when cut."""
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+        # A URL that names its application (FLUX_MCP_LISTEN_DATABASE_URL, to find it in pg_stat_activity) keeps it.
+        where = self.journal.conninfo
+        with contextlib.suppress(psycopg.Error):  # an unreadable URL: connecting says what is wrong, below
+            if "application_name" not in conninfo_to_dict(where):
+                where = make_conninfo(where, application_name=self.listen_name)
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self.journal.conninfo, autocommit=True,
-                                                             application_name=self.listen_name)
+                conn = await psycopg.AsyncConnection.connect(where, autocommit=True)
             except Exception as exc:
                 log.info("LISTEN connection not made (%s); retrying", _first_line(exc))
                 await asyncio.sleep(REREAD)

@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 import httpx2
 
-from . import assets
+from . import assets, orphans
 from .choose import AUTO, Chooser, Plan, attempt_kind, short
 from .config import Settings
 from .errors import (
@@ -149,6 +149,13 @@ class FluxService:
                         f"idempotency_key {req.idempotency_key!r} already belongs to {earlier.id}, made with other "
                         "arguments. Use a new key for a new job, or the same arguments to get that job back.")
                 return await self._join(earlier, req, paths, progress)
+        if self.runner.leases is not None and isinstance(self.journal, orphans.Adopting):  # one re-issue per orphan
+            found = await orphans.find(self.journal, self.runner.in_flight, principal, key,
+                                       time.time() - self.settings.rejoin_seconds)
+            if found is None:
+                return await self._new(req, key, paths, progress, principal, alive, ask)
+            async with orphans.holding(self.journal, *found):
+                return await self._join(found[0], req, paths, progress)
         for earlier in await self.journal.rejoinable(principal, key, time.time() - self.settings.rejoin_seconds):
             alive = self.runner.in_flight.get(earlier.id)
             if alive is None or not await alive():  # a call whose caller still waits on it is not abandoned

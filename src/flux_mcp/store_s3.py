@@ -212,6 +212,36 @@ class S3Store:
         except (NotFoundError, FileNotFoundError):
             return None
 
+    async def list_objects(self, prefix: str) -> list[tuple[str, float]]:
+        """The objects beside the images whose names start with `prefix` (e.g. "uploads/"), with when each
+        was last written (epoch seconds): what retention looks at."""
+        import obstore
+
+        folder = prefix.strip("/")
+        if not folder.isidentifier():
+            raise ValueError(f"not an object folder: {prefix!r}")
+        base = "/".join(filter(None, [self.where.prefix, folder])) + "/"
+        found: list[tuple[str, float]] = []
+        async for chunk in obstore.list(self._store, prefix=base, chunk_size=500):
+            for meta in chunk:
+                key = str(meta["path"])
+                name = key[len(self.where.prefix) + 1:] if self.where.prefix else key
+                found.append((name, meta["last_modified"].timestamp()))
+        return found
+
+    async def delete_object(self, name: str) -> bool:
+        """Deletes the object `name` (True if it was there)."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        key = self._object_key(name)
+        try:
+            await obstore.head_async(self._store, key)
+        except (NotFoundError, FileNotFoundError):
+            return False
+        await obstore.delete_async(self._store, key)
+        return True
+
     async def ping(self) -> None:
         """Raises unless the bucket answers (the readiness check): one listing of at most one key."""
         import obstore
