@@ -15,7 +15,9 @@ taken; `JobRunner.check` resumes a journaled job at the step it reached. The gua
   every journal write and before the record is returned) and a progress message.
 
 On a shared journal (one that has `replica.Leases`: PostgreSQL) a new job's intent is journaled before
-the paid request and every write of a pending job belongs to this replica's lease; a call about a job
+the paid request (with its reservation in the spend ledger, one commit), the provider's answer replaces it
+(with the charge billed, one commit; images that came inline are stored meanwhile, and only the write after
+that says they are kept), and every write of a pending job belongs to this replica's lease; a call about a job
 another replica drives waits for its row instead of polling the provider (`_follow`). On SQLite none of
 this runs: no other process takes a job over there, so an intent row would only cost a statement per
 call (a crash between submit and answer loses the id from the journal there, as before; the provider's
@@ -39,7 +41,7 @@ from .errors import FluxError, ProviderError, ProviderUnavailable, SubmitOutcome
 from .http import HELD_REQUESTS
 from .images import pixel_bound
 from .journal import Journal, Record
-from .keep import Kept, Keeper, SavePlan
+from .keep import Keeper, Kept, SavePlan
 from .lifecycle import inflight
 from .models import FINAL
 from .money import Bill, Hold, Money

@@ -14,9 +14,11 @@ database, so any of them answers for any prediction. The rules it keeps:
   start runs them in one explicit transaction that first takes a transaction-level advisory lock
   (a bare lock statement on an autocommit connection would be released at once), then re-reads the
   version. A database migrated by a newer flux-mcp is refused at start.
-* **The spend ledger** (`flux_charges`) is written in transactions of its own: a reservation takes a
-  transaction-level advisory lock for its principal, sums, and inserts, so two replicas never both spend
-  the last dollar. Its writes raise `LedgerUnavailable` when they cannot land (a budget fails closed).
+* **The spend ledger** (`flux_charges`): a reservation takes a transaction-level advisory lock, sums, and
+  inserts, so two replicas never both spend the last dollar. A new job's reservation is written in the
+  statement (or, with a budget to check, the transaction) of its intent, and its `billed` mark in the
+  statement that journals its id (`Money` defers them here): one commit each, and neither row without the
+  other. The ledger's other writes raise `LedgerUnavailable` when they cannot land (a budget fails closed).
 * **`delivered` only goes from false to true**, whatever order the versions of a record land in.
 * **Pooler-safe:** no server-side prepared statements (`prepare_threshold=None`), so the URL may point
   at PgBouncer in transaction mode.

@@ -13,7 +13,8 @@
   the start of the current UTC day or UTC calendar month, and the server as a whole (every
   principal's charges together) to the same limits, counted across every process that shares the
   journal. FLUX_MCP_USER_BUDGET_DAY_USD / _MONTH_USD set a lower limit for each principal (a team's
-  server: $50 a day in all, $10 for each person); unset, each principal's limit is the server's. A call reserves its estimate atomically with both checks (`Journal.reserve`), so
+  server: $50 a day in all, $10 for each person); unset, each principal's limit is the server's. A call reserves its estimate atomically with both checks (`Journal.reserve`; on a
+  shared journal in the transaction of the job's intent, see `Reservation`), so
   parallel calls, of one principal or of several, cannot both spend the last dollar. The reservation is released when the provider
   provably created no job, kept when the job may have started (`SubmitOutcomeUnknown`: it counts
   until proven otherwise, and nothing can prove it), and becomes the job's cost when the job ends.

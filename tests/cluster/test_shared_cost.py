@@ -151,20 +151,19 @@ async def test_an_image_is_recorded_as_kept_only_once_it_is_in_the_bucket(
 
     monkeypatch.setattr(obstore, "put_async", held_put)
     results: list[Any] = []
-    async with connect(shared_settings(), fake) as client:
-        async with anyio.create_task_group() as tg:
-            async def call() -> None:
-                results.append(await client.call_tool("generate_image", {"prompt": "a lighthouse"}))
+    async with connect(shared_settings(), fake) as client, anyio.create_task_group() as tg:
+        async def call() -> None:
+            results.append(await client.call_tool("generate_image", {"prompt": "a lighthouse"}))
 
-            tg.start_soon(call)
-            with anyio.fail_after(20):
-                await putting.wait()
-                # The job's id is journaled while its image is being stored; the row names no kept image yet.
-                while not (rows := await _rows(url, "SELECT id, images FROM flux_predictions WHERE native_id <> ''")):
-                    await anyio.sleep(0.01)
-            [(pid, images)] = rows
-            assert images in ([], None, "[]"), f"recorded as kept before it was stored: {images}"
-            release.set()
+        tg.start_soon(call)
+        with anyio.fail_after(20):
+            await putting.wait()
+            # The job's id is journaled while its image is being stored; the row names no kept image yet.
+            while not (rows := await _rows(url, "SELECT id, images FROM flux_predictions WHERE native_id <> ''")):
+                await anyio.sleep(0.01)
+        [(pid, images)] = rows
+        assert images in ([], None, "[]"), f"recorded as kept before it was stored: {images}"
+        release.set()
     [result] = results
     assert result.structured_content["prediction_id"] == pid
     location = result.structured_content["images"][0]["path"]
