@@ -15,7 +15,9 @@ taken; `JobRunner.check` resumes a journaled job at the step it reached. The gua
   every journal write and before the record is returned) and a progress message.
 
 On a shared journal (one that has `replica.Leases`: PostgreSQL) a new job's intent is journaled before
-the paid request and every write of a pending job belongs to this replica's lease; a call about a job
+the paid request (with its reservation in the spend ledger, one commit), the provider's answer replaces it
+(with the charge billed, one commit; images that came inline are stored meanwhile, and only the write after
+that says they are kept), and every write of a pending job belongs to this replica's lease; a call about a job
 another replica drives waits for its row instead of polling the provider (`_follow`). On SQLite none of
 this runs: no other process takes a job over there, so an intent row would only cost a statement per
 call (a crash between submit and answer loses the id from the journal there, as before; the provider's
@@ -39,10 +41,10 @@ from .errors import FluxError, ProviderError, ProviderUnavailable, SubmitOutcome
 from .http import HELD_REQUESTS
 from .images import pixel_bound
 from .journal import Journal, Record
-from .keep import Keeper, SavePlan
+from .keep import Keeper, Kept, SavePlan
 from .lifecycle import inflight
 from .models import FINAL
-from .money import Hold, Money
+from .money import Bill, Hold, Money
 from .paths import PathPolicy
 from .providers.base import JobState, Provider, Submitted
 from .redact import Redactor
@@ -161,19 +163,27 @@ class JobRunner:
             state = submitted.state
             if state is not None and state.status in FINAL:
                 state = self._settle(record, state, time.time())
-            # The id first (replacing the intent); then the ledger learns the job exists (and maybe its cost)
-            await self._save(outcome, intent=intent.id if intent else None)
             ended = record if record.status in FINAL else None
-            if hold is not None:
+            # On a shared journal the ledger learns the job exists (and maybe its cost) in the write of its id.
+            bill = hold.bill(record.id, ended) if hold is not None and intent is not None else None
+            early: Kept | Exception | None = None
+            if intent is not None and state is not None and _all_inline(state):
+                # The images came with the answer: they are stored while the id is journaled (that write does not
+                # say they are kept); the write that says so waits for both (`_finish`).
+                early = await self._save_while_storing(outcome, provider, state, paths, intent.id, bill)
+            else:
+                # The id first (replacing the intent); then the ledger learns the job exists (and maybe its cost)
+                await self._save(outcome, intent=intent.id if intent else None, bill=bill)
+            if hold is not None and bill is None:
                 await hold.billed(record.id, ended)  # one write: billed, with the cost of a job already over
-            elif ended is not None:
+            elif hold is None and ended is not None:
                 await self._charge(record)
         deadline = time.monotonic() + wait
         try:
             if state is None or state.status not in FINAL:
                 state = await self._observe(outcome, await self._wait(record, provider, wait, progress, outcome,
                                                                       poll_now=False))
-            await self._finish(outcome, provider, state, paths)
+            await self._finish(outcome, provider, state, paths, early)
         except LeaseLost:  # stalled past the lease: the new owner's row is the answer (waited on for the rest)
             try:
                 await self._follow(outcome, provider, deadline - time.monotonic(), paths, progress)
@@ -210,7 +220,14 @@ class JobRunner:
         intent.idempotency_key = req.idempotency_key
         if selection:
             intent.request["selection_reason"] = selection
-        taken = await self.leases.intent(scrub_record(intent, self.redactor))
+        try:  # the reservation Money deferred is written with the intent (its budget check made there)
+            taken = await self.leases.intent(scrub_record(intent, self.redactor), hold.deferred if hold else None)
+        except BaseException:
+            if hold is not None:
+                hold.written(False)
+            raise
+        if hold is not None:
+            hold.written(taken is None)
         if taken is not None:
             raise KeyTaken(taken)
         return intent
@@ -362,13 +379,21 @@ class JobRunner:
                 state = None
         await self._keep(outcome, provider, state, paths)
 
-    async def missing_files(self, record: Record) -> bool:
-        """A success whose images are not all present (or were never kept: the process stopped first)."""
+    async def missing_files(self, record: Record, into: dict[str, bytes] | None = None) -> bool:
+        """A success whose images are not all present (or were never kept: the process stopped first). With
+        `into`, each image is read instead of only looked at, its bytes put there: on a bucket one GET both
+        proves the object is there and gives the preview its bytes (a look and then a read are two requests)."""
         if record.status != "succeeded":
             return False
         if len(record.images) < max(len(record.outputs), 1):
             return True
         for image in record.images:
+            if into is not None and image.path:
+                try:
+                    into[image.path] = await self.store.read(image.path)
+                    continue
+                except FileNotFoundError:
+                    return True
             if not await self.store.present(image.path):
                 return True
         return False
@@ -391,10 +416,38 @@ class JobRunner:
             await self._charge(record)
         return state
 
+    async def _save_while_storing(self, outcome: Outcome, provider: Provider, state: JobState, paths: PathPolicy,
+                                  intent: str, bill: Bill | None) -> Kept | Exception:
+        """Journals the record in place of its intent while its inline images are stored (the store's write
+        overlaps the database's): what storing gave, or how it failed (raised by `_finish`, inside the steps
+        whose failures become notes). The images are stored whatever happens to the call (shielded)."""
+        async def store() -> Kept:
+            with anyio.CancelScope(shield=True):
+                kept = await self._store(outcome, provider, state, paths)
+            return kept
+
+        task = asyncio.get_running_loop().create_task(store())
+        try:
+            await self._save(outcome, intent=intent, bill=bill)
+        except BaseException:
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # stored; the next check records it
+            raise
+        try:
+            return await task
+        except Exception as exc:  # noqa: BLE001 - raised by `_finish`, as a failure of keeping would be
+            return exc
+
     async def _finish(self, outcome: Outcome, provider: Provider, state: JobState | None,
-                      paths: PathPolicy) -> None:
-        """Keeps the images of a success; a pending or failed job has nothing to keep."""
+                      paths: PathPolicy, early: Kept | Exception | None = None) -> None:
+        """Keeps the images of a success (`early`: they were stored already, or storing them failed); a
+        pending or failed job has nothing to keep."""
         if state is None or state.status != "succeeded":
+            return
+        if isinstance(early, Exception):
+            raise early
+        if early is not None:
+            with anyio.CancelScope(shield=True):
+                await self._record_kept(outcome, provider, early)
             return
         # Images that came inline exist only in memory until written: a cancelled call still writes them.
         with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):
@@ -425,16 +478,26 @@ class JobRunner:
 
     async def _keep(self, outcome: Outcome, provider: Provider, state: JobState | None, paths: PathPolicy) -> None:
         """Keeps the images (from `state`, or again from what the record holds) and journals the result."""
+        await self._record_kept(outcome, provider, await self._store(outcome, provider, state, paths))
+
+    async def _store(self, outcome: Outcome, provider: Provider, state: JobState | None, paths: PathPolicy) -> Kept:
+        """Stores the images (from `state`, or again from what the record holds); the record is not touched."""
         record = outcome.record
         req = record.request
         provenance = {"prompt": str(req.get("prompt", "")), "model": record.model, "provider": record.provider,
                       "prediction_id": record.id, "seed": str(req.get("seed")), "software": "flux-mcp",
                       **provenance_fields(req, record.kind)}
-        kept = await self.keeper.keep(
+        return await self.keeper.keep(
             prediction_id=record.id, provenance=provenance, base_url=provider.settings.base_url,
             outputs=state.outputs if state else None, urls=record.outputs,
             plan=SavePlan.from_journal(req), overwrite=bool(req.get("overwrite")),
             paths=paths, max_pixels=pixel_bound(int(req.get("width") or 1024), int(req.get("height") or 1024)))
+
+    async def _record_kept(self, outcome: Outcome, provider: Provider, kept: Kept) -> None:
+        """Writes what storing the images gave into the record, and journals it (the write that says they are
+        kept: only after they are stored)."""
+        record = outcome.record
+        req = record.request
         outcome.kept.update(kept.written)
         record.images = kept.images
         req.update(kept.delivery)  # a planned delivery's files and notes (assets.result_fields)
@@ -456,12 +519,14 @@ class JobRunner:
         if self.money is not None and record.status in FINAL:
             await self.money.settle(record)
 
-    async def _save(self, outcome: Outcome, *, intent: str | None = None) -> None:
-        """Journals the record (scrubbed; in place of the intent `intent`, on a shared journal). A write that
-        cannot land yet is kept by the journal; the result says so, once, with the id to keep."""
+    async def _save(self, outcome: Outcome, *, intent: str | None = None, bill: Bill | None = None) -> None:
+        """Journals the record (scrubbed; in place of the intent `intent`, on a shared journal, billing `bill`
+        with it). A write that cannot land yet is kept by the journal; the result says so, once, with the id
+        to keep."""
         record = scrub_record(outcome.record, self.redactor)
         record.updated_at = time.time()
-        if not await (self.leases.submitted(intent, record) if intent and self.leases else self.journal.put(record)):
+        if not await (self.leases.submitted(intent, record, bill) if intent and self.leases
+                      else self.journal.put(record)):
             note = (f"The server's journal could not be written just now; it keeps retrying. Keep the "
                     f"prediction_id \"{record.id}\" to check on this job.")
             if note not in outcome.notes:
@@ -530,6 +595,11 @@ class JobRunner:
         if poll_error:
             outcome.notes.append(poll_error)
         return state
+
+
+def _all_inline(state: JobState) -> bool:
+    """A success whose every image came in the answer itself (nothing to download before storing it)."""
+    return state.status == "succeeded" and bool(state.outputs) and all(o.data is not None for o in state.outputs)
 
 
 class _HeldProgress:

@@ -14,9 +14,11 @@ database, so any of them answers for any prediction. The rules it keeps:
   start runs them in one explicit transaction that first takes a transaction-level advisory lock
   (a bare lock statement on an autocommit connection would be released at once), then re-reads the
   version. A database migrated by a newer flux-mcp is refused at start.
-* **The spend ledger** (`flux_charges`) is written in transactions of its own: a reservation takes a
-  transaction-level advisory lock for its principal, sums, and inserts, so two replicas never both spend
-  the last dollar. Its writes raise `LedgerUnavailable` when they cannot land (a budget fails closed).
+* **The spend ledger** (`flux_charges`): a reservation takes a transaction-level advisory lock, sums, and
+  inserts, so two replicas never both spend the last dollar. A new job's reservation is written in the
+  statement (or, with a budget to check, the transaction) of its intent, and its `billed` mark in the
+  statement that journals its id (`Money` defers them here): one commit each, and neither row without the
+  other. The ledger's other writes raise `LedgerUnavailable` when they cannot land (a budget fails closed).
 * **`delivered` only goes from false to true**, whatever order the versions of a record land in.
 * **Pooler-safe:** no server-side prepared statements (`prepare_threshold=None`), so the URL may point
   at PgBouncer in transaction mode.
@@ -67,6 +69,8 @@ from .replica import CHANNEL, LEASE_SECONDS, LeaseLost, Waits, replica_id
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
     from psycopg_pool import AsyncConnectionPool
+
+    from .money import Bill, Reservation
 
 log = logging.getLogger("flux_mcp.journal")
 
@@ -194,15 +198,21 @@ _ID = _COLUMNS.index("id")
 _INTENT = (f"INSERT INTO flux_predictions ({', '.join(_COLUMNS + _LEASED)}) VALUES "
            f"({', '.join(['%s'] * len(_COLUMNS))}, %s, {_NOW} + %s, 0, %s) ON CONFLICT DO NOTHING RETURNING id")
 """An intent: its idempotency key is taken at once (nothing is inserted when another job holds it)."""
-_SUBMITTED = (f"WITH gone AS (DELETE FROM flux_predictions WHERE id = %s AND native_id = '' "
-              f"RETURNING lease_epoch, status) "
-              f"INSERT INTO flux_predictions ({', '.join(_COLUMNS + _LEASED)}) VALUES "
-              f"({', '.join(['%s'] * len(_COLUMNS))}, %s, {_NOW} + %s, "
-              f"(SELECT coalesce(max(lease_epoch), 0) FROM gone), %s) "
-              f"ON CONFLICT (id) DO UPDATE SET "
-              f"{', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS + _LEASED if c not in ('id', 'delivered'))} "
-              f"RETURNING lease_epoch, (SELECT max(status) FROM gone)")
+_GONE = "gone AS (DELETE FROM flux_predictions WHERE id = %s AND native_id = '' RETURNING lease_epoch, status)"
+_REPLACE = (f"INSERT INTO flux_predictions ({', '.join(_COLUMNS + _LEASED)}) VALUES "
+            f"({', '.join(['%s'] * len(_COLUMNS))}, %s, {_NOW} + %s, "
+            f"(SELECT coalesce(max(lease_epoch), 0) FROM gone), %s) "
+            f"ON CONFLICT (id) DO UPDATE SET "
+            f"{', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS + _LEASED if c not in ('id', 'delivered'))} "
+            f"RETURNING lease_epoch, (SELECT max(status) FROM gone) AS was")
+_SUBMITTED = f"WITH {_GONE} {_REPLACE}"
 """The provider's answer: the intent row goes and the real record (same key, same epoch) comes, at once."""
+_BILL = ("UPDATE flux_charges SET state = 'billed', prediction_id = %s, usd = COALESCE(%s::double precision, usd), "
+         "estimated = (CASE WHEN %s::double precision IS NULL THEN estimated ELSE false END), updated_at = %s "
+         "WHERE id = %s")
+_SUBMITTED_BILLED = f"WITH {_GONE}, ins AS ({_REPLACE}), bill AS ({_BILL}) SELECT lease_epoch, was FROM ins"
+"""The same, and the job's charge in the ledger becomes `billed` (with the provider's cost when it gave one), in
+one statement: one commit."""
 _FENCED = (_INSERT + " WHERE flux_predictions.lease_owner = %s AND flux_predictions.lease_epoch = %s AND "
            f"(flux_predictions.status IN {_PENDING} OR flux_predictions.status = EXCLUDED.status) RETURNING id")
 """A held job's write: only while this replica's lease (owner and epoch) is on the row; a final status stays."""
@@ -254,6 +264,12 @@ _RELEASE = (f"UPDATE flux_predictions SET lease_owner = NULL, lease_until = NULL
             f"AND lease_epoch = %s AND status IN {_PENDING}")
 
 
+_DELIVERED = ("WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) "
+              "UPDATE flux_predictions SET delivered = TRUE FROM relaxed WHERE id = %s AND NOT delivered")
+"""That an answer reached its caller, committed without waiting for the disk (its own transaction only): a
+crash that loses it only lets a later identical call join the job, so the call need not wait for a flush."""
+
+
 def _done(rec: Record) -> bool:
     """Whether a write makes the job's answer complete (final, with its images when it succeeded): waiters
     are woken then, not at the final status that precedes the download."""
@@ -297,6 +313,15 @@ _INSERT_CHARGE = (f"INSERT INTO flux_charges ({', '.join(_CHARGE_COLUMNS)}) "
 _SUM_CHARGES = ("SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(images), 0) FROM flux_charges WHERE principal = %s "
                 "AND created_at >= %s")
 _SUM_ALL = "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(images), 0) FROM flux_charges WHERE created_at >= %s"
+
+
+_CHARGE_TYPES = ("text", "text", "text", "text", "integer", "double precision", "boolean", "text", "text",
+                 "double precision", "double precision")
+_INTENT_CHARGED = (f"WITH i AS ({_INTENT}), c AS (INSERT INTO flux_charges ({', '.join(_CHARGE_COLUMNS)}) "
+                   f"SELECT {', '.join(f'%s::{t}' for t in _CHARGE_TYPES)} WHERE EXISTS (SELECT 1 FROM i)) "
+                   "SELECT id FROM i")
+"""An intent and its reservation in the ledger in one statement (one commit); neither lands when the key is
+taken."""
 
 
 def _charge_row(c: Charge) -> tuple[Any, ...]:
@@ -353,6 +378,8 @@ class PgJournal:
         """Jobs whose lease this replica holds, with the epoch it holds them at."""
         self._intents: dict[str, str] = {}
         """Records (by id) whose write must replace an intent row (by its id), until it lands."""
+        self._bills: dict[str, Bill] = {}
+        """Records (by id) whose intent-replacing write also bills their charge in the ledger, until it lands."""
         self._recent: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
         self._backlog: dict[str, Record] = {}
         self._backlog_reason: str | None = None
@@ -626,7 +653,7 @@ class PgJournal:
             return
         try:
             async with self.pool.connection() as conn:
-                await conn.execute("UPDATE flux_predictions SET delivered = TRUE WHERE id = %s", (prediction_id,))
+                await conn.execute(_DELIVERED, (prediction_id,))
         except (psycopg.Error, PoolTimeout) as exc:  # losing it only means a later identical call may join this job
             log.info("delivery of %s not recorded: %s", prediction_id, _first_line(exc))
 
@@ -768,24 +795,37 @@ class PgJournal:
 
     # --- leases (the `replica.Leases` protocol and the replica's own statements) ----------------
 
-    async def intent(self, record: Record) -> Record | None:
+    reserves_with_intent = True
+    """A job's reservation in the spend ledger is written with its intent (`Money` defers it to `intent`)."""
+
+    async def intent(self, record: Record, reservation: Reservation | None = None) -> Record | None:
         import psycopg
         from psycopg_pool import PoolTimeout
 
-        from .errors import FluxError
+        from .errors import FluxError, SpendRefused
 
         row = list(_row(record))
         row[_STATUS] = "submitting"
+        args: tuple[Any, ...] = (*row, self.owner, self.lease_seconds, record.id)
         try:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(_INTENT, (*row, self.owner, self.lease_seconds, record.id))
-                landed = await cur.fetchone() is not None
-                if not landed and record.idempotency_key:
-                    cur = await conn.execute(f"{_SELECT} WHERE principal = %s AND idempotency_key = %s",
-                                             (record.principal, record.idempotency_key))
-                    held = await cur.fetchone()
-                    if held is not None:
-                        return _record(held)
+            if reservation is not None and reservation.check is not None:
+                async with self._reserving, self.pool.connection() as conn, conn.transaction():
+                    # The ledger's lock first (as `reserve`): no other reservation between the sums and the insert.
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LEDGER_LOCK,))
+                    charge = reservation.charge
+                    totals = await _totals(conn, charge.principal, reservation.since)
+                    totals.update({EVERYONE + k: v for k, v in (await _totals(conn, None, reservation.since)).items()})
+                    refusal = reservation.check(totals)
+                    if refusal is not None:
+                        raise SpendRefused(refusal)
+                    held, landed = await self._intend(conn, record, _INTENT_CHARGED, (*args, *_charge_row(charge)))
+            else:
+                async with self.pool.connection() as conn:
+                    held, landed = await self._intend(
+                        conn, record, _INTENT if reservation is None else _INTENT_CHARGED,
+                        args if reservation is None else (*args, *_charge_row(reservation.charge)))
+            if held is not None:
+                return held
         except (psycopg.Error, PoolTimeout) as exc:
             raise FluxError(f"The database {self.where} cannot record the job before it is sent "
                             f"({_first_line(exc)}), so nothing was sent and nothing was charged. Call again "
@@ -795,6 +835,21 @@ class PgJournal:
                             "Call again to get that job.")
         self._held[record.id] = 0
         return None
+
+    @staticmethod
+    async def _intend(conn: AsyncConnection[Any], record: Record, sql: str, args: tuple[Any, ...]
+                      ) -> tuple[Record | None, bool]:
+        """The intent's statement: (the job that holds the record's key, or None; whether the intent landed)."""
+        cur = await conn.execute(sql, args)
+        if await cur.fetchone() is not None:
+            return None, True
+        if record.idempotency_key:
+            cur = await conn.execute(f"{_SELECT} WHERE principal = %s AND idempotency_key = %s",
+                                     (record.principal, record.idempotency_key))
+            held = await cur.fetchone()
+            if held is not None:
+                return _record(held), False
+        return None, False
 
     async def intent_failed(self, intent_id: str, error: str | None) -> None:
         import psycopg
@@ -814,17 +869,23 @@ class PgJournal:
             log.warning("intent %s not updated (%s)", intent_id, _first_line(exc))
         self.waits.wake(intent_id)
 
-    async def submitted(self, intent_id: str, record: Record) -> bool:
+    async def submitted(self, intent_id: str, record: Record, bill: Bill | None = None) -> bool:
         self._held.pop(intent_id, None)
         self._intents[record.id] = intent_id  # until it lands: a retried write from the backlog replaces it too
+        if bill is not None:
+            self._bills[record.id] = bill  # written with the record (also when retried from the backlog)
         return await self.put(record)
 
     async def _replace_intent(self, intent_id: str, record: Record) -> None:
+        bill = self._bills.get(record.id)
+        args: tuple[Any, ...] = (intent_id, *_row(record), self.owner, self.lease_seconds, intent_id)
+        if bill is not None:
+            args += (bill.prediction_id, bill.usd, bill.usd, time.time(), bill.charge_id)
         async with self.pool.connection() as conn:
-            cur = await conn.execute(_SUBMITTED, (intent_id, *_row(record), self.owner, self.lease_seconds,
-                                                  intent_id))
+            cur = await conn.execute(_SUBMITTED if bill is None else _SUBMITTED_BILLED, args)
             row = await cur.fetchone()
         self._intents.pop(record.id, None)
+        self._bills.pop(record.id, None)
         epoch, was = (int(row[0]), row[1]) if row else (0, None)
         self._held[record.id] = epoch
         if was == "unknown":

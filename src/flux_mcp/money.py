@@ -13,7 +13,8 @@
   the start of the current UTC day or UTC calendar month, and the server as a whole (every
   principal's charges together) to the same limits, counted across every process that shares the
   journal. FLUX_MCP_USER_BUDGET_DAY_USD / _MONTH_USD set a lower limit for each principal (a team's
-  server: $50 a day in all, $10 for each person); unset, each principal's limit is the server's. A call reserves its estimate atomically with both checks (`Journal.reserve`), so
+  server: $50 a day in all, $10 for each person); unset, each principal's limit is the server's. A call reserves its estimate atomically with both checks (`Journal.reserve`; on a
+  shared journal in the transaction of the job's intent, see `Reservation`), so
   parallel calls, of one principal or of several, cannot both spend the last dollar. The reservation is released when the provider
   provably created no job, kept when the job may have started (`SubmitOutcomeUnknown`: it counts
   until proven otherwise, and nothing can prove it), and becomes the job's cost when the job ends.
@@ -172,6 +173,27 @@ Ask = Callable[[Question], Awaitable[Answer]]
 """Asks the user (through the client) and says how it ended."""
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """A charge a shared journal writes in the transaction of the job's intent (one commit for both), with the
+    budgets' check made there under the ledger's lock."""
+
+    charge: Charge
+    since: Mapping[str, float]
+    check: Callable[[Mapping[str, Totals]], str | None] | None
+    """None: no limit to keep (the charge is simply recorded); else the refusal, if any, given the totals."""
+
+
+@dataclass(frozen=True)
+class Bill:
+    """A charge becoming `billed` in the write that journals the job's id (one commit for both)."""
+
+    charge_id: str
+    prediction_id: str
+    usd: float | None
+    """The provider's own figure for a job that had already ended (None: the estimate stays)."""
+
+
 @dataclass
 class Hold:
     """A call's place in the ledger, from before its submit until its job ends."""
@@ -182,6 +204,25 @@ class Hold:
     """None: nothing is kept (a free provider, or the ledger cannot be written and no budget is set)."""
     notes: list[str] = field(default_factory=list)
     """Said with the result (e.g. that an unpriced job's dollars are not counted)."""
+    deferred: Reservation | None = None
+    """The reservation not written yet: a shared journal writes it with the job's intent (then `written`)."""
+
+    def written(self, landed: bool) -> None:
+        """The intent's write ended: with the charge (`landed`), or with neither (the key's job exists)."""
+        if self.deferred is not None:
+            self.deferred = None
+            if not landed:
+                self.charge = None
+
+    def bill(self, prediction_id: str, ended: Record | None = None) -> Bill | None:
+        """`billed` as part of the write of the job's id (a shared journal's `submitted`): marks the charge and
+        returns what that write adds; None when there is no charge (then `billed` does what is left)."""
+        charge = self.charge
+        if charge is None or self.deferred is not None:
+            return None
+        charge.state, charge.prediction_id = "billed", prediction_id
+        return Bill(charge.id, prediction_id, ended.cost_usd if ended is not None and not ended.cost_estimated
+                    else None)
 
     async def billed(self, prediction_id: str, ended: Record | None = None) -> None:
         """The provider created the job: the reservation is its charge until it ends. `ended`: the job had
@@ -199,6 +240,9 @@ class Hold:
         if charge is None or charge.state != "reserved":
             return
         self.charge = None
+        if self.deferred is not None:  # never written: nothing to take back
+            self.deferred = None
+            return
         try:
             await self.money.journal.release_charge(charge.id)
         except LedgerUnavailable as exc:
@@ -412,9 +456,14 @@ class Money:
         now = self.clock()
         charge = Charge(id=uuid.uuid4().hex, principal=principal, provider=est.provider, model=est.model,
                         images=est.images, usd=est.usd, created_at=now, updated_at=now)
+        # No limit: the charge is simply recorded (no sums to take, nothing to hold the others back).
+        check = (lambda totals: self._refusal(totals, est, principal)) if self.limits.budgeted else None
+        if getattr(self.journal, "reserves_with_intent", False):
+            # A shared journal writes the reservation (and makes its check, under the ledger's lock) in the
+            # transaction of the job's intent, before the paid request: one commit instead of two.
+            hold.charge, hold.deferred = charge, Reservation(charge, self.windows(now), check)
+            return hold
         try:
-            # No limit: the charge is simply recorded (no sums to take, nothing to hold the others back).
-            check = (lambda totals: self._refusal(totals, est, principal)) if self.limits.budgeted else None
             refusal = await self.journal.reserve(charge, self.windows(now), check)
         except LedgerUnavailable as exc:
             if self.limits.budgeted:

@@ -47,6 +47,7 @@ from .journal import Record
 if TYPE_CHECKING:
     from .jobs import JobRunner
     from .journal_pg import PgJournal
+    from .money import Bill, Reservation
     from .paths import PathPolicy
     from .providers.base import Provider
 
@@ -94,10 +95,11 @@ class Leases(Protocol):
     owner: str
     """This replica's name in `lease_owner`."""
 
-    async def intent(self, record: Record) -> Record | None:
-        """Inserts `record` (no provider id yet) as this replica's intent; returns None when it landed, or
-        the job that already holds its (principal, idempotency_key). Raises FluxError when the database
-        cannot take it (then nothing may be sent)."""
+    async def intent(self, record: Record, reservation: Reservation | None = None) -> Record | None:
+        """Inserts `record` (no provider id yet) as this replica's intent, with `reservation`'s charge in the
+        same commit (its budget check made there: SpendRefused); returns None when it landed, or the job that
+        already holds its (principal, idempotency_key). Raises FluxError when the database cannot take it
+        (then nothing may be sent)."""
         ...
 
     async def intent_failed(self, intent_id: str, error: str | None) -> None:
@@ -105,9 +107,10 @@ class Leases(Protocol):
         exist and the intent becomes `unknown` with `error`."""
         ...
 
-    async def submitted(self, intent_id: str, record: Record) -> bool:
-        """Replaces the intent by the record the provider's answer made (lease kept by this replica);
-        False when the write could not land yet (kept and retried, as `put`)."""
+    async def submitted(self, intent_id: str, record: Record, bill: Bill | None = None) -> bool:
+        """Replaces the intent by the record the provider's answer made (lease kept by this replica), billing
+        `bill`'s charge in the same commit; False when the write could not land yet (kept and retried, as
+        `put`)."""
         ...
 
     async def claim(self, prediction_id: str) -> Record | None:

@@ -374,7 +374,8 @@ async def _deliver(ctx: Context[AppState, Any], state: AppState, outcome: Outcom
     if alive is not None and not await alive():
         log.info("the caller of %s is gone; its answer is not delivered", outcome.record.id)
         return result
-    await state.journal.mark_delivered(outcome.record.id)
+    if not outcome.record.delivered:  # a job whose answer already reached the caller needs no write
+        await state.journal.mark_delivered(outcome.record.id)
     return result
 
 

@@ -166,11 +166,13 @@ class FluxService:
         """Answers with an earlier job: its images when it finished, or waits on it while it runs."""
         log.info("joined %s (an identical call's answer never reached the caller)", record.id)
         provider = self.providers.get(record.provider)
+        previews: dict[str, bytes] | None = {} if self._reads_previews() else None  # see `_check`
         if provider is None or not provider.configured:
             outcome = Outcome(record, notes=[f"Set {provider.key_env if provider else record.provider} to check "
                                              "on this job again."])
-        elif (record.status in FINAL and not await self.runner.missing_files(record)) or record.status == "unknown":
-            outcome = Outcome(record)
+        elif record.status == "unknown" or (record.status in FINAL and not await self.runner.missing_files(
+                record, previews)):
+            outcome = Outcome(record, kept=previews or {})
         else:
             outcome = await self.runner.check(record, provider, self.wait_for(req.wait_seconds), paths, progress)
         outcome.joined = True
@@ -298,13 +300,19 @@ class FluxService:
         if provider is None:
             return Outcome(record, notes=[f"Provider {record.provider!r} is no longer known to this server."])
         source = assets.source_of(record.request, paths) if record.kind == "edit" else None
-        if record.status in FINAL and not await self.runner.missing_files(record):
-            return Outcome(record, source_image=source)
+        # On a bucket the previews' bytes are read anyway: reading them is the check that the images are there.
+        previews: dict[str, bytes] | None = {} if self._reads_previews() else None
+        if record.status in FINAL and not await self.runner.missing_files(record, previews):
+            return Outcome(record, source_image=source, kept=previews or {})
         if not provider.configured:
             return Outcome(record, notes=[f"Set {provider.key_env} to check on this job again."])
         outcome = await self.runner.check(record, provider, self.wait_for(wait_seconds), paths, progress)
         outcome.source_image = source
         return outcome
+
+    def _reads_previews(self) -> bool:
+        """Whether a result's previews are read from the store (a bucket's: nothing is at a local path)."""
+        return self.settings.preview != "off" and hasattr(self.store, "presign")
 
     def wait_for(self, asked: float | None) -> float:
         """How long a call waits: what it asked (else the default), never past FLUX_MCP_MAX_WAIT_SECONDS."""

@@ -68,6 +68,7 @@ class S3Store:
         endpoint = options.get("endpoint", "")
         allow_http = options.pop("allow_http", "").lower() in ("1", "true", "yes") or endpoint.startswith("http://")
         self.where = where
+        self._static_keys = bool(options.get("access_key_id") and options.get("secret_access_key"))
         self.presign_seconds = min(max(presign_seconds, 1), MAX_PRESIGN_SECONDS)
         client: dict[str, Any] = {"allow_http": allow_http, "timeout": timedelta(seconds=60),
                                   "connect_timeout": timedelta(seconds=5)}
@@ -173,7 +174,13 @@ class S3Store:
             key = self._key_of(location)
         except FileNotFoundError:
             return None
-        return await obstore.sign_async(self._store, "GET", key, timedelta(seconds=self.presign_seconds))
+        expires = timedelta(seconds=self.presign_seconds)
+        if self._static_keys:
+            # With keys given, signing is local CPU work of some microseconds: done on the loop (the async form
+            # hops to a thread and back, which costs several times the signing itself).
+            return obstore.sign(self._store, "GET", key, expires)
+        # Other credentials (an instance role, web identity) may have to be fetched first: never on the loop.
+        return await obstore.sign_async(self._store, "GET", key, expires)
 
     async def presign_origin(self) -> str:
         """`scheme://host[:port]` of this store's presigned URLs (what a web page must allow images from)."""
