@@ -164,8 +164,8 @@ class JobRunner:
             if state is not None and state.status in FINAL:
                 state = self._settle(record, state, time.time())
             ended = record if record.status in FINAL else None
-            # On a shared journal the ledger learns the job exists (and maybe its cost) in the write of its id.
-            bill = hold.bill(record.id, ended) if hold is not None and intent is not None else None
+            # The ledger learns the job exists (and maybe its cost) in the write of its id.
+            bill = hold.bill(record.id, ended) if hold is not None else None
             early: Kept | Exception | None = None
             if intent is not None and state is not None and _all_inline(state):
                 # The images came with the answer: they are stored while the id is journaled (that write does not
@@ -526,7 +526,7 @@ class JobRunner:
         record = scrub_record(outcome.record, self.redactor)
         record.updated_at = time.time()
         if not await (self.leases.submitted(intent, record, bill) if intent and self.leases
-                      else self.journal.put(record)):
+                      else self.journal.put(record, bill)):
             note = (f"The server's journal could not be written just now; it keeps retrying. Keep the "
                     f"prediction_id \"{record.id}\" to check on this job.")
             if note not in outcome.notes:

@@ -41,12 +41,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import anyio
 
 from .errors import ConfigError
 from .models import ImageOutput, PredictionResult, Status
+
+if TYPE_CHECKING:
+    from .money import Bill
 
 log = logging.getLogger("flux_mcp.journal")
 
@@ -281,9 +284,10 @@ class LedgerUnavailable(ConfigError):
 class Journal(Protocol):
     """Where predictions (and upload URLs) are kept. Every method may be called from the event loop."""
 
-    async def put(self, record: Record) -> bool:
+    async def put(self, record: Record, bill: Bill | None = None) -> bool:
         """Records `record` (insert or replace). Never raises for a storage failure: returns False when
-        the write could not land yet; the journal keeps it and retries, and `get` already returns it."""
+        the write could not land yet; the journal keeps it and retries, and `get` already returns it.
+        `bill`: the call's reservation becomes the job's charge in the same write (kept and retried with it)."""
         ...
 
     async def get(self, prediction_id: str) -> Record | None: ...
@@ -432,6 +436,26 @@ def _totals(db: sqlite3.Connection, principal: str, since: Mapping[str, float]) 
 
 def _locked(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
+
+
+_UPDATE_CHARGE = ("UPDATE charges SET state=?, prediction_id=COALESCE(?, prediction_id), usd=COALESCE(?, usd), "
+                  "estimated=CASE WHEN ? IS NULL THEN estimated ELSE 0 END, updated_at=? WHERE id=?")
+
+
+def _write_record(db: sqlite3.Connection, row: tuple[Any, ...], bill: Bill | None) -> None:
+    """One record's upsert, with its charge billed in the same transaction when there is one to bill."""
+    if bill is None:
+        db.execute(_INSERT, row)
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(_INSERT, row)
+        db.execute(_UPDATE_CHARGE, ("billed", bill.prediction_id, bill.usd, bill.usd, time.time(), bill.charge_id))
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
 
 
 _INSERT = (f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
@@ -585,6 +609,8 @@ class SqliteJournal:
         self._backlog: dict[str, Record] = {}
         """Records whose latest version has not landed yet, by id (guarded by `_lock`)."""
         self._backlog_reason: str | None = None
+        self._bills: dict[str, Bill] = {}
+        """The charges to bill with a backlog record's write, by its id (guarded by `_lock`)."""
         self._retrier: threading.Thread | None = None
         self._closed = threading.Event()
         self._delivered: set[str] = set()
@@ -648,13 +674,13 @@ class SqliteJournal:
 
     # --- writes -------------------------------------------------------------------------------
 
-    async def put(self, record: Record) -> bool:
+    async def put(self, record: Record, bill: Bill | None = None) -> bool:
         self._remember_duration(record)
         row = _row(record)
         with self._lock:
             if record.id not in self._backlog and not self._backlog:
                 try:
-                    self._db.execute(_INSERT, row)
+                    _write_record(self._db, row, bill)
                     return True
                 except sqlite3.Error as exc:
                     reason = str(exc)
@@ -663,6 +689,8 @@ class SqliteJournal:
             else:
                 reason = self._backlog_reason or "earlier writes are still waiting"
             # Later writes queue behind unwritten ones, so a record's versions land in order.
+            if bill is not None:
+                self._bills[record.id] = bill
             self._backlog[record.id] = record.copy()
             self._backlog_reason = reason
             self._start_retrier()
@@ -696,13 +724,17 @@ class SqliteJournal:
         with self._lock:
             pending = list(self._backlog.values())
         for rec in pending:
+            with self._lock:
+                bill = self._bills.get(rec.id)
             try:
-                db.execute(_INSERT, _row(rec))
+                _write_record(db, _row(rec), bill)
             except sqlite3.Error as exc:
                 with self._lock:
                     self._backlog_reason = str(exc)
                 return False
             with self._lock:
+                if self._bills.get(rec.id) is bill:
+                    self._bills.pop(rec.id, None)
                 if self._backlog.get(rec.id) is rec:
                     del self._backlog[rec.id]
                     log.info("journal write of %s landed", rec.id)
@@ -745,7 +777,12 @@ class SqliteJournal:
         if pending is not None:
             return pending.copy()
         row = await self._read(_SELECT, (prediction_id,))
-        return None if row is None else _record(row)
+        if row is None:
+            return None
+        rec = _record(row)
+        with self._lock:
+            rec.delivered = rec.delivered or rec.id in self._delivered  # marked, not yet written
+        return rec
 
     async def typical_duration(self, provider: str, model: str) -> float | None:
         """The durations are read once and then kept up to date as this journal records finished jobs
@@ -908,10 +945,8 @@ class SqliteJournal:
 
     async def update_charge(self, charge_id: str, state: ChargeState, prediction_id: str | None = None, *,
                             usd: float | None = None) -> None:
-        await self._write(lambda db: db.execute(
-            "UPDATE charges SET state=?, prediction_id=COALESCE(?, prediction_id), usd=COALESCE(?, usd), "
-            "estimated=CASE WHEN ? IS NULL THEN estimated ELSE 0 END, updated_at=? WHERE id=?",
-            (state, prediction_id, usd, usd, time.time(), charge_id)))
+        await self._write(lambda db: db.execute(_UPDATE_CHARGE, (state, prediction_id, usd, usd, time.time(),
+                                                                 charge_id)))
 
     async def release_charge(self, charge_id: str) -> None:
         await self._write(lambda db: db.execute("DELETE FROM charges WHERE id=?", (charge_id,)))

@@ -454,7 +454,14 @@ class PgJournal:
 
     # --- writes -------------------------------------------------------------------------------
 
-    async def put(self, record: Record) -> bool:
+    async def put(self, record: Record, bill: Bill | None = None) -> bool:
+        if bill is not None:  # a job without an intent (the runner bills in `submitted` here): its own write
+            landed = await self.put(record)
+            try:
+                await self.update_charge(bill.charge_id, "billed", bill.prediction_id, usd=bill.usd)
+            except LedgerUnavailable as exc:
+                log.warning("charge %s not marked billed: %s", bill.charge_id, exc)
+            return landed
         self._remember_duration(record)
         if record.id not in self._backlog and not self._backlog:
             try:
