@@ -3,6 +3,7 @@ FLUX_MCP_BUDGET_DAY_USD / _MONTH_USD / FLUX_MCP_MAX_IMAGES_PER_DAY, and what nev
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -123,6 +124,39 @@ async def test_a_job_that_may_have_started_counts_against_the_budget(budget, hom
         over = await client.call_tool("generate_image", {"prompt": "a lighthouse"})
     assert over.is_error and "$0.006 of the FLUX_MCP_BUDGET_DAY_USD limit" in text_of(over)
     assert sorted(r.state for r in await charges(home)) == ["billed", "unknown"]
+
+
+async def test_without_a_budget_every_job_is_still_in_the_ledger_with_one_commit_less(budget, home):
+    """No limit to keep: the charge is written with the job's id (billed), or as unknown when the submit's
+    outcome is; a refused submit leaves none. Each finished job costs the journal two commits."""
+    import sqlite3
+
+    fake = AtlasFake(key=ATLAS_KEY)
+    fake.submit_errors = [(402, {"code": 402, "message": "insufficient balance"}, {}), RESET]
+    commits: list[str] = []
+    connect = sqlite3.connect
+
+    def counting(*args, **kw):
+        db = connect(*args, **kw)
+        db.set_trace_callback(lambda sql: commits.append(sql) if sql.startswith(("INSERT", "UPDATE", "COMMIT"))
+                              and "BEGIN" not in sql else None)
+        return db
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sqlite3, "connect", counting)
+        async with serve(budget(), fake) as client:
+            refused = await client.call_tool("generate_image", {"prompt": "a lighthouse"})
+            unknown = await client.call_tool("generate_image", {"prompt": "a lighthouse"})
+            commits.clear()
+            made = await client.call_tool("generate_image", {"prompt": "a lighthouse"})
+            written = [" ".join(re.match(r"(INSERT|UPDATE)(?: OR \w+)?(?: INTO)? (\w+)", c).groups())  # type: ignore[union-attr]
+                       for c in commits if not c.startswith("COMMIT")]
+    assert refused.is_error and unknown.is_error and not made.is_error
+    rows = sorted(await charges(home), key=lambda r: r.created_at)
+    assert [r.state for r in rows] == ["unknown", "billed"]
+    assert rows[1].prediction_id == made.structured_content["prediction_id"] and rows[1].usd == 0.003
+    # the id with its charge (one transaction), then the kept images; the delivered mark comes later
+    assert written == ["INSERT predictions", "INSERT charges", "INSERT predictions"], written
 
 
 async def test_the_month_budget_rolls_over_on_the_first_at_midnight_utc(budget):

@@ -450,7 +450,11 @@ def _write_record(db: sqlite3.Connection, row: tuple[Any, ...], bill: Bill | Non
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute(_INSERT, row)
-        db.execute(_UPDATE_CHARGE, ("billed", bill.prediction_id, bill.usd, bill.usd, time.time(), bill.charge_id))
+        if bill.charge is not None:  # never written before: inserted, billed
+            db.execute("INSERT OR REPLACE" + _INSERT_CHARGE.removeprefix("INSERT"), _charge_row(bill.charge))
+        else:
+            db.execute(_UPDATE_CHARGE, ("billed", bill.prediction_id, bill.usd, bill.usd, time.time(),
+                                        bill.charge_id))
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
@@ -582,6 +586,9 @@ def _read_only_note(folder: Path) -> str:
 class SqliteJournal:
     """The journal in one SQLite file (WAL mode, `synchronous=NORMAL`: a killed process loses nothing
     it committed). Several processes may share the file."""
+
+    bills_with_record = True
+    """A charge may be written first with its job's id, billed (`put` with a `Bill` carrying it)."""
 
     def __init__(self, path: Path):
         self.path = path

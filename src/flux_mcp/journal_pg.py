@@ -458,7 +458,10 @@ class PgJournal:
         if bill is not None:  # a job without an intent (the runner bills in `submitted` here): its own write
             landed = await self.put(record)
             try:
-                await self.update_charge(bill.charge_id, "billed", bill.prediction_id, usd=bill.usd)
+                if bill.charge is not None:
+                    await self.reserve(bill.charge, {}, None)
+                else:
+                    await self.update_charge(bill.charge_id, "billed", bill.prediction_id, usd=bill.usd)
             except LedgerUnavailable as exc:
                 log.warning("charge %s not marked billed: %s", bill.charge_id, exc)
             return landed

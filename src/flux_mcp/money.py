@@ -192,6 +192,9 @@ class Bill:
     prediction_id: str
     usd: float | None
     """The provider's own figure for a job that had already ended (None: the estimate stays)."""
+    charge: Charge | None = None
+    """The charge itself when it was never written (no limit to keep on SQLite: see `Money._reserve`): that
+    write inserts it, billed."""
 
 
 @dataclass
@@ -218,11 +221,14 @@ class Hold:
         """`billed` as part of the write of the job's id (a shared journal's `submitted`): marks the charge and
         returns what that write adds; None when there is no charge (then `billed` does what is left)."""
         charge = self.charge
-        if charge is None or self.deferred is not None:
+        if charge is None:
             return None
+        unwritten, self.deferred = self.deferred is not None, None
         charge.state, charge.prediction_id = "billed", prediction_id
-        return Bill(charge.id, prediction_id, ended.cost_usd if ended is not None and not ended.cost_estimated
-                    else None)
+        usd = ended.cost_usd if ended is not None and not ended.cost_estimated else None
+        if unwritten and usd is not None:
+            charge.usd, charge.estimated = usd, False
+        return Bill(charge.id, prediction_id, usd, charge if unwritten else None)
 
     async def billed(self, prediction_id: str, ended: Record | None = None) -> None:
         """The provider created the job: the reservation is its charge until it ends. `ended`: the job had
@@ -463,6 +469,12 @@ class Money:
             # transaction of the job's intent, before the paid request: one commit instead of two.
             hold.charge, hold.deferred = charge, Reservation(charge, self.windows(now), check)
             return hold
+        if check is None and getattr(self.journal, "bills_with_record", False):
+            # No limit to keep, so nothing to hold other calls back before the submit: the charge is written
+            # with the job's id, billed (one commit instead of two), or as `unknown` when the submit's outcome
+            # is. A process killed mid-submit leaves no charge then — nor a record of the job: the same gap.
+            hold.charge, hold.deferred = charge, Reservation(charge, self.windows(now), None)
+            return hold
         try:
             refusal = await self.journal.reserve(charge, self.windows(now), check)
         except LedgerUnavailable as exc:
@@ -487,6 +499,12 @@ class Money:
         charge.state, charge.prediction_id = state, prediction_id or charge.prediction_id
         usd = ended.cost_usd if ended is not None and not ended.cost_estimated else None
         try:
+            if hold.deferred is not None:  # never written (see `_reserve`): written now, in its state
+                hold.deferred = None
+                if usd is not None:
+                    charge.usd, charge.estimated = usd, False
+                await self.journal.reserve(charge, {}, None)
+                return
             await self.journal.update_charge(charge.id, state, prediction_id, usd=usd)
         except LedgerUnavailable as exc:  # the reservation keeps counting at its estimate: the safe side
             log.warning("charge %s not marked %s: %s", charge.id, state, exc)
