@@ -12,30 +12,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .common import base_env, floor_command, flux_command, flux_env, p50, p95
+from .common import base_env, floor_command, flux_command, flux_env, p50, p95, running
 from .raw import spawn_to_tools_list
 
 GOAL_RATIO = 1.10
 
 
-def run(workdir: Path, fake_url: str, *, rounds: int) -> dict[str, Any]:
+def run(workdir: Path, fake_url: str, *, rounds: int, before: Path | None = None) -> dict[str, Any]:
+    """`before`: another revision's package (`bench.run --before`), spawned in the same rotation."""
     home = workdir / "cold"
     env_flux = flux_env(home, fake_url)
     env_floor = base_env(home)
     cwd = home / "workspace"
     flux_cmd, floor_cmd = flux_command(), floor_command()
+    order = [("flux", flux_cmd, env_flux), ("floor", floor_cmd, env_floor)]
+    if before is not None:
+        with running(before):
+            order.append(("before", flux_command(), flux_env(workdir / "cold-before", fake_url)))
     for _ in range(2):  # warm the page cache and the bytecode caches; not measured
-        spawn_to_tools_list(flux_cmd, env_flux, cwd)
-        spawn_to_tools_list(floor_cmd, env_floor, cwd)
-    runs: dict[str, list[Any]] = {"flux": [], "floor": []}
+        for _name, cmd, env in order:
+            spawn_to_tools_list(cmd, env, cwd)
+    runs: dict[str, list[Any]] = {name: [] for name, _, _ in order}
     for i in range(rounds):
-        order = [("flux", flux_cmd, env_flux), ("floor", floor_cmd, env_floor)]
-        for name, cmd, env in order if i % 2 == 0 else order[::-1]:
+        for name, cmd, env in order[i % len(order):] + order[:i % len(order)]:
             runs[name].append(spawn_to_tools_list(cmd, env, cwd))
     wall = {k: [r.seconds for r in v] for k, v in runs.items()}
     cpu = {k: [r.cpu_seconds for r in v if r.cpu_seconds is not None] for k, v in runs.items()}
     ratio = p50(wall["flux"]) / p50(wall["floor"])
+    other = {} if before is None else {"before": {
+        "flux_p50": p50(wall["before"]), "flux_cpu_p50": p50(cpu["before"]),
+        "ratio_p50": p50(wall["before"]) / p50(wall["floor"]),
+        "cpu_ratio_p50": p50(cpu["before"]) / p50(cpu["floor"])}}
     return {
+        **other,
         "rounds": rounds,
         "flux_s": wall["flux"],
         "floor_s": wall["floor"],

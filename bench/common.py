@@ -85,6 +85,17 @@ SOURCE: Path | None = None
 installed package: `bench.run --before REV` measures that revision beside this one, in the same run."""
 
 
+@contextlib.contextmanager
+def running(source: Path | None) -> Iterator[None]:
+    """Commands and environments made meanwhile run the package in `source` (None: the installed one)."""
+    global SOURCE
+    previous, SOURCE = SOURCE, source
+    try:
+        yield
+    finally:
+        SOURCE = previous
+
+
 def flux_command() -> list[str]:
     """`flux-mcp` from the running interpreter's environment (the console script users launch); the
     `SOURCE` tree's package when one is set."""

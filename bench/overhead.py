@@ -24,7 +24,9 @@ from typing import Any
 import httpx2
 
 from . import sessions
-from .common import KEY, FakeProcess, flux_env, p50, p95
+import contextlib
+
+from .common import KEY, FakeProcess, flux_env, p50, p95, running
 from .raw import text_of
 
 GOAL_MS = 2.0
@@ -37,7 +39,9 @@ def _timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, value
 
 
-def run(workdir: Path, fake: FakeProcess, *, rounds: int, warmup: int) -> dict[str, Any]:
+def run(workdir: Path, fake: FakeProcess, *, rounds: int, warmup: int, before: Path | None = None
+        ) -> dict[str, Any]:
+    """`before`: another revision's package (`bench.run --before`), its calls timed in the same rounds."""
     home = workdir / "overhead"
     env = flux_env(home, fake.url)
     cwd = home / "workspace"
@@ -74,24 +78,37 @@ def run(workdir: Path, fake: FakeProcess, *, rounds: int, warmup: int) -> dict[s
 
         for transport in sessions.TRANSPORTS:
             errors = 0
-            with (
-                sessions.flux(transport, env, cwd, logs) as flux,
-                sessions.floor(transport, home, cwd, logs) as floor,
-            ):
+            with contextlib.ExitStack() as stack:
+                flux = stack.enter_context(sessions.flux(transport, env, cwd, logs))
+                floor = stack.enter_context(sessions.floor(transport, home, cwd, logs))
+                old = None
+                if before is not None:
+                    with running(before):
+                        old_home = workdir / "overhead-before"
+                        old = stack.enter_context(sessions.flux(transport, flux_env(old_home, fake.url),
+                                                                old_home / "workspace", old_home))
                 first: dict[str, Any] = {}
+                old_first: dict[str, Any] = {}
                 for _ in range(warmup):  # the journal learns this model's (zero) duration, code paths warm up
                     first = flux.call("generate_image", {"prompt": "bench overhead warm-up"})
+                    if old is not None:
+                        old_first = old.call("generate_image", {"prompt": "bench overhead warm-up"})
                     floor.call("ping", {})
                     raw_one()
                     raw_three()
                     raw_generation()
                 pid = first["structuredContent"]["prediction_id"]
                 samples: dict[str, list[float]] = {
-                    k: [] for k in ("check", "generate", "ping", "raw1", "raw3", "rawgen")
+                    k: [] for k in ("check", "generate", "ping", "raw1", "raw3", "rawgen",
+                                    *(() if old is None else ("check_before", "generate_before")))
                 }
                 ops = {
                     "check": partial(flux.call, "check_prediction", {"prediction_id": pid}),
                     "generate": partial(flux.call, "generate_image", {"prompt": "bench overhead"}),
+                    **({} if old is None else {
+                        "check_before": partial(old.call, "check_prediction", {
+                            "prediction_id": old_first["structuredContent"]["prediction_id"]}),
+                        "generate_before": partial(old.call, "generate_image", {"prompt": "bench overhead"})}),
                     "ping": partial(floor.call, "ping", {}),
                     "raw1": raw_one,
                     "raw3": raw_three,
@@ -103,7 +120,7 @@ def run(workdir: Path, fake: FakeProcess, *, rounds: int, warmup: int) -> dict[s
                     for name in order:
                         seconds, value = _timed(ops[name])
                         samples[name].append(seconds)
-                        if name in ("check", "generate") and (
+                        if name in ("check", "generate", "check_before", "generate_before") and (
                             value.get("isError") or value["structuredContent"]["status"] != "succeeded"
                         ):
                             errors += 1
@@ -137,6 +154,9 @@ def run(workdir: Path, fake: FakeProcess, *, rounds: int, warmup: int) -> dict[s
                     "minus_floor3_p50": p50(samples[op]) - p50(floor3),
                     "met": diff * 1000 <= GOAL_MS and errors == 0,
                 }
+            if before is not None:
+                summary["before"] = {op: {"p50": p50(samples[f"{op}_before"]), "p95": p95(samples[f"{op}_before"])}
+                                     for op in ("check", "generate")}
             results[transport] = summary
             if transport == "stdio":
                 results["typical_result"] = {

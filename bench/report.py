@@ -283,17 +283,17 @@ def against(r: dict[str, Any]) -> list[str]:
     if not b:
         return []
     rows: list[tuple[str, float, float]] = []
-    if (now := r.get("cold_start")) and (old := b.get("cold_start")):
-        rows.append(("cold start, p50 / floor's", now["ratio_p50"], old["ratio_p50"]))
+    if (now := r.get("cold_start")) and (old := now.get("before")):
+        rows.append(("cold start, p50 / floor's (same rotation)", now["ratio_p50"], old["ratio_p50"]))
         rows.append(("cold start CPU, p50 / floor's", now["cpu_ratio_p50"], old["cpu_ratio_p50"]))
-    if (now := r.get("overhead")) and (old := b.get("overhead")):
+    if now := r.get("overhead"):
         for transport in ("stdio", "streamable-http"):
-            n, o = now.get(transport), old.get(transport)
-            if n and o:
+            n = now.get(transport) or {}
+            if o := n.get("before"):
                 for op, floor, label in (("generate", "floorgen_p50", "generate_image"),
                                          ("check", "floor_p50", "check_prediction")):
-                    rows.append((f"`{label}` p50 / raw requests' ({transport})", n[op]["p50"] / n[floor],
-                                 o[op]["p50"] / o[floor]))
+                    rows.append((f"`{label}` p50 / raw requests' ({transport}, same rounds)",
+                                 n[op]["p50"] / n[floor], o[op]["p50"] / n[floor]))
     if (now := r.get("concurrency")) and (old := b.get("concurrency")):
         rows.append(("concurrency (held submits), wall / job", now["ratio_to_job"], old["ratio_to_job"]))
         rows.append(("concurrency (polled), wall / job", now["polled"]["ratio_to_job"], old["polled"]["ratio_to_job"]))
@@ -307,8 +307,9 @@ def against(r: dict[str, Any]) -> list[str]:
         "",
         f"### Against {b['rev']}, same run",
         "",
-        f"Each figure right after this revision's, with `{b['rev']}`'s package (`--before`), as the ratio to "
-        f"the baseline measured with it; lower is better. Within {SAME:g}x counts as the same.",
+        f"`{b['rev']}`'s package (`--before`) measured in the same rounds (cold start, call overhead) or right "
+        f"after this revision's (concurrency, previews), each as the ratio to the baseline measured with it; lower "
+        f"is better. Within {SAME:g}x counts as the same.",
         "",
         f"| figure | this revision | {b['rev']} | this / {b['rev']} | |",
         "| --- | --- | --- | --- | --- |",

@@ -97,7 +97,8 @@ def _environment() -> dict[str, Any]:
 
 BEFORE_FIGURES = ("cold_start", "overhead", "concurrency", "preview")
 """The figures `--before` also measures on the other revision: the ones its code decides (the others
-are this revision's own features, or the fake's)."""
+are this revision's own features, or the fake's). Cold start and call overhead take it into their own
+rotation and rounds (the same moments, the same floor); concurrency and previews run it right after."""
 
 
 def _tree(rev: str, into: Path) -> Path:
@@ -108,16 +109,6 @@ def _tree(rev: str, into: Path) -> Path:
         raise SystemExit(f"--before {rev}: {archive.stderr.decode(errors='replace').strip()}")
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=60)
     return into / "src"
-
-
-@contextlib.contextmanager
-def _running(source: Path) -> Any:
-    """The figures' servers run the package in `source` meanwhile."""
-    common.SOURCE = source
-    try:
-        yield
-    finally:
-        common.SOURCE = None
 
 
 def _preview_of(source: Path, repeats: int) -> dict[str, Any]:
@@ -185,19 +176,16 @@ def main(argv: list[str] | None = None) -> int:
             if before is not None and name in BEFORE_FIGURES:
                 time.sleep(SETTLE_SECONDS)
                 print(f"[{time.monotonic() - started:5.0f} s] {name} ({args.before}) ...", file=sys.stderr, flush=True)
-                with _running(before):
+                with common.running(before):
                     results["before"][name] = run()
 
         with FakeProcess(workdir) as fake:
             if step("cold_start"):
-                results["cold_start"] = cold_start.run(workdir, fake.url, rounds=p["cold_rounds"])
-                again("cold_start", lambda: cold_start.run(other, fake.url, rounds=p["cold_rounds"]))
+                results["cold_start"] = cold_start.run(workdir, fake.url, rounds=p["cold_rounds"], before=before)
             if step("overhead"):
                 results["overhead"] = overhead.run(
-                    workdir, fake, rounds=p["overhead_rounds"], warmup=p["overhead_warmup"]
+                    workdir, fake, rounds=p["overhead_rounds"], warmup=p["overhead_warmup"], before=before
                 )
-                again("overhead", lambda: overhead.run(other, fake, rounds=p["overhead_rounds"],
-                                                       warmup=p["overhead_warmup"]))
             if step("health"):
                 results["health"] = health.run(workdir)
             if step("concurrency"):
