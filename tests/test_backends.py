@@ -162,6 +162,19 @@ async def test_a_delivered_job_stays_delivered_and_is_never_joined(journal: Jour
     assert got is not None and got.delivered and got.status == "succeeded"
 
 
+async def test_an_unanswered_job_is_found_behind_many_newer_delivered_ones(journal: Journal):
+    """Delivered marks may be written a moment later (SQLite coalesces them): jobs just delivered never hide an
+    older one whose answer was lost from an identical call."""
+    now = time.time()
+    lost = record(1, principal="alice", request_key="k", created_at=now - 5)
+    await journal.put(lost)
+    for i in range(8):
+        done = record(10 + i, principal="alice", request_key="k", created_at=now - 4 + i * 0.1)
+        await journal.put(done)
+        await journal.mark_delivered(done.id)
+    assert [r.id for r in await journal.rejoinable("alice", "k", now - 60)] == [lost.id]
+
+
 async def test_an_idempotency_key_finds_its_job_and_a_second_job_cannot_take_it(journal: Journal):
     first = record(1, principal="alice", idempotency_key="idem")
     assert await journal.put(first)

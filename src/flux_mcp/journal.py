@@ -833,12 +833,13 @@ class SqliteJournal:
         with self._lock:
             pending = [r.copy() for r in self._backlog.values() if r.principal == principal
                        and r.request_key == request_key and not r.delivered and r.created_at >= since]
+            delivered = set(self._delivered)  # marked, not yet written: as good as delivered=1
         rows = await self._read(
             f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE principal=? AND request_key=? AND delivered=0"
-            " AND created_at >= ? ORDER BY created_at DESC LIMIT 5", (principal, request_key, since), many=True)
-        with self._lock:
-            delivered = set(self._delivered)  # marked, not yet written
-        found = {r.id: r for r in [*(_record(row) for row in rows), *pending] if r.id not in delivered}
+            " AND created_at >= ? ORDER BY created_at DESC LIMIT ?", (principal, request_key, since,
+                                                                     5 + len(delivered)), many=True)
+        found = {r.id: r for r in [*(_record(row) for row in rows if row[0] not in delivered), *pending]
+                 if r.id not in delivered}
         return sorted(found.values(), key=lambda r: r.created_at, reverse=True)
 
     async def by_idempotency_key(self, principal: str, key: str) -> Record | None:
