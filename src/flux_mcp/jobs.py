@@ -411,9 +411,10 @@ class JobRunner:
             state = self._settle(record, state, outcome.seen_at)
         else:
             record.status = state.status
-        await self._save(outcome)
-        if state.status in FINAL:
-            await self._charge(record)
+        # A final job with the provider's own figure for its cost: the ledger learns it in the same write.
+        settle = (self.money is not None and record.status in FINAL and not record.cost_estimated
+                  and record.cost_usd is not None)
+        await self._save(outcome, settle=settle)
         return state
 
     async def _save_while_storing(self, outcome: Outcome, provider: Provider, state: JobState, paths: PathPolicy,
@@ -519,14 +520,15 @@ class JobRunner:
         if self.money is not None and record.status in FINAL:
             await self.money.settle(record)
 
-    async def _save(self, outcome: Outcome, *, intent: str | None = None, bill: Bill | None = None) -> None:
+    async def _save(self, outcome: Outcome, *, intent: str | None = None, bill: Bill | None = None,
+                    settle: bool = False) -> None:
         """Journals the record (scrubbed; in place of the intent `intent`, on a shared journal, billing `bill`
         with it). A write that cannot land yet is kept by the journal; the result says so, once, with the id
         to keep."""
         record = scrub_record(outcome.record, self.redactor)
         record.updated_at = time.time()
         if not await (self.leases.submitted(intent, record, bill) if intent and self.leases
-                      else self.journal.put(record, bill)):
+                      else self.journal.put(record, bill, settle=settle)):
             note = (f"The server's journal could not be written just now; it keeps retrying. Keep the "
                     f"prediction_id \"{record.id}\" to check on this job.")
             if note not in outcome.notes:

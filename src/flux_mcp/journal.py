@@ -284,10 +284,12 @@ class LedgerUnavailable(ConfigError):
 class Journal(Protocol):
     """Where predictions (and upload URLs) are kept. Every method may be called from the event loop."""
 
-    async def put(self, record: Record, bill: Bill | None = None) -> bool:
+    async def put(self, record: Record, bill: Bill | None = None, *, settle: bool = False) -> bool:
         """Records `record` (insert or replace). Never raises for a storage failure: returns False when
         the write could not land yet; the journal keeps it and retries, and `get` already returns it.
-        `bill`: the call's reservation becomes the job's charge in the same write (kept and retried with it)."""
+        `bill`: the call's reservation becomes the job's charge in the same write (kept and retried with it).
+        `settle`: the job ended with the provider's own figure for its cost; its charge becomes that figure
+        (`settle_charge`), with the record where the journal can."""
         ...
 
     async def get(self, prediction_id: str) -> Record | None: ...
@@ -438,23 +440,29 @@ def _locked(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
+_SETTLE_CHARGE = "UPDATE charges SET usd=COALESCE(?, usd), estimated=COALESCE(?, estimated), updated_at=? WHERE " \
+    "prediction_id=?"
 _UPDATE_CHARGE = ("UPDATE charges SET state=?, prediction_id=COALESCE(?, prediction_id), usd=COALESCE(?, usd), "
                   "estimated=CASE WHEN ? IS NULL THEN estimated ELSE 0 END, updated_at=? WHERE id=?")
 
 
-def _write_record(db: sqlite3.Connection, row: tuple[Any, ...], bill: Bill | None) -> None:
-    """One record's upsert, with its charge billed in the same transaction when there is one to bill."""
-    if bill is None:
+def _write_record(db: sqlite3.Connection, row: tuple[Any, ...], bill: Bill | None,
+                  cost: tuple[float, str] | None = None) -> None:
+    """One record's upsert, with its charge billed (`bill`) or given the provider's figure (`cost`: USD and the
+    prediction id) in the same transaction."""
+    if bill is None and cost is None:
         db.execute(_INSERT, row)
         return
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute(_INSERT, row)
-        if bill.charge is not None:  # never written before: inserted, billed
+        if bill is not None and bill.charge is not None:  # never written before: inserted, billed
             db.execute("INSERT OR REPLACE" + _INSERT_CHARGE.removeprefix("INSERT"), _charge_row(bill.charge))
-        else:
+        elif bill is not None:
             db.execute(_UPDATE_CHARGE, ("billed", bill.prediction_id, bill.usd, bill.usd, time.time(),
                                         bill.charge_id))
+        if cost is not None:
+            db.execute(_SETTLE_CHARGE, (cost[0], 0, time.time(), cost[1]))
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
@@ -681,13 +689,14 @@ class SqliteJournal:
 
     # --- writes -------------------------------------------------------------------------------
 
-    async def put(self, record: Record, bill: Bill | None = None) -> bool:
+    async def put(self, record: Record, bill: Bill | None = None, *, settle: bool = False) -> bool:
         self._remember_duration(record)
         row = _row(record)
+        cost = (record.cost_usd, record.id) if settle and record.cost_usd is not None else None
         with self._lock:
             if record.id not in self._backlog and not self._backlog:
                 try:
-                    _write_record(self._db, row, bill)
+                    _write_record(self._db, row, bill, cost)
                     return True
                 except sqlite3.Error as exc:
                     reason = str(exc)
@@ -702,6 +711,11 @@ class SqliteJournal:
             self._backlog_reason = reason
             self._start_retrier()
         log.warning("journal write of %s did not land (%s); kept in memory and retried", record.id, reason)
+        if cost is not None:  # the ledger's own write, as it would have been without the record
+            try:
+                await self.settle_charge(record.id, cost[0], estimated=False)
+            except LedgerUnavailable as exc:
+                log.warning("the cost of %s was not written to the ledger (its estimate stays): %s", record.id, exc)
         return False
 
     def unwritten(self) -> list[str]:
@@ -961,8 +975,7 @@ class SqliteJournal:
 
     async def settle_charge(self, prediction_id: str, usd: float | None, estimated: bool) -> None:
         await self._write(lambda db: db.execute(
-            "UPDATE charges SET usd=COALESCE(?, usd), estimated=COALESCE(?, estimated), updated_at=? WHERE "
-            "prediction_id=?", (usd, None if usd is None else int(estimated), time.time(), prediction_id)))
+            _SETTLE_CHARGE, (usd, None if usd is None else int(estimated), time.time(), prediction_id)))
 
     async def charges_since(self, since: float) -> list[Charge]:
         try:

@@ -454,7 +454,14 @@ class PgJournal:
 
     # --- writes -------------------------------------------------------------------------------
 
-    async def put(self, record: Record, bill: Bill | None = None) -> bool:
+    async def put(self, record: Record, bill: Bill | None = None, *, settle: bool = False) -> bool:
+        if settle:  # the ledger's own write after the record's
+            landed = await self.put(record, bill)
+            try:
+                await self.settle_charge(record.id, record.cost_usd, estimated=False)
+            except LedgerUnavailable as exc:
+                log.warning("the cost of %s was not written to the ledger (its estimate stays): %s", record.id, exc)
+            return landed
         if bill is not None:  # a job without an intent (the runner bills in `submitted` here): its own write
             landed = await self.put(record)
             try:
