@@ -10,7 +10,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from flux_mcp import media
+from flux_mcp import files, media
 from flux_mcp.lifecycle import GracefulStop, Inflight, ServerStopping, SubmitAbandoned, graceful_stop
 
 pytestmark = pytest.mark.anyio
@@ -111,7 +111,7 @@ async def test_a_second_ctrl_c_skips_the_wait_but_a_later_sigterm_does_not():
 async def test_the_stop_removes_temp_files_of_writes_still_under_way(tmp_path: Path):
     target = tmp_path / "image.png"
     started, release = anyio.Event(), anyio.Event()
-    real_create = media._TEMPS.create
+    real_create = files._TEMPS.create
 
     def create_and_pause(tmp: Path) -> int:
         fd = real_create(tmp)
@@ -119,7 +119,7 @@ async def test_the_stop_removes_temp_files_of_writes_still_under_way(tmp_path: P
         anyio.from_thread.run(release.wait)  # the write is under way when the stop ends
         return fd
 
-    media._TEMPS.create = create_and_pause  # type: ignore[method-assign]
+    files._TEMPS.create = create_and_pause  # type: ignore[method-assign]
     try:
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
@@ -136,7 +136,7 @@ async def test_the_stop_removes_temp_files_of_writes_still_under_way(tmp_path: P
                 assert list(tmp_path.iterdir()) == []
                 release.set()
     finally:
-        media._TEMPS.create = real_create  # type: ignore[method-assign]
+        files._TEMPS.create = real_create  # type: ignore[method-assign]
     assert list(tmp_path.iterdir()) == []
 
 

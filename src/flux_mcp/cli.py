@@ -292,7 +292,7 @@ def _configure_logging(level: str, redactor: Redactor) -> None:
 
 
 def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
-    from .media import STALE_IN_DATA_FOLDER, sweep_stale_temp_files
+    from .files import STALE_IN_DATA_FOLDER, sweep_stale_temp_files
     from .providers import registry
     from .server import build_server
 

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from .errors import ConfigError
-from .oauth import OAuthConfig
+from .oauth_config import OAuthConfig
 from .providers import registry
 from .request import MAX_WAIT_SECONDS
 

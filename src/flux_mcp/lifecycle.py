@@ -190,11 +190,11 @@ class GracefulStop:
     def finish(self) -> None:
         """The last step of every stop: the images written are flushed to stable storage, the temp files of
         writes still under way are removed (a process that never imported the writing code wrote nothing)."""
-        media = sys.modules.get(f"{__package__}.media")
-        if media is not None:
-            if not media.flush_pending(timeout=10.0):
+        files = sys.modules.get(f"{__package__}.files")
+        if files is not None:
+            if not files.flush_pending(timeout=10.0):
                 log.warning("the disk did not confirm the last images written within 10 s")
-            removed = media.remove_temp_files()
+            removed = files.remove_temp_files()
             if removed:
                 log.info("removed %d unfinished temp file(s)", removed)
         if self.reason is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import inspect
 import json
@@ -13,6 +12,7 @@ import typing
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -44,7 +44,6 @@ from .compat import add_request_handler, drop_middleware, registered_tool
 from .config import Settings
 from .errors import FluxError, error_result
 from .folders import Folders
-from .gallery import static_text
 from .http import LazyClient, RetryPolicy
 from .icons import GLYPHS, icons as tool_icons
 from .backends import open_journal, open_store
@@ -289,6 +288,12 @@ wait_seconds: a prediction_id for check_prediction (calling again pays again).""
 EDIT_DOC = """Edit an image by instruction (FLUX Kontext or img2img); parameters and answer as generate_image."""
 
 
+def _app_html() -> str:
+    """The MCP App's page, read from the gallery package's files without importing the gallery (its web
+    server is for `flux-mcp gallery` and the HTTP transports)."""
+    return (Path(__file__).parent / "gallery" / "static" / "app.html").read_text(encoding="utf-8")
+
+
 def _job_tool(name: str, kind: Kind, action: str, doc: str, descriptions: dict[str, str | None], *,
               drop: frozenset[str] = frozenset()) -> Any:
     """A generate/edit tool whose parameters are `JobRequest`'s fields (see request.tool_parameters)."""
@@ -473,7 +478,7 @@ def _app() -> Apps:
     images of the result it is given and the recent gallery, reading them through the host as resources
     (flux://thumbnails, flux://images, flux://history). Clients without Apps get the same results as ever."""
     apps = Apps()
-    apps.add_html_resource(APP_URI, static_text("app.html"), name="gallery-app", title="FLUX gallery",
+    apps.add_html_resource(APP_URI, _app_html(), name="gallery-app", title="FLUX gallery",
                            description="The images of a result and the recent gallery (MCP App).", prefers_border=True)
     return apps
 
@@ -660,6 +665,8 @@ def unknown_arguments_text(tool: str, unknown: list[str], known: list[str]) -> s
     parameter where one is close, and the parameters there are."""
     named = []
     for arg in unknown:
+        import difflib  # only for a call that is refused
+
         close = difflib.get_close_matches(arg, known, n=1, cutoff=0.6) or [
             k for k in known if len(arg) >= 3 and (k.startswith(arg) or arg.startswith(k))][:1]
         named.append(f"{arg!r} (did you mean {close[0]!r}?)" if close else repr(arg))
