@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -171,6 +171,9 @@ class FakeJob:
     done_seen_at: float | None
     nonce: str | None = None
     answered: float | None = None
+    via: str | None = None
+    poll_log: list[list[Any]] = field(default_factory=list)
+    """[arrival, via] per status request (`via`: the replica that sent it, when the cluster names them)."""
 
 
 class FakeProcess:
