@@ -76,10 +76,12 @@ FULL: dict[str, Any] = {
     "calls": 500, "killed_runs": 5, "keyless_runs": 1, "spread_s": 10.0, "job_s": 5.0, "kill_at_s": 2.5,
     "lease_s": 5.0, "submit_delay_s": [0.015, 0.045], "overhead_rounds": 100, "overhead_warmup": 10,
     "presigned_checks": 50, "users": 10, "call_limit_s": 150.0, "ramp": [25, 50, 100, 150, 200], "ramp_step_s": 4.0,
+    "roll_runs": 3,
 }
 QUICK: dict[str, Any] = {
     **FULL, "calls": 100, "killed_runs": 1, "keyless_runs": 1, "spread_s": 4.0, "kill_at_s": 2.0,
     "overhead_rounds": 40, "overhead_warmup": 5, "presigned_checks": 10, "ramp": [50, 150], "ramp_step_s": 2.0,
+    "roll_runs": 1,
 }
 GOAL_OVERHEAD_MS = 1.5
 GOAL_UNKNOWN = 0.01
@@ -277,12 +279,22 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
                  and c.first.replica not in (None, victim)]
     latency = [c.end - c.start for c in survivors if c.end is not None]
     extra: list[float] = []
+    parts: list[dict[str, float]] = []
     for c in in_flight:
         job = jobs.get(str(c.prediction_id).removeprefix("atlascloud:"))
         if c.end is None or kill_at is None or job is None or job.complete_at is None:
             continue
         remaining = max(0.0, job.complete_at - kill_at)
         extra.append((c.end - kill_at) - remaining)
+        # Where the time went: the kill to a survivor's first status request (the lease's lapse and a claim, or
+        # a re-issue that found the job), that request to the one that found it done (if it was not yet), and
+        # that one to the call's answer (keeping the image, the final write, the wake-up, the answer's way back).
+        taker = next((t for t, via in job.poll_log if t >= kill_at and via not in (None, victim)), None)
+        if taker is not None and job.done_seen_at is not None:
+            parts.append({"extra": extra[-1], "remaining": remaining, "takeover": taker - kill_at,
+                          "first_reissue": next((a.start - kill_at for a in c.attempts[1:]), math.nan),
+                          "poll_lag": job.done_seen_at - max(taker, job.complete_at),
+                          "delivery": c.end - job.done_seen_at})
     pending_rows = [r["id"] for r in rows if r["status"] in (*PENDING, "submitting")]
     reasons = Counter(str(a.cut).split(":")[0] for c in calls for a in c.attempts if a.cut)
     samples: dict[str, str] = {}
@@ -318,6 +330,9 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
         "checks": sum(1 for c in calls for a in c.attempts if a.tool == "check_prediction"),
         "pending_rows": len(pending_rows),
         "rows": len(rows),
+        "cut_parts_s": {k: {"p50": p50([x[k] for x in parts]), "max": max((x[k] for x in parts), default=math.nan)}
+                        for k in ("takeover", "poll_lag", "delivery", "first_reissue")} | {
+                            "worst": max(parts, key=lambda x: x["extra"], default=None), "n": len(parts)},
         "cut_extra_s": {"p50": p50(extra), "p99": percentile(extra, 99), "max": max(extra, default=math.nan),
                         "n": len(extra)},
         "cut_goal_s": p["lease_s"] + 1.0,
@@ -394,7 +409,8 @@ def one_run(cluster: Cluster, fake: FakeProcess, pg: Postgres, database: str, bu
             roll: list[str] | None = None, rate_steps: list[tuple[float, float]] | None = None,
             stats: Any = None) -> dict[str, Any]:
     def prompt_of(c: Call) -> str:
-        return f"bench cluster call {c.index} [duration={p['job_s']:.4f}] [nonce={c.nonce}]"
+        long = p.get("long_every") and c.index % p["long_every"] == 0  # outlives a stopping replica's grace
+        return f"bench cluster call {c.index} [duration={p['job_s'] * (3 if long else 1):.4f}] [nonce={c.nonce}]"
 
     load_before = os.getloadavg()
     if stats is not None:
@@ -647,13 +663,46 @@ def _ms(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x * 1000:.0f} ms"
 
 
+def _scenario_rows(r: dict[str, Any]) -> list[str]:
+    """The summary table's rows for scenarios D (rolling restart) and A (1 replica against 3)."""
+    rows: list[str] = []
+    p = r["parameters"]
+    if rolls := [x for x in r["runs"] if x.get("roll")]:
+        beyond = sum(x["roll"]["cut_beyond_in_flight"] for x in rolls)
+        errors = sum(x["statuses"].get("error", 0) for x in rolls)
+        handed = [e for x in rolls for e in x["roll"]["events"] if e["handed_over"]]
+        worst = max((e["handover_s"]["max"] for e in handed), default=math.nan)
+        rows += [f"| rolling restart (SIGTERM each replica in turn): calls cut beyond those in flight / calls "
+                 f"ended in an error | {beyond} / {errors} over {sum(x['calls'] for x in rolls)} calls | 0 / 0 "
+                 f"| {verdict(beyond == 0 and errors == 0)} |",
+                 f"| rolling restart: SIGTERM to another replica's first status request, per handed-over job, worst "
+                 f"| {_s(worst)} ({sum(e['handed_over'] for e in handed)} jobs; the stop's graceful wait is 5 s) "
+                 f"| no lease wait (< {p['lease_s']:g} s) | {verdict(not math.isnan(worst) and worst < p['lease_s'])} |"]
+    base3 = next((x for x in r["runs"] if x["tag"] == "base"), None)
+    if (base1 := r.get("base1")) and base3:
+        k1, k3 = (r.get("ramp1") or {}).get("knee"), (r.get("ramp3") or {}).get("knee")
+        top = max(p["ramp"])
+        knee_ok = (k3 or math.inf) >= (k1 or math.inf) or k3 is None
+        st = [x.get("statements", {}).get("per_job", math.nan) for x in (base1, base3)]
+        sr = [x["status_requests_per_job"] for x in (base1, base3)]
+        rows += [f"| 1 replica vs 3: the knee (calls/s where p95 passes 2 x the job), 1 / 3 replicas "
+                 f"| {k1 or f'> {top:g}'} / {k3 or f'> {top:g}'} | 3 not lower | {verdict(knee_ok)} |",
+                 f"| DB statements per job (pg_stat_statements; BEGIN/COMMIT and periodic ones apart), 1 / 3 replicas "
+                 f"| {st[0]:.2f} / {st[1]:.2f} | <= 4 | {verdict(max(st) <= 4)} |",
+                 f"| status requests per job, 1 / 3 replicas | {sr[0]:.2f} / {sr[1]:.2f} | <= 1.3 "
+                 f"| {verdict(max(sr) <= 1.3)} |"]
+    return rows
+
+
 def _scenario_d(r: dict[str, Any]) -> list[str]:
     rolls = [x for x in r["runs"] if x.get("roll")]
     if not rolls:
         return []
     p = r["parameters"]
     lines = ["", "## Scenario D: rolling restart", "",
-             f"One run per replica, in turn: {p['calls']} calls over {p['spread_s']:g} s, keys on; {p['kill_at_s']:g} s in "
+             f"One run per replica, in turn: {p['calls']} calls over {p['spread_s']:g} s, keys on, every tenth with a "
+             f"{3 * p['job_s']:g} s job (it outlives the stopping replica's 5 s graceful wait, so it is handed over); "
+             f"{p['kill_at_s']:g} s in "
              "the replica gets SIGTERM, and once it has exited it is started again and haproxy routes to it again "
              "(the next run starts after that). *Under way*: attempts in progress at the SIGTERM that it answered "
              "or that were cut. *Hand-over*: for each job it had submitted that was not final at the SIGTERM, the "
@@ -773,6 +822,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"| calls that ended in an error | {t['errors']} (of which not answered within "
         f"{p['spread_s'] + p['call_limit_s']:g} s: {t['unfinished_calls']}; jobs the journal finished whose call "
         f"had no answer: {t['finished_but_not_answered']}) | 0 | {verdict(t['errors'] == 0)} |",
+    ]
+    lines += _scenario_rows(r)
+    lines += [
         "", "## Runs", "",
         "| run | keys | killed (at) | outcomes | provider submits | doubles | lost | unknown / in flight "
         "(submits in flight) | cut after the kill | re-issues | status requests per job | p50 / p95, all calls "
@@ -797,6 +849,20 @@ def markdown(r: dict[str, Any]) -> str:
         reasons.update(x.get("cut_reasons", {}))
     if reasons:
         lines += ["", "Cut attempts by what the client saw: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common())]
+    if parted := [x for x in killed if x.get("cut_parts_s", {}).get("n")]:
+        lines += ["", "Cut calls, where the time after the kill went (p50 / max per run; the worst call's own parts "
+                  "last): *take-over*: the kill to the first status request a survivor sent about the job (the fake "
+                  "tells replicas apart); *poll lag*: from then (or the job's end, if later) to the request that "
+                  "found it done; *delivery*: that request to the call's answer (the image kept in the bucket, the "
+                  "final write and its NOTIFY, the waiting call's wake-up, the answer through haproxy).", "",
+                  "| run | cut calls | first re-issue | take-over | poll lag | delivery | the worst call: extra (take-over, "
+                  "job remaining at the kill, poll lag, delivery) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for x in parted:
+            c, w = x["cut_parts_s"], x["cut_parts_s"]["worst"]
+            cells = " | ".join(f"{_s(c[k]['p50'])} / {_s(c[k]['max'])}"
+                               for k in ("first_reissue", "takeover", "poll_lag", "delivery"))
+            lines.append(f"| {x['tag']} | {c['n']} | {cells} | {_s(w['extra'])} ({_s(w['takeover'])}, "
+                         f"{_s(w['remaining'])}, {_s(w['poll_lag'])}, {_s(w['delivery'])}) |")
     late = [t for x in runs for t in x.get("unknown_answered_vs_kill_s", [])]
     if late:
         lines += ["", "The provider's answer to each `unknown` job's submit, against the kill: "
@@ -954,7 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
                         names = [r.name for r in cluster.replicas]
                         plan: list[tuple[str, bool, str | None, list[str] | None]] = [("base", True, None, None)]
                         if not args.no_roll:  # scenario D: one SIGTERM per run, each replica in turn
-                            plan += [(f"roll{i + 1}", True, None, [name]) for i, name in enumerate(names)]
+                            plan += [(f"roll{i + 1}", True, None, [name])
+                                     for i, name in enumerate(names[:p["roll_runs"]])]
                         for i in range(p["killed_runs"]):
                             plan.append((f"kill{i + 1}", True, names[(i + 1) % len(names)], None))
                         for i in range(p["keyless_runs"]):
@@ -963,8 +1030,9 @@ def main(argv: list[str] | None = None) -> int:
                             say(f"run {tag}: {p['calls']} calls" + (f", SIGKILL {victim}" if victim else "")
                                 + (f", SIGTERM {', '.join(roll)} in turn" if roll else "")
                                 + ("" if victim or roll else ", no kill") + ("" if keyed else ", no idempotency keys"))
-                            run = one_run(cluster, fake, pg, database, bucket, tag, p, keyed=keyed,
-                                          victim=victim, rng=rng, roll=roll, stats=stats if tag == "base" else None)
+                            run = one_run(cluster, fake, pg, database, bucket, tag,
+                                          {**p, "long_every": 10} if roll else p, keyed=keyed, victim=victim,
+                                          rng=rng, roll=roll, stats=stats if tag == "base" else None)
                             say(f"  {run['statuses']}, doubles {run['double_submissions']}, lost {run['lost']}, "
                                 f"unknown {run['unknown']}/{run['killed_in_flight']} in flight, "
                                 f"wall {run['wall_s']:.1f} s" + (f", cut beyond in flight "

@@ -510,7 +510,8 @@ class PgJournal:
             try:
                 rows = await self._fetch(
                     "SELECT id, completed_at - created_at FROM flux_predictions WHERE provider = %s AND model = %s "
-                    "AND status = 'succeeded' AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT %s",
+                    "AND status = 'succeeded' AND completed_at IS NOT NULL AND lease_epoch = 0 "
+                    "ORDER BY completed_at DESC LIMIT %s",
                     (provider, model, RECENT))
             except (psycopg.Error, PoolTimeout) as exc:
                 log.info("durations not read: %s", _first_line(exc))
@@ -521,7 +522,12 @@ class PgJournal:
         return statistics.median(durations) if len(durations) >= 2 else None
 
     def _remember_duration(self, rec: Record) -> None:
+        """Learns a finished job's length, unless another replica's (or a later call's) claim finished it: that
+        one saw the end only when it took the job over (lease_epoch > 0), seconds late, and a burst of takeovers
+        would teach every replica to wait that much longer before its first status request."""
         if rec.status != "succeeded" or rec.completed_at is None or rec.completed_at < rec.created_at:
+            return
+        if self._held.get(rec.id, 0) > 0:
             return
         cached = self._recent.get((rec.provider, rec.model))
         if cached is not None and all(rid != rec.id for rid, _ in cached[1]):
