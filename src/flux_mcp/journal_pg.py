@@ -225,6 +225,10 @@ _HEARTBEAT = (f"UPDATE flux_predictions SET lease_until = {_NOW} + %s WHERE leas
               f"AND status IN {_PENDING} AND lease_until IS NOT NULL")
 _END_LEASES = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE lease_owner = %s AND status IN {_PENDING} "
                f"AND lease_until IS NOT NULL")
+_HAND_OVER_JOBS = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE lease_owner = %s "
+                   f"AND status IN ('starting', 'processing') AND native_id <> '' AND lease_until > {_NOW}")
+"""A stopping replica's submitted jobs (not its intents: their submits are still being answered, and a lapsed
+intent becomes `unknown`): their leases end now, for another replica's reconciler to take them over."""
 _HAND_OVER = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE id = %s AND lease_owner = %s "
               f"AND lease_epoch = %s AND status IN {_PENDING}")
 """A stopping replica's job: its lease ends now, so another replica's reconciler takes it over at once."""
@@ -835,6 +839,13 @@ class PgJournal:
         self._held.clear()
         async with self.pool.connection() as conn:
             cur = await conn.execute(_END_LEASES, (self.owner,))
+            return cur.rowcount
+
+    async def hand_over_jobs(self) -> int:
+        """A stopping replica's submitted pending jobs go to the other replicas now (its intents keep their
+        leases, renewed by the heartbeat, until their submits are answered); returns how many."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_HAND_OVER_JOBS, (self.owner,))
             return cur.rowcount
 
     async def release(self, prediction_id: str, *, hand_over: bool = False) -> None:
