@@ -678,7 +678,7 @@ def _scenario_rows(r: dict[str, Any]) -> list[str]:
                  f"| rolling restart: SIGTERM to another replica's first status request, per handed-over job, worst "
                  f"| {_s(worst)} ({sum(e['handed_over'] for e in handed)} jobs; the stop's graceful wait is 5 s) "
                  f"| no lease wait (< {p['lease_s']:g} s) | {verdict(not math.isnan(worst) and worst < p['lease_s'])} |"]
-    base3 = next((x for x in r["runs"] if x["tag"] == "base"), None)
+    base3 = r.get("base3") or next((x for x in r["runs"] if x["tag"] == "base"), None)
     if (base1 := r.get("base1")) and base3:
         k1, k3 = (r.get("ramp1") or {}).get("knee"), (r.get("ramp3") or {}).get("knee")
         top = max(p["ramp"])
@@ -737,14 +737,14 @@ def _scenario_d(r: dict[str, Any]) -> list[str]:
 
 
 def _scenario_a(r: dict[str, Any]) -> list[str]:
-    base3 = next((x for x in r["runs"] if x["tag"] == "base"), None)
+    base3 = r.get("base3") or next((x for x in r["runs"] if x["tag"] == "base"), None)
     base1 = r.get("base1")
     if base1 is None or base3 is None:
         return []
     p = r["parameters"]
     lines = ["", "## Scenario A: 1 replica against 3", "",
-             f"{p['calls']} calls over {p['spread_s']:g} s, no kill, through haproxy to 1 replica and to 3 (the same "
-             "machine, the same PostgreSQL, moto and fake). Statements: pg_stat_statements on the run's database, "
+             f"{p['calls']} calls over {p['spread_s']:g} s, no kill, through haproxy to 1 replica and to 3, each cluster "
+             "started on a fresh database after the runs above (the same machine, PostgreSQL, moto and fake). Statements: pg_stat_statements on the run's database, "
              "reset before the run and read after it (the bench's own reads left out). *Per job*: the statements of "
              "the calls themselves (intent, record, lookups, final state, charges) over the jobs the provider "
              "accepted, BEGIN/COMMIT apart; *periodic*: those no job causes (heartbeats, the reconciler's passes, "
@@ -1019,13 +1019,15 @@ def main(argv: list[str] | None = None) -> int:
                                 "presigned_checks": 0}, keyed=True, victim=None, rng=rng)
                         names = [r.name for r in cluster.replicas]
                         plan: list[tuple[str, bool, str | None, list[str] | None]] = [("base", True, None, None)]
-                        if not args.no_roll:  # scenario D: one SIGTERM per run, each replica in turn
-                            plan += [(f"roll{i + 1}", True, None, [name])
-                                     for i, name in enumerate(names[:p["roll_runs"]])]
                         for i in range(p["killed_runs"]):
                             plan.append((f"kill{i + 1}", True, names[(i + 1) % len(names)], None))
                         for i in range(p["keyless_runs"]):
                             plan.append((f"keyless{i + 1}", False, names[(i + 2) % len(names)], None))
+                        # Scenario D last: its 15 s jobs and restarts under load must not change what the kill
+                        # runs are compared with (the job length the journal learned during the no-kill run).
+                        if not args.no_roll:  # one SIGTERM per run, each replica in turn
+                            plan += [(f"roll{i + 1}", True, None, [name])
+                                     for i, name in enumerate(names[:p["roll_runs"]])]
                         for tag, keyed, victim, roll in plan:
                             say(f"run {tag}: {p['calls']} calls" + (f", SIGKILL {victim}" if victim else "")
                                 + (f", SIGTERM {', '.join(roll)} in turn" if roll else "")
@@ -1047,21 +1049,22 @@ def main(argv: list[str] | None = None) -> int:
                                 except RuntimeError as exc:  # reported; the next run starts with what routes
                                     run["restart_problem"] = str(exc)
                                 run["routed_again_after_s"] = time.monotonic() - t0
-                        if not args.no_ramp:
-                            results["ramp3"] = ramp(cluster, fake, pg, database, bucket, "ramp3", p, rng, say)
                     results["runs"] = runs
-                    if not args.no_ramp:
-                        say("scenario A: 1 replica behind haproxy")
-                        one_db, one_bucket = pg.create_database("one"), s3.create_bucket()
-                        with Cluster(workdir / "one", pg.url(one_db), s3.env(one_bucket), fake.url, KEY,
-                                     team(p["users"]), size=1, env={"FLUX_MCP_LOG_LEVEL": "WARNING", **lease},
-                                     check_timeout=args.check_timeout, provider_via=True) as single:
-                            one_run(single, fake, pg, one_db, one_bucket, "warm1", {**p, "calls": 12, "spread_s": 1.0,
-                                    "presigned_checks": 0}, keyed=True, victim=None, rng=rng)
-                            say(f"run base1: {p['calls']} calls, 1 replica")
-                            results["base1"] = one_run(single, fake, pg, one_db, one_bucket, "base1", p, keyed=True,
-                                                       victim=None, rng=rng, stats=stats)
-                            results["ramp1"] = ramp(single, fake, pg, one_db, one_bucket, "ramp1", p, rng, say)
+                    # Scenario A on fresh clusters (a fresh database each): the job length a journal learned under
+                    # the runs above would otherwise set when every later call first asks about its job.
+                    for size in (() if args.no_ramp else (3, 1)):
+                        say(f"scenario A: {size} replica(s) behind haproxy, a fresh database")
+                        one_db, one_bucket = pg.create_database(f"a{size}"), s3.create_bucket()
+                        with Cluster(workdir / f"a{size}", pg.url(one_db), s3.env(one_bucket), fake.url, KEY,
+                                     team(p["users"]), size=size, env={"FLUX_MCP_LOG_LEVEL": "WARNING", **lease},
+                                     check_timeout=args.check_timeout, provider_via=True) as fresh:
+                            one_run(fresh, fake, pg, one_db, one_bucket, f"warm{size}", {**p, "calls": 12,
+                                    "spread_s": 1.0, "presigned_checks": 0}, keyed=True, victim=None, rng=rng)
+                            say(f"run base{size}: {p['calls']} calls, {size} replica(s)")
+                            results[f"base{size}"] = one_run(fresh, fake, pg, one_db, one_bucket, f"base{size}", p,
+                                                             keyed=True, victim=None, rng=rng, stats=stats)
+                            results[f"ramp{size}"] = ramp(fresh, fake, pg, one_db, one_bucket, f"ramp{size}", p, rng,
+                                                          say)
             finally:
                 s3.stop()
         finally:
