@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 import httpx2
 
@@ -183,7 +183,7 @@ class FakeProcess:
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
         self.url = ""
-        self._log = None
+        self._log: BinaryIO | None = None
 
     def __enter__(self) -> Self:
         port = free_port()
@@ -228,7 +228,7 @@ class FakeProcess:
             timeout=60,
         )
         response.raise_for_status()
-        return response.json()
+        return dict(response.json())
 
 
 def job_prompt(duration: float | None, label: str = "bench job") -> str:
