@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import math
 import os
 import platform
@@ -74,11 +75,13 @@ PENDING = ("starting", "processing")
 FULL: dict[str, Any] = {
     "calls": 500, "killed_runs": 5, "keyless_runs": 1, "spread_s": 10.0, "job_s": 5.0, "kill_at_s": 2.5,
     "lease_s": 5.0, "submit_delay_s": [0.015, 0.045], "overhead_rounds": 100, "overhead_warmup": 10,
-    "presigned_checks": 50, "users": 10, "call_limit_s": 150.0,
+    "presigned_checks": 50, "users": 10, "call_limit_s": 150.0, "ramp": [25, 50, 100, 150, 200], "ramp_step_s": 4.0,
+    "roll_runs": 3,
 }
 QUICK: dict[str, Any] = {
     **FULL, "calls": 100, "killed_runs": 1, "keyless_runs": 1, "spread_s": 4.0, "kill_at_s": 2.0,
-    "overhead_rounds": 40, "overhead_warmup": 5, "presigned_checks": 10,
+    "overhead_rounds": 40, "overhead_warmup": 5, "presigned_checks": 10, "ramp": [50, 150], "ramp_step_s": 2.0,
+    "roll_runs": 1,
 }
 GOAL_OVERHEAD_MS = 1.5
 GOAL_UNKNOWN = 0.01
@@ -162,37 +165,66 @@ async def run_call(call: Call, http: httpx2.AsyncClient, url: str, prompt: str) 
 # --- one run --------------------------------------------------------------------------------------------
 
 async def _drive(cluster: Cluster, tag: str, p: dict[str, Any], *, keyed: bool, victim: str | None,
-                 prompt_of: Any) -> tuple[list[Call], float | None]:
+                 prompt_of: Any, roll: list[str] | None = None,
+                 rate_steps: list[tuple[float, float]] | None = None) -> tuple[list[Call], float | None, list[dict[str, Any]]]:
+    """Runs one load: `p["calls"]` spread evenly over `p["spread_s"]` (or, with `rate_steps`, (calls/s,
+    seconds) steps one after the other); `victim` is SIGKILLed `p["kill_at_s"]` in; `roll` names replicas
+    SIGTERMed in turn from then on, each restarted (and routed to again) before the next. Returns the calls,
+    the kill's moment and the rolling restart's events."""
     tokens = list(team(p["users"]).values())
+    offsets: list[float] = []
+    if rate_steps:
+        t = 0.0
+        for rate, seconds in rate_steps:
+            offsets += [t + k / rate for k in range(int(rate * seconds))]
+            t += seconds
+    else:
+        gap = p["spread_s"] / max(p["calls"], 1)
+        offsets = [i * gap for i in range(p["calls"])]
     calls = [Call(i, f"{tag}-{i:04d}-{uuid.uuid4().hex[:6]}", f"{tag}-key-{i:04d}" if keyed else None,
-                  tokens[i % len(tokens)]) for i in range(p["calls"])]
+                  tokens[i % len(tokens)]) for i in range(len(offsets))]
     killed: list[float] = []
+    events: list[dict[str, Any]] = []
     limits = httpx2.Limits(max_connections=2000, max_keepalive_connections=2000)
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(180, connect=10), limits=limits, trust_env=False) as http:
         start = time.monotonic()
-        gap = p["spread_s"] / max(len(calls), 1)
 
         async def launch(c: Call) -> None:
-            await anyio.sleep(max(0.0, start + c.index * gap - time.monotonic()))
+            await anyio.sleep(max(0.0, start + offsets[c.index] - time.monotonic()))
             await run_call(c, http, cluster.url, prompt_of(c))
+
+        async def roll_all() -> None:
+            assert roll is not None
+            await anyio.sleep(max(0.0, start + p["kill_at_s"] - time.monotonic()))
+            for name in roll:
+                event: dict[str, Any] = {"replica": name, "sigterm": cluster.terminate(name)}
+                event["exit_status"] = await anyio.to_thread.run_sync(cluster.stopped, name)
+                event["exited"] = time.monotonic()
+                await anyio.to_thread.run_sync(cluster.restart, name)
+                event["ready"] = time.monotonic()
+                await anyio.to_thread.run_sync(lambda: cluster.wait_routed_to_all(limit=60))
+                event["routed"] = time.monotonic()
+                events.append(event)
 
         async def kill() -> None:
             assert victim is not None
             await anyio.sleep(max(0.0, start + p["kill_at_s"] - time.monotonic()))
             killed.append(cluster.kill(victim))
 
-        with anyio.move_on_after(p["spread_s"] + p["call_limit_s"]):
+        with anyio.move_on_after(p["spread_s"] + p["call_limit_s"] + (60 * len(roll) if roll else 0)):
             async with anyio.create_task_group() as tg:
                 for c in calls:
                     tg.start_soon(launch, c)
                 if victim:
                     tg.start_soon(kill)
+                if roll:
+                    tg.start_soon(roll_all)
     for c in calls:
         if c.end is None:  # still unanswered at the limit: reported as such, with what it saw last
             c.error = (f"not finished within {p['spread_s'] + p['call_limit_s']:g} s (last status {c.status}, "
                        f"{len(c.attempts)} attempts, last {c.attempts[-1].tool if c.attempts else '-'} "
                        f"{'cut: ' + str(c.attempts[-1].cut) if c.attempts and c.attempts[-1].cut else ''})")
-    return calls, (killed[0] if killed else None)
+    return calls, (killed[0] if killed else None), events
 
 
 def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, Any]], keys: set[str],
@@ -247,12 +279,22 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
                  and c.first.replica not in (None, victim)]
     latency = [c.end - c.start for c in survivors if c.end is not None]
     extra: list[float] = []
+    parts: list[dict[str, float]] = []
     for c in in_flight:
         job = jobs.get(str(c.prediction_id).removeprefix("atlascloud:"))
         if c.end is None or kill_at is None or job is None or job.complete_at is None:
             continue
         remaining = max(0.0, job.complete_at - kill_at)
         extra.append((c.end - kill_at) - remaining)
+        # Where the time went: the kill to a survivor's first status request (the lease's lapse and a claim, or
+        # a re-issue that found the job), that request to the one that found it done (if it was not yet), and
+        # that one to the call's answer (keeping the image, the final write, the wake-up, the answer's way back).
+        taker = next((t for t, via in job.poll_log if t >= kill_at and via not in (None, victim)), None)
+        if taker is not None and job.done_seen_at is not None:
+            parts.append({"extra": extra[-1], "remaining": remaining, "takeover": taker - kill_at,
+                          "first_reissue": next((a.start - kill_at for a in c.attempts[1:]), math.nan),
+                          "poll_lag": job.done_seen_at - max(taker, job.complete_at),
+                          "delivery": c.end - job.done_seen_at})
     pending_rows = [r["id"] for r in rows if r["status"] in (*PENDING, "submitting")]
     reasons = Counter(str(a.cut).split(":")[0] for c in calls for a in c.attempts if a.cut)
     samples: dict[str, str] = {}
@@ -288,6 +330,9 @@ def _analyse(calls: list[Call], jobs: dict[str, FakeJob], rows: list[dict[str, A
         "checks": sum(1 for c in calls for a in c.attempts if a.tool == "check_prediction"),
         "pending_rows": len(pending_rows),
         "rows": len(rows),
+        "cut_parts_s": {k: {"p50": p50([x[k] for x in parts]), "max": max((x[k] for x in parts), default=math.nan)}
+                        for k in ("takeover", "poll_lag", "delivery", "first_reissue")} | {
+                            "worst": max(parts, key=lambda x: x["extra"], default=None), "n": len(parts)},
         "cut_extra_s": {"p50": p50(extra), "p99": percentile(extra, 99), "max": max(extra, default=math.nan),
                         "n": len(extra)},
         "cut_goal_s": p["lease_s"] + 1.0,
@@ -311,13 +356,68 @@ def _presigned(calls: list[Call], n: int, rng: random.Random) -> dict[str, int]:
     return {"checked": len(sample), "ok": ok}
 
 
+def _analyse_roll(calls: list[Call], jobs: dict[str, FakeJob], events: list[dict[str, Any]], p: dict[str, Any],
+                  start: float) -> dict[str, Any]:
+    """Scenario D: what each SIGTERM did to the calls in flight on its replica, to new calls, and how soon another
+    replica asked the provider about each job the stopping one handed over."""
+    by_nonce = {c.nonce: c for c in calls}
+    out: list[dict[str, Any]] = []
+    for e in events:
+        name, sig = e["replica"], e["sigterm"]
+        # Attempts under way at the SIGTERM: answered by the stopping replica, or cut (a cut attempt started before
+        # the signal could only have been on it: the others ran on).
+        under_way = [(c, a) for c in calls for a in c.attempts if a.start <= sig <= a.end
+                     and (a.replica == name or a.cut)]
+        answered = [(c, a) for c, a in under_way if a.replica == name and not a.cut]
+        cut = [(c, a) for c, a in under_way if a.cut]
+        refused = [c for c in calls if c.error and "shutting down" in c.error and c.attempts
+                   and sig <= c.attempts[-1].start <= e["exited"]]
+        # Jobs it submitted that were not yet final when it got the signal, and who asked about them next.
+        mine = [j for j in jobs.values() if j.via == name and j.nonce in by_nonce
+                and (j.done_seen_at is None or j.done_seen_at > sig)]
+        handed, by_self = [], 0
+        for j in mine:
+            other = next((t for t, via in j.poll_log if t >= sig and via not in (None, name)), None)
+            if other is not None:
+                handed.append(other - sig)
+            elif any(t >= sig and via == name for t, via in j.poll_log):
+                by_self += 1
+        out.append({
+            "replica": name, "sigterm_at_s": sig - start, "exit_status": e["exit_status"],
+            "stop_s": e["exited"] - sig, "restart_s": e["ready"] - e["exited"], "routed_s": e["routed"] - e["ready"],
+            "under_way": len(under_way), "answered_while_stopping": len(answered), "cut_in_flight": len(cut),
+            "answered_s": {"p50": p50([a.end - sig for _, a in answered]),
+                           "max": max((a.end - sig for _, a in answered), default=math.nan)},
+            "pending_jobs": len(mine), "finished_by_itself": by_self, "handed_over": len(handed),
+            "handover_s": {"p50": p50(handed), "max": max(handed, default=math.nan)},
+            "refused": len(refused),
+        })
+    sigs = [e["sigterm"] for e in events]
+    # A cut attempt that began after a SIGTERM (and after the previous restart) reached no call in flight: it is
+    # a call the stop or the balancer cut that a graceful stop should have let through.
+    beyond = [a for c in calls for a in c.attempts if a.cut and sigs and not any(
+        a.start <= s <= a.end for s in sigs)]
+    reasons = Counter(str(a.cut).split(":")[0] for a in beyond)
+    return {"events": out, "cut_beyond_in_flight": len(beyond), "cut_beyond_reasons": dict(reasons),
+            "cut_in_flight": sum(e["cut_in_flight"] for e in out),
+            "handover_max_s": max((e["handover_s"]["max"] for e in out if e["handed_over"]), default=math.nan),
+            "lease_s": p["lease_s"]}
+
+
 def one_run(cluster: Cluster, fake: FakeProcess, pg: Postgres, database: str, bucket: str, tag: str,
-            p: dict[str, Any], *, keyed: bool, victim: str | None, rng: random.Random) -> dict[str, Any]:
+            p: dict[str, Any], *, keyed: bool, victim: str | None, rng: random.Random,
+            roll: list[str] | None = None, rate_steps: list[tuple[float, float]] | None = None,
+            stats: Any = None) -> dict[str, Any]:
     def prompt_of(c: Call) -> str:
-        return f"bench cluster call {c.index} [duration={p['job_s']:.4f}] [nonce={c.nonce}]"
+        long = p.get("long_every") and c.index % p["long_every"] == 0  # outlives a stopping replica's grace
+        return f"bench cluster call {c.index} [duration={p['job_s'] * (3 if long else 1):.4f}] [nonce={c.nonce}]"
 
     load_before = os.getloadavg()
-    calls, kill_at = anyio.run(lambda: _drive(cluster, tag, p, keyed=keyed, victim=victim, prompt_of=prompt_of))
+    if stats is not None:
+        stats.reset()
+    calls, kill_at, events = anyio.run(lambda: _drive(cluster, tag, p, keyed=keyed, victim=victim,
+                                                      prompt_of=prompt_of, roll=roll, rate_steps=rate_steps))
+    statements = stats.read(database) if stats is not None else None
     jobs = fake.jobs()
     rows = cluster.rows(pg.psql, database, f"request->>'prompt' LIKE '%[nonce={tag}-%'")
     all_pending = cluster.rows(pg.psql, database, "status IN ('starting', 'processing', 'submitting')")
@@ -327,8 +427,109 @@ def one_run(cluster: Cluster, fake: FakeProcess, pg: Postgres, database: str, bu
     result.update({"tag": tag, "keyed": keyed, "victim": victim, "kill_at_s":
                    (kill_at - min(c.start for c in calls)) if kill_at else None,
                    "pending_rows_anywhere": len(all_pending), "load_before": [round(x, 2) for x in load_before],
-                   "load_after": [round(x, 2) for x in os.getloadavg()]})
+                   "load_after": [round(x, 2) for x in os.getloadavg()], "replicas": len(cluster.replicas)})
+    if roll:
+        result["roll"] = _analyse_roll(calls, jobs, events, p, min(c.start for c in calls))
+    if statements is not None:
+        result["statements"] = _per_job(statements, result["provider_submits"])
+    if rate_steps:
+        result["steps"] = _steps(calls, rate_steps)
     return result
+
+
+def ramp(cluster: Cluster, fake: FakeProcess, pg: Postgres, database: str, bucket: str, tag: str,
+         p: dict[str, Any], rng: random.Random, say: Any) -> dict[str, Any]:
+    """Scenario A's ramp: one run per rate (`p["ramp"]` calls/s, each for `p["ramp_step_s"]`), no kill, until
+    the call p95 passes twice the job (the knee: that rate) or the rates run out."""
+    steps: list[dict[str, Any]] = []
+    knee = None
+    for rate in p["ramp"]:
+        run = one_run(cluster, fake, pg, database, bucket, f"{tag}r{rate:g}", {**p, "presigned_checks": 0}, keyed=True,
+                      victim=None, rng=rng, rate_steps=[(rate, p["ramp_step_s"])])
+        step = {**run["steps"][0], "status_requests_per_job": run["status_requests_per_job"],
+                "double_submissions": run["double_submissions"], "statuses": run["statuses"],
+                "load_after": run["load_after"]}
+        steps.append(step)
+        say(f"  {tag} {rate:g} calls/s: p50 {step['p50']:.2f} s, p95 {step['p95']:.2f} s, {run['statuses']}")
+        if step["p95"] > 2 * p["job_s"] or step["errors"]:
+            knee = rate
+            break
+    return {"replicas": len(cluster.replicas), "steps": steps, "knee": knee, "step_s": p["ramp_step_s"]}
+
+
+# --- statements per job: pg_stat_statements -------------------------------------------------------------
+
+_KINDS = (("transaction control (BEGIN/COMMIT)", re.compile(r"^(BEGIN|COMMIT|ROLLBACK)\b", re.I)),
+          ("readiness checks (/readyz)", re.compile(r"^SELECT \$?1$")),
+          ("LISTEN", re.compile(r"^LISTEN\b")),
+          ("heartbeats", re.compile(r"SET lease_until = .* WHERE lease_owner = \$\d+ AND status IN")),
+          ("reconciler: lapsed intents", re.compile(r"WHERE status = 'submitting' AND lease_until <")),
+          ("reconciler: lapsed leases", re.compile(r"^WITH due AS")),
+          ("connection set-up", re.compile(r"^(SET|SHOW|SELECT set_config|SELECT pg_catalog)", re.I)))
+BACKGROUND = {k for k, _ in _KINDS if k not in ("transaction control (BEGIN/COMMIT)",)}
+"""Statements no job causes: each replica's periodic ones (the heartbeat every lease/4, the reconciler's pass
+every 0.3 s, haproxy's readiness check every 2 s, the LISTEN connection)."""
+
+
+class Statements:
+    """Counts the statements the replicas send, by kind, with PostgreSQL's pg_stat_statements (loaded at the
+    server's start: the bench restarts its PostgreSQL once with it). Counted per database, so the other runs'
+    servers and this bench's own psql reads (json_agg, pg_stat_statements) are left out."""
+
+    def __init__(self, pg: Postgres):
+        from tests.cluster_env import _as_postgres
+
+        self.pg = pg
+        pg.psql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        _as_postgres([str(pg.bin / "pg_ctl"), "-D", str(pg.data), "-l", str(pg.folder / "log"), "-w", "-t", "60",
+                      "-m", "fast", "restart"])  # (with its log file: the server must not hold our pipes)
+        pg.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+
+    def reset(self) -> None:
+        self.pg.psql("SELECT pg_stat_statements_reset()")
+
+    def read(self, database: str) -> dict[str, int]:
+        sql = ("SELECT coalesce(json_object_agg(query, calls), '{}') FROM (SELECT query, sum(calls) AS calls "
+               "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = "
+               f"'{database}') AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%json_agg%' "
+               "GROUP BY query) q")
+        return {str(k): int(v) for k, v in json.loads(self.pg.psql(sql) or "{}").items()}
+
+
+def _kind(query: str) -> str:
+    q = " ".join(query.split())
+    return next((k for k, rx in _KINDS if rx.search(q)), "job")
+
+
+def _per_job(counts: dict[str, int], jobs: int) -> dict[str, Any]:
+    """Statements per job: those of the jobs' own calls (intent, record, final state, lookups), transaction control
+    apart, and the periodic ones no job causes, each over the run's jobs."""
+    kinds: Counter[str] = Counter()
+    top: Counter[str] = Counter()
+    for query, n in counts.items():
+        kind = _kind(query)
+        kinds[kind] += n
+        if kind == "job":
+            top[" ".join(query.split())[:110]] += n
+    per = (lambda n: n / jobs) if jobs else (lambda n: math.nan)
+    job = kinds["job"]
+    return {"jobs": jobs, "job_statements": job, "per_job": per(job),
+            "transactions_per_job": per(kinds["transaction control (BEGIN/COMMIT)"]) / 2,
+            "background": {k: kinds[k] for k in BACKGROUND if kinds[k]},
+            "background_per_job": per(sum(kinds[k] for k in BACKGROUND)),
+            "top": [{"query": q, "per_job": per(n)} for q, n in top.most_common(8)]}
+
+
+def _steps(calls: list[Call], rate_steps: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """Per step of a ramp: its rate and the p50/p95 of its calls (each call counted in the step it started in)."""
+    out, first = [], 0
+    for rate, seconds in rate_steps:
+        n = int(rate * seconds)
+        mine = [c.end - c.start for c in calls[first:first + n] if c.end is not None and not c.error]
+        errors = sum(1 for c in calls[first:first + n] if c.error)
+        out.append({"rate": rate, "calls": n, "p50": p50(mine), "p95": p95(mine), "errors": errors})
+        first += n
+    return out
 
 
 # --- overhead: PostgreSQL + S3 against SQLite + folder ----------------------------------------------------
@@ -464,6 +665,120 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:+.0%}"
 
 
+def _ms(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x * 1000:.0f} ms"
+
+
+def _scenario_rows(r: dict[str, Any]) -> list[str]:
+    """The summary table's rows for scenarios D (rolling restart) and A (1 replica against 3)."""
+    rows: list[str] = []
+    p = r["parameters"]
+    if rolls := [x for x in r["runs"] if x.get("roll")]:
+        beyond = sum(x["roll"]["cut_beyond_in_flight"] for x in rolls)
+        errors = sum(x["statuses"].get("error", 0) for x in rolls)
+        handed = [e for x in rolls for e in x["roll"]["events"] if e["handed_over"]]
+        worst = max((e["handover_s"]["max"] for e in handed), default=math.nan)
+        rows += [f"| rolling restart (SIGTERM each replica in turn): calls cut beyond those in flight / calls "
+                 f"ended in an error | {beyond} / {errors} over {sum(x['calls'] for x in rolls)} calls | 0 / 0 "
+                 f"| {verdict(beyond == 0 and errors == 0)} |",
+                 f"| rolling restart: SIGTERM to another replica's first status request, per handed-over job, worst "
+                 f"| {_s(worst)} ({sum(e['handed_over'] for e in handed)} jobs; the stop's graceful wait is 5 s) "
+                 f"| no lease wait (< {p['lease_s']:g} s) | {verdict(not math.isnan(worst) and worst < p['lease_s'])} |"]
+    base3 = r.get("base3") or next((x for x in r["runs"] if x["tag"] == "base"), None)
+    if (base1 := r.get("base1")) and base3:
+        k1, k3 = (r.get("ramp1") or {}).get("knee"), (r.get("ramp3") or {}).get("knee")
+        top = max(p["ramp"])
+        knee_ok = (k3 or math.inf) >= (k1 or math.inf) or k3 is None
+        st = [x.get("statements", {}).get("per_job", math.nan) for x in (base1, base3)]
+        sr = [x["status_requests_per_job"] for x in (base1, base3)]
+        rows += [f"| 1 replica vs 3: the knee (calls/s where p95 passes 2 x the job), 1 / 3 replicas "
+                 f"| {k1 or f'> {top:g}'} / {k3 or f'> {top:g}'} | 3 not lower | {verdict(knee_ok)} |",
+                 f"| DB statements per job (pg_stat_statements; BEGIN/COMMIT and periodic ones apart), 1 / 3 replicas "
+                 f"| {st[0]:.2f} / {st[1]:.2f} | <= 4 | {verdict(max(st) <= 4)} |",
+                 f"| status requests per job, 1 / 3 replicas | {sr[0]:.2f} / {sr[1]:.2f} | <= 1.3 "
+                 f"| {verdict(max(sr) <= 1.3)} |"]
+    return rows
+
+
+def _scenario_d(r: dict[str, Any]) -> list[str]:
+    rolls = [x for x in r["runs"] if x.get("roll")]
+    if not rolls:
+        return []
+    p = r["parameters"]
+    lines = ["", "## Scenario D: rolling restart", "",
+             f"One run per replica, in turn: {p['calls']} calls over {p['spread_s']:g} s, keys on, every tenth with a "
+             f"{3 * p['job_s']:g} s job (it outlives the stopping replica's 5 s graceful wait, so it is handed over); "
+             f"{p['kill_at_s']:g} s in "
+             "the replica gets SIGTERM, and once it has exited it is started again and haproxy routes to it again "
+             "(the next run starts after that). *Under way*: attempts in progress at the SIGTERM that it answered "
+             "or that were cut. *Hand-over*: for each job it had submitted that was not final at the SIGTERM, the "
+             "time from the SIGTERM to the first status request another replica sent about it (the fake tells the "
+             "replicas apart by the base URL each was given); a lease left to lapse would take up to "
+             f"{p['lease_s']:g} s after the last heartbeat, plus the reconciler's pass.", "",
+             "| run | replica | exit | stop took | restart / routed again | under way | answered while "
+             "stopping (after SIGTERM p50 / max) | cut in flight | cut beyond | errors | its pending jobs | finished "
+             "by itself | handed over | hand-over p50 / max |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for x in rolls:
+        d = x["roll"]
+        for e in d["events"]:
+            lines.append(
+                f"| {x['tag']} | {e['replica']} | {e['exit_status']} | {_s(e['stop_s'])} "
+                f"| {_s(e['restart_s'])} / {_s(e['routed_s'])} | {e['under_way']} | {e['answered_while_stopping']} "
+                f"({_s(e['answered_s']['p50'])} / {_s(e['answered_s']['max'])}) | {e['cut_in_flight']} "
+                f"| {d['cut_beyond_in_flight']} | {x['statuses'].get('error', 0)} | {e['pending_jobs']} "
+                f"| {e['finished_by_itself']} | {e['handed_over']} "
+                f"| {_ms(e['handover_s']['p50'])} / {_ms(e['handover_s']['max'])} |")
+    reasons: Counter[str] = Counter()
+    for x in rolls:
+        reasons.update(x["roll"]["cut_beyond_reasons"])
+    lines += ["", "Over the rolling-restart runs: outcomes " + "; ".join(
+        f"{x['tag']} " + ", ".join(f"{k} {v}" for k, v in sorted(x["statuses"].items())) for x in rolls)
+        + f"; doubles {sum(x['double_submissions'] for x in rolls)}, lost {sum(x['lost'] for x in rolls)}; cut "
+        "attempts that began with no SIGTERM under way (beyond those in flight): "
+        f"{sum(x['roll']['cut_beyond_in_flight'] for x in rolls)} ("
+        + (", ".join(f"{k} {v}" for k, v in reasons.items()) or "none") + "); p50 / p95 of all calls "
+        + ", ".join(f"{_s(x['latency_s']['p50'])} / {_s(x['latency_s']['p95'])}" for x in rolls) + "."]
+    return lines
+
+
+def _scenario_a(r: dict[str, Any]) -> list[str]:
+    base3 = r.get("base3") or next((x for x in r["runs"] if x["tag"] == "base"), None)
+    base1 = r.get("base1")
+    if base1 is None or base3 is None:
+        return []
+    p = r["parameters"]
+    lines = ["", "## Scenario A: 1 replica against 3", "",
+             f"{p['calls']} calls over {p['spread_s']:g} s, no kill, through haproxy to 1 replica and to 3, each cluster "
+             "started on a fresh database after the runs above (the same machine, PostgreSQL, moto and fake). Statements: pg_stat_statements on the run's database, "
+             "reset before the run and read after it (the bench's own reads left out). *Per job*: the statements of "
+             "the calls themselves (intent, record, lookups, final state, charges) over the jobs the provider "
+             "accepted, BEGIN/COMMIT apart; *periodic*: those no job causes (heartbeats, the reconciler's passes, "
+             "haproxy's readiness checks, LISTEN), over the same jobs.", "",
+             "| replicas | p50 / p95 (job: " + f"{p['job_s']:g} s) | status requests per job | statements per job "
+             "| transactions per job | periodic statements per job | knee (p95 > 2 x job) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for n, base, ramp_ in ((1, base1, r.get("ramp1")), (3, base3, r.get("ramp3"))):
+        st = base.get("statements") or {}
+        knee = ramp_ and (f"{ramp_['knee']:g} calls/s" if ramp_["knee"] else
+                          f"not reached by {ramp_['steps'][-1]['rate']:g} calls/s")
+        lines.append(f"| {n} | {_s(base['latency_s']['p50'])} / {_s(base['latency_s']['p95'])} "
+                     f"| {base['status_requests_per_job']:.2f} | {st.get('per_job', math.nan):.2f} "
+                     f"| {st.get('transactions_per_job', math.nan):.2f} | {st.get('background_per_job', math.nan):.2f} "
+                     f"| {knee or 'n/a'} |")
+    st = base3.get("statements") or {}
+    if st.get("top"):
+        lines += ["", "The jobs' statements on 3 replicas, per job: " + "; ".join(
+            f"{t['per_job']:.2f} × `{t['query'][:70]}`" for t in st["top"][:6])]
+    for key in ("ramp1", "ramp3"):
+        if ramp_ := r.get(key):
+            lines += ["", f"Ramp, {ramp_['replicas']} replica(s) ({ramp_['step_s']:g} s per rate, each rate its own run): "
+                      + "; ".join(f"{x['rate']:g}/s → p50 {_s(x['p50'])}, p95 {_s(x['p95'])}, "
+                                  f"{x['status_requests_per_job']:.2f} status req/job"
+                                  + (f", {x['errors']} errors" if x["errors"] else "") for x in ramp_["steps"])]
+    return lines
+
+
 def markdown(r: dict[str, Any]) -> str:
     t, p, env = r["totals"], r["parameters"], r["environment"]
     runs = r["runs"]
@@ -513,6 +828,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"| calls that ended in an error | {t['errors']} (of which not answered within "
         f"{p['spread_s'] + p['call_limit_s']:g} s: {t['unfinished_calls']}; jobs the journal finished whose call "
         f"had no answer: {t['finished_but_not_answered']}) | 0 | {verdict(t['errors'] == 0)} |",
+    ]
+    lines += _scenario_rows(r)
+    lines += [
         "", "## Runs", "",
         "| run | keys | killed (at) | outcomes | provider submits | doubles | lost | unknown / in flight "
         "(submits in flight) | cut after the kill | re-issues | status requests per job | p50 / p95, all calls "
@@ -537,6 +855,20 @@ def markdown(r: dict[str, Any]) -> str:
         reasons.update(x.get("cut_reasons", {}))
     if reasons:
         lines += ["", "Cut attempts by what the client saw: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common())]
+    if parted := [x for x in killed if x.get("cut_parts_s", {}).get("n")]:
+        lines += ["", "Cut calls, where the time after the kill went (p50 / max per run; the worst call's own parts "
+                  "last): *take-over*: the kill to the first status request a survivor sent about the job (the fake "
+                  "tells replicas apart); *poll lag*: from then (or the job's end, if later) to the request that "
+                  "found it done; *delivery*: that request to the call's answer (the image kept in the bucket, the "
+                  "final write and its NOTIFY, the waiting call's wake-up, the answer through haproxy).", "",
+                  "| run | cut calls | first re-issue | take-over | poll lag | delivery | the worst call: extra (take-over, "
+                  "job remaining at the kill, poll lag, delivery) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for x in parted:
+            c, w = x["cut_parts_s"], x["cut_parts_s"]["worst"]
+            cells = " | ".join(f"{_s(c[k]['p50'])} / {_s(c[k]['max'])}"
+                               for k in ("first_reissue", "takeover", "poll_lag", "delivery"))
+            lines.append(f"| {x['tag']} | {c['n']} | {cells} | {_s(w['extra'])} ({_s(w['takeover'])}, "
+                         f"{_s(w['remaining'])}, {_s(w['poll_lag'])}, {_s(w['delivery'])}) |")
     late = [t for x in runs for t in x.get("unknown_answered_vs_kill_s", [])]
     if late:
         lines += ["", "The provider's answer to each `unknown` job's submit, against the kill: "
@@ -551,6 +883,7 @@ def markdown(r: dict[str, Any]) -> str:
     problems = [f"{x['tag']}: {x['restart_problem']}" for x in runs if x.get("restart_problem")]
     if problems:
         lines += ["", "After a restart: " + "; ".join(problems)]
+    lines += _scenario_d(r) + _scenario_a(r)
     if o := r.get("overhead"):
         lines += ["", *overhead_markdown(o)]
     lines += ["", "## Reading the figures", "",
@@ -688,6 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-overhead", action="store_true", help="skip the PostgreSQL+S3 vs SQLite figure")
     parser.add_argument("--only-overhead", action="store_true", help="the PostgreSQL+S3 vs SQLite figure alone, no "
                                                                      "kill runs (about a minute; cluster-overhead.*)")
+    parser.add_argument("--no-roll", action="store_true", help="skip scenario D (the rolling restart)")
+    parser.add_argument("--no-ramp", action="store_true", help="skip scenario A's 1-replica run and both ramps")
+    parser.add_argument("--no-statements", action="store_true", help="do not load pg_stat_statements")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--check-timeout", help="haproxy's `timeout check` (deployed: unset, i.e. the 2 s interval)")
     parser.add_argument("--name", help="results go to cluster-NAME.md/.json")
@@ -712,6 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         pg = Postgres.start(durable=True)
         try:
+            stats = Statements(pg) if not args.no_statements else None  # (restarts it once, with the module)
             s3 = MotoProcess.start()
             try:
                 with FakeProcess(workdir) as fake:
@@ -724,29 +1061,38 @@ def main(argv: list[str] | None = None) -> int:
                     fake.serve_image("png", 64, 64, "flat")
                     database = pg.create_database("cluster")
                     bucket = s3.create_bucket()
-                    say("starting 3 replicas and haproxy")
                     lease = {"FLUX_MCP_LEASE_SECONDS": f"{p['lease_s']:g}"}
+                    runs: list[dict[str, Any]] = []
+                    say("starting 3 replicas and haproxy")
                     with Cluster(workdir / "cluster", pg.url(database), s3.env(bucket), fake.url, KEY,
                                  team(p["users"]), env={"FLUX_MCP_LOG_LEVEL": "WARNING", **lease},
-                                 check_timeout=args.check_timeout) as cluster:
+                                 check_timeout=args.check_timeout, provider_via=True) as cluster:
                         say("warm-up: the journal learns the job length")
                         one_run(cluster, fake, pg, database, bucket, "warm", {**p, "calls": 12, "spread_s": 1.0,
                                 "presigned_checks": 0}, keyed=True, victim=None, rng=rng)
-                        plan: list[tuple[str, bool, str | None]] = [("base", True, None)]
                         names = [r.name for r in cluster.replicas]
+                        plan: list[tuple[str, bool, str | None, list[str] | None]] = [("base", True, None, None)]
                         for i in range(p["killed_runs"]):
-                            plan.append((f"kill{i + 1}", True, names[(i + 1) % len(names)]))
+                            plan.append((f"kill{i + 1}", True, names[(i + 1) % len(names)], None))
                         for i in range(p["keyless_runs"]):
-                            plan.append((f"keyless{i + 1}", False, names[(i + 2) % len(names)]))
-                        runs = []
-                        for tag, keyed, victim in plan:
-                            say(f"run {tag}: {p['calls']} calls" + (f", SIGKILL {victim}" if victim else ", no kill")
-                                + ("" if keyed else ", no idempotency keys"))
-                            run = one_run(cluster, fake, pg, database, bucket, tag, p, keyed=keyed,
-                                          victim=victim, rng=rng)
+                            plan.append((f"keyless{i + 1}", False, names[(i + 2) % len(names)], None))
+                        # Scenario D last: its 15 s jobs and restarts under load must not change what the kill
+                        # runs are compared with (the job length the journal learned during the no-kill run).
+                        if not args.no_roll:  # one SIGTERM per run, each replica in turn
+                            plan += [(f"roll{i + 1}", True, None, [name])
+                                     for i, name in enumerate(names[:p["roll_runs"]])]
+                        for tag, keyed, victim, roll in plan:
+                            say(f"run {tag}: {p['calls']} calls" + (f", SIGKILL {victim}" if victim else "")
+                                + (f", SIGTERM {', '.join(roll)} in turn" if roll else "")
+                                + ("" if victim or roll else ", no kill") + ("" if keyed else ", no idempotency keys"))
+                            run = one_run(cluster, fake, pg, database, bucket, tag,
+                                          {**p, "long_every": 10} if roll else p, keyed=keyed, victim=victim,
+                                          rng=rng, roll=roll, stats=stats if tag == "base" else None)
                             say(f"  {run['statuses']}, doubles {run['double_submissions']}, lost {run['lost']}, "
                                 f"unknown {run['unknown']}/{run['killed_in_flight']} in flight, "
-                                f"wall {run['wall_s']:.1f} s")
+                                f"wall {run['wall_s']:.1f} s" + (f", cut beyond in flight "
+                                f"{run['roll']['cut_beyond_in_flight']}, hand-over max "
+                                f"{run['roll']['handover_max_s']:.2f} s" if roll else ""))
                             runs.append(run)
                             if victim:
                                 cluster.restart(victim)
@@ -756,7 +1102,22 @@ def main(argv: list[str] | None = None) -> int:
                                 except RuntimeError as exc:  # reported; the next run starts with what routes
                                     run["restart_problem"] = str(exc)
                                 run["routed_again_after_s"] = time.monotonic() - t0
-                        results["runs"] = runs
+                    results["runs"] = runs
+                    # Scenario A on fresh clusters (a fresh database each): the job length a journal learned under
+                    # the runs above would otherwise set when every later call first asks about its job.
+                    for size in (() if args.no_ramp else (3, 1)):
+                        say(f"scenario A: {size} replica(s) behind haproxy, a fresh database")
+                        one_db, one_bucket = pg.create_database(f"a{size}"), s3.create_bucket()
+                        with Cluster(workdir / f"a{size}", pg.url(one_db), s3.env(one_bucket), fake.url, KEY,
+                                     team(p["users"]), size=size, env={"FLUX_MCP_LOG_LEVEL": "WARNING", **lease},
+                                     check_timeout=args.check_timeout, provider_via=True) as fresh:
+                            one_run(fresh, fake, pg, one_db, one_bucket, f"warm{size}", {**p, "calls": 12,
+                                    "spread_s": 1.0, "presigned_checks": 0}, keyed=True, victim=None, rng=rng)
+                            say(f"run base{size}: {p['calls']} calls, {size} replica(s)")
+                            results[f"base{size}"] = one_run(fresh, fake, pg, one_db, one_bucket, f"base{size}", p,
+                                                             keyed=True, victim=None, rng=rng, stats=stats)
+                            results[f"ramp{size}"] = ramp(fresh, fake, pg, one_db, one_bucket, f"ramp{size}", p, rng,
+                                                          say)
             finally:
                 s3.stop()
         finally:

@@ -9,9 +9,9 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 import httpx2
 
@@ -190,6 +190,9 @@ class FakeJob:
     done_seen_at: float | None
     nonce: str | None = None
     answered: float | None = None
+    via: str | None = None
+    poll_log: list[list[Any]] = field(default_factory=list)
+    """[arrival, via] per status request (`via`: the replica that sent it, when the cluster names them)."""
 
 
 class FakeProcess:
@@ -199,7 +202,7 @@ class FakeProcess:
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
         self.url = ""
-        self._log = None
+        self._log: BinaryIO | None = None
 
     def __enter__(self) -> Self:
         port = free_port()
@@ -244,7 +247,7 @@ class FakeProcess:
             timeout=60,
         )
         response.raise_for_status()
-        return response.json()
+        return dict(response.json())
 
 
 def job_prompt(duration: float | None, label: str = "bench job") -> str:

@@ -82,6 +82,10 @@ class Timing:
     nonce: str | None = None
     answered: float | None = None
     """When the submit's answer was sent (the job exists from `submitted` on)."""
+    via: str | None = None
+    """Who sent the submit, when the caller's base URL names it (`/via/<name>/...`: one replica of a cluster)."""
+    poll_log: list[tuple[float, str | None]] = field(default_factory=list)
+    """Each status request: when it arrived and who sent it (`via`), when callers name themselves."""
 
 
 @dataclass
@@ -100,6 +104,11 @@ class TimedAtlasFake(AtlasFake):
 
     async def handle(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
+        if path.startswith("/via/"):  # a caller that names itself (a cluster's replica): recorded, then served
+            _, _, via, rest = (path + "/").split("/", 3)
+            request = httpx2.Request(request.method, request.url.copy_with(path="/" + rest.rstrip("/")),
+                                     headers=request.headers, content=request.content, extensions={"via": via})
+            path = request.url.path
         if path == "/_bench/jobs":
             return json_response(
                 200, {"now": time.monotonic(), "jobs": {k: vars(v) for k, v in self.timings.items()}}
@@ -149,7 +158,7 @@ class TimedAtlasFake(AtlasFake):
             nonce = _NONCE.search(str(body.get("prompt", "")))
             self.timings[job_id] = self._created[id(request)] = Timing(
                 model=model, submitted=arrived, complete_at=arrived + float(m.group(1)) if m else None,
-                nonce=nonce.group(1) if nonce else None,
+                nonce=nonce.group(1) if nonce else None, via=request.extensions.get("via"),
             )
         return response
 
@@ -158,6 +167,7 @@ class TimedAtlasFake(AtlasFake):
         job, timing = self.jobs.get(job_id), self.timings.get(job_id)
         if job is not None and timing is not None:
             timing.polls += 1
+            timing.poll_log.append((now, request.extensions.get("via")))
             if timing.complete_at is None:
                 timing.complete_at = now  # the zero-latency fake: done when first asked
             job.done = now >= timing.complete_at

@@ -257,6 +257,10 @@ _HEARTBEAT = (f"UPDATE flux_predictions SET lease_until = {_NOW} + %s WHERE leas
               f"AND status IN {_PENDING} AND lease_until IS NOT NULL")
 _END_LEASES = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE lease_owner = %s AND status IN {_PENDING} "
                f"AND lease_until IS NOT NULL")
+_HAND_OVER_JOBS = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE lease_owner = %s "
+                   f"AND status IN ('starting', 'processing') AND native_id <> '' AND lease_until > {_NOW}")
+"""A stopping replica's submitted jobs (not its intents: their submits are still being answered, and a lapsed
+intent becomes `unknown`): their leases end now, for another replica's reconciler to take them over."""
 _HAND_OVER = (f"UPDATE flux_predictions SET lease_until = {_NOW} WHERE id = %s AND lease_owner = %s "
               f"AND lease_epoch = %s AND status IN {_PENDING}")
 """A stopping replica's job: its lease ends now, so another replica's reconciler takes it over at once."""
@@ -579,7 +583,8 @@ class PgJournal:
             try:
                 rows = await self._fetch(
                     "SELECT id, completed_at - created_at FROM flux_predictions WHERE provider = %s AND model = %s "
-                    "AND status = 'succeeded' AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT %s",
+                    "AND status = 'succeeded' AND completed_at IS NOT NULL AND lease_epoch = 0 "
+                    "ORDER BY completed_at DESC LIMIT %s",
                     (provider, model, RECENT))
             except (psycopg.Error, PoolTimeout) as exc:
                 log.info("durations not read: %s", _first_line(exc))
@@ -590,7 +595,12 @@ class PgJournal:
         return statistics.median(durations) if len(durations) >= 2 else None
 
     def _remember_duration(self, rec: Record) -> None:
+        """Learns a finished job's length, unless another replica's (or a later call's) claim finished it: that
+        one saw the end only when it took the job over (lease_epoch > 0), seconds late, and a burst of takeovers
+        would teach every replica to wait that much longer before its first status request."""
         if rec.status != "succeeded" or rec.completed_at is None or rec.completed_at < rec.created_at:
+            return
+        if self._held.get(rec.id, 0) > 0:
             return
         cached = self._recent.get((rec.provider, rec.model))
         if cached is not None and all(rid != rec.id for rid, _ in cached[1]):
@@ -983,6 +993,13 @@ class PgJournal:
         self._held.clear()
         async with self.pool.connection() as conn:
             cur = await conn.execute(_END_LEASES, (self.owner,))
+            return cur.rowcount
+
+    async def hand_over_jobs(self) -> int:
+        """A stopping replica's submitted pending jobs go to the other replicas now (its intents keep their
+        leases, renewed by the heartbeat, until their submits are answered); returns how many."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_HAND_OVER_JOBS, (self.owner,))
             return cur.rowcount
 
     async def release(self, prediction_id: str, *, hand_over: bool = False) -> None:

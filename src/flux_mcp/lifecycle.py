@@ -9,6 +9,9 @@ How a server is stopped, and what each way leaves time for:
   the paid submits in flight are awaited with their journal writes (at most `STOP_TIMEOUT` seconds,
   logged), then the transport stops serving, the journal is closed, pending fsyncs are flushed and
   temp files are removed, and the process exits with status 0 and no traceback.
+* Over HTTP the server stops accepting connections at the signal itself (a load balancer's next
+  connection attempt goes to another replica) and closes kept-alive connections once their answer is
+  sent; the calls in flight are answered for up to uvicorn's graceful-shutdown timeout, then cut.
 * A later SIGTERM does not cut the wait short (the MCP client sends one two seconds after closing
   stdin, while the wait is the whole point); a second Ctrl-C does.
 
@@ -64,7 +67,10 @@ class Inflight:
 
     def __init__(self) -> None:
         self.stopping = False
-        """Set when a stop begins; from then on no tool call is started."""
+        """Set when a stop begins; from then on no tool call is started (unless `admitting`)."""
+        self.admitting = False
+        """Set while a stopping transport still answers the calls it received before it stopped accepting
+        connections (HTTP: they arrived before the signal; refusing them would only make their clients retry)."""
         self._submits: set[_Submit] = set()
         self._idle: anyio.Event | None = None
 
@@ -73,8 +79,8 @@ class Inflight:
         return len(self._submits)
 
     def refuse_new(self) -> None:
-        """Raises ServerStopping once a stop has begun."""
-        if self.stopping:
+        """Raises ServerStopping once a stop has begun (and the calls already received are no longer admitted)."""
+        if self.stopping and not self.admitting:
             raise ServerStopping("The flux-mcp server is shutting down and takes no new calls. Nothing was sent "
                                  "to any provider; call again once the client has restarted the server.")
 
@@ -126,8 +132,11 @@ inflight = Inflight()
 class GracefulStop:
     """One stop of a serving process; `request()` starts it (from a signal handler or at end of input)."""
 
-    def __init__(self, registry: Inflight, timeout: float, stop_serving: Callable[[bool], None] | None = None):
+    def __init__(self, registry: Inflight, timeout: float, stop_serving: Callable[[bool], None] | None = None,
+                 stop_accepting: Callable[[], None] | None = None):
         self.registry = registry
+        self._stop_accepting = stop_accepting
+        """Called when a signal starts the stop: the transport takes no new connection from then on."""
         self.timeout = timeout
         self.reason: str | None = None
         self.serving = anyio.CancelScope()
@@ -148,6 +157,10 @@ class GracefulStop:
             # client that sends its calls and closes stdin at once gets its answers); a signal refuses new ones.
             self.registry.stopping = reason != END_OF_INPUT
             self._requested.set()
+            if self._stop_accepting is not None and reason != END_OF_INPUT:
+                self.registry.admitting = True  # what got in before the signal is answered (the server's
+                # lifespan awaits any paid submit still in flight before it closes the journal)
+                self._stop_accepting()
         elif reason == "SIGINT" and self.reason == "SIGINT":
             log.warning("second Ctrl-C: stopping without waiting for the provider's answer")
             self._hurry.set()
@@ -208,12 +221,13 @@ class GracefulStop:
 
 @asynccontextmanager
 async def graceful_stop(stop_serving: Callable[[bool], None] | None = None, *, registry: Inflight | None = None,
-                        timeout: float = STOP_TIMEOUT, signals: bool = True) -> AsyncIterator[GracefulStop]:
+                        timeout: float = STOP_TIMEOUT, signals: bool = True,
+                        stop_accepting: Callable[[], None] | None = None) -> AsyncIterator[GracefulStop]:
     """Runs a stop for the serving code inside: SIGTERM and SIGINT (or the caller's `request()`) start it;
     once the submits in flight are answered (or abandoned), `stop_serving(hurried)` is called (by default:
     the stop's `serving` scope is cancelled), and the serving code inside should then end. On the way out
     the temp files of writes still under way are removed."""
-    stop = GracefulStop(registry or inflight, timeout, stop_serving)
+    stop = GracefulStop(registry or inflight, timeout, stop_serving, stop_accepting)
     try:
         async with anyio.create_task_group() as tg:
             if signals and sys.platform != "win32":  # there, Ctrl-C stays KeyboardInterrupt (the CLI catches it)

@@ -27,8 +27,9 @@ The protocol, whose statements live in `journal_pg.PgJournal` (the `Leases` meth
   never polling the provider itself: one LISTEN connection per replica wakes an in-process event per
   job (`pg_notify` is sent in the statement that makes a job final), plus a re-read at least every
   second (a notification is lost while that connection reconnects). A wait holds no pooled connection.
-* **Graceful stop** ends this replica's leases at once (lease_until = now()), so others take its
-  jobs over without waiting out the lease.
+* **Graceful stop** hands this replica's submitted jobs over from the signal on (their leases end at
+  each reconciler pass while it stops; it claims none), and at its end ends every lease left
+  (lease_until = now()), so others take its jobs over without waiting out the lease.
 """
 
 from __future__ import annotations
@@ -225,12 +226,28 @@ class Replica:
             await asyncio.sleep(every)
 
     async def _reconcile(self) -> None:
+        from .lifecycle import inflight
+
         while True:
             await asyncio.sleep(self.tick)
             try:
-                await self.reconcile_once()
+                if inflight.stopping:  # SIGTERM: this replica's jobs go to the others now, none is taken
+                    await self.hand_over_once()
+                else:
+                    await self.reconcile_once()
             except Exception as exc:
                 log.warning("reconciler pass failed: %s", _first_line(exc))
+
+    async def hand_over_once(self) -> int:
+        """One pass of a stopping replica: the leases of its submitted pending jobs end now (another replica's
+        reconciler claims each at its next pass and asks the provider at once), instead of when its graceful
+        stop runs out and cuts their calls. Repeated every pass while it stops: a job submitted meanwhile, or
+        renewed by a heartbeat before anyone claimed it, goes at the next one. Its calls still waiting on a
+        job go on until the new owner's write, then answer from the row (`LeaseLost`)."""
+        handed = await self.journal.hand_over_jobs()
+        if handed:
+            log.info("stopping: %d job(s) handed over to the other replicas", handed)
+        return handed
 
     async def reconcile_once(self) -> int:
         """One pass: lapsed intents become `unknown`, lapsed leases are claimed and driven. Returns how many

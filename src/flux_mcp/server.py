@@ -268,6 +268,10 @@ async def _open_state(settings: Settings, http_client: httpx2.AsyncClient | None
 
 
 async def _close_state(state: AppState, *, own_client: bool) -> None:
+    from .lifecycle import STOP_TIMEOUT, inflight
+
+    if inflight.count:  # a call admitted during the stop may still be submitting: its id is journaled first
+        await inflight.drain(STOP_TIMEOUT)
     if state.replica is not None:
         await state.replica.stop()  # its leases end now: other replicas take its jobs over at once
     if own_client:

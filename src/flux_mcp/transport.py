@@ -217,8 +217,19 @@ def serve_http(settings: Settings, transport: str, host: str, port: int, limits:
         server.should_exit = True
         server.force_exit = hurried
 
+    def stop_accepting() -> None:
+        # Shared mode (replicas behind a balancer), at the signal rather than once the paid submits are
+        # answered: no new connection is accepted (the balancer sends the call to another replica, as for any
+        # refused connection) and kept-alive connections close once their current answer is sent, so no call
+        # arrives only to be refused; calls in flight run on. A single server keeps its door open and answers
+        # each call with a "shutting down" tool error instead: its client has nowhere else to go.
+        for listener in server.servers:
+            listener.close()
+        for connection in list(server.server_state.connections):
+            connection.shutdown()
+
     async def serve() -> None:
-        async with graceful_stop(stop_serving):
+        async with graceful_stop(stop_serving, stop_accepting=stop_accepting if settings.shared else None):
             await server.serve()
 
     anyio.run(serve)

@@ -211,6 +211,9 @@ class Cluster:
     """haproxy's `timeout check` (None: as deployed, unset, so a check must answer within its interval)."""
     balancer: bool = True
     """Start haproxy in front (False: the replicas only, each at its own `url`)."""
+    provider_via: bool = False
+    """Each replica reaches the fake at `{fake_url}/via/<its name>` (a fake that strips the prefix can tell
+    which replica sent each request: bench/fake.py, `ViaFake` in the rolling-restart test)."""
     replicas: list[Replica] = field(default_factory=list)
     haproxy: subprocess.Popen[bytes] | None = None
     lb_port: int = 0
@@ -265,7 +268,8 @@ class Cluster:
         return {**keep, "HOME": str(self.workdir), "FLUX_MCP_HOME": str(home), "PYTHONUNBUFFERED": "1",
                 "FLUX_MCP_DATABASE_URL": self.database_url, **self.s3_env,
                 "FLUX_MCP_AUTH_TOKENS": ",".join(f"{p}:{t}" for p, t in self.tokens.items()),
-                "ATLASCLOUD_API_KEY": self.api_key, "ATLASCLOUD_BASE_URL": self.fake_url,
+                "ATLASCLOUD_API_KEY": self.api_key,
+                "ATLASCLOUD_BASE_URL": f"{self.fake_url}/via/{r.name}" if self.provider_via else self.fake_url,
                 "ATLASCLOUD_SYNC_MODE": "off", **self.env}
 
     def _spawn(self, r: Replica) -> None:
@@ -317,6 +321,24 @@ class Cluster:
         r.proc.send_signal(signal.SIGKILL)
         r.proc.wait()
         return at
+
+    def terminate(self, name: str) -> float:
+        """SIGTERMs a replica (its graceful stop: calls in flight are answered, its leases handed over at once);
+        returns the moment (time.monotonic()) the signal was sent. `stopped` waits for the exit."""
+        r = self.by_name(name)
+        assert r.proc is not None
+        at = time.monotonic()
+        r.proc.send_signal(signal.SIGTERM)
+        return at
+
+    def stopped(self, name: str, limit: float = 90) -> int:
+        """Waits (bounded: a stop that hangs raises) until a replica's process exited; returns its exit status."""
+        r = self.by_name(name)
+        assert r.proc is not None
+        try:
+            return r.proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{name} still running {limit:g} s after SIGTERM") from None
 
     def restart(self, name: str) -> None:
         """Starts a replica again on its port and waits until haproxy can route to it again."""
