@@ -27,10 +27,11 @@ dashboard has the job), and one process's `_key_lock` in the service keeps one i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,10 +135,12 @@ class JobRunner:
         creation is unknowable: SubmitOutcomeUnknown); after the submit it always returns the job."""
         inline = await self._inline(provider, req.model, wait)
         intent = await self._intend(provider, req, plan, image_source, owner, selection, hold)
+        if intent is not None:  # its caller is here: an identical call meanwhile is not a re-issue of a cut one
+            self.in_flight[intent.id] = alive or _always
         sent = time.time()
         # Shielded from cancellation, and awaited by a stopping server (within its deadline), from the moment
         # the paid request leaves until its answer (the job's id) is journaled.
-        with inflight.submitting(f"the {provider.id} {req.model} job"):
+        with inflight.submitting(f"the {provider.id} {req.model} job"), self._intent_out(intent):
             try:
                 submitted = await self._submit(provider, req, inline, progress, wait)
             except SubmitOutcomeUnknown as exc:
@@ -205,6 +208,15 @@ class JobRunner:
             self.in_flight.pop(record.id, None)
             await self._let_go(record)
         return self._scrubbed(outcome)
+
+    @contextlib.contextmanager
+    def _intent_out(self, intent: Record | None) -> Iterator[None]:
+        """While the submit of `intent` is out, the intent counts as this replica's call in flight."""
+        try:
+            yield
+        finally:
+            if intent is not None:
+                self.in_flight.pop(intent.id, None)
 
     async def _intend(self, provider: Provider, req: JobRequest, plan: SavePlan, image_source: str | None,
                       owner: tuple[str, str | None], selection: str | None, hold: Hold | None) -> Record | None:

@@ -114,3 +114,25 @@ async def test_an_identical_call_a_live_caller_on_this_replica_waits_on_is_not_a
     assert not second.joined and second.record.id != first[0].record.id and fake.count(SUBMIT) == 2
     key = request_key(JobRequest(prompt=PROMPT))
     assert all(o.record.request_key == key for o in (first[0], second))
+
+
+async def test_an_identical_call_while_the_first_calls_submit_is_out_is_its_own_job(make_node, fake: AtlasFake):
+    """The first call's job is still only an intent (its submit not answered yet): a second identical call on
+    the same replica is not a re-issue of a cut call (the first's caller is here), so it does not join it."""
+    gate = Gate(SUBMIT)  # holds every submit until opened
+    async with make_node(gate=gate) as a, anyio.create_task_group() as tg:
+        outcomes: list[Outcome] = []
+
+        async def call() -> None:
+            outcomes.append(await a.run(PROMPT, "alice", wait_seconds=20))
+
+        tg.start_soon(call)
+        await until(lambda: gate.count == 1)  # the first intent is written, its submit out
+        tg.start_soon(call)
+        await until(lambda: gate.count == 2)  # the second call sent a submit of its own: it did not join
+        gate.open.set()
+        await until(lambda: len(fake.jobs) == 2)
+        for job in list(fake.jobs):
+            fake.finish(job)
+    assert len(outcomes) == 2 and not any(o.joined for o in outcomes)
+    assert len({o.record.id for o in outcomes}) == 2 and fake.count(SUBMIT) == 2
