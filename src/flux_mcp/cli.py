@@ -179,6 +179,8 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet: bool = False) -> int:
+    import gc
+
     import anyio
 
     from .backends import open_journal, open_store
@@ -191,10 +193,15 @@ def _prune(settings: Settings, *, older_than: float | None, dry_run: bool, quiet
 
     async def run() -> int:
         journal = await open_journal(settings)
+        store = open_store(settings)
         try:
-            done = await prune(journal, open_store(settings), older_than_days=days, dry_run=dry_run)
+            done = await prune(journal, store, older_than_days=days, dry_run=dry_run)
         finally:
             await journal.close()
+            # The bucket's client goes now, while the interpreter is whole: dropped during its exit, obstore's
+            # runtime aborted the process now and then (SIGABRT after the work was done).
+            del store
+            gc.collect()
         verb = "would remove" if dry_run else "removed"
         where = getattr(journal, "where", None) or settings.home
         shared = (f"; {'would release' if dry_run else 'released'} {done.reservations} reservation(s) no job can "

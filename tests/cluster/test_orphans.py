@@ -34,9 +34,9 @@ async def cut_calls(a: Node, b: Node, gate: Gate, fake: AtlasFake, tg: anyio.abc
     return [f"atlascloud:{j}" for j in jobs]
 
 
-async def _status(node: Node, pid: str, status: str) -> bool:
-    rows = await node.journal._fetch("SELECT status FROM flux_predictions WHERE id = %s", (pid,))
-    return bool(rows) and rows[0][0] == status
+async def _kept(node: Node, pid: str) -> bool:
+    record = await node.journal.get(pid)
+    return record is not None and record.status == "succeeded" and bool(record.images)
 
 
 async def orphaned(node: Node, pid: str) -> tuple[float | None, float | None]:
@@ -87,8 +87,9 @@ async def test_a_reissue_past_the_rejoin_window_does_not_adopt(make_node, fake: 
     async with make_node(heartbeat=False, lease=1.0, gate=gate) as a, make_node() as b, \
             anyio.create_task_group() as tg:
         [job] = await cut_calls(a, b, gate, fake, tg, 1)
-        # b finishes the job it took over first: its final write carries the row's creation time as it read it
-        await until(lambda: _status(b, job, "succeeded"))
+        # b finishes the job it took over first (its images kept): its writes carry the row's creation time as
+        # it read it
+        await until(lambda: _kept(b, job))
         window = b.service.settings.rejoin_seconds
         async with b.journal.pool.connection() as conn:  # the cut call was made longer ago than the window
             await conn.execute("UPDATE flux_predictions SET created_at = created_at - %s WHERE id = %s",
