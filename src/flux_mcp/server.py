@@ -40,13 +40,14 @@ if TYPE_CHECKING:
     from .replica import Replica
 
 from . import __version__, history
+from .backends import open_journal, open_store
 from .compat import add_request_handler, drop_middleware, registered_tool
 from .config import Settings
 from .errors import FluxError, error_result
 from .folders import Folders
 from .http import LazyClient, RetryPolicy
-from .icons import GLYPHS, icons as tool_icons
-from .backends import open_journal, open_store
+from .icons import GLYPHS
+from .icons import icons as tool_icons
 from .models import PredictionResult, UploadResult
 from .paths import PathPolicy
 from .prompts import add_prompts
