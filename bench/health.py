@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `python bench/health.py`
 
 import anyio
 
-from .common import BENCH, dump, p50, p95
+from .common import BENCH, KEY, dump, p50, p95
 
 ROWS = 10_000
 RECENT = 300
@@ -43,8 +43,8 @@ async def _measure(home: Path, samples: int) -> dict[str, Any]:
     from flux_mcp.request import JobRequest
     from flux_mcp.service import FluxService
 
-    env = {"FLUX_MCP_HOME": str(home), "ATLASCLOUD_API_KEY": "bench-key-not-a-secret",
-           "SEGMIND_API_KEY": "bench-key-not-a-secret", "ACEDATACLOUD_API_TOKEN": "bench-key-not-a-secret"}
+    env = {"FLUX_MCP_HOME": str(home), "ATLASCLOUD_API_KEY": KEY, "SEGMIND_API_KEY": KEY,
+           "ACEDATACLOUD_API_TOKEN": KEY}
     settings = Settings.from_env(env, cwd=home)
     journal = open_journal(home)
     rng = random.Random(3)
