@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,5 +321,46 @@ async def test_a_later_write_of_an_older_copy_never_undelivers_and_a_clashing_ke
         assert not await journal.put(clash)  # the key belongs to the first job: not written over it
         with journal._lock:
             assert journal._db.execute("SELECT id FROM predictions").fetchall() == [("atlascloud:a",)]
+    finally:
+        await journal.close()
+
+
+async def test_an_older_journal_migrates_to_the_open_jobs_index_and_still_finds_a_cut_call(home: Path):
+    """Schema 6: the rejoin lookup's index holds only jobs whose answer never reached the caller. A journal
+    written by schema 5 (the index of every job) migrates with its rows; a caller who repeated one request
+    fifty times still finds the one call that was cut, and the lookup reads only the open jobs."""
+    from flux_mcp.journal import _MIGRATIONS
+
+    home.mkdir(parents=True)
+    db = sqlite3.connect(home / "journal.sqlite3", isolation_level=None)
+    for step in range(1, 6):
+        db.executescript(_MIGRATIONS[step])
+    db.execute("PRAGMA user_version=5")
+    now = time.time()
+    columns = ("id, provider, native_id, model, kind, status, request, created_at, updated_at, completed_at, "
+               "principal, request_key, delivered")
+    for i in range(50):
+        db.execute(f"INSERT INTO predictions ({columns}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                   (f"atlascloud:d{i}", "atlascloud", f"d{i}", "m", "generate", "succeeded", "{}", now - 100 + i,
+                    now, now, "local", "same-request", 1))
+    db.execute(f"INSERT INTO predictions ({columns}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+               ("atlascloud:cut", "atlascloud", "cut", "m", "generate", "succeeded", "{}", now - 120, now, now,
+                "local", "same-request", 0))
+    db.close()
+
+    journal = open_journal(home)
+    try:
+        with journal._lock:
+            assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+            names = {r[0] for r in journal._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+            open_rows = journal._db.execute("SELECT count(*) FROM predictions INDEXED BY predictions_open "
+                                            "WHERE delivered = 0").fetchone()[0]
+        assert "predictions_open" in names and "predictions_rejoin" not in names
+        assert open_rows == 1, "the index holds the undelivered job only"
+        found = await journal.rejoinable("local", "same-request", now - 600)
+        assert [r.id for r in found] == ["atlascloud:cut"]
+        assert await journal.get("atlascloud:d7") is not None, "the migration kept the rows"
+        await journal.mark_delivered("atlascloud:cut")
+        assert await journal.rejoinable("local", "same-request", now - 600) == []
     finally:
         await journal.close()

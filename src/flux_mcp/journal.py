@@ -57,7 +57,7 @@ RECENT = 20
 """A model's typical duration is the median of its last this-many successful jobs."""
 _RECENT_TTL = 60.0
 """Seconds the remembered durations are trusted before the file is read again."""
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The layout this code reads and writes (`PRAGMA user_version`)."""
 ATTEMPT_RETENTION = 86_400.0
 """Seconds an attempt row is kept: it only informs the choice of provider in the next minutes."""
@@ -152,6 +152,15 @@ CREATE TABLE IF NOT EXISTS attempts (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS attempts_at ON attempts (at, provider);
+""",
+    # 5 -> 6: the rejoin lookup reads only jobs whose answer never reached the caller. The old index held every
+    # job, so a caller who repeats one request often (the same prompt for variations) scanned all of the
+    # window's delivered jobs on each call; this one holds the undelivered only (a job leaves it when its
+    # answer is delivered), and the id, so the lookup never reads the table for the jobs it skips.
+    6: """
+DROP INDEX IF EXISTS predictions_rejoin;
+CREATE INDEX IF NOT EXISTS predictions_open ON predictions (principal, request_key, created_at, id)
+    WHERE delivered = 0;
 """,
 }
 
@@ -451,11 +460,11 @@ def _write_record(db: sqlite3.Connection, row: tuple[Any, ...], bill: Bill | Non
     """One record's upsert, with its charge billed (`bill`) or given the provider's figure (`cost`: USD and the
     prediction id) in the same transaction."""
     if bill is None and cost is None:
-        db.execute(_INSERT, row)
+        db.execute(_upsert(row), row)
         return
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute(_INSERT, row)
+        db.execute(_upsert(row), row)
         if bill is not None and bill.charge is not None:  # never written before: inserted, billed
             db.execute("INSERT OR REPLACE" + _INSERT_CHARGE.removeprefix("INSERT"), _charge_row(bill.charge))
         elif bill is not None:
@@ -470,10 +479,23 @@ def _write_record(db: sqlite3.Connection, row: tuple[Any, ...], bill: Bill | Non
         raise
 
 
-_INSERT = (f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
-           f" ON CONFLICT(id) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in _COLUMNS[1:] if c != 'delivered')},"
-           " delivered=MAX(predictions.delivered, excluded.delivered)")
-"""An upsert; `delivered` only ever goes from 0 to 1 (a late write of an older copy cannot undo it)."""
+_FIXED = frozenset({"id", "provider", "model", "kind", "created_at", "principal", "request_key", "idempotency_key"})
+"""Columns a record never changes after its first write."""
+
+_UPSERT = (f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
+           " ON CONFLICT(id) DO UPDATE SET "
+           f"{', '.join(f'{c}=excluded.{c}' for c in _COLUMNS if c not in _FIXED and c != 'delivered')}")
+_UPSERT_DELIVERED = _UPSERT + ", delivered=1"
+"""The upserts of a record (not yet / already delivered). A later write leaves the columns a record never
+changes alone, and `delivered` too unless it is now set: SQLite rewrites an index entry only when the SET
+list names one of the index's columns (or of its WHERE), so the history, rejoin and idempotency indexes are
+written once, with the row, and `delivered` only ever goes from 0 to 1 (a late write of an older copy
+cannot undo it)."""
+_DELIVERED = _COLUMNS.index("delivered")
+
+
+def _upsert(row: tuple[Any, ...]) -> str:
+    return _UPSERT_DELIVERED if row[_DELIVERED] else _UPSERT
 
 
 def _fold(text: str | None) -> str:
@@ -538,6 +560,7 @@ class Search:
 
 
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE id=?"
+_SELECT_MANY = f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE id IN "
 
 
 def _wal(db: sqlite3.Connection, patience: float = _SLOW_TIMEOUT) -> None:
@@ -848,12 +871,15 @@ class SqliteJournal:
             pending = [r.copy() for r in self._backlog.values() if r.principal == principal
                        and r.request_key == request_key and not r.delivered and r.created_at >= since]
             delivered = set(self._delivered)  # marked, not yet written: as good as delivered=1
-        rows = await self._read(
-            f"SELECT {', '.join(_COLUMNS)} FROM predictions WHERE principal=? AND request_key=? AND delivered=0"
-            " AND created_at >= ? ORDER BY created_at DESC LIMIT ?", (principal, request_key, since,
-                                                                     5 + len(delivered)), many=True)
-        found = {r.id: r for r in [*(_record(row) for row in rows if row[0] not in delivered), *pending]
-                 if r.id not in delivered}
+        # The ids first: most calls find none, or only jobs just answered here (their marks not written yet),
+        # and reading whole rows to drop them cost a call more than the rest of its journal traffic.
+        ids = await self._read(
+            "SELECT id FROM predictions WHERE principal=? AND request_key=? AND delivered=0 AND created_at >= ?"
+            " ORDER BY created_at DESC LIMIT ?", (principal, request_key, since, 5 + len(delivered)), many=True)
+        wanted = [i for (i,) in ids if i not in delivered]
+        rows = await self._read(f"{_SELECT_MANY}({','.join('?' * len(wanted))})", tuple(wanted),
+                                many=True) if wanted else []
+        found = {r.id: r for r in [*(_record(row) for row in rows), *pending] if r.id not in delivered}
         return sorted(found.values(), key=lambda r: r.created_at, reverse=True)
 
     async def by_idempotency_key(self, principal: str, key: str) -> Record | None:
