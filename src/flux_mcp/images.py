@@ -137,7 +137,7 @@ def inspect_image(data: bytes, max_pixels: int | None = None) -> ImageInfo:
         raise
     except image.DecompressionBombError:
         raise DownloadFailed(f"the image is over the {MAX_PIXELS}-pixel limit (decompression bomb)") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the bytes are not a usable image
         raise DownloadFailed(f"the data is not an image this server can read ({type(exc).__name__})") from None
     return ImageInfo(_PIL_MIME[fmt], width, height)
 

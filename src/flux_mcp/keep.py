@@ -218,7 +218,7 @@ class Keeper:
                 data, target = made.image, None if made.failure else target
             except (DownloadFailed, OSError):
                 raise
-            except Exception as exc:  # noqa: BLE001 - the paid image is kept as it came, with the reason
+            except Exception as exc:
                 log.exception("delivering image %d of %s as planned", i + 1, prediction_id)
                 undelivered = f"image {i + 1} is kept as the provider made it: {type(exc).__name__} in the " \
                               "planned delivery (size, matte or files)"

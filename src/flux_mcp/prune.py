@@ -109,9 +109,8 @@ async def prune(journal: Journal, store: ImageStore, *, older_than_days: float, 
             # The stored copy (when the result named the save_to copy), and a transparent image's unmatted one.
             for index in (*range(len(record.outputs)), *(ORIGINAL_INDEX + i for i in range(len(record.outputs)))):
                 location = await store.find(record.id, index)
-                if location and location not in done.files:
-                    if dry_run or await store.discard(location):
-                        done.files.append(location)
+                if location and location not in done.files and (dry_run or await store.discard(location)):
+                    done.files.append(location)
             done.predictions.append(record.id)
         if not dry_run:
             await journal.remove([r.id for r in batch], uploads_before=cutoff)

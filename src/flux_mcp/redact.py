@@ -117,7 +117,7 @@ def protect_logs(secrets: Iterable[str]) -> None:
 def _scrub_log_record(record: logging.LogRecord, redactor: Redactor) -> None:
     try:
         message = record.getMessage()
-    except Exception:  # a bad format string must not kill logging
+    except Exception:  # noqa: BLE001 - a bad format string must not kill logging
         message = str(record.msg)
     record.msg = redactor.scrub(message)
     record.args = None

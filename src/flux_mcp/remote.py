@@ -10,8 +10,8 @@ from typing import Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 
-from .gallery.remote import GALLERY_DOC, add_gallery_routes, gallery_link_text
 from .errors import error_result
+from .gallery.remote import GALLERY_DOC, add_gallery_routes, gallery_link_text
 from .uploads import UPLOAD_DOC, add_upload_route, public_base, upload_link_text
 
 NOT_OVER_HTTP = ("Links need the server's address, which only an HTTP request carries; this connection has none "

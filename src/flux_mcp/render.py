@@ -183,7 +183,7 @@ def _previews(images: list[ImageOutput], kept: dict[str, bytes], settings: Setti
                 preview, mime = make_preview(path, len(original) + 1, original)
             else:
                 preview, mime = make_preview(path, budget, data)
-        except Exception as exc:  # a preview is a convenience: never fail the result for it
+        except Exception as exc:  # noqa: BLE001 - a preview is a convenience: never fail the result for it
             log.warning("no preview for %s: %s", path, exc)
             continue
         out.append(ImageContent(type="image", data=base64.b64encode(preview).decode(), mime_type=mime))

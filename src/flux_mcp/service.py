@@ -168,8 +168,8 @@ class FluxService:
         provider = self.providers.get(record.provider)
         previews: dict[str, bytes] | None = {} if self._reads_previews() else None  # see `_check`
         if provider is None or not provider.configured:
-            outcome = Outcome(record, notes=[f"Set {provider.key_env if provider else record.provider} to check "
-                                             "on this job again."])
+            outcome = Outcome(record, notes=[(f"Set {provider.key_env if provider else record.provider} to check "
+                                              "on this job again.")])
         elif record.status == "unknown" or (record.status in FINAL and not await self.runner.missing_files(
                 record, previews)):
             outcome = Outcome(record, kept=previews or {})
@@ -197,8 +197,8 @@ class FluxService:
                 prepared = provider.prepare(assets.sent(asked, asset) if asset else asked)
                 saves = self._save_plan(prepared, asked, asset, paths)
                 source = prepared.image
-                check_source = (lambda data, shown=(source if source and not source.startswith("data:")
-                                                    else "the image"): assets.check_source(asset, data, shown))
+                shown = source if source and not source.startswith("data:") else "the image"
+                check_source = (lambda data, asset=asset, shown=shown: assets.check_source(asset, data, shown))
                 if self.money.decides():
                     await provider.refresh_prices()  # the provider's current price, where it lists one
                 estimate = self.money.estimate(provider, prepared)

@@ -25,7 +25,7 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -267,7 +267,7 @@ class _Answers:
         self._idle.set()  # nothing more can be answered
         await self._inner.aclose()
 
-    async def __aenter__(self) -> _Answers:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
