@@ -884,6 +884,11 @@ class PgJournal:
 
         from .errors import FluxError, SpendRefused
 
+        if record.idempotency_key:  # the key's job, written here and not yet in the database
+            pending = next((r for r in self._backlog.values() if r.principal == record.principal
+                            and r.idempotency_key == record.idempotency_key), None)
+            if pending is not None:
+                return pending.copy()
         row = list(_row(record))
         row[_STATUS] = "submitting"
         args: tuple[Any, ...] = (*row, self.owner, self.lease_seconds, record.id)
