@@ -399,13 +399,13 @@ class PgJournal:
         self._bills: dict[str, Bill] = {}
         """Records (by id) whose intent-replacing write also bills their charge in the ledger, until it lands."""
         self._settles: dict[str, float] = {}
+        """Records (by id) whose write also settles their charge to the provider's cost (USD), until it lands."""
         self._delivered: set[str] = set()
         """Jobs whose answer reached its caller here, their delivered mark not written yet (see `mark_delivered`)."""
         self._marking: set[str] = set()
         """Of those, the ones whose mark is being written now."""
         self._delivering: asyncio.TimerHandle | None = None
         self._writing: set[asyncio.Task[None]] = set()
-        """Records (by id) whose write also settles their charge to the provider's cost (USD), until it lands."""
         self._recent: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
         self._backlog: dict[str, Record] = {}
         self._backlog_reason: str | None = None
