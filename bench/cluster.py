@@ -463,7 +463,8 @@ _KINDS = (("transaction control (BEGIN/COMMIT)", re.compile(r"^(BEGIN|COMMIT|ROL
           ("readiness checks (/readyz)", re.compile(r"^SELECT \$?1$")),
           ("LISTEN", re.compile(r"^LISTEN\b")),
           ("heartbeats", re.compile(r"SET lease_until = .* WHERE lease_owner = \$\d+ AND status IN")),
-          ("reconciler: lapsed intents", re.compile(r"WHERE status = 'submitting' AND lease_until <")),
+          # (pg_stat_statements shows the literal as a parameter: $n)
+          ("reconciler: lapsed intents", re.compile(r"WHERE status = ('submitting'|\$\d+) AND lease_until <")),
           ("reconciler: lapsed leases", re.compile(r"^WITH due AS")),
           ("connection set-up", re.compile(r"^(SET|SHOW|SELECT set_config|SELECT pg_catalog)", re.I)))
 BACKGROUND = {k for k, _ in _KINDS if k not in ("transaction control (BEGIN/COMMIT)",)}
@@ -933,7 +934,8 @@ def overhead_markdown(o: dict[str, Any]) -> list[str]:
                   f"of the result {secs(f['put']['p50'])} ({secs(f['put']['p95'])}), one GET "
                   f"{secs(f['get']['p50'])} ({secs(f['get']['p95'])}). A `generate_image` in shared mode writes "
                   "its intent (with its reservation in the spend ledger), its record (with the ledger's charge) "
-                  "while its image is PUT, then its final state, and signs its link; a finished `check_prediction` "
+                  "while its image is PUT, then its final state, and signs its link (its delivered mark follows the "
+                  "answer, batched with others); a finished `check_prediction` "
                   "reads its row and GETs its image once (the preview, and the proof that it is still there)."]
     return lines
 

@@ -87,6 +87,9 @@ class Outcome:
     """The call joined an earlier identical call's job instead of paying for a new one."""
     source_image: bytes | None = None
     """An edit's input image, when the service has its bytes (the preview shows before and after)."""
+    unsaved: bool | None = None
+    """A held job's success a status request found, not journaled yet (shared journal): it is written with its kept
+    images (True: with its charge settled to the provider's cost). None: nothing waits to be written."""
 
 
 def scrub_record(record: Record, redactor: Redactor) -> Record:
@@ -426,6 +429,11 @@ class JobRunner:
         # A final job with the provider's own figure for its cost: the ledger learns it in the same write.
         settle = (self.money is not None and record.status in FINAL and not record.cost_estimated
                   and record.cost_usd is not None)
+        if state.status == "succeeded" and self.leases is not None and self.leases.holds(record.id):
+            # Shared journal: the success is written with its kept images (`_finish`), one write; until then the
+            # row stays pending under this replica's lease, so a crash leaves it to the next owner to poll again.
+            outcome.unsaved = settle
+            return state
         await self._save(outcome, settle=settle)
         return state
 
@@ -456,15 +464,20 @@ class JobRunner:
         pending or failed job has nothing to keep."""
         if state is None or state.status != "succeeded":
             return
-        if isinstance(early, Exception):
-            raise early
-        if early is not None:
-            with anyio.CancelScope(shield=True):
-                await self._record_kept(outcome, provider, early)
-            return
-        # Images that came inline exist only in memory until written: a cancelled call still writes them.
-        with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):
-            await self._keep(outcome, provider, state, paths)
+        try:
+            if isinstance(early, Exception):
+                raise early
+            if early is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._record_kept(outcome, provider, early)
+                return
+            # Images that came inline exist only in memory until written: a cancelled call still writes them.
+            with anyio.CancelScope(shield=any(o.data is not None for o in state.outputs)):
+                await self._keep(outcome, provider, state, paths)
+        finally:
+            if outcome.unsaved is not None:  # keeping failed or was cancelled: the success is journaled without them
+                with anyio.CancelScope(shield=True):
+                    await self._save(outcome)
 
     @staticmethod
     def _settle(record: Record, state: JobState, seen_at: float | None) -> JobState:
@@ -539,6 +552,8 @@ class JobRunner:
         to keep."""
         record = scrub_record(outcome.record, self.redactor)
         record.updated_at = time.time()
+        if outcome.unsaved is not None:  # this write carries the success `_observe` left to it
+            settle, outcome.unsaved = settle or outcome.unsaved, None
         if not await (self.leases.submitted(intent, record, bill) if intent and self.leases
                       else self.journal.put(record, bill, settle=settle)):
             note = (f"The server's journal could not be written just now; it keeps retrying. Keep the "

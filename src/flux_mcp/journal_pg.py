@@ -50,6 +50,7 @@ from .journal import (
     _CHARGE_COLUMNS,
     _COLUMNS,
     ATTEMPT_RETENTION,
+    DELIVERED_AFTER,
     HEALTH_KINDS,
     EVERYONE,
     RECENT,
@@ -217,6 +218,19 @@ _FENCED = (_INSERT + " WHERE flux_predictions.lease_owner = %s AND flux_predicti
            f"(flux_predictions.status IN {_PENDING} OR flux_predictions.status = EXCLUDED.status) RETURNING id")
 """A held job's write: only while this replica's lease (owner and epoch) is on the row; a final status stays."""
 _NOTIFY = f"WITH w AS ({{}}) SELECT id, pg_notify('{CHANNEL}', id) FROM w"
+_SETTLE = ("s AS (UPDATE flux_charges SET usd = %s::double precision, estimated = false, updated_at = %s "
+           "WHERE prediction_id = %s AND EXISTS (SELECT 1 FROM w))")
+"""A final write's charge settled to the provider's own figure for the job's cost, only if the write landed."""
+
+
+def _write_sql(write: str, *, notify: bool, settle: bool) -> str:
+    """One statement for a record's write (`write`, an upsert that returns the id when it lands): with the
+    notification of a completed job and the settle of its charge in the ledger when asked (one commit)."""
+    if not notify and not settle:
+        return write
+    ctes = f"w AS ({write})" + (f", {_SETTLE}" if settle else "")
+    notified = f", pg_notify('{CHANNEL}', id)" if notify else ""
+    return f"WITH {ctes} SELECT id{notified} FROM w"
 _SELECT_LEASE = (f"SELECT {', '.join(_COLUMNS)}, lease_owner IS NOT NULL AND lease_until > {_NOW} "
                  "FROM flux_predictions WHERE id = %s OR intent_id = %s ORDER BY native_id = '' LIMIT 1")
 _CLAIM = (f"UPDATE flux_predictions SET lease_owner = %s, lease_until = {_NOW} + %s, lease_epoch = lease_epoch + 1 "
@@ -269,9 +283,9 @@ _RELEASE = (f"UPDATE flux_predictions SET lease_owner = NULL, lease_until = NULL
 
 
 _DELIVERED = ("WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) "
-              "UPDATE flux_predictions SET delivered = TRUE FROM relaxed WHERE id = %s AND NOT delivered")
-"""That an answer reached its caller, committed without waiting for the disk (its own transaction only): a
-crash that loses it only lets a later identical call join the job, so the call need not wait for a flush."""
+              "UPDATE flux_predictions SET delivered = TRUE FROM relaxed WHERE id = ANY(%s) AND NOT delivered")
+"""That answers reached their callers, committed without waiting for the disk (its own transaction only): a
+crash that loses it only lets a later identical call join the job, so nothing waits for a flush."""
 
 
 def _done(rec: Record) -> bool:
@@ -384,6 +398,14 @@ class PgJournal:
         """Records (by id) whose write must replace an intent row (by its id), until it lands."""
         self._bills: dict[str, Bill] = {}
         """Records (by id) whose intent-replacing write also bills their charge in the ledger, until it lands."""
+        self._settles: dict[str, float] = {}
+        """Records (by id) whose write also settles their charge to the provider's cost (USD), until it lands."""
+        self._delivered: set[str] = set()
+        """Jobs whose answer reached its caller here, their delivered mark not written yet (see `mark_delivered`)."""
+        self._marking: set[str] = set()
+        """Of those, the ones whose mark is being written now."""
+        self._delivering: asyncio.TimerHandle | None = None
+        self._writing: set[asyncio.Task[None]] = set()
         self._recent: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
         self._backlog: dict[str, Record] = {}
         self._backlog_reason: str | None = None
@@ -459,13 +481,8 @@ class PgJournal:
     # --- writes -------------------------------------------------------------------------------
 
     async def put(self, record: Record, bill: Bill | None = None, *, settle: bool = False) -> bool:
-        if settle:  # the ledger's own write after the record's
-            landed = await self.put(record, bill)
-            try:
-                await self.settle_charge(record.id, record.cost_usd, estimated=False)
-            except LedgerUnavailable as exc:
-                log.warning("the cost of %s was not written to the ledger (its estimate stays): %s", record.id, exc)
-            return landed
+        if settle and record.cost_usd is not None:  # written with the record (also when retried from the backlog)
+            self._settles[record.id] = record.cost_usd
         if bill is not None:  # a job without an intent (the runner bills in `submitted` here): its own write
             landed = await self.put(record)
             try:
@@ -498,17 +515,21 @@ class PgJournal:
         if intent is not None:
             return await self._replace_intent(intent, record)
         epoch = self._held.get(record.id)
+        cost = self._settles.get(record.id)
+        settle: tuple[Any, ...] = () if cost is None else (cost, time.time(), record.id)
         if epoch is None:
+            sql = _write_sql(_INSERT + " RETURNING id", notify=_done(record), settle=bool(settle))
             async with self.pool.connection() as conn:
-                await conn.execute(_NOTIFY.format(_INSERT + " RETURNING id") if _done(record) else _INSERT,
-                                   _row(record))
+                await conn.execute(sql, (*_row(record), *settle))
+            self._settles.pop(record.id, None)
             if _done(record):
                 self.waits.wake(record.id)
             return
-        sql = _NOTIFY.format(_FENCED) if _done(record) else _FENCED
+        sql = _write_sql(_FENCED, notify=_done(record), settle=bool(settle))
         async with self.pool.connection() as conn:
-            cur = await conn.execute(sql, (*_row(record), self.owner, epoch))
+            cur = await conn.execute(sql, (*_row(record), self.owner, epoch, *settle))
             landed = await cur.fetchone() is not None
+        self._settles.pop(record.id, None)  # settled with the write, or never: the new owner settles it
         if not landed:
             self._held.pop(record.id, None)
             log.warning("write of %s dropped: another replica took the job over (this one's lease lapsed)",
@@ -571,7 +592,12 @@ class PgJournal:
         rows = await self._fetch(f"{_SELECT} WHERE id = %s", (prediction_id,))
         if not rows and ":intent-" in prediction_id:  # an id given out before the provider answered
             rows = await self._fetch(f"{_SELECT} WHERE intent_id = %s", (prediction_id,))
-        return _record(rows[0]) if rows else None
+        return self._marked(_record(rows[0])) if rows else None
+
+    def _marked(self, rec: Record) -> Record:
+        """A record as read, delivered if its delivered mark is noted here and not written yet."""
+        rec.delivered = rec.delivered or rec.id in self._delivered
+        return rec
 
     async def typical_duration(self, provider: str, model: str) -> float | None:
         import psycopg
@@ -658,8 +684,9 @@ class PgJournal:
         pending = [r.copy() for r in self._backlog.values() if r.principal == principal
                    and r.request_key == request_key and not r.delivered and r.created_at >= since]
         rows = await self._fetch(f"{_SELECT} WHERE principal = %s AND request_key = %s AND NOT delivered AND "
-                                 "created_at >= %s ORDER BY created_at DESC LIMIT 5", (principal, request_key, since))
-        found = {r.id: r for r in [*(_record(row) for row in rows), *pending]}
+                                 "created_at >= %s AND id <> ALL(%s) ORDER BY created_at DESC LIMIT 5",
+                                 (principal, request_key, since, self._not_delivered()))
+        found = {r.id: r for r in [*(_record(row) for row in rows), *pending] if r.id not in self._delivered}
         return sorted(found.values(), key=lambda r: r.created_at, reverse=True)
 
     async def by_idempotency_key(self, principal: str, key: str) -> Record | None:
@@ -668,21 +695,47 @@ class PgJournal:
         if pending is not None:
             return pending
         rows = await self._fetch(f"{_SELECT} WHERE principal = %s AND idempotency_key = %s", (principal, key))
-        return _record(rows[0]) if rows else None
+        return self._marked(_record(rows[0])) if rows else None
 
     async def mark_delivered(self, prediction_id: str) -> None:
-        import psycopg
-        from psycopg_pool import PoolTimeout
-
+        """Noted at once for this replica (its adoptions and rejoins leave the job out from here on) and written
+        with the other marks of the next DELIVERED_AFTER seconds in one statement, after the answer (as the
+        SQLite journal does): the call does not wait for it. Until it lands only a call on another replica
+        could still join the job, within that moment: the safe side (a join pays nothing)."""
         pending = self._backlog.get(prediction_id)
         if pending is not None:
             pending.delivered = True
             return
+        self._delivered.add(prediction_id)
+        if self._delivering is None:
+            self._delivering = asyncio.get_running_loop().call_later(DELIVERED_AFTER, self._deliver_soon)
+
+    def _deliver_soon(self) -> None:
+        self._delivering = None
+        task = asyncio.get_running_loop().create_task(self._write_delivered(), name="flux-mcp-delivered")
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _write_delivered(self) -> None:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        ids = sorted(self._delivered - self._marking)
+        if not ids:
+            return
+        self._marking.update(ids)
         try:
             async with self.pool.connection() as conn:
-                await conn.execute(_DELIVERED, (prediction_id,))
-        except (psycopg.Error, PoolTimeout) as exc:  # losing it only means a later identical call may join this job
-            log.info("delivery of %s not recorded: %s", prediction_id, _first_line(exc))
+                await conn.execute(_DELIVERED, (ids,))
+        except (psycopg.Error, PoolTimeout) as exc:  # losing it only means a later identical call may join these
+            log.info("delivery of %d job(s) not recorded: %s", len(ids), _first_line(exc))
+        finally:
+            self._marking.difference_update(ids)
+            self._delivered.difference_update(ids)
+
+    def _not_delivered(self, skip: Sequence[str] = ()) -> list[str]:
+        """Ids a rejoin or adoption leaves out: `skip`, and the jobs whose delivered mark is not written yet."""
+        return [*skip, *self._delivered]
 
     async def search(self, *, principal: str | None, query: str | None, provider: str | None, status: str | None,
                      since: float | None, limit: int, before: tuple[float, str] | None) -> list[Record]:
@@ -831,6 +884,11 @@ class PgJournal:
 
         from .errors import FluxError, SpendRefused
 
+        if record.idempotency_key:  # the key's job, written here and not yet in the database
+            pending = next((r for r in self._backlog.values() if r.principal == record.principal
+                            and r.idempotency_key == record.idempotency_key), None)
+            if pending is not None:
+                return pending.copy()
         row = list(_row(record))
         row[_STATUS] = "submitting"
         args: tuple[Any, ...] = (*row, self.owner, self.lease_seconds, record.id)
@@ -962,11 +1020,12 @@ class PgJournal:
         it carries no provider id, so there is nothing to wait on that could bring images; it is answered
         (joined, any number of times) only when nothing could be adopted, so such a re-issue reports it
         rather than paying again. `skip`: ids not to take (a call here still waits on them)."""
-        since_args = (principal, request_key, since, list(skip))
+        since_args = (principal, request_key, since, self._not_delivered(skip))
         rows = await self._fetch(_ADOPT, (*since_args, *since_args))
         if not rows:
             pending = next((r for r in self._backlog.values() if r.principal == principal and not r.delivered
-                            and r.request_key == request_key and r.created_at >= since and r.id not in skip), None)
+                            and r.request_key == request_key and r.created_at >= since and r.id not in skip
+                            and r.id not in self._delivered), None)
             return None if pending is None else (pending.copy(), False)
         best = max(rows, key=lambda r: bool(r[-1]))
         return _record(best[:-1]), bool(best[-1])
@@ -1027,7 +1086,7 @@ class PgJournal:
         if pending is not None:
             return pending.copy(), True
         rows = await self._fetch(_SELECT_LEASE, (prediction_id, prediction_id))
-        return (_record(rows[0][:-1]), bool(rows[0][-1])) if rows else None
+        return (self._marked(_record(rows[0][:-1])), bool(rows[0][-1])) if rows else None
 
     async def changed(self, prediction_id: str, timeout: float) -> None:
         await self.waits.wait(prediction_id, timeout)
@@ -1041,6 +1100,11 @@ class PgJournal:
 
     async def close(self) -> None:
         self._closed = True
+        if self._delivering is not None:
+            self._delivering.cancel()
+            self._delivering = None
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._writing, self._write_delivered())
         if self._retrier is not None:
             self._retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -99,8 +99,9 @@ class Leases(Protocol):
     async def intent(self, record: Record, reservation: Reservation | None = None) -> Record | None:
         """Inserts `record` (no provider id yet) as this replica's intent, with `reservation`'s charge in the
         same commit (its budget check made there: SpendRefused); returns None when it landed, or the job that
-        already holds its (principal, idempotency_key). Raises FluxError when the database cannot take it
-        (then nothing may be sent)."""
+        already holds its (principal, idempotency_key), also one this replica wrote that is not in the database
+        yet (the service's lookup by key before paying relies on it). Raises FluxError when the database
+        cannot take it (then nothing may be sent)."""
         ...
 
     async def intent_failed(self, intent_id: str, error: str | None) -> None:

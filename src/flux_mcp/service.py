@@ -138,7 +138,8 @@ class FluxService:
             # One process: the lock keeps one key to one job. Several replicas: the intent row holds the key in
             # the database before any paid request, so a same-key call elsewhere attaches (KeyTaken).
             async with self._key_lock(principal, req.idempotency_key):
-                earlier = await self.journal.by_idempotency_key(principal, req.idempotency_key)
+                earlier = (None if self._intent_finds_key(req)
+                           else await self.journal.by_idempotency_key(principal, req.idempotency_key))
                 if earlier is None:
                     try:
                         return await self._new(req, key, paths, progress, principal, alive, ask)
@@ -161,6 +162,15 @@ class FluxService:
             if alive is None or not await alive():  # a call whose caller still waits on it is not abandoned
                 return await self._join(earlier, req, paths, progress)
         return await self._new(req, key, paths, progress, principal, alive, ask)
+
+    def _intent_finds_key(self, req: JobRequest) -> bool:
+        """Whether the job's intent alone finds the earlier job of a call's idempotency key (shared mode): it takes
+        the key in the database before the paid request, or finds the job that holds it (KeyTaken), so a read
+        first would only cost a statement more per call. The read comes first anyway where what runs before the
+        intent could differ for a call that only gets its earlier job back: a question to the user or a budget's
+        refusal (the server's limits), a max_cost_usd check, an edit's upload of its image."""
+        return (self.runner.leases is not None and not self.money.decides() and req.kind != "edit"
+                and req.max_cost_usd is None)
 
     async def _join(self, record: Record, req: JobRequest, paths: PathPolicy, progress: ProgressFn | None) -> Outcome:
         """Answers with an earlier job: its images when it finished, or waits on it while it runs."""

@@ -450,3 +450,66 @@ def _bucket_keys(env: dict[str, str]) -> list[str]:
     from tests.cluster_env import RUNNING
 
     return RUNNING[0].keys(env["FLUX_MCP_S3_URL"].removeprefix("s3://"))
+
+
+# --- a polled success: one write, with its images and its cost ------------------------------------------
+
+async def test_a_polled_success_is_written_once_with_its_images_and_cost_and_a_crash_before_leaves_it_to_another(
+        make_node, fake: AtlasFake, shared_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """The write that says a polled job succeeded is the one that says its images are kept (and settles its charge
+    to the provider's cost): until it lands the row stays pending under the owner's lease. So a replica that dies
+    while storing the images leaves a job another replica polls and keeps once, and the dead one's late write (and
+    settle) is fenced out."""
+    import obstore
+
+    fake.price = 0.0042  # the provider's own figure, unlike the price table's estimate
+    storing, resume = anyio.Event(), anyio.Event()
+    real_put = obstore.put_async
+    puts: list[str] = []
+
+    async def put(*args: Any, **kw: Any) -> Any:
+        puts.append(str(args[1]))
+        if len(puts) == 1:  # the first replica's PUT: it "dies" here (no heartbeat, stuck)
+            storing.set()
+            await resume.wait()
+        return await real_put(*args, **kw)
+
+    monkeypatch.setattr(obstore, "put_async", put)
+    url = shared_env["FLUX_MCP_DATABASE_URL"]
+    async with make_node(heartbeat=False, lease=1.0) as a, anyio.create_task_group() as tg:
+        stalled: list[Outcome] = []
+
+        async def on_a() -> None:
+            stalled.append(await a.run(idempotency_key="k-poll", wait_seconds=60))
+
+        tg.start_soon(on_a)
+        await until(lambda: fake.jobs)
+        [job] = fake.jobs
+        pid = f"atlascloud:{job}"
+        fake.finish(job)
+        await until(storing.is_set)
+        # The crash point: the provider said succeeded, the image is being stored. The row says neither.
+        [(status, owner, charge)] = await _pg(url, "SELECT p.status, p.lease_owner, c.state || ' ' || c.estimated "
+                                                   "FROM flux_predictions p JOIN flux_charges c ON "
+                                                   f"c.prediction_id = p.id WHERE p.id = '{pid}'")
+        assert status in ("starting", "processing") and (owner, charge) == (a.journal.owner, "billed true")
+        async with make_node() as b:  # its reconciler takes the lapsed lease over
+            await until(lambda: _status(b, pid, "succeeded"))
+            finished = await _read(b, pid)
+            resume.set()  # the stalled replica wakes up past its lease: its write (and settle) must not land
+            await until(lambda: stalled)
+            after = await _read(b, pid)
+    assert len(fake.ledger) == 1, "paid twice"
+    assert after == finished and stalled[0].record.status == "succeeded"
+    assert stalled[0].record.images == finished.images
+    charges = await _pg(url, "SELECT state, prediction_id, usd, estimated FROM flux_charges")
+    assert charges == [("billed", pid, 0.0042, False)], "the charge is billed once, at the provider's cost"
+    assert kept_bytes(finished.images[0].path or "") is not None
+
+
+async def _pg(url: str, sql: str) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(sql)
+        return list(await cur.fetchall())

@@ -170,3 +170,64 @@ async def test_an_image_is_recorded_as_kept_only_once_it_is_in_the_bucket(
     assert kept_bytes(location) is not None
     [(images,)] = await _rows(url, f"SELECT images FROM flux_predictions WHERE id = '{pid}'")
     assert location in str(images)
+
+
+_PERIODIC = ("SET lease_until = ", "WITH due AS", "WHERE status = 'submitting' AND lease_until <", "LISTEN")
+"""Statements no call sends (each replica's heartbeat, reconciler passes, LISTEN, readiness checks)."""
+
+
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The statements the server sends to PostgreSQL (its pool's connections: not this test's reads), in order,
+    the periodic ones left out."""
+    sent: list[str] = []
+    real = psycopg.AsyncConnection.execute
+
+    async def execute(self: Any, query: Any, *args: Any, **kw: Any) -> Any:
+        text = " ".join(str(query).split())
+        ours = self.info.parameter_status("application_name") == "flux-mcp"
+        if ours and text != "SELECT 1" and not any(p in text for p in _PERIODIC):
+            sent.append(text)
+        return await real(self, query, *args, **kw)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "execute", execute)
+    return sent
+
+
+async def _delivered(url: str, pid: str) -> None:
+    with anyio.fail_after(10):
+        while not await _rows(url, f"SELECT 1 FROM flux_predictions WHERE id = '{pid}' AND delivered"):
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize(("sync", "keyed", "lookup"), [("off", True, 0), ("auto", False, 1)],
+                         ids=["polled-keyed", "held-keyless"])
+async def test_a_job_costs_three_statements_until_its_answer_plus_the_call_lookup_and_its_delivered_mark_after(
+        make_settings, fake, shared_env, statements, sync, keyed, lookup):
+    """Intent (with the reservation), the provider's id (with the charge billed; an inline image is stored
+    meanwhile), the final state with the kept images (with the charge settled and the notification); a key-less
+    call looks for an earlier identical one first (a keyed call's intent finds its key's job). The delivered mark
+    comes after the answer, batched."""
+    url = shared_env["FLUX_MCP_DATABASE_URL"]
+    settings = make_settings(ATLASCLOUD_API_KEY=ATLAS_KEY, ATLASCLOUD_BASE_URL="http://atlas.test",
+                             ATLASCLOUD_SYNC_MODE=sync, **shared_env)
+    async with connect(settings, fake) as client:
+        warm = await client.call_tool("generate_image", {"prompt": "warm-up"})  # the model's durations are read once
+        await _delivered(url, warm.structured_content["prediction_id"])
+        statements.clear()
+        args = {"prompt": "a lighthouse", **({"idempotency_key": "lh-1"} if keyed else {})}
+        made = await client.call_tool("generate_image", args)
+        answered = list(statements)
+        pid = made.structured_content["prediction_id"]
+        await _delivered(url, pid)
+        after = statements[len(answered):]
+        if keyed:
+            again = await client.call_tool("generate_image", args)
+    assert made.structured_content["status"] == "succeeded", text_of(made)
+    assert len(answered) == 3 + lookup, [a[:50] for a in answered]
+    assert len(after) == 1 and "delivered = TRUE" in after[0], after
+    [(state, usd, estimated)] = await _rows(url, f"SELECT state, usd, estimated FROM flux_charges "
+                                                 f"WHERE prediction_id = '{pid}'")
+    assert (state, usd, estimated) == ("billed", fake.price, False)
+    if keyed:  # the key's job, found by the intent alone: nothing paid again
+        assert again.structured_content["prediction_id"] == pid and len(fake.ledger) == 2
