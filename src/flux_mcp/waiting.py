@@ -41,22 +41,21 @@ corrected by the probes; one that is too short costs nothing but polite checks.
 Which jobs probe (`Pacer`). A probe's early looks are wasted while jobs end when expected, and they
 are the only way to learn that jobs got faster, so:
 
-* A *steady* model — its recent durations, all but the lowest and the highest, within half a gap
-  below and one and a half above `m` — probes one job in four (per model, on this server), with one
-  early look at `m - g`; the other three cost one status request each. In a steady state a job
-  costs 1.25 requests, and the probes keep the estimate within a gap of where jobs end: one at
-  `m - g` that finds the job done teaches `m - g`.
-* An *unsteady* model (jobs that spread wider, or that just changed) probes every job, with one
-  early look per 4 s of `m` (at most four, at least one): early finishers are noticed soon, and
-  every job teaches. One shorter than 4 s (where an early look per job would cost more than fixed
-  polling) still probes one job in four.
+* A *steady* model — its recent durations, all but the lowest and the highest, within one gap below
+  `m` and one and a half above — probes one job in four (per model, on this server), with one early
+  look at `m - g`; the other three are checked once, at `m`. So a steady model's job costs 1.25
+  status requests, and the probes keep the estimate within a gap of where the jobs end (one at
+  `m - g` that finds the job done teaches `m - g`).
+* Any other model probes every job, with one early look per 4 s of `m` (at most four): its early
+  finishers are noticed soon, and every job teaches. Under 4 s, where an early look on every job
+  would cost more than fixed polling, one job in four probes, with one early look.
 * A job expected within one polite period (2 s), which fixed polling answers with one request, never
-  probes: it is checked at `m` only. Such a model learns that its jobs got slower (they are seen
-  running at `m`) but not that they got faster.
-* A probe looks deeper when the newest duration ended well before `m` (more than half a gap): its
-  earliest look goes one doubling below that moment (not below `m / 2`), so when jobs get faster each
-  probe finds them earlier than the last, and the estimate follows within a few dozen jobs instead
-  of creeping down a gap at a time.
+  probes: it is checked at `m`. Such a model learns that its jobs got slower (they are seen running
+  at `m`) but not that they got faster.
+* After a job that ended well before `m` (more than half a gap), the next probe looks deeper: its
+  earliest look comes one doubling below that job's end (never before `m / 2`). When jobs get
+  faster each probe then finds them earlier than the last, and the estimate follows within a few
+  dozen jobs instead of creeping down a gap at a time (bench/simulate.py measures both directions).
 """
 
 from __future__ import annotations
@@ -220,7 +219,7 @@ class Pacer:
         one and a half above (a job found a gap late is still on time: that is where its check came)."""
         ordered = sorted(recent)
         inner = ordered[1:-1] if len(ordered) >= 5 else ordered
-        return inner[0] >= m - gap / 2 and inner[-1] <= m + 1.5 * gap
+        return inner[0] >= m - gap and inner[-1] <= m + 1.5 * gap
 
     def _reach(self, m: float, gap: float, newest: float) -> int:
         """Early checks enough for the earliest to come one doubling below `newest` when that job ended more
