@@ -130,6 +130,10 @@ def summary(r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _jobs(n: int | None) -> str:
+    return "never" if n is None else str(n)
+
+
 def details(r: dict[str, Any]) -> list[str]:
     out: list[str] = []
     if c := r.get("completion"):
@@ -168,25 +172,46 @@ def details(r: dict[str, Any]) -> list[str]:
             f"### Completion detection, long run (simulated: {lr['jobs']} jobs in a row, last {lr['tail']})",
             "",
             (
-                f"The real `PollSchedule` on a simulated clock, the journal's rule (median of the last 20 recorded "
-                f"durations) and its bias (recorded when the answer arrives, {lr['rtt_s'] * 1000:g} ms round trip); "
-                f"lengths D x U(0.9, 1.1). `previous` is the schedule before this suite (first learned check at "
-                "1.03 x expected + 50 ms): its estimate grows without bound."
+                "The real `Pacer` and `PollSchedule` on a simulated clock, the journal's rule (median of the last 20 "
+                "learned durations, learned only from jobs that measured theirs) and the runner's (a duration is the "
+                f"moment the check that found the job done was sent, {lr['late_s'] * 1000:g} ms after its moment; "
+                f"{lr['rtt_s'] * 1000:g} ms round trip). `jitter`: lengths D x U(0.9, 1.1); `exact`: D each time. "
+                "`before`: the schedule before probing was paced (every learned job looks early, every job teaches). "
+                "`previous`: first learned check at 1.03 x expected + 50 ms: its estimate grows without bound."
             ),
             "",
             (
-                "| jobs | flux-mcp p50 delay (requests) | estimate / true | previous p50 delay (requests) | "
-                "estimate / true | fixed 2 s p50 delay (requests) |"
+                "| jobs | flux-mcp p50 delay (requests) | estimate / true | before p50 delay (requests) | "
+                "estimate / true | previous p50 delay (requests) | estimate / true | fixed 2 s p50 delay (requests) |"
             ),
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in lr["rows"]:
+            for variant in ("exact", "jitter"):
+                c = row[variant]
+                cells = " | ".join(f"{secs(c[n]['delay_p50'])} ({c[n]['requests_mean']:.2f}) | "
+                                   f"{c[n]['estimate_ratio']:.2f}" for n in ("flux-mcp", "before", "previous"))
+                out.append(f"| {variant} {row['length_s']:g} s | {cells} | {secs(c['fixed']['delay_p50'])} "
+                           f"({c['fixed']['requests_mean']:.1f}) |")
+        out += [
+            "",
+            (
+                f"Jobs that get faster or slower: {lr['steady_before']} jobs of D, then {lr['step_after']} of D x f. "
+                f"Jobs until the estimate is within {lr['followed']:.0%} of the new length for 10 jobs in a row "
+                "(never: not within the run), and the 50 jobs after the change: mean requests and p50 delay."
+            ),
+            "",
+            "| jobs | change | flux-mcp: jobs to follow | requests, delay | before: jobs to follow | requests, delay |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for row in lr["rows"]:
-            f, pv, fx = row["flux-mcp"], row["previous"], row["fixed"]
-            out.append(
-                f"| {row['length_s']:g} s | {secs(f['delay_p50'])} ({f['requests_mean']:.1f}) | "
-                f"{f['estimate_ratio']:.2f} | {secs(pv['delay_p50'])} ({pv['requests_mean']:.1f}) | "
-                f"{pv['estimate_ratio']:.2f} | {secs(fx['delay_p50'])} ({fx['requests_mean']:.1f}) |"
-            )
+            for change, step in row["steps"].items():
+                f, bf = step["flux-mcp"], step["before"]
+                out.append(
+                    f"| {row['length_s']:g} s | {change} | {_jobs(f['jobs_to_follow'])} | {f['requests_mean']:.2f}, "
+                    f"{secs(f['delay_p50'])} | {_jobs(bf['jobs_to_follow'])} | {bf['requests_mean']:.2f}, "
+                    f"{secs(bf['delay_p50'])} |"
+                )
     if o := r.get("overhead"):
         out += [
             "",

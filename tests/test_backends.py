@@ -95,6 +95,20 @@ async def test_the_typical_duration_is_the_median_of_recent_successes(journal: J
     assert await journal.typical_duration("atlascloud", "black-forest-labs/flux-schnell") == 4.0
 
 
+async def test_only_jobs_that_measured_their_duration_teach_it(journal: Journal):
+    """A job found done by its first check, made when it was expected, says only that it took no longer: it is kept
+    (with its completion moment) but the model's durations are learned from the others."""
+    now = time.time()
+    for i, (seconds, timed) in enumerate([(5.0, True), (5.2, True), (4.0, False), (4.0, False), (5.1, True)]):
+        await journal.put(record(i, status="succeeded", created_at=now - 100 + i,
+                                 completed_at=now - 100 + i + seconds, timed=timed))
+    assert await journal.recent_durations("atlascloud", "black-forest-labs/flux-schnell") == pytest.approx(
+        [5.1, 5.2, 5.0])  # newest first
+    assert await journal.typical_duration("atlascloud", "black-forest-labs/flux-schnell") == pytest.approx(5.1)
+    kept = await journal.get("atlascloud:job2")
+    assert kept is not None and kept.timed is False and kept.completed_at == pytest.approx(now - 100 + 2 + 4.0)
+
+
 async def test_upload_urls_are_reused_only_while_young(journal: Journal):
     await journal.add_upload("ab" * 32, "atlascloud", "https://files.test/u1.png")
     assert await journal.upload_url("ab" * 32, "atlascloud", 3600) == "https://files.test/u1.png"

@@ -25,6 +25,7 @@ from flux_mcp.providers.atlascloud import AtlasCloud
 from flux_mcp.redact import Redactor
 from flux_mcp.request import JobRequest
 from flux_mcp.store import FolderStore
+from flux_mcp.waiting import Pacer
 from tests.conftest import ATLAS_KEY, FAST_RETRY
 from tests.fakes.atlascloud import AtlasFake
 
@@ -99,6 +100,44 @@ async def test_a_polled_job_is_submitted_once_journaled_waited_on_and_its_image_
     assert Path(record.images[0].path or "").is_relative_to(rig.home / "images")
     stored = await rig.row(record.id)
     assert stored is not None and stored.status == "succeeded" and stored.images == record.images
+
+
+async def steady_jobs(rig: Rig, n: int) -> list[int]:
+    """Runs `n` jobs one after another; the status requests the provider received for each."""
+    asked = []
+    for _ in range(n):
+        outcome = await rig.runner.run(rig.provider, rig.request(), SavePlan(), 30, rig.paths)
+        assert outcome.record.status == "succeeded"
+        asked.append(rig.fake.jobs[outcome.record.native_id].polls)
+    return asked
+
+
+async def test_a_steady_models_jobs_cost_at_most_1_3_status_requests_and_teach_where_they_end(rig: Rig):
+    rig.runner.pacer = Pacer(polite_period=0.2)  # half-second jobs are paced as the longer ones of real providers
+    rig.fake.duration = 0.45
+    await steady_jobs(rig, 2)  # the first jobs: the model is learned from them
+    asked = await steady_jobs(rig, 20)
+    assert sum(asked) / len(asked) <= 1.3
+    assert asked.count(1) >= 14 and 2 in asked  # most are asked once; some probed before the job was due
+    learned = await rig.journal.typical_duration("atlascloud", SCHNELL)
+    assert learned is not None and 0.45 <= learned <= 0.45 + 0.1 + 0.05  # within a gap of where the jobs end
+    other = open_journal(rig.home)  # another process sharing the file learns the same
+    try:
+        assert await other.typical_duration("atlascloud", SCHNELL) == pytest.approx(learned)
+    finally:
+        await other.close()
+
+
+async def test_the_learned_duration_follows_jobs_that_get_slower(rig: Rig):
+    rig.runner.pacer = Pacer(polite_period=0.2)
+    rig.fake.duration = 0.45
+    await steady_jobs(rig, 6)
+    before = await rig.journal.typical_duration("atlascloud", SCHNELL)
+    assert before is not None and before < 0.6
+    rig.fake.duration = 0.8
+    await steady_jobs(rig, 14)  # each is seen running when it was expected done, and teaches where it ended
+    after = await rig.journal.typical_duration("atlascloud", SCHNELL)
+    assert after is not None and 0.8 <= after <= 1.1
 
 
 async def test_the_job_is_journaled_before_the_wait_begins(rig: Rig):

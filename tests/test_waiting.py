@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from flux_mcp.waiting import PollSchedule
+from flux_mcp.waiting import Pacer, PollSchedule
 
 
 def checks(schedule: PollSchedule, until: float) -> list[float]:
@@ -52,22 +52,86 @@ def test_a_model_that_finishes_instantly_is_checked_at_once():
     assert PollSchedule(expected=0.05).next_delay(0.0) == 0.0
 
 
+def learn(lengths: list[float], pacer: Pacer | None = None) -> tuple[list[int], list[float | None]]:
+    """Runs jobs of `lengths` one after another through a `Pacer` with the journal's rule (the median of the last
+    20 durations it learned, newest first, learned only from jobs that measured theirs: a probe, or one a check
+    saw running) and the runner's (the moment the check that found it done was sent, here 1 ms after its moment).
+    Returns each job's status checks and the estimate after it."""
+    pacer = pacer or Pacer()
+    learned: list[float] = []
+    asked, estimates = [], []
+    for length in lengths:
+        schedule, now, checks, running = pacer.schedule(("p", "m"), learned[:20], None), 0.0, 0, False
+        while True:
+            now += schedule.next_delay(now) + 0.001
+            checks += 1
+            if now >= length:
+                break
+            running = True
+        if schedule.probing or running:
+            learned.insert(0, now)
+        asked.append(checks)
+        estimates.append(statistics.median(learned[:20]) if len(learned) >= 2 else None)
+    return asked, estimates
+
+
 def test_learning_from_the_schedule_itself_does_not_drift():
-    """Simulate the journal's rule (median of the last 20 observed durations) over 300 jobs."""
+    """300 jobs in a row: the estimate stays where the jobs end, steady or spread."""
     rng = random.Random(7)
-    for true in (1.0, 5.0, 20.0):
-        observed: list[float] = []
-        for _ in range(300):
-            length = true * rng.uniform(0.9, 1.1)
-            expected = statistics.median(observed[-20:]) if len(observed) >= 2 else None
-            schedule, now = PollSchedule(expected=expected), 0.0
-            while True:
-                now += schedule.next_delay(now)
-                if now >= length:
-                    observed.append(now)  # the server records when it asked and found the job done
-                    break
-        estimate = statistics.median(observed[-20:])
-        assert 0.8 * true <= estimate <= 1.3 * true, (true, estimate)
+    for true in (1.0, 3.0, 5.0, 20.0, 60.0):
+        for spread in (0.0, 0.1):
+            _, estimates = learn([true * rng.uniform(1 - spread, 1 + spread) for _ in range(300)])
+            estimate = estimates[-1]
+            assert estimate is not None and 0.8 * true <= estimate <= 1.15 * true, (true, spread, estimate)
+
+
+@pytest.mark.parametrize("length", [3.0, 5.0, 20.0, 60.0])
+def test_a_steady_models_jobs_cost_at_most_1_3_status_requests_and_are_noticed_within_a_gap(length):
+    asked, estimates = learn([length] * 200)
+    assert sum(asked[-100:]) / 100 <= 1.3
+    gap = max(0.03 * length, 0.1)
+    assert all(e is not None and length <= e <= length + gap + 0.01 for e in estimates[-100:])
+
+
+def test_a_steady_model_probes_one_job_in_four_and_checks_the_others_once_when_they_are_expected():
+    pacer = Pacer()
+    schedules = [pacer.schedule(("p", "m"), [5.0] * 20, None) for _ in range(8)]
+    assert [s.probing for s in schedules] == [True, False, False, False] * 2
+    assert checks(schedules[0], 4.99) == [pytest.approx(4.85), pytest.approx(5.0)]
+    assert checks(schedules[1], 4.99) == [pytest.approx(5.0)]
+    other = pacer.schedule(("p", "other"), [5.0] * 20, None)
+    assert other.probing  # counted per model
+
+
+def test_a_spread_model_probes_every_job_as_before():
+    pacer = Pacer()
+    recent = [18.0, 22.0, 19.0, 21.0, 20.0, 20.5, 19.5]
+    schedules = [pacer.schedule(("p", "m"), recent, None) for _ in range(4)]
+    assert all(s.probing and s.early == 4 for s in schedules)
+
+
+def test_a_job_expected_within_two_seconds_never_probes():
+    pacer = Pacer()
+    assert not any(pacer.schedule(("p", "m"), [1.5] * 20, None).probing for _ in range(8))
+    assert pacer.schedule(("p", "m"), [0.05] * 20, None).next_delay(0.0) == 0.0  # done as soon as asked
+    assert pacer.schedule(("p", "new"), [], 5.0).probing  # a first job searches from the start
+
+
+def test_after_a_job_that_ended_well_before_the_estimate_the_next_probe_looks_one_doubling_below_it():
+    pacer = Pacer()
+    probe = pacer.schedule(("p", "m"), [4.7, *[5.0] * 19], None)
+    assert checks(probe, 5.0)[0] < 4.7 - 0.1 and checks(probe, 5.0)[0] >= 2.5
+
+
+@pytest.mark.parametrize("length", [5.0, 20.0, 60.0])
+@pytest.mark.parametrize("factor", [0.7, 1.5])
+def test_the_estimate_follows_jobs_that_get_faster_or_slower(length, factor):
+    asked, estimates = learn([length] * 100 + [length * factor] * 200)
+    new = length * factor
+    followed = next(i for i in range(100, 290)
+                    if all(abs(e / new - 1) <= 0.05 for e in estimates[i:i + 10] if e is not None))
+    assert followed - 100 <= 60, (length, factor, followed - 100)
+    assert sum(asked[-50:]) / 50 <= 1.3  # steady again at the new length
 
 
 # --- first jobs of a documented model ----------------------------------------------------------------

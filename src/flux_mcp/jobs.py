@@ -52,7 +52,7 @@ from .redact import Redactor
 from .replica import REREAD, KeyTaken, LeaseLost, Leases
 from .request import JobRequest
 from .store import ImageStore
-from .waiting import PollSchedule
+from .waiting import Pacer
 
 log = logging.getLogger("flux_mcp.jobs")
 
@@ -81,6 +81,9 @@ class Outcome:
     waited: float = 0.0
     seen_at: float | None = None
     """When the status request that found the job final was sent."""
+    timed: bool = True
+    """Whether `seen_at` measures the job's duration (`Record.timed`): the checks bracketed its end, or looked
+    early on purpose."""
     kept: dict[str, bytes] = field(default_factory=dict)
     """The bytes just written at each image's path (previews are made from them, not read back)."""
     joined: bool = False
@@ -122,6 +125,8 @@ class JobRunner:
         whose caller is there is not abandoned, so not for an identical call to join."""
         self.leases: Leases | None = journal if isinstance(journal, Leases) else None
         """The shared journal's leases (None on SQLite: a single server drives every job it is asked about)."""
+        self.pacer = Pacer()
+        """Each wait's status checks, from what the journal learned of the model (and which of its jobs probe)."""
 
     # --- a new job ----------------------------------------------------------------------------
 
@@ -423,7 +428,7 @@ class JobRunner:
         if state is None or (state.status not in FINAL and state.status == record.status):
             return state
         if state.status in FINAL:
-            state = self._settle(record, state, outcome.seen_at)
+            state = self._settle(record, state, outcome.seen_at, timed=outcome.timed)
         else:
             record.status = state.status
         # A final job with the provider's own figure for its cost: the ledger learns it in the same write.
@@ -480,9 +485,10 @@ class JobRunner:
                     await self._save(outcome)
 
     @staticmethod
-    def _settle(record: Record, state: JobState, seen_at: float | None) -> JobState:
-        """Writes a final state into the record; returns it with no more outputs than were asked for (a
-        provider that answers 200 images for one would get 200 downloads and a result too big to send)."""
+    def _settle(record: Record, state: JobState, seen_at: float | None, *, timed: bool = True) -> JobState:
+        """Writes a final state into the record (`timed`: whether `seen_at` measures the job's duration); returns
+        it with no more outputs than were asked for (a provider that answers 200 images for one would get 200
+        downloads and a result too big to send)."""
         asked = int(record.request.get("num_images") or 1)
         extra = len(state.outputs) - asked
         if extra > 0:
@@ -490,7 +496,8 @@ class JobRunner:
             state = dataclasses.replace(state, outputs=state.outputs[:asked],
                                         error="; ".join(filter(None, [state.error, note])))
         record.status = state.status
-        record.completed_at = record.completed_at or seen_at or time.time()
+        if not record.completed_at:
+            record.completed_at, record.timed = seen_at or time.time(), timed
         record.error = state.error
         if state.cost_usd is not None:
             record.cost_usd, record.cost_estimated = state.cost_usd, state.cost_estimated
@@ -569,15 +576,18 @@ class JobRunner:
 
     async def _wait(self, record: Record, provider: Provider, wait: float, progress: ProgressFn | None,
                     outcome: Outcome, *, poll_now: bool) -> JobState | None:
-        """Polls until the job is final or `wait` seconds pass; returns the last state seen (None: none)."""
-        schedule = PollSchedule(expected=await self.journal.typical_duration(record.provider, record.model),
-                                documented=provider.typical_seconds(record.model))
+        """Polls until the job is final or `wait` seconds pass; returns the last state seen (None: none).
+        `poll_now`: the first status request goes at once (a check on an earlier job), not when the schedule says."""
+        schedule = self.pacer.schedule((record.provider, record.model),
+                                       await self.journal.recent_durations(record.provider, record.model),
+                                       provider.typical_seconds(record.model))
         start = time.monotonic()
         deadline = start + wait
         state: JobState | None = None
         poll_error: str | None = None
         last_progress = 0.0
         first = poll_now
+        running_seen = False
 
         async def report() -> None:
             nonlocal last_progress
@@ -616,9 +626,13 @@ class JobRunner:
                 break
             if state.status in FINAL:
                 # The job was done by the time it was asked about: the journal learns that moment, not the
-                # moment the answer arrived (which would add a round trip to every learned duration).
+                # moment the answer arrived (which would add a round trip to every learned duration), when it
+                # measures the job: a check before this one saw it running, or the schedule looked early on
+                # purpose (not a check at once, whose moment is the caller's).
                 outcome.seen_at = asked
+                outcome.timed = running_seen or (schedule.probing and not poll_now)
                 break
+            running_seen = True
             await report()
         outcome.waited = time.monotonic() - start
         if poll_error:

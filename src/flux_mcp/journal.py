@@ -57,7 +57,7 @@ RECENT = 20
 """A model's typical duration is the median of its last this-many successful jobs."""
 _RECENT_TTL = 60.0
 """Seconds the remembered durations are trusted before the file is read again."""
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """The layout this code reads and writes (`PRAGMA user_version`)."""
 ATTEMPT_RETENTION = 86_400.0
 """Seconds an attempt row is kept: it only informs the choice of provider in the next minutes."""
@@ -70,7 +70,7 @@ DELIVERED_AFTER = 0.05
 
 _COLUMNS = ("id", "provider", "native_id", "model", "kind", "status", "request", "images", "outputs", "error",
             "cost_usd", "remaining_credits", "created_at", "updated_at", "completed_at", "principal", "request_key",
-            "idempotency_key", "delivered", "cost_estimated")
+            "idempotency_key", "delivered", "cost_estimated", "timed")
 
 _MIGRATIONS: dict[int, str] = {
     # 0 -> 1: the first layout. Journals written before versions existed have exactly these tables.
@@ -162,7 +162,17 @@ DROP INDEX IF EXISTS predictions_rejoin;
 CREATE INDEX IF NOT EXISTS predictions_open ON predictions (principal, request_key, created_at, id)
     WHERE delivered = 0;
 """,
+    # 6 -> 7: whether a job's completion moment measures its duration (see `Record.timed`); the jobs recorded
+    # before did (every job of a learned model looked early then).
+    7: """
+ALTER TABLE predictions ADD COLUMN timed INTEGER NOT NULL DEFAULT 1;
+""",
 }
+
+
+def typical(durations: list[float]) -> float | None:
+    """A model's typical duration: the median of its recent ones, from two on (None: not known yet)."""
+    return statistics.median(durations) if len(durations) >= 2 else None
 
 
 class JournalUnusable(ConfigError):
@@ -200,6 +210,10 @@ class Record:
     """Whether a finished answer for this job reached the caller."""
     cost_estimated: bool = False
     """`cost_usd` comes from the price table, not from the provider."""
+    timed: bool = True
+    """Whether `completed_at` measures the job's duration, so the model's typical duration is learned from it:
+    the status checks bracketed its end (one saw it running, the next done) or looked early on purpose. A job
+    found done by the first check, made when it was expected to be done, only says it took no longer."""
 
     def result(self) -> PredictionResult:
         return PredictionResult(
@@ -307,6 +321,11 @@ class Journal(Protocol):
         """Median seconds from submit to completion of the model's recent successful jobs (None: unknown)."""
         ...
 
+    async def recent_durations(self, provider: str, model: str) -> list[float]:
+        """Seconds from submit to completion of the model's last `RECENT` successful jobs that measured theirs
+        (`Record.timed`), newest first: what `typical_duration` is the median of, once there are two."""
+        ...
+
     async def upload_url(self, sha256: str, provider: str, max_age: float) -> str | None: ...
 
     async def add_upload(self, sha256: str, provider: str, url: str) -> None: ...
@@ -404,7 +423,7 @@ def _row(rec: Record) -> tuple[Any, ...]:
     return (rec.id, rec.provider, rec.native_id, rec.model, rec.kind, rec.status, json.dumps(rec.request),
             json.dumps([i.model_dump() for i in rec.images]), json.dumps(rec.outputs), rec.error, rec.cost_usd,
             rec.remaining_credits, rec.created_at, rec.updated_at, rec.completed_at, rec.principal, rec.request_key,
-            rec.idempotency_key, int(rec.delivered), int(rec.cost_estimated))
+            rec.idempotency_key, int(rec.delivered), int(rec.cost_estimated), int(rec.timed))
 
 
 def _record(row: tuple[Any, ...]) -> Record:
@@ -413,7 +432,7 @@ def _record(row: tuple[Any, ...]) -> Record:
         request=json.loads(row[6]), images=[ImageOutput(**i) for i in json.loads(row[7])],
         outputs=json.loads(row[8]), error=row[9], cost_usd=row[10], remaining_credits=row[11],
         created_at=row[12], updated_at=row[13], completed_at=row[14], principal=row[15], request_key=row[16],
-        idempotency_key=row[17], delivered=bool(row[18]), cost_estimated=bool(row[19]),
+        idempotency_key=row[17], delivered=bool(row[18]), cost_estimated=bool(row[19]), timed=bool(row[20]),
     )
 
 
@@ -829,6 +848,9 @@ class SqliteJournal:
         return rec
 
     async def typical_duration(self, provider: str, model: str) -> float | None:
+        return typical(await self.recent_durations(provider, model))
+
+    async def recent_durations(self, provider: str, model: str) -> list[float]:
         """The durations are read once and then kept up to date as this journal records finished jobs
         (re-read after a minute, for jobs that other processes sharing the file finished)."""
         key = (provider, model)
@@ -837,19 +859,19 @@ class SqliteJournal:
             try:
                 rows = await self._read(
                     "SELECT id, completed_at - created_at FROM predictions WHERE provider=? AND model=? AND"
-                    " status='succeeded' AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT ?",
-                    (provider, model, RECENT), many=True)
+                    " status='succeeded' AND completed_at IS NOT NULL AND timed=1 ORDER BY completed_at DESC"
+                    " LIMIT ?", (provider, model, RECENT), many=True)
             except sqlite3.Error as exc:
                 log.info("durations not read: %s", exc)
                 rows = []
             cached = (time.monotonic(), [(r[0], r[1]) for r in rows if r[1] is not None and r[1] >= 0])
             self._recent[key] = cached
-        durations = [d for _, d in cached[1]]
-        return statistics.median(durations) if len(durations) >= 2 else None
+        return [d for _, d in cached[1]]
 
     def _remember_duration(self, rec: Record) -> None:
         """Adds a newly finished job's duration to the remembered ones (once, however often it is written)."""
-        if rec.status != "succeeded" or rec.completed_at is None or rec.completed_at < rec.created_at:
+        if (rec.status != "succeeded" or not rec.timed or rec.completed_at is None
+                or rec.completed_at < rec.created_at):
             return
         cached = self._recent.get((rec.provider, rec.model))
         if cached is not None and all(rid != rec.id for rid, _ in cached[1]):

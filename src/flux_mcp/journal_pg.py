@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -63,6 +62,7 @@ from .journal import (
     Refusals,
     Search,
     Totals,
+    typical,
 )
 from .models import FINAL, ImageOutput
 from .replica import CHANNEL, LEASE_SECONDS, LeaseLost, Waits, replica_id
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flux_mcp.journal")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The database layout this code reads and writes (the highest row of `flux_schema`)."""
 _LOCK_KEY = 0x666C7578  # 'flux': the advisory lock that serialises migrations across replicas
 _RECENT_TTL = 10.0
@@ -177,6 +177,11 @@ CREATE INDEX IF NOT EXISTS flux_predictions_owner ON flux_predictions (lease_own
     5: """
 ALTER TABLE flux_predictions ADD COLUMN IF NOT EXISTS orphaned_at DOUBLE PRECISION;
 ALTER TABLE flux_predictions ADD COLUMN IF NOT EXISTS adopted_at DOUBLE PRECISION;
+""",
+    # 5 -> 6: whether a job's completion moment measures its duration (`Record.timed`); the jobs recorded before
+    # did (every job of a learned model looked early then). A constant default: no table rewrite.
+    6: """
+ALTER TABLE flux_predictions ADD COLUMN IF NOT EXISTS timed BOOLEAN NOT NULL DEFAULT TRUE;
 """,
 }
 
@@ -323,6 +328,7 @@ def _record(row: Sequence[Any]) -> Record:
     data["images"] = [ImageOutput(**i) for i in data["images"]]
     data["delivered"] = bool(data["delivered"])
     data["cost_estimated"] = bool(data["cost_estimated"])
+    data["timed"] = bool(data["timed"])
     return Record(**data)
 
 
@@ -600,6 +606,9 @@ class PgJournal:
         return rec
 
     async def typical_duration(self, provider: str, model: str) -> float | None:
+        return typical(await self.recent_durations(provider, model))
+
+    async def recent_durations(self, provider: str, model: str) -> list[float]:
         import psycopg
         from psycopg_pool import PoolTimeout
 
@@ -609,7 +618,7 @@ class PgJournal:
             try:
                 rows = await self._fetch(
                     "SELECT id, completed_at - created_at FROM flux_predictions WHERE provider = %s AND model = %s "
-                    "AND status = 'succeeded' AND completed_at IS NOT NULL AND lease_epoch = 0 "
+                    "AND status = 'succeeded' AND completed_at IS NOT NULL AND lease_epoch = 0 AND timed "
                     "ORDER BY completed_at DESC LIMIT %s",
                     (provider, model, RECENT))
             except (psycopg.Error, PoolTimeout) as exc:
@@ -617,14 +626,14 @@ class PgJournal:
                 rows = []
             cached = (time.monotonic(), [(r[0], r[1]) for r in rows if r[1] is not None and r[1] >= 0])
             self._recent[key] = cached
-        durations = [d for _, d in cached[1]]
-        return statistics.median(durations) if len(durations) >= 2 else None
+        return [d for _, d in cached[1]]
 
     def _remember_duration(self, rec: Record) -> None:
         """Learns a finished job's length, unless another replica's (or a later call's) claim finished it: that
         one saw the end only when it took the job over (lease_epoch > 0), seconds late, and a burst of takeovers
         would teach every replica to wait that much longer before its first status request."""
-        if rec.status != "succeeded" or rec.completed_at is None or rec.completed_at < rec.created_at:
+        if (rec.status != "succeeded" or not rec.timed or rec.completed_at is None
+                or rec.completed_at < rec.created_at):
             return
         if self._held.get(rec.id, 0) > 0:
             return
