@@ -403,3 +403,35 @@ async def test_an_older_journal_migrates_to_the_open_jobs_index_and_still_finds_
         assert await journal.rejoinable("local", "same-request", now - 600) == []
     finally:
         await journal.close()
+
+
+async def test_committed_jobs_reach_the_journal_file_beside_the_loop(home: Path, tmp_path: Path):
+    """The checkpointer thread copies committed pages from the WAL into the journal file while the loop only
+    commits: a copy of the file alone (no WAL) soon holds every job written, though far fewer pages were written
+    than the 1,000 at which a commit would checkpoint by itself."""
+    import shutil
+
+    journal = open_journal(home)
+    try:
+        for i in range(30):
+            await journal.put(Record(id=f"atlascloud:c{i}", provider="atlascloud", native_id=f"c{i}", model="m",
+                                     kind="generate", status="succeeded", request={"prompt": "p"}))
+
+        def rows_in_file_alone() -> int:
+            copy = tmp_path / f"copy-{time.monotonic_ns()}.sqlite3"
+            shutil.copyfile(home / "journal.sqlite3", copy)  # the WAL left behind: only what was checkpointed
+            db = sqlite3.connect(copy)
+            try:
+                return int(db.execute("SELECT count(*) FROM predictions").fetchone()[0])
+            except sqlite3.DatabaseError:
+                return -1
+            finally:
+                db.close()
+
+        with anyio.fail_after(10):
+            while rows_in_file_alone() != 30:
+                await anyio.sleep(0.05)
+        with journal._lock:
+            assert journal._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] > 1000
+    finally:
+        await journal.close()
