@@ -30,7 +30,9 @@ database, so any of them answers for any prediction. The rules it keeps:
   statement. Every write of a held job carries `lease_owner = me AND lease_epoch = mine` (fencing: a
   replica stalled past its lease cannot overwrite the new owner's work) and a final status is never
   changed to another one; the write that makes a job final (with its images) sends `pg_notify` in the
-  same statement. Lease times are the database's clock, so replicas' clocks need not agree.
+  same statement. Lease times are the database's clock, so replicas' clocks need not agree. An intent whose
+  lease lapsed is claimed like a job (epoch + 1) when its provider has a history to look in, and replaced by
+  the job found there (or made `unknown`) by a write fenced like any other (`settle_intent`).
 
 Times are kept as epoch seconds (double precision) exactly as `Record` holds them.
 """

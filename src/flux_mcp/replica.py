@@ -308,8 +308,10 @@ class Replica:
         for pid, group in by_provider.items():
             try:
                 await self._find(self.providers[pid], group)
-            except Exception as exc:  # the database away: each intent left held lapses again, then is retried
+            except Exception as exc:  # the database away: the intents still held go back, to be looked up again
                 log.warning("history lookup of %d %s job(s) failed: %s", len(group), pid, _first_line(exc))
+                for intent in group:
+                    await self.journal.release(intent.id, hand_over=True)
 
     async def _find(self, provider: Provider, intents: list[Record]) -> None:
         since = min(i.created_at for i in intents)

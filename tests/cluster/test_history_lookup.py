@@ -150,3 +150,18 @@ async def test_a_history_that_cannot_be_read_leaves_unknown_and_the_key_in_no_lo
     assert "history could not be read" in caplog.text
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert not any(ATLAS_KEY[i:i + 12] in logged for i in range(len(ATLAS_KEY) - 11))
+
+
+async def test_a_job_the_history_lists_late_goes_to_no_later_identical_intent(make_node, fake: AtlasFake):
+    asked = JobRequest(prompt="a harbour", seed=8, model=SCHNELL)
+    async with make_node(heartbeat=False, lease=0.5) as a, make_node() as b:
+        assert await a.journal.intent(_intent(1, "alice", asked)) is None
+        await until(lambda: _is_unknown(b, "atlascloud:intent-twin1"))  # the history showed nothing yet
+        late = await a.service.providers["atlascloud"].submit(asked)  # ...and lists the job only now
+        assert await a.journal.intent(_intent(2, "alice", asked)) is None  # the same call again, cut again
+        await until(lambda: _is_unknown(b, "atlascloud:intent-twin2"))
+        first, second = [await b.journal.get(f"atlascloud:intent-twin{n}") for n in (1, 2)]
+        job_row = await b.journal.get(f"atlascloud:{late.native_id}")
+    assert first is not None and first.error == NOT_IN_HISTORY
+    assert second is not None and second.error == IN_HISTORY_TWICE  # the earlier intent may have made it
+    assert job_row is None and b.replica is not None and b.replica.found == 0
