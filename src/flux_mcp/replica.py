@@ -308,7 +308,7 @@ class Replica:
         for pid, group in by_provider.items():
             try:
                 await self._find(self.providers[pid], group)
-            except Exception as exc:  # the database away: the intents still held go back, to be looked up again
+            except Exception as exc:  # noqa: BLE001 - the database away: the held intents go back, to look again
                 log.warning("history lookup of %d %s job(s) failed: %s", len(group), pid, _first_line(exc))
                 for intent in group:
                     await self.journal.release(intent.id, hand_over=True)
@@ -327,8 +327,9 @@ class Replica:
         asked = {i.id: _asked(i) for i in intents}
         found = {i.id: _created_by(lookup, asked[i.id]) for i in intents}
         # Read after the history: an intent whose job the history shows was written before it was read.
-        rivals, held = await self.journal.intent_rivals(
-            provider.id, since - LOOKBACK, [i.id for i in intents], sorted({n for f in found.values() for n in f or ()}))
+        candidates = sorted({n for made in found.values() for n in made or ()})
+        rivals, held = await self.journal.intent_rivals(provider.id, since - LOOKBACK, [i.id for i in intents],
+                                                        candidates)
         everyone = [*((r, _asked(r)) for r in rivals), *((i, asked[i.id]) for i in intents)]
         for intent in intents:
             req, made = asked[intent.id], found[intent.id]

@@ -28,9 +28,10 @@ describe it:
 * Result and upload files are served from the fake's own host (`/files/...`, `/uploads/...`).
 
 Knobs (set by tests): `polls_to_complete`, `hold` (jobs stay processing until `finish(id)`; a held
-submit then answers `processing` at once), `answer_gate` (an accepted submit's answer waits until this event
-is set: the job exists, its id not yet sent), `history_errors` (injected answers to history requests), `outcome` ("ok", "fail", "nsfw"), `output_style`
-("strings", "objects", "base64"), `id_style`, `file_mode`, `duration`, and the shared ones of
+submit then answers `processing` at once), `answer_gate` (an accepted submit's answer waits until this
+event is set: the job exists, its id not yet sent), `history_errors` (injected answers to history
+requests), `outcome` ("ok", "fail", "nsfw"), `output_style` ("strings", "objects", "base64"),
+`id_style`, `file_mode`, `duration`, and the shared ones of
 `FakeBase` (`submit_errors`, `poll_errors`, `echo_key`, `revoke()`).
 """
 
@@ -46,9 +47,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2
-
 import anyio
+import httpx2
 
 from .base import Entry, FakeBase, Injected
 from .wire import json_response, noise_png, png_bytes

@@ -58,7 +58,7 @@ from ..errors import (
 )
 from ..http import CLIENT_ERROR, MAX_API_BYTES, AnswerTooLarge, ErrorRule, Phase, ProviderHttp
 from ..models import Status
-from .base import ImageRequest, JobState, ModelInfo, Provider, Range, Submitted, SubmitLookup
+from .base import ImageRequest, JobState, ModelInfo, Provider, Range, SubmitLookup, Submitted
 from .registry import ATLASCLOUD
 from .wire import Loose, Text, UnusableOutput, WireModel, finished, first_string, read, resolve_output
 
