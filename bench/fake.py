@@ -17,6 +17,8 @@ submitted it, so submits per call can be counted) and can make the provider slow
 (`POST /_bench/config {"submit_delay": [LOW, HIGH]}`: the job is created at once, its answer sent a
 uniformly drawn LOW..HIGH seconds later, as a real provider's answer takes time to come back).
 
+The history listing (`GET /api/v1/model/history`) is the test fake's, with each timed job's status on the clock.
+
 Control endpoints (not part of the Atlas API): `GET /_bench/jobs`, `POST /_bench/image`, `POST /_bench/config`.
 Run it with `python -m bench.fake --port PORT` (the bench does); it only binds 127.0.0.1.
 """
@@ -189,6 +191,14 @@ class TimedAtlasFake(AtlasFake):
         job.done = now >= timing.complete_at
         if job.done and timing.done_seen_at is None:
             timing.done_seen_at = now
+
+    def status_word(self, job: Job) -> str:
+        """The history's status on the clock: a timed job is completed from its moment on, polled or not."""
+        timing = self.timings.get(job.id)
+        if not job.done and timing is not None and timing.complete_at is not None \
+                and time.monotonic() >= timing.complete_at:
+            return "failed" if job.outcome == "fail" else "completed"
+        return super().status_word(job)
 
     def image_bytes(self) -> bytes:
         return self.image

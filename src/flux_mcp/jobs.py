@@ -240,6 +240,8 @@ class JobRunner:
         intent.idempotency_key = req.idempotency_key
         if selection:
             intent.request["selection_reason"] = selection
+        if hold is not None and hold.charge is not None:  # a reconciler that finds the job bills this charge
+            intent.request["charge_id"] = hold.charge.id
         try:  # the reservation Money deferred is written with the intent (its budget check made there)
             taken = await self.leases.intent(scrub_record(intent, self.redactor), hold.deferred if hold else None)
         except BaseException:

@@ -30,7 +30,9 @@ database, so any of them answers for any prediction. The rules it keeps:
   statement. Every write of a held job carries `lease_owner = me AND lease_epoch = mine` (fencing: a
   replica stalled past its lease cannot overwrite the new owner's work) and a final status is never
   changed to another one; the write that makes a job final (with its images) sends `pg_notify` in the
-  same statement. Lease times are the database's clock, so replicas' clocks need not agree.
+  same statement. Lease times are the database's clock, so replicas' clocks need not agree. An intent whose
+  lease lapsed is claimed like a job (epoch + 1) when its provider has a history to look in, and replaced by
+  the job found there (or made `unknown`) by a write fenced like any other (`settle_intent`).
 
 Times are kept as epoch seconds (double precision) exactly as `Record` holds them.
 """
@@ -210,9 +212,13 @@ _REPLACE = (f"INSERT INTO flux_predictions ({', '.join(_COLUMNS + _LEASED)}) VAL
             f"(SELECT coalesce(max(lease_epoch), 0) FROM gone), %s) "
             f"ON CONFLICT (id) DO UPDATE SET "
             f"{', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS + _LEASED if c not in ('id', 'delivered'))} "
+            "WHERE flux_predictions.lease_owner IS NOT DISTINCT FROM EXCLUDED.lease_owner "
             f"RETURNING lease_epoch, (SELECT max(status) FROM gone) AS was")
 _SUBMITTED = f"WITH {_GONE} {_REPLACE}"
-"""The provider's answer: the intent row goes and the real record (same key, same epoch) comes, at once."""
+"""The provider's answer: the intent row goes and the real record (same key, same epoch) comes, at once. A row
+already there under the job's id is only rewritten by its own lease owner (a retry of this write): one another
+replica made from the provider's history while this one stalled is left alone (no row returned: epoch 0, so
+this replica's later writes are fenced out)."""
 _BILL = ("UPDATE flux_charges SET state = 'billed', prediction_id = %s, usd = COALESCE(%s::double precision, usd), "
          "estimated = (CASE WHEN %s::double precision IS NULL THEN estimated ELSE false END), updated_at = %s "
          "WHERE id = %s")
@@ -254,10 +260,34 @@ The job becomes an orphan (`orphaned_at`): its owner stopped, and with it the ca
 UNKNOWN_ERROR = ("The server that sent this job's paid request stopped before the provider answered, so whether "
                  "the provider started the job is unknown. It is never resubmitted: look in the provider's "
                  "dashboard before starting it again.")
-_EXPIRE_INTENTS = _NOTIFY.format(
-    f"UPDATE flux_predictions SET status = 'unknown', error = %s, completed_at = {_NOW}, updated_at = {_NOW}, "
-    f"lease_owner = NULL, lease_until = NULL, lease_epoch = lease_epoch + 1 "
-    f"WHERE status = 'submitting' AND lease_until < {_NOW} RETURNING id")
+_UNKNOWN = (f"status = 'unknown', error = %s, completed_at = {_NOW}, updated_at = {_NOW}, lease_owner = NULL, "
+            f"lease_until = NULL, lease_epoch = p.lease_epoch + 1")
+_EXPIRE_INTENTS = (
+    f"WITH lapsed AS (SELECT id, provider = ANY(%s) AS look FROM flux_predictions WHERE status = 'submitting' "
+    f"AND lease_until < {_NOW} FOR UPDATE SKIP LOCKED), "
+    f"gave_up AS (UPDATE flux_predictions p SET {_UNKNOWN} FROM lapsed WHERE p.id = lapsed.id AND NOT lapsed.look "
+    f"RETURNING p.id), "
+    f"looking AS (UPDATE flux_predictions p SET lease_owner = %s, lease_until = {_NOW} + %s, "
+    f"lease_epoch = p.lease_epoch + 1 FROM lapsed WHERE p.id = lapsed.id AND lapsed.look "
+    f"RETURNING p.lease_epoch, {', '.join('p.' + c for c in _COLUMNS)}) "
+    f"SELECT NULL::bigint, g.id, {', '.join(['NULL'] * (len(_COLUMNS) - 1))} FROM gave_up g, "
+    f"pg_notify('{CHANNEL}', g.id) UNION ALL SELECT * FROM looking")
+"""Lapsed intents: those of providers that cannot look (`provider = ANY` the ones that can) become `unknown`
+(notified); the others are claimed (epoch + 1) for the reconciler to look for their jobs (`settle_intent`)."""
+_GIVE_UP = _NOTIFY.format(f"UPDATE flux_predictions p SET {_UNKNOWN} WHERE id = %s AND status = 'submitting' "
+                          "AND lease_owner = %s AND lease_epoch = %s RETURNING id")
+_FOUND = (f"WITH gone AS (DELETE FROM flux_predictions WHERE id = %s AND status = 'submitting' AND lease_owner = %s "
+          "AND lease_epoch = %s AND NOT EXISTS (SELECT 1 FROM flux_predictions WHERE id = %s) RETURNING lease_epoch), "
+          f"ins AS (INSERT INTO flux_predictions ({', '.join(_COLUMNS + _LEASED)}, orphaned_at) "
+          f"SELECT {', '.join(['%s'] * len(_COLUMNS))}, %s, {_NOW} + %s, gone.lease_epoch, %s, {_NOW} FROM gone "
+          "RETURNING id), "
+          "bill AS (UPDATE flux_charges SET state = 'billed', prediction_id = %s, updated_at = %s WHERE id = %s "
+          "AND state <> 'billed' AND EXISTS (SELECT 1 FROM ins)) "
+          "SELECT id FROM ins")
+"""A claimed intent whose job the provider's history showed: the intent goes and the job comes (still held here,
+same epoch, an orphan), its charge billed, in one statement; nothing when the lease moved on or the id is taken."""
+_RIVALS = (f"{_SELECT} WHERE provider = %s AND ((native_id = '' AND created_at >= %s AND id <> ALL(%s)) "
+           "OR id = ANY(%s))")
 _ADOPTABLE = ("principal = %s AND request_key = %s AND NOT delivered AND created_at >= %s AND id <> ALL(%s)")
 _ADOPT = (f"WITH pick AS (SELECT id FROM flux_predictions WHERE {_ADOPTABLE} AND adopted_at IS NULL "
           f"AND native_id <> '' AND status <> 'unknown' ORDER BY orphaned_at IS NULL, created_at LIMIT 1 "
@@ -1009,14 +1039,54 @@ class PgJournal:
             claimed.append(rec)
         return claimed
 
-    async def expire_intents(self) -> list[str]:
-        """Intents whose replica's lease lapsed become `unknown` (never resubmitted); returns their ids."""
+    async def expire_intents(self, looking: Sequence[str] = ()) -> tuple[list[str], list[Record]]:
+        """Intents whose replica's lease lapsed: those of providers not in `looking` become `unknown` (never
+        resubmitted), the others are held here (epoch + 1) to look for their jobs in the provider's history
+        (then `settle_intent`). Returns the ids made unknown, and the intents now held."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute(_EXPIRE_INTENTS, (UNKNOWN_ERROR,))
-            ids = [str(r[0]) for r in await cur.fetchall()]
-        for rid in ids:
+            cur = await conn.execute(_EXPIRE_INTENTS, (list(looking), UNKNOWN_ERROR, self.owner, self.lease_seconds))
+            rows = await cur.fetchall()
+        gave_up = [str(r[1]) for r in rows if r[0] is None]
+        for rid in gave_up:
             self.waits.wake(rid)
-        return ids
+        held = []
+        for row in rows:
+            if row[0] is not None:
+                intent = _record(row[1:])
+                self._held[intent.id] = int(row[0])
+                held.append(intent)
+        return gave_up, held
+
+    async def intent_rivals(self, provider: str, since: float, intents: Sequence[str],
+                            native_ids: Sequence[str]) -> tuple[list[Record], set[str]]:
+        """For a history lookup: the provider's other intents and `unknown` intents created since `since` (any of
+        them may have made a job the history shows), and which of `native_ids` the journal already holds."""
+        rows = await self._fetch(_RIVALS, (provider, since, list(intents), [f"{provider}:{n}" for n in native_ids]))
+        records = [_record(r) for r in rows]
+        return [r for r in records if not r.native_id], {r.native_id for r in records if r.native_id}
+
+    async def settle_intent(self, intent: Record, native_id: str | None, error: str) -> Record | None:
+        """A held intent's lookup ended: with `native_id` the intent becomes that job (held here at the same epoch,
+        its charge billed) and the job is returned; without (or when that write cannot land: the lease moved on,
+        the id is taken) it becomes `unknown` with `error`, and None is returned."""
+        epoch = self._held.pop(intent.id, None)
+        if epoch is None:
+            return None
+        if native_id is not None:
+            job = intent.copy()
+            charge = job.request.pop("charge_id", None)
+            job.id, job.native_id, job.status, job.updated_at = f"{intent.provider}:{native_id}", native_id, \
+                "starting", time.time()
+            rows = await self._fetch(_FOUND, (intent.id, self.owner, epoch, job.id, *_row(job), self.owner,
+                                              self.lease_seconds, intent.id, job.id, time.time(), charge))
+            if rows:
+                self._held[job.id] = epoch
+                self.waits.wake(intent.id)
+                return job
+        async with self.pool.connection() as conn:
+            await conn.execute(_GIVE_UP, (error, intent.id, self.owner, epoch))
+        self.waits.wake(intent.id)
+        return None
 
     async def adopt(self, principal: str, request_key: str, since: float,
                     skip: Sequence[str] = ()) -> tuple[Record, bool] | None:

@@ -15,7 +15,8 @@ arguments the rejoin uses), within FLUX_MCP_REJOIN_SECONDS.
   free. A job of the call whose lease has not lapsed yet (the re-issue came first) or that a cut call on a
   live replica let go of can be adopted too, by one re-issue only.
 * A job whose replica died before the provider's answer was committed has no provider id: it is an
-  intent, then `unknown`. It is not adoptable (nothing to wait on could bring its images, and whether the
+  intent, then `unknown` — unless the reconciler finds its job in the provider's history (see `replica`):
+  then it is that job, an orphan like any other. An intent or an `unknown` job is not adoptable (nothing to wait on could bring its images, and whether the
   provider made it is not known); a re-issue that finds nothing to adopt is answered with it, never resubmits.
 * A job a call on this replica still waits on is skipped (that call is not cut).
 * An adopting call that is cancelled gives its adoption back; one whose replica dies keeps it (the next

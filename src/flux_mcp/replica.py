@@ -14,6 +14,13 @@ The protocol, whose statements live in `journal_pg.PgJournal` (the `Leases` meth
   turned by the reconciler into a record with status `unknown`: the provider may have started the job;
   it is never resubmitted. If the stalled owner's answer arrives later it still writes the id (the row
   goes back to pending) and the job continues.
+* **The provider's history** (providers with `find_submitted`, e.g. Atlas Cloud). Before a lapsed intent
+  becomes `unknown` the reconciler holds it (epoch + 1, renewed by the heartbeat) and, in a task of its own
+  (its pass goes on), reads the jobs the provider created since the intent was written. Exactly one job whose
+  request is exactly the intent's, that no other row holds and that no other intent (pending or `unknown`,
+  of any principal) could have made: the intent becomes that job (fenced, its charge billed, an orphan) and
+  this replica drives it like any job it took over. Anything else (no such job, several, a rival intent,
+  a history that cannot be read) leaves it `unknown`, as before, with the reason in its error.
 * **Leases.** A pending job is driven (polled, settled, kept: the `JobRunner` steps) by the holder of
   its lease only. ONE heartbeat statement per replica renews all of its leases every `lease/4`, in a
   task of its own (a slow reconciler batch must never delay it). The reconciler, every `TICK` seconds,
@@ -40,9 +47,11 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from .errors import FluxError
 from .journal import Record
 
 if TYPE_CHECKING:
@@ -50,7 +59,8 @@ if TYPE_CHECKING:
     from .journal_pg import PgJournal
     from .money import Bill, Reservation
     from .paths import PathPolicy
-    from .providers.base import Provider
+    from .providers.base import Provider, SubmitLookup
+    from .request import JobRequest
 
 log = logging.getLogger("flux_mcp.replica")
 
@@ -65,6 +75,20 @@ CAPACITY = 200
 """The most jobs one replica's reconciler drives at once (more wait for the next pass, or another replica)."""
 CHANNEL = "flux_job_done"
 """The notification channel: the payload is the id of a job that just became final."""
+LOOKBACK = 600.0
+"""How long before a history lookup's window another intent may have been written and still have made a job
+in it (its submit on its way that long, e.g. held open): such intents are rivals for the window's jobs."""
+_STOPPED = "The server that sent this job's paid request stopped before the provider answered"
+_NEVER = "It is never resubmitted: look in the provider's dashboard before starting it again."
+NOT_IN_HISTORY = (f"{_STOPPED}, and the provider's history shows no job made by that request (a history may list "
+                  f"a new job late), so whether the provider started the job is unknown. {_NEVER}")
+IN_HISTORY_TWICE = (f"{_STOPPED}. The provider's history shows a job made by such a request, but another request "
+                    "just like it (or several such jobs) could be the one, so this server cannot tell which job is "
+                    f"this one: whether the provider started it is unknown. {_NEVER}")
+HISTORY_UNREAD = (f"{_STOPPED}, and the provider's history could not be read, so whether the provider started the "
+                  f"job is unknown. {_NEVER}")
+NOT_MATCHED = (f"{_STOPPED}. Its request (an uploaded or inline input image) cannot be matched in the provider's "
+               f"history, so whether the provider started the job is unknown. {_NEVER}")
 
 
 def replica_id() -> str:
@@ -189,6 +213,10 @@ class Replica:
         """Set while the LISTEN connection is up (tests wait on it)."""
         self.takeovers = 0
         """Jobs claimed from a lapsed lease so far (for logs and tests)."""
+        self.found = 0
+        """Intents whose job the provider's history showed, so far (for logs and tests)."""
+        self.looking: set[asyncio.Task[None]] = set()
+        """History lookups running now (each for the intents of one reconciler pass)."""
         self.listen_name = f"flux-mcp-listen {journal.owner}"[:63]
         """The LISTEN connection's application_name (one per replica)."""
         self._tasks: list[asyncio.Task[None]] = []
@@ -202,7 +230,7 @@ class Replica:
 
     async def stop(self) -> None:
         """Stops the tasks and ends this replica's leases at once (others take its jobs over now)."""
-        tasks = [*self._tasks, *self.driving.values()]
+        tasks = [*self._tasks, *self.looking, *self.driving.values()]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -251,11 +279,17 @@ class Replica:
         return handed
 
     async def reconcile_once(self) -> int:
-        """One pass: lapsed intents become `unknown`, lapsed leases are claimed and driven. Returns how many
-        jobs were claimed."""
-        for rid in await self.journal.expire_intents():
+        """One pass: lapsed intents become `unknown` (or are looked for in their provider's history, in a task
+        of their own), lapsed leases are claimed and driven. Returns how many jobs were claimed."""
+        looking = [pid for pid, p in self.providers.items() if p.finds_submitted and p.configured]
+        gave_up, held = await self.journal.expire_intents(looking)
+        for rid in gave_up:
             log.warning("%s: its replica stopped before the provider answered the submit; the job may exist "
                         "and is reported as unknown (never resubmitted)", rid)
+        if held:
+            task = asyncio.get_running_loop().create_task(self._look_up(held), name="flux-mcp-history")
+            self.looking.add(task)
+            task.add_done_callback(self.looking.discard)
         room = self.capacity - len(self.driving)
         if room <= 0:
             return 0
@@ -266,6 +300,61 @@ class Replica:
             task = asyncio.get_running_loop().create_task(self._drive(record), name=f"flux-mcp-drive {record.id}")
             self.driving[record.id] = task
         return len(claimed)
+
+    async def _look_up(self, intents: list[Record]) -> None:
+        """Settles held intents from their providers' histories (one lookup per provider)."""
+        by_provider: dict[str, list[Record]] = {}
+        for intent in intents:
+            by_provider.setdefault(intent.provider, []).append(intent)
+        for pid, group in by_provider.items():
+            try:
+                await self._find(self.providers[pid], group)
+            except Exception as exc:  # noqa: BLE001 - the database away: the held intents go back, to look again
+                log.warning("history lookup of %d %s job(s) failed: %s", len(group), pid, _first_line(exc))
+                for intent in group:
+                    await self.journal.release(intent.id, hand_over=True)
+
+    async def _find(self, provider: Provider, intents: list[Record]) -> None:
+        since = min(i.created_at for i in intents)
+        scrub = self.runner.redactor.scrub
+        try:
+            lookup = await provider.find_submitted({i.model for i in intents}, since, time.time())
+        except FluxError as exc:
+            log.warning("%s's history could not be read for %d job(s) (%s); reported unknown", provider.id,
+                        len(intents), scrub(_first_line(exc)))
+            for intent in intents:
+                await self._settle(intent, None, HISTORY_UNREAD)
+            return
+        asked = {i.id: _asked(i) for i in intents}
+        found = {i.id: _created_by(lookup, asked[i.id]) for i in intents}
+        # Read after the history: an intent whose job the history shows was written before it was read.
+        candidates = sorted({n for made in found.values() for n in made or ()})
+        rivals, held = await self.journal.intent_rivals(provider.id, since - LOOKBACK, [i.id for i in intents],
+                                                        candidates)
+        everyone = [*((r, _asked(r)) for r in rivals), *((i, asked[i.id]) for i in intents)]
+        for intent in intents:
+            req, made = asked[intent.id], found[intent.id]
+            free = [n for n in made if n not in held] if made is not None else None
+            if free is None:
+                await self._settle(intent, None, NOT_MATCHED)
+            elif not free:
+                await self._settle(intent, None, NOT_IN_HISTORY)
+            elif len(free) > 1 or _contested(intent.id, req, free[0], everyone, lookup):
+                await self._settle(intent, None, IN_HISTORY_TWICE)
+            else:
+                await self._settle(intent, free[0], IN_HISTORY_TWICE)
+
+    async def _settle(self, intent: Record, native_id: str | None, error: str) -> None:
+        """Writes what the lookup found for `intent`; a job found is driven here like one taken over."""
+        job = await self.journal.settle_intent(intent, native_id, error)
+        if job is None:
+            log.warning("%s: its replica stopped before the provider answered the submit; the job may exist and "
+                        "is reported as unknown (never resubmitted): %s", intent.id, error)
+            return
+        self.found += 1
+        log.info("%s: the provider's history shows its job %s; took it over", intent.id, job.id)
+        task = asyncio.get_running_loop().create_task(self._drive(job), name=f"flux-mcp-drive {job.id}")
+        self.driving[job.id] = task
 
     async def _drive(self, record: Record) -> None:
         try:
@@ -307,6 +396,43 @@ class Replica:
                 with contextlib.suppress(Exception):
                     await conn.close()
             await asyncio.sleep(0.1)
+
+
+def _asked(record: Record) -> JobRequest | None:
+    """The request an intent's submit was built from, as journaled (None: it cannot be rebuilt)."""
+    from pydantic import ValidationError
+
+    from .request import JobRequest
+
+    kept = {k: v for k, v in record.request.items() if k in JobRequest.model_fields and k not in _NOT_SENT}
+    try:
+        return JobRequest.model_validate({**kept, "kind": record.kind, "provider": record.provider,
+                                          "model": record.model or None})
+    except ValidationError:
+        return None
+
+
+_NOT_SENT = frozenset({"save_to", "overwrite", "wait_seconds", "dry_run", "max_cost_usd", "idempotency_key"})
+"""Journaled fields that only the server acts on (the plan's `save_to` is a list there, not the argument)."""
+
+
+def _created_by(lookup: SubmitLookup, req: JobRequest | None) -> list[str] | None:
+    return None if req is None else lookup.created_by(req)
+
+
+def _contested(intent_id: str, req: JobRequest | None, native_id: str, everyone: list[tuple[Record, JobRequest | None]],
+               lookup: SubmitLookup) -> bool:
+    """Whether a row other than `intent_id` could have made the job `native_id`: its request made it too, or its
+    request cannot be matched and asks the same model and prompt (its body is not known to differ)."""
+    for other, asked in everyone:
+        if other.id == intent_id:
+            continue
+        made = _created_by(lookup, asked)
+        if made is not None and native_id in made:
+            return True
+        if made is None and req is not None and other.model == req.model and other.request.get("prompt") == req.prompt:
+            return True
+    return False
 
 
 def _first_line(exc: BaseException) -> str:

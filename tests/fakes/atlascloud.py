@@ -17,13 +17,21 @@ describe it:
   `processing` -> `completed` as polls arrive; outputs as URL strings or objects; a failed task is
   HTTP 500 with `{code: 500, message, data: {status: "failed", error}}`; a "completed" task can have
   empty outputs with `has_nsfw_contents: [true]` (a content-safety block); unknown ids are 404.
+* `GET /api/v1/model/history?no=&size=&model=&status=&sessionID=` (the official MCP server's history
+  listing): every accepted job, newest first, `{code: 200, data: {items: [{ID, createdAt, model,
+  requestBody, result, status}], pageNo, pageSize, total}}`; `no` is the 1-based page, `size` 1-50
+  (clamped), `model` / `status` / `sessionID` (a job id) filter exactly; `createdAt` is whole epoch
+  seconds; `requestBody` is the submit's JSON text exactly as it arrived; `status` is the job's
+  (`created`, `processing`, `completed`, `failed`); `result` is what a status request would show.
 * `POST /api/v1/model/uploadMedia` multipart `file` -> `{code: 200, message: "success", data: {type,
   download_url, filename, size}}`.
 * Result and upload files are served from the fake's own host (`/files/...`, `/uploads/...`).
 
 Knobs (set by tests): `polls_to_complete`, `hold` (jobs stay processing until `finish(id)`; a held
-submit then answers `processing` at once), `outcome` ("ok", "fail", "nsfw"), `output_style`
-("strings", "objects", "base64"), `id_style`, `file_mode`, `duration`, and the shared ones of
+submit then answers `processing` at once), `answer_gate` (an accepted submit's answer waits until this
+event is set: the job exists, its id not yet sent), `history_errors` (injected answers to history
+requests), `outcome` ("ok", "fail", "nsfw"), `output_style` ("strings", "objects", "base64"),
+`id_style`, `file_mode`, `duration`, and the shared ones of
 `FakeBase` (`submit_errors`, `poll_errors`, `echo_key`, `revoke()`).
 """
 
@@ -39,9 +47,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx2
 
-from .base import FakeBase, Injected
+from .base import Entry, FakeBase, Injected
 from .wire import json_response, noise_png, png_bytes
 
 KNOWN_MODELS = {
@@ -59,6 +68,10 @@ class Job:
     done: bool = False
     outcome: str = "ok"
     created: float = field(default_factory=time.monotonic)
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    """When the job was created, as the history lists it (whole epoch seconds)."""
+    sent: str = ""
+    """The submit's body exactly as it arrived (the history's `requestBody`)."""
 
 
 UNAUTHORIZED = {"code": 401, "message": "Unauthorized: invalid or expired API key"}
@@ -95,6 +108,10 @@ class AtlasFake(FakeBase):
     """The longest a sync-mode submit is held before it answers with the job still processing."""
     base64_style: str = "raw"
     """How base64 outputs look: "raw" or "data_uri"."""
+    answer_gate: anyio.Event | None = None
+    """When set, an accepted submit's answer is held until this event is set (the job exists meanwhile)."""
+    history_errors: list[Entry] = field(default_factory=list)
+    """Consumed one per history request, as `poll_errors` are per status request."""
 
     @property
     def expected_key(self) -> str:
@@ -123,6 +140,8 @@ class AtlasFake(FakeBase):
             response = self._submit(request)
             if len(self.ledger) > before:  # a job was accepted (not an injected answer)
                 job = next(reversed(self.jobs.values()))
+                if self.answer_gate is not None:
+                    await self.answer_gate.wait()
                 if job.body.get("enable_sync_mode") is True:
                     await self._sync_wait(job)
                     return self._answer(job, request)
@@ -134,7 +153,35 @@ class AtlasFake(FakeBase):
             return self._poll(request.url.params.get("predictionId", ""), request)
         if request.method == "POST" and path == "/api/v1/model/uploadMedia":
             return self._upload(request)
+        if request.method == "GET" and path == "/api/v1/model/history":
+            return self._history(request)
         return json_response(404, {"code": 404, "message": "not found"})
+
+    def _history(self, request: httpx2.Request) -> httpx2.Response:
+        if (injected := self.take(self.history_errors, request)) is not None:
+            return injected
+        params = request.url.params
+        try:
+            page, size = int(params.get("no", "1")), int(params.get("size", "10"))
+        except ValueError:
+            return json_response(400, {"code": 400, "message": "no and size must be integers"})
+        page, size = max(page, 1), min(max(size, 1), 50)
+        rows = [(job, self.status_word(job)) for job in reversed(list(self.jobs.values()))]
+        rows = [(job, status) for job, status in rows
+                if params.get("model") in (None, "", job.body["model"]) and params.get("status") in (None, "", status)
+                and params.get("sessionID") in (None, "", job.id)]
+        rows.sort(key=lambda row: row[0].created_at, reverse=True)  # stable: newest first within a second too
+        items = [{"ID": job.id, "createdAt": job.created_at, "model": job.body["model"], "requestBody": job.sent,
+                  "status": status, "result": self._answer(job, request).json().get("data")}
+                 for job, status in rows[(page - 1) * size : page * size]]
+        return json_response(200, {"code": 200, "data": {"items": items, "pageNo": page, "pageSize": size,
+                                                         "total": len(rows)}})
+
+    def status_word(self, job: Job) -> str:
+        """The job's status as the history lists it."""
+        if not job.done:
+            return "created" if job.polls == 0 else "processing"
+        return "failed" if job.outcome == "fail" else "completed"
 
     def _submit(self, request: httpx2.Request) -> httpx2.Response:
         if (injected := self.take(self.submit_errors, request)) is not None:
@@ -158,7 +205,8 @@ class AtlasFake(FakeBase):
             return json_response(400, {"code": 400, "message": "size must look like 1024*1024"})
         if model in NEEDS_IMAGE and not body.get("image"):
             return json_response(400, {"code": 400, "message": "image is required for this model"})
-        job = Job(id=f"pred_{uuid.uuid4().hex[:16]}", body=body, outcome=self.outcome)
+        job = Job(id=f"pred_{uuid.uuid4().hex[:16]}", body=body, outcome=self.outcome,
+                  sent=request.content.decode())
         self.jobs[job.id] = job
         self.ledger.append(body)
         if self.id_style == "id":

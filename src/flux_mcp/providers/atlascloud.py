@@ -25,6 +25,13 @@ The wire, as this adapter relies on it:
   leaves the job running: an early "processing" answer is polled like any other job.
 * `POST /api/v1/model/uploadMedia`, multipart part `file`, answers the file's URL as
   `data.download_url` (other pages: `download_url`, `data.url`, `url`); uploaded files are temporary.
+* `GET /api/v1/model/history?no=&size=&model=&status=&sessionID=` lists the jobs made with the key,
+  newest first: `{code, data: {items: [{ID, createdAt, model, requestBody, result, status}], pageNo,
+  pageSize, total}}`. `no` is the 1-based page, `size` 1-50 rows, `model` an exact model id, `sessionID`
+  one job's id. `createdAt` is in epoch seconds; `requestBody` is the submit's JSON body as sent (a
+  string of JSON; an object is read too). Listing is free and creates nothing. Its retries are those of
+  any GET. This adapter pages back to a moment (a job that appears while it reads only pushes older
+  rows down, so a row may be seen twice and none is skipped) and matches a body field for field.
 * Errors: 401 bad key, 402 (or a message about "insufficient"/"balance") no balance, 403 no
   permission, 404 unknown id, 422 invalid parameters, 429 rate limited (no rate-limit headers are
   documented), 5xx server error or failed job. The message is under `msg`, `message` or `error`.
@@ -33,8 +40,10 @@ The wire, as this adapter relies on it:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx2
@@ -49,7 +58,7 @@ from ..errors import (
 )
 from ..http import CLIENT_ERROR, MAX_API_BYTES, AnswerTooLarge, ErrorRule, Phase, ProviderHttp
 from ..models import Status
-from .base import ImageRequest, JobState, ModelInfo, Provider, Range, Submitted
+from .base import ImageRequest, JobState, ModelInfo, Provider, Range, SubmitLookup, Submitted
 from .registry import ATLASCLOUD
 from .wire import Loose, Text, UnusableOutput, WireModel, finished, first_string, read, resolve_output
 
@@ -77,6 +86,13 @@ would lose the job's id (it may be charged), so only a dead connection ends it e
 _OFF = ("off", "false", "0", "no")
 _REMEMBERED = 4096
 """How many ids of jobs whose answers carry base64 images are remembered (for their larger status cap)."""
+
+HISTORY_PAGE = 50
+"""Rows per history page: the most the official client asks for."""
+HISTORY_PAGES = 20
+"""The most history pages read back for one lookup; a window deeper than that is not told."""
+HISTORY_SLACK = 30.0
+"""Seconds the window is widened by on each side: `createdAt` is the provider's clock, in whole seconds."""
 
 _ERRORS: tuple[ErrorRule, ...] = (
     ErrorRule(InsufficientCredits, "Atlas Cloud says the balance is insufficient ({detail}). Top up at "
@@ -140,6 +156,60 @@ class _Upload(_UploadData):
     data: Loose[_UploadData] = None
 
 
+class _HistoryItem(WireModel):
+    id: Text = Field(None, validation_alias=AliasChoices("ID", "id", "predictionId"))
+    created_at: Loose[float] = Field(None, validation_alias=AliasChoices("createdAt", "created_at"))
+    model: Text = None
+    request_body: Loose[str | dict[str, Any]] = Field(None, validation_alias=AliasChoices("requestBody",
+                                                                                         "request_body"))
+    status: Text = None
+
+    def body(self) -> dict[str, Any] | None:
+        """The submit's body as the provider kept it (None: not readable)."""
+        raw = self.request_body
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except ValueError:
+                return None
+        return raw if isinstance(raw, dict) else None
+
+    def when(self) -> float | None:
+        """`createdAt` in epoch seconds (a value in milliseconds is read as such)."""
+        at = self.created_at
+        return None if at is None else at / 1000 if at > 1e11 else at
+
+
+class _HistoryPage(WireModel):
+    items: list[Loose[_HistoryItem]] = Field(default_factory=list)
+    page_size: Loose[int] = Field(None, validation_alias=AliasChoices("pageSize", "page_size"))
+    total: Loose[int] = None
+
+
+class _History(WireModel):
+    """`GET /api/v1/model/history`: `{code, data: {items, pageNo, pageSize, total}}`."""
+
+    data: _HistoryPage | None = None
+
+
+class _Found:
+    """The history of a window: each job's id with the body it was created with (`SubmitLookup`)."""
+
+    def __init__(self, adapter: AtlasCloud, models: Collection[str], jobs: list[tuple[str, dict[str, Any]]]):
+        self._adapter = adapter
+        self._models = frozenset(models)
+        self._jobs = jobs
+
+    def created_by(self, req: ImageRequest) -> list[str] | None:
+        if req.model not in self._models or (req.image and not req.image.startswith(("http://", "https://"))):
+            return None  # not looked up; or the input was sent as an upload or inline data the journal lacks
+        bodies = [self._adapter.body(req)]
+        info = self._adapter.model_info(req.model)
+        if info is not None and info.answers_inline:  # held or polled (the journal keeps no choice): either
+            bodies.append(self._adapter.body(req, inline=True))
+        return [job for job, body in self._jobs if body in bodies]
+
+
 class AtlasCloud(Provider):
     spec = ATLASCLOUD
     # No typical durations: Atlas Cloud's pages show one sample finished job (10 s, 8.3 s of it inference),
@@ -171,6 +241,7 @@ class AtlasCloud(Provider):
     default_edit_model = "black-forest-labs/flux-kontext-dev"
     can_upload = True
     accepts_data_uri = True
+    finds_submitted = True
 
     def __init__(self, settings: ProviderSettings, http: ProviderHttp):
         super().__init__(settings, http)
@@ -276,6 +347,43 @@ class AtlasCloud(Provider):
         if ref is None or ref.url is None:
             raise ProviderUnavailable("Atlas Cloud accepted the upload but returned no file URL; try again.")
         return ref.url
+
+    async def find_submitted(self, models: Collection[str], since: float, until: float) -> SubmitLookup:
+        """Pages the history of each model back to `since` (newest first), keeping the jobs created between
+        `since` and `until` (each widened by HISTORY_SLACK) with the bodies they were created with."""
+        low, high = since - HISTORY_SLACK, until + HISTORY_SLACK
+        jobs: dict[str, tuple[str, dict[str, Any]]] = {}
+        for model in sorted(set(models)):
+            for page in range(1, HISTORY_PAGES + 1):
+                items, size, total = await self._history_page(model, page)
+                for item in items:
+                    at, body = item.when(), item.body()
+                    if item.id and at is not None and low <= at <= high and body is not None \
+                            and body.get("model") == model:
+                        jobs[item.id] = (item.id, body)
+                if len(items) < size or (total is not None and page * size >= total) \
+                        or min(item.when() or 0.0 for item in items) < low:
+                    break  # the last page, or one that reaches back past the window
+            else:
+                raise ProviderUnavailable(f"Atlas Cloud's history holds more than {HISTORY_PAGES * HISTORY_PAGE} "
+                                          f"{model} jobs since the moment looked for; it was not read further.")
+        return _Found(self, models, list(jobs.values()))
+
+    async def _history_page(self, model: str, page: int) -> tuple[list[_HistoryItem], int, int | None]:
+        """One page of the model's history: its rows (each with a readable time), the page size the provider
+        used (it may cap the one asked for) and the total."""
+        response = await self.http.fetch("GET", f"{self.base_url}/api/v1/model/history", headers=self._headers(),
+                                         params={"no": page, "size": HISTORY_PAGE, "model": model})
+        if response.status_code >= 300:
+            raise self._error(response, "poll")
+        answer = read(_History, response)
+        if answer is None or answer.data is None:
+            raise ProviderUnavailable("Atlas Cloud's history answer could not be read.")
+        items = [item for item in answer.data.items if item is not None]
+        if any(item.when() is None for item in items):
+            raise ProviderUnavailable("Atlas Cloud's history answer has rows without a readable createdAt.")
+        size = answer.data.page_size if answer.data.page_size and answer.data.page_size > 0 else HISTORY_PAGE
+        return items, size, answer.data.total
 
     # --- the one mapping to the shared state ----------------------------------------------------
 

@@ -36,6 +36,19 @@ never retried, by `ProviderHttp.submit`.
 `upload(data, filename, mime_type) -> str` — puts a file on the provider's storage; returns an
 http(s) URL. Raises like `submit` (uploads are free but still sent once).
 
+`find_submitted(models, since, until) -> SubmitLookup` — optional (`finds_submitted`): the provider's own
+record of the jobs it created between `since` and `until` (epoch seconds), read-only and free. Asked only
+by a replica's reconciler, for a submit whose answer never arrived (its replica stopped meanwhile).
+    read              a `SubmitLookup` whose `created_by(req)` gives the provider ids of the jobs in the
+                      window whose request is exactly what submitting `req` sends (model and every field;
+                      a held submit and a polled one both count), or None: cannot tell (the request as
+                      journaled does not pin down what was sent, e.g. a local file uploaded first).
+    unreadable        raise a `ProviderError` (`ProviderUnavailable` for a timeout or an answer that cannot
+                      be read): the caller then cannot tell for any of them.
+    The lookup knows nothing of the journal: which ids are taken, and whether another request could have
+    made the same job, are the caller's to decide. Providers without a history keep the default, which
+    raises `UnsupportedOperation`.
+
 Text from the provider (error bodies, failure reasons, status messages, output URLs) may echo the
 API key. Adapters scrub what they build with `self.http.redactor`; the runner scrubs again where it
 enters a record, a result, a progress message or a log line, so a forgotten scrub leaks nothing.
@@ -44,8 +57,9 @@ enters a record, a result, a progress message or a log line, so a forgotten scru
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..errors import InvalidInput, UnsupportedOperation
 from ..models import Status
@@ -165,6 +179,15 @@ class Submitted:
     submitted_at: float = field(default_factory=time.time)
 
 
+class SubmitLookup(Protocol):
+    """What a provider's history showed for a time window (`Provider.find_submitted`)."""
+
+    def created_by(self, req: ImageRequest) -> list[str] | None:
+        """The provider ids of the window's jobs whose request is exactly what submitting `req` sends (none,
+        one, or several identical ones); None when that cannot be told for `req`."""
+        ...
+
+
 class Provider:
     """Base class of every adapter. Subclasses set the class attributes and override what they can do."""
 
@@ -188,6 +211,8 @@ class Provider:
     allow_unknown_models: ClassVar[bool] = True
     """Pass model ids not in `models` through (with generic limits) rather than refusing them."""
     max_prompt_chars: ClassVar[int] = 4000
+    finds_submitted: ClassVar[bool] = False
+    """Whether `find_submitted` reads the provider's own history of created jobs."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -306,6 +331,11 @@ class Provider:
     async def poll(self, native_id: str, submitted_at: float) -> JobState:
         """Asks for the job's state. Safe to repeat."""
         raise UnsupportedOperation(f"{self.id} has no status endpoint; its answers are final when they arrive.")
+
+    async def find_submitted(self, models: Collection[str], since: float, until: float) -> SubmitLookup:
+        """Reads which jobs of `models` the provider created between `since` and `until` (epoch seconds), to
+        find the job a submit made when its answer never arrived. Read-only and free; never creates a job."""
+        raise UnsupportedOperation(f"{self.id} has no history of created jobs to look in.")
 
     def upload_hint(self) -> str | None:
         """What to set so that this provider can upload, when settings (not the API) are what is missing."""
