@@ -413,17 +413,17 @@ def make_preview(path: Path, budget: int, data: bytes | None = None) -> tuple[by
     A JPEG is decoded at a reduced scale (it needs no more than the preview's pixels); every image is
     shown upright (its EXIF Orientation applied) and in RGB."""
     data = path.read_bytes() if data is None else data
+    with _pil().open(io.BytesIO(data)) as im:  # the header only: an image that is its own preview needs no decode
+        mime = _PIL_MIME.get(im.format or "")
+        if shown_as_is(mime, *im.size, len(data), budget, data):
+            assert mime is not None
+            return data, mime
     return on_image_thread(_preview, data, budget)
 
 
 def _preview(data: bytes, budget: int) -> tuple[bytes, str]:
     image = _pil()
     with image.open(io.BytesIO(data)) as im:
-        mime = _PIL_MIME.get(im.format or "")
-        width, height = im.size
-        if shown_as_is(mime, width, height, len(data), budget, data):
-            assert mime is not None
-            return data, mime
         start = min(max(im.size), PREVIEW_START_SIDE)
         if im.format == "JPEG":
             im.draft(None, (start, start))  # decoded at 1/2, 1/4 or 1/8 scale while that stays large enough
