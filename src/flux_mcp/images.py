@@ -415,7 +415,8 @@ def make_preview(path: Path, budget: int, data: bytes | None = None) -> tuple[by
     data = path.read_bytes() if data is None else data
     with _pil().open(io.BytesIO(data)) as im:  # the header only: an image that is its own preview needs no decode
         mime = _PIL_MIME.get(im.format or "")
-        if shown_as_is(mime, *im.size, len(data), budget, data):
+        width, height = im.size
+        if shown_as_is(mime, width, height, len(data), budget, data):
             assert mime is not None
             return data, mime
     return on_image_thread(_preview, data, budget)
