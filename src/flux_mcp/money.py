@@ -74,8 +74,13 @@ class Estimate:
     """`documented price`, `FLUX_MCP_PRICES`, or `unpriced`."""
     billed: bool = True
     """False for the offline placeholder: nothing is paid, nothing enters the ledger."""
-    cheapest: tuple[str, float] | None = None
-    """The provider's cheapest priced model for the same kind of job, and its price per image."""
+    find_cheapest: Callable[[], tuple[str, float] | None] | None = field(default=None, compare=False, repr=False)
+    """Finds `cheapest` when a refusal names it (looking through every model's price is for that moment only)."""
+
+    @property
+    def cheapest(self) -> tuple[str, float] | None:
+        """The provider's cheapest priced model for the same kind of job, and its price per image."""
+        return self.find_cheapest() if self.find_cheapest is not None else None
 
     @property
     def usd(self) -> float | None:
@@ -117,12 +122,15 @@ class PriceBook:
     def estimate(self, provider: Provider, req: JobRequest) -> Estimate:
         model = req.model or ""
         price, source = self.per_image(provider, model)
-        images = req.num_images
-        priced = [(m.id, p) for m in provider.models if req.kind in m.kinds
-                  for p in [self.per_image(provider, m.id)[0]] if p is not None]
-        return Estimate(provider.id, provider.label, model, images, price, source,
-                        billed=provider.key_env is not None,
-                        cheapest=min(priced, key=lambda mp: mp[1]) if priced else None)
+        kind = req.kind
+
+        def cheapest() -> tuple[str, float] | None:
+            priced = [(m.id, p) for m in provider.models if kind in m.kinds
+                      for p in [self.per_image(provider, m.id)[0]] if p is not None]
+            return min(priced, key=lambda mp: mp[1]) if priced else None
+
+        return Estimate(provider.id, provider.label, model, req.num_images, price, source,
+                        billed=provider.key_env is not None, find_cheapest=cheapest)
 
 
 @dataclass(frozen=True)
@@ -271,9 +279,8 @@ class Planned:
 
 
 def day_start(now: float) -> float:
-    """00:00 UTC of the day `now` falls in."""
-    moment = dt.datetime.fromtimestamp(now, dt.UTC)
-    return moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    """00:00 UTC of the day `now` falls in (Unix time counts every UTC day as 86,400 seconds)."""
+    return float(math.floor(now / 86400) * 86400)
 
 
 def month_start(now: float) -> float:
@@ -291,6 +298,8 @@ class Money:
         self.journal = journal
         self.clock = clock
         self.confirm_seconds = settings.confirm_seconds
+        self._month: tuple[float, float] | None = None
+        """(the day, the start of its month) last asked about."""
 
     def estimate(self, provider: Provider, req: JobRequest) -> Estimate:
         return self.prices.estimate(provider, req)
@@ -302,7 +311,10 @@ class Money:
         return self.limits.budgeted or self.limits.confirm_above_usd is not None
 
     def windows(self, now: float) -> dict[str, float]:
-        return {"day": day_start(now), "month": month_start(now)}
+        day = day_start(now)
+        if self._month is None or self._month[0] != day:  # the calendar is consulted once a day
+            self._month = (day, month_start(now))
+        return {"day": day, "month": self._month[1]}
 
     # --- before paying ------------------------------------------------------------------------
 

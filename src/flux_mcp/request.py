@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
-import json
+import re
 import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -26,9 +26,13 @@ Preset = Literal["og-image", "twitter-card", "favicon", "app-icon", "hero"]
 MAX_WAIT_SECONDS = 600.0
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+"""Control characters (C0 but newline and tab, DEL, C1): never part of a prompt a person wrote."""
+
+
 def _plain_text(value: str) -> str:
-    bad = sorted({f"U+{ord(c):04X}" for c in value if (ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) < 0xA0})
-    if bad:
+    if _CONTROL.search(value):
+        bad = sorted({f"U+{ord(c):04X}" for c in _CONTROL.findall(value)})
         raise ValueError(f"must not contain control characters (found {', '.join(bad[:5])}); use plain text")
     if not value.strip():
         raise ValueError("must not be blank")
@@ -83,11 +87,16 @@ class JobRequest(BaseModel):
         return data
 
 
+_KEYED_APART: set[str] = {"wait_seconds", "idempotency_key", "provider"}
+"""Fields a request key leaves out (never mutated: model_dump_json only reads it)."""
+
+
 def request_key(req: JobRequest) -> str:
-    """A digest of what the call asked for: identical calls (how long they wait aside) have the same key."""
-    data = req.model_dump(mode="json", exclude={"wait_seconds", "idempotency_key"})
-    data["provider"] = (data.get("provider") or "").strip().lower() or None
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    """A digest of what the call asked for: identical calls (how long they wait aside) have the same key. The
+    fields in their declared order as JSON, then the provider as the call named it, spelling aside."""
+    digest = hashlib.sha256(req.model_dump_json(exclude=_KEYED_APART).encode())
+    digest.update(b"\0" + (req.provider or "").strip().lower().encode())
+    return digest.hexdigest()
 
 
 SERVICE_ONLY = frozenset({"kind"})
