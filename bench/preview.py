@@ -13,6 +13,7 @@ result). Measured in this process, on flux-mcp's own code:
 from __future__ import annotations
 
 import base64
+import math
 import io
 import logging
 import tempfile
@@ -83,7 +84,8 @@ async def _end_to_end(
     }
 
 
-def run(*, repeats: int) -> dict[str, Any]:
+def run(*, repeats: int, end_to_end: bool = True) -> dict[str, Any]:
+    """`end_to_end`: also time `generate_image` with each image (off: only `make_preview` against the baseline)."""
     from flux_mcp.config import Settings
     from flux_mcp.media import make_preview
 
@@ -118,7 +120,9 @@ def run(*, repeats: int) -> dict[str, Any]:
                 base.append(time.perf_counter() - start)
             fake = TimedAtlasFake(key=KEY)
             fake.image, fake.image_mime = data, f"image/{fmt}"
-            e2e, sizes = anyio.run(_end_to_end, settings, fake, max(repeats // 2, 2))
+            e2e, sizes = (anyio.run(_end_to_end, settings, fake, max(repeats // 2, 2)) if end_to_end
+                          else ([math.nan], {"result_bytes": 0, "preview_bytes": len(preview), "preview_b64_bytes": 0,
+                                             "preview_dims": []}))
             rows.append(
                 {
                     "format": fmt,

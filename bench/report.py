@@ -327,13 +327,15 @@ def against(r: dict[str, Any]) -> list[str]:
                      / old["floor"]["server_cpu_per_call_ms"]))
     if (now := r.get("preview")) and (old := b.get("preview")):
         for n, o in zip(now["rows"], old.get("rows", [])):
-            rows.append((f"preview {n['side']}² {n['format']}, time / one decode + encode", n["ratio"], o["ratio"]))
+            rows.append((f"preview {n['side']}² {n['format']}, time / one decode + encode (median of "
+                         f"{old.get('turns', 1)} turns each)", n.get("paired_ratio", n["ratio"]), o["ratio"]))
     out = [
         "",
         f"### Against {b['rev']}, same run",
         "",
         f"`{b['rev']}`'s package (`--before`) measured in the same rounds (cold start, call overhead) or right "
-        f"after this revision's (concurrency, previews), each as the ratio to the baseline measured with it; lower "
+        f"after this revision's (concurrency; previews in turns, this revision's and the other's in alternation), "
+        f"each as the ratio to the baseline measured with it; lower "
         f"is better. Within {SAME:g}x counts as the same.",
         "",
         f"| figure | this revision | {b['rev']} | this / {b['rev']} | |",

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ FULL = {
     "spread": 3.0,
     "preview_repeats": 10,
     "memory_rounds": 3,
+    "preview_pairs": 5,
 }
 QUICK = {
     "cold_rounds": 8,
@@ -65,6 +67,7 @@ QUICK = {
     "spread": 2.0,
     "preview_repeats": 3,
     "memory_rounds": 2,
+    "preview_pairs": 3,
 }
 
 
@@ -98,7 +101,7 @@ def _environment() -> dict[str, Any]:
 BEFORE_FIGURES = ("cold_start", "overhead", "concurrency", "preview")
 """The figures `--before` also measures on the other revision: the ones its code decides (the others
 are this revision's own features, or the fake's). Cold start and call overhead take it into their own
-rotation and rounds (the same moments, the same floor); concurrency and previews run it right after."""
+rotation and rounds (the same moments, the same floor); concurrency runs it right after, previews in turns."""
 
 
 def _tree(rev: str, into: Path) -> Path:
@@ -111,16 +114,40 @@ def _tree(rev: str, into: Path) -> Path:
     return into / "src"
 
 
-def _preview_of(source: Path, repeats: int) -> dict[str, Any]:
-    """The preview figure with `source`'s package: it times functions in-process, so in a child whose
-    import path starts there."""
-    code = f"import json, sys; from bench import preview; json.dump(preview.run(repeats={repeats}), sys.stdout)"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), str(ROOT)])}
+def _preview_of(source: Path | None, repeats: int) -> dict[str, Any]:
+    """The preview times (no end-to-end calls) with `source`'s package (None: the installed one): it times
+    functions in-process, so in a child whose import path starts there."""
+    code = (f"import json, sys; from bench import preview; "
+            f"json.dump(preview.run(repeats={repeats}, end_to_end=False), sys.stdout)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*([str(source)] if source else []), str(ROOT)])}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                           check=True, timeout=600)
     import json
 
     return json.loads(done.stdout)
+
+
+def _paired_previews(now: dict[str, Any], before: Path, p: dict[str, Any], started: float) -> dict[str, Any]:
+    """The preview ratios of both revisions, each measured in `preview_pairs` children run in turn (this
+    revision's, then the other's, and again): a single run of a few repeats each moves by more than 5 %, and
+    turns taken in alternation see the same machine. Each row's ratio is the median of its children's; this
+    revision's go into `now` as `paired_ratio`."""
+    runs: dict[str, list[dict[str, Any]]] = {"now": [], "before": []}
+    for turn in range(p["preview_pairs"]):
+        for who, source in (("now", None), ("before", before)):
+            time.sleep(SETTLE_SECONDS / 3)
+            print(f"[{time.monotonic() - started:5.0f} s] preview, paired turn {turn + 1} ({who}) ...",
+                  file=sys.stderr, flush=True)
+            runs[who].append(_preview_of(source, p["preview_repeats"]))
+
+    def medians(who: str) -> list[float]:
+        return [statistics.median(run["rows"][i]["ratio"] for run in runs[who]) for i in range(len(now["rows"]))]
+
+    for row, ratio in zip(now["rows"], medians("now"), strict=True):
+        row["paired_ratio"] = ratio
+    rows = [{**{k: row[k] for k in ("format", "side")}, "ratio": ratio}
+            for row, ratio in zip(now["rows"], medians("before"), strict=True)]
+    return {"rows": rows, "turns": p["preview_pairs"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["long_run"] = simulate.run(p["lengths"])
             if step("preview"):
                 results["preview"] = preview.run(repeats=p["preview_repeats"])
-                again("preview", lambda: _preview_of(before, p["preview_repeats"]) if before else {})
+                if before is not None:
+                    results["before"]["preview"] = _paired_previews(results["preview"], before, p, started)
             if step("context"):
                 typical = (results.get("overhead") or {}).get("typical_result")
                 results["context"] = context.run(workdir, fake.url, typical, install=not args.no_npm)
