@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, heap
 from .config import Settings
 from .errors import ConfigError, FluxError
 from .redact import RedactingFilter, Redactor
@@ -311,7 +311,9 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
                  settings.home)
         from .stdio import run_stdio
 
-        run_stdio(build_server(settings))
+        server = build_server(settings)
+        heap.serving()
+        run_stdio(server)
         return 0
     from .transport import is_loopback, token_problem
 
@@ -336,6 +338,7 @@ def _serve(settings: Settings, transport: str, host: str, port: int) -> int:
                  f" with scope {' '.join(settings.oauth.required_scopes)}" if settings.oauth.required_scopes else "")
     if transport == "sse":
         log.warning("the SSE transport is deprecated (kept for old clients); use --transport streamable-http")
+    heap.serving()
     serve_http(settings, transport, host, port)
     return 0
 

@@ -39,7 +39,7 @@ from pydantic import AnyUrl, Field
 if TYPE_CHECKING:
     from .replica import Replica
 
-from . import __version__, history
+from . import __version__, heap, history
 from .backends import open_journal, open_store
 from .compat import add_request_handler, drop_middleware, registered_tool
 from .config import Settings
@@ -99,7 +99,9 @@ class AppState:
     def service(self) -> FluxService:
         """The service, made on first use: the job machinery (the providers' adapters, the runner, the
         ledger, image work) is imported then, not before the first `tools/list` answer."""
-        return self.make_service()
+        service = self.make_service()
+        heap.settled()  # what that import and construction made lives as long as the process
+        return service
 
 
 ProviderArg = Annotated[str | None, Field(max_length=40, json_schema_extra=quiet("maxLength"))]
