@@ -320,11 +320,19 @@ def against(r: dict[str, Any]) -> list[str]:
                     rows.append((f"`{label}` p50 / raw requests' ({transport}, same rounds)",
                                  n[op]["p50"] / n[floor], o[op]["p50"] / n[floor]))
     if (now := r.get("concurrency")) and (old := b.get("concurrency")):
-        rows.append(("concurrency (held submits), wall / job", now["ratio_to_job"], old["ratio_to_job"]))
-        rows.append(("concurrency (polled), wall / job", now["polled"]["ratio_to_job"], old["polled"]["ratio_to_job"]))
-        rows.append(("concurrency (held), server CPU per call / floor's", now["server_cpu_per_call_ms"]
-                     / now["floor"]["server_cpu_per_call_ms"], old["server_cpu_per_call_ms"]
-                     / old["floor"]["server_cpu_per_call_ms"]))
+        if "paired" in now and "paired" in old:
+            n, o = now["paired"], old["paired"]
+            turns = f" (median of {n['turns']} turns each)"
+        else:  # an older run: one of each
+            n = {"ratio_to_job": now["ratio_to_job"], "polled_ratio_to_job": now["polled"]["ratio_to_job"],
+                 "cpu_to_floor": now["server_cpu_per_call_ms"] / now["floor"]["server_cpu_per_call_ms"]}
+            o = {"ratio_to_job": old["ratio_to_job"], "polled_ratio_to_job": old["polled"]["ratio_to_job"],
+                 "cpu_to_floor": old["server_cpu_per_call_ms"] / old["floor"]["server_cpu_per_call_ms"]}
+            turns = ""
+        rows.append((f"concurrency (held submits), wall / job{turns}", n["ratio_to_job"], o["ratio_to_job"]))
+        rows.append((f"concurrency (polled), wall / job{turns}", n["polled_ratio_to_job"], o["polled_ratio_to_job"]))
+        rows.append((f"concurrency (held), server CPU per call / floor's{turns}", n["cpu_to_floor"],
+                     o["cpu_to_floor"]))
     if (now := r.get("preview")) and (old := b.get("preview")):
         for n, o in zip(now["rows"], old.get("rows", [])):
             rows.append((f"preview {n['side']}² {n['format']}, time / one decode + encode (median of "
@@ -333,8 +341,8 @@ def against(r: dict[str, Any]) -> list[str]:
         "",
         f"### Against {b['rev']}, same run",
         "",
-        f"`{b['rev']}`'s package (`--before`) measured in the same rounds (cold start, call overhead) or right "
-        f"after this revision's (concurrency; previews in turns, this revision's and the other's in alternation), "
+        f"`{b['rev']}`'s package (`--before`) measured in the same rounds (cold start, call overhead) or in "
+        f"turns, this revision's and the other's in alternation (concurrency, previews), "
         f"each as the ratio to the baseline measured with it; lower "
         f"is better. Within {SAME:g}x counts as the same.",
         "",

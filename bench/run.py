@@ -55,6 +55,7 @@ FULL = {
     "preview_repeats": 10,
     "memory_rounds": 3,
     "preview_pairs": 5,
+    "concurrency_turns": 3,
 }
 QUICK = {
     "cold_rounds": 8,
@@ -68,6 +69,7 @@ QUICK = {
     "preview_repeats": 3,
     "memory_rounds": 2,
     "preview_pairs": 3,
+    "concurrency_turns": 2,
 }
 
 
@@ -101,7 +103,7 @@ def _environment() -> dict[str, Any]:
 BEFORE_FIGURES = ("cold_start", "overhead", "concurrency", "preview")
 """The figures `--before` also measures on the other revision: the ones its code decides (the others
 are this revision's own features, or the fake's). Cold start and call overhead take it into their own
-rotation and rounds (the same moments, the same floor); concurrency runs it right after, previews in turns."""
+rotation and rounds (the same moments, the same floor); concurrency and previews in alternating turns."""
 
 
 def _tree(rev: str, into: Path) -> Path:
@@ -125,6 +127,39 @@ def _preview_of(source: Path | None, repeats: int) -> dict[str, Any]:
     import json
 
     return json.loads(done.stdout)
+
+
+def _concurrency_figures(run: dict[str, Any]) -> dict[str, float]:
+    return {"ratio_to_job": run["ratio_to_job"], "polled_ratio_to_job": run["polled"]["ratio_to_job"],
+            "cpu_to_floor": run["server_cpu_per_call_ms"] / run["floor"]["server_cpu_per_call_ms"]}
+
+
+def _paired_concurrency(now: dict[str, Any], again_now: Any, other: Any, turns: int, started: float
+                        ) -> dict[str, Any]:
+    """The concurrency figures of both revisions in alternating turns (the other's, this one's, the other's,
+    ...: `turns` each, this revision's first being `now`): a burst's CPU moves by 20 % and more with the
+    machine's state over a minute, so one run of each after the other measures the moment as much as the
+    code. Each figure is the median of its turns; this revision's go into `now` as `paired`, the other's are
+    returned with its last run."""
+    mine, theirs = [_concurrency_figures(now)], []
+    last: dict[str, Any] = {}
+    for turn in range(turns):
+        for who, run in (("before", other), ("now", again_now)):
+            if who == "now" and len(mine) >= turns:
+                break
+            time.sleep(SETTLE_SECONDS)
+            print(f"[{time.monotonic() - started:5.0f} s] concurrency, paired turn {turn + 1} ({who}) ...",
+                  file=sys.stderr, flush=True)
+            result = run()
+            (theirs if who == "before" else mine).append(_concurrency_figures(result))
+            if who == "before":
+                last = result
+
+    def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+        return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+    now["paired"] = {**medians(mine), "turns": len(mine)}
+    return {**last, "paired": {**medians(theirs), "turns": len(theirs)}}
 
 
 def _paired_previews(now: dict[str, Any], before: Path, p: dict[str, Any], started: float) -> dict[str, Any]:
@@ -198,14 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         if before is not None:
             results["before"] = {"rev": args.before}
 
-        def again(name: str, run: Any) -> None:
-            """`run` once more with the other revision, right after this one's (the same machine state)."""
-            if before is not None and name in BEFORE_FIGURES:
-                time.sleep(SETTLE_SECONDS)
-                print(f"[{time.monotonic() - started:5.0f} s] {name} ({args.before}) ...", file=sys.stderr, flush=True)
-                with common.running(before):
-                    results["before"][name] = run()
-
         with FakeProcess(workdir) as fake:
             if step("cold_start"):
                 results["cold_start"] = cold_start.run(workdir, fake.url, rounds=p["cold_rounds"], before=before)
@@ -217,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["health"] = health.run(workdir)
             if step("concurrency"):
                 results["concurrency"] = concurrency.run(workdir, fake, calls=p["calls"])
-                again("concurrency", lambda: concurrency.run(other, fake, calls=p["calls"]))
+                if before is not None:
+                    results["before"]["concurrency"] = _paired_concurrency(
+                        results["concurrency"], lambda: concurrency.run(workdir, fake, calls=p["calls"]),
+                        lambda: concurrency.run(other, fake, calls=p["calls"]), p["concurrency_turns"], started)
             if step("memory"):
                 results["memory"] = memory.run(workdir, fake, rounds=p["memory_rounds"])
             if step("completion"):
