@@ -129,6 +129,12 @@ def _preview_of(source: Path | None, repeats: int) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
+def _with(source: Path, run: Any) -> Any:
+    """`run()` with the commands it starts running `source`'s package."""
+    with common.running(source):
+        return run()
+
+
 def _concurrency_figures(run: dict[str, Any]) -> dict[str, float]:
     return {"ratio_to_job": run["ratio_to_job"], "polled_ratio_to_job": run["polled"]["ratio_to_job"],
             "cpu_to_floor": run["server_cpu_per_call_ms"] / run["floor"]["server_cpu_per_call_ms"]}
@@ -247,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                 if before is not None:
                     results["before"]["concurrency"] = _paired_concurrency(
                         results["concurrency"], lambda: concurrency.run(workdir, fake, calls=p["calls"]),
-                        lambda: concurrency.run(other, fake, calls=p["calls"]), p["concurrency_turns"], started)
+                        lambda: _with(before, lambda: concurrency.run(other, fake, calls=p["calls"])),
+                        p["concurrency_turns"], started)
             if step("memory"):
                 results["memory"] = memory.run(workdir, fake, rounds=p["memory_rounds"])
             if step("completion"):
