@@ -152,3 +152,9 @@ def run(
         "floor": floor,
         "goal": f"wall <= {GOAL_RATIO:g} x one job ({GOAL_RATIO * job:g} s), zero errors",
     }
+
+
+def figures(result: dict[str, Any]) -> dict[str, float]:
+    """What `--before` compares of a `run()`: held and polled wall against the job, held CPU against the floor's."""
+    return {"ratio_to_job": result["ratio_to_job"], "polled_ratio_to_job": result["polled"]["ratio_to_job"],
+            "cpu_to_floor": result["server_cpu_per_call_ms"] / result["floor"]["server_cpu_per_call_ms"]}

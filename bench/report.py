@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import kb, ms, secs, verdict
+from .concurrency import figures
 
 
 def _pct(x: float) -> str:
@@ -320,15 +321,9 @@ def against(r: dict[str, Any]) -> list[str]:
                     rows.append((f"`{label}` p50 / raw requests' ({transport}, same rounds)",
                                  n[op]["p50"] / n[floor], o[op]["p50"] / n[floor]))
     if (now := r.get("concurrency")) and (old := b.get("concurrency")):
-        if "paired" in now and "paired" in old:
-            n, o = now["paired"], old["paired"]
-            turns = f" (median of {n['turns']} turns each)"
-        else:  # an older run: one of each
-            n = {"ratio_to_job": now["ratio_to_job"], "polled_ratio_to_job": now["polled"]["ratio_to_job"],
-                 "cpu_to_floor": now["server_cpu_per_call_ms"] / now["floor"]["server_cpu_per_call_ms"]}
-            o = {"ratio_to_job": old["ratio_to_job"], "polled_ratio_to_job": old["polled"]["ratio_to_job"],
-                 "cpu_to_floor": old["server_cpu_per_call_ms"] / old["floor"]["server_cpu_per_call_ms"]}
-            turns = ""
+        paired = "paired" in now and "paired" in old
+        n, o = (now["paired"], old["paired"]) if paired else (figures(now), figures(old))  # older runs: one each
+        turns = f" (median of {n['turns']} turns each)" if paired else ""
         rows.append((f"concurrency (held submits), wall / job{turns}", n["ratio_to_job"], o["ratio_to_job"]))
         rows.append((f"concurrency (polled), wall / job{turns}", n["polled_ratio_to_job"], o["polled_ratio_to_job"]))
         rows.append((f"concurrency (held), server CPU per call / floor's{turns}", n["cpu_to_floor"],

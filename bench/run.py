@@ -135,60 +135,56 @@ def _with(source: Path, run: Any) -> Any:
         return run()
 
 
-def _concurrency_figures(run: dict[str, Any]) -> dict[str, float]:
-    return {"ratio_to_job": run["ratio_to_job"], "polled_ratio_to_job": run["polled"]["ratio_to_job"],
-            "cpu_to_floor": run["server_cpu_per_call_ms"] / run["floor"]["server_cpu_per_call_ms"]}
+def _in_turns(label: str, runs: list[tuple[str, Any]], counts: dict[str, int], started: float,
+              pause: float) -> dict[str, list[Any]]:
+    """Calls each of `runs` (who, callable) in alternation, in that order, until each was called `counts[who]`
+    times; what each returned, by who. On this shared machine a figure moves by 5-30 % between two runs of
+    one revision a minute apart, so one run of each after the other measures the moment as much as the code;
+    turns taken in alternation see the same machine."""
+    done: dict[str, list[Any]] = {who: [] for who, _ in runs}
+    for turn in range(max(counts.values(), default=0)):
+        for who, run in runs:
+            if len(done[who]) < counts[who]:
+                time.sleep(pause)
+                print(f"[{time.monotonic() - started:5.0f} s] {label}, turn {turn + 1} ({who}) ...", file=sys.stderr,
+                      flush=True)
+                done[who].append(run())
+    return done
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def _paired_concurrency(now: dict[str, Any], again_now: Any, other: Any, turns: int, started: float
                         ) -> dict[str, Any]:
-    """The concurrency figures of both revisions in alternating turns (the other's, this one's, the other's,
-    ...: `turns` each, this revision's first being `now`): a burst's CPU moves by 20 % and more with the
-    machine's state over a minute, so one run of each after the other measures the moment as much as the
-    code. Each figure is the median of its turns; this revision's go into `now` as `paired`, the other's are
-    returned with its last run."""
-    mine, theirs = [_concurrency_figures(now)], []
-    last: dict[str, Any] = {}
-    for turn in range(turns):
-        for who, run in (("before", other), ("now", again_now)):
-            if who == "now" and len(mine) >= turns:
-                break
-            time.sleep(SETTLE_SECONDS)
-            print(f"[{time.monotonic() - started:5.0f} s] concurrency, paired turn {turn + 1} ({who}) ...",
-                  file=sys.stderr, flush=True)
-            result = run()
-            (theirs if who == "before" else mine).append(_concurrency_figures(result))
-            if who == "before":
-                last = result
-
-    def medians(runs: list[dict[str, float]]) -> dict[str, float]:
-        return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-
-    now["paired"] = {**medians(mine), "turns": len(mine)}
-    return {**last, "paired": {**medians(theirs), "turns": len(theirs)}}
+    """The concurrency figures of both revisions in `turns` alternating turns each, this revision's first
+    being `now` (then the other's, this one's, ...). Each figure is the median of its turns; this revision's
+    go into `now` as `paired`, the other's are returned with its last run."""
+    done = _in_turns("concurrency", [("before", other), ("now", again_now)], {"before": turns, "now": turns - 1},
+                     started, SETTLE_SECONDS)
+    now["paired"] = {**_medians([concurrency.figures(r) for r in [now, *done["now"]]]), "turns": turns}
+    return {**done["before"][-1], "paired": {**_medians([concurrency.figures(r) for r in done["before"]]),
+                                             "turns": turns}}
 
 
 def _paired_previews(now: dict[str, Any], before: Path, p: dict[str, Any], started: float) -> dict[str, Any]:
-    """The preview ratios of both revisions, each measured in `preview_pairs` children run in turn (this
-    revision's, then the other's, and again): a single run of a few repeats each moves by more than 5 %, and
-    turns taken in alternation see the same machine. Each row's ratio is the median of its children's; this
+    """The preview ratios of both revisions, each measured in `preview_pairs` children taken in alternating
+    turns (this revision's, then the other's). Each row's ratio is the median of its children's; this
     revision's go into `now` as `paired_ratio`."""
-    runs: dict[str, list[dict[str, Any]]] = {"now": [], "before": []}
-    for turn in range(p["preview_pairs"]):
-        for who, source in (("now", None), ("before", before)):
-            time.sleep(SETTLE_SECONDS / 3)
-            print(f"[{time.monotonic() - started:5.0f} s] preview, paired turn {turn + 1} ({who}) ...",
-                  file=sys.stderr, flush=True)
-            runs[who].append(_preview_of(source, p["preview_repeats"]))
+    turns = p["preview_pairs"]
+    done = _in_turns("preview", [("now", lambda: _preview_of(None, p["preview_repeats"])),
+                                 ("before", lambda: _preview_of(before, p["preview_repeats"]))],
+                     {"now": turns, "before": turns}, started, SETTLE_SECONDS / 3)
 
     def medians(who: str) -> list[float]:
-        return [statistics.median(run["rows"][i]["ratio"] for run in runs[who]) for i in range(len(now["rows"]))]
+        return [statistics.median(run["rows"][i]["ratio"] for run in done[who]) for i in range(len(now["rows"]))]
 
     for row, ratio in zip(now["rows"], medians("now"), strict=True):
         row["paired_ratio"] = ratio
-    rows = [{**{k: row[k] for k in ("format", "side")}, "ratio": ratio}
+    rows = [{"format": row["format"], "side": row["side"], "ratio": ratio}
             for row, ratio in zip(now["rows"], medians("before"), strict=True)]
-    return {"rows": rows, "turns": p["preview_pairs"]}
+    return {"rows": rows, "turns": turns}
 
 
 def main(argv: list[str] | None = None) -> int:
