@@ -11,6 +11,11 @@ Per transport, every round times (in a shuffled order):
   difference against that floor is reported too;
 * the polled protocol (sync mode off): the three raw requests of a polled Atlas generation (submit,
   status, download) + `ping`, for reference.
+
+With `before` (another revision's package) its two calls join the rounds, and so do the same two calls
+on a second server of this revision (its own data folder): the control. Two servers of one package differ
+by only the moment and the process (hash seed, memory layout, which core), so "this again / this" is the
+noise the before/after ratio carries in this very run.
 """
 
 from __future__ import annotations
@@ -81,18 +86,23 @@ def run(workdir: Path, fake: FakeProcess, *, rounds: int, warmup: int, before: P
             with contextlib.ExitStack() as stack:
                 flux = stack.enter_context(sessions.flux(transport, env, cwd, logs))
                 floor = stack.enter_context(sessions.floor(transport, home, cwd, logs))
-                old = None
+                old = again = None
                 if before is not None:
                     with running(before):
                         old_home = workdir / "overhead-before"
                         old = stack.enter_context(sessions.flux(transport, flux_env(old_home, fake.url),
                                                                 old_home / "workspace", old_home))
+                    again_home = workdir / "overhead-again"
+                    again = stack.enter_context(sessions.flux(transport, flux_env(again_home, fake.url),
+                                                              again_home / "workspace", again_home))
                 first: dict[str, Any] = {}
                 old_first: dict[str, Any] = {}
+                again_first: dict[str, Any] = {}
                 for _ in range(warmup):  # the journal learns this model's (zero) duration, code paths warm up
                     first = flux.call("generate_image", {"prompt": "bench overhead warm-up"})
-                    if old is not None:
+                    if old is not None and again is not None:
                         old_first = old.call("generate_image", {"prompt": "bench overhead warm-up"})
+                        again_first = again.call("generate_image", {"prompt": "bench overhead warm-up"})
                     floor.call("ping", {})
                     raw_one()
                     raw_three()
@@ -100,15 +110,19 @@ def run(workdir: Path, fake: FakeProcess, *, rounds: int, warmup: int, before: P
                 pid = first["structuredContent"]["prediction_id"]
                 samples: dict[str, list[float]] = {
                     k: [] for k in ("check", "generate", "ping", "raw1", "raw3", "rawgen",
-                                    *(() if old is None else ("check_before", "generate_before")))
+                                    *(() if old is None else ("check_before", "generate_before", "check_again",
+                                                              "generate_again")))
                 }
                 ops = {
                     "check": partial(flux.call, "check_prediction", {"prediction_id": pid}),
                     "generate": partial(flux.call, "generate_image", {"prompt": "bench overhead"}),
-                    **({} if old is None else {
+                    **({} if old is None or again is None else {
                         "check_before": partial(old.call, "check_prediction", {
                             "prediction_id": old_first["structuredContent"]["prediction_id"]}),
-                        "generate_before": partial(old.call, "generate_image", {"prompt": "bench overhead"})}),
+                        "generate_before": partial(old.call, "generate_image", {"prompt": "bench overhead"}),
+                        "check_again": partial(again.call, "check_prediction", {
+                            "prediction_id": again_first["structuredContent"]["prediction_id"]}),
+                        "generate_again": partial(again.call, "generate_image", {"prompt": "bench overhead"})}),
                     "ping": partial(floor.call, "ping", {}),
                     "raw1": raw_one,
                     "raw3": raw_three,
@@ -120,7 +134,7 @@ def run(workdir: Path, fake: FakeProcess, *, rounds: int, warmup: int, before: P
                     for name in order:
                         seconds, value = _timed(ops[name])
                         samples[name].append(seconds)
-                        if name in ("check", "generate", "check_before", "generate_before") and (
+                        if name.startswith(("check", "generate")) and (
                             value.get("isError") or value["structuredContent"]["status"] != "succeeded"
                         ):
                             errors += 1
@@ -142,21 +156,22 @@ def run(workdir: Path, fake: FakeProcess, *, rounds: int, warmup: int, before: P
                 "floorgen_p50": p50(floorgen),
                 "floorgen_p95": p95(floorgen),
             }
-            for op, floor in (("check", floor1), ("generate", floorgen)):
-                diff = p50(samples[op]) - p50(floor)
+            for op, base in (("check", floor1), ("generate", floorgen)):
+                diff = p50(samples[op]) - p50(base)
                 summary[op] = {
                     "p50": p50(samples[op]),
                     "p95": p95(samples[op]),
-                    "floor_p50": p50(floor),
-                    "floor_p95": p95(floor),
+                    "floor_p50": p50(base),
+                    "floor_p95": p95(base),
                     "minus_floor_p50": diff,
                     "minus_floor1_p50": p50(samples[op]) - p50(floor1),
                     "minus_floor3_p50": p50(samples[op]) - p50(floor3),
                     "met": diff * 1000 <= GOAL_MS and errors == 0,
                 }
             if before is not None:
-                summary["before"] = {op: {"p50": p50(samples[f"{op}_before"]), "p95": p95(samples[f"{op}_before"])}
-                                     for op in ("check", "generate")}
+                for which in ("before", "again"):
+                    summary[which] = {op: {"p50": p50(samples[f"{op}_{which}"]), "p95": p95(samples[f"{op}_{which}"])}
+                                      for op in ("check", "generate")}
             results[transport] = summary
             if transport == "stdio":
                 results["typical_result"] = {

@@ -308,30 +308,34 @@ def against(r: dict[str, Any]) -> list[str]:
     b = r.get("before")
     if not b:
         return []
-    rows: list[tuple[str, float, float]] = []
+    rows: list[tuple[str, float, float, float | None]] = []
+    """(figure, this revision's, the other's, and where the run has it the control: this revision again / this)"""
     if (now := r.get("cold_start")) and (old := now.get("before")):
-        rows.append(("cold start, p50 / floor's (same rotation)", now["ratio_p50"], old["ratio_p50"]))
-        rows.append(("cold start CPU, p50 / floor's", now["cpu_ratio_p50"], old["cpu_ratio_p50"]))
+        rows.append(("cold start, p50 / floor's (same rotation)", now["ratio_p50"], old["ratio_p50"], None))
+        rows.append(("cold start CPU, p50 / floor's", now["cpu_ratio_p50"], old["cpu_ratio_p50"], None))
     if now := r.get("overhead"):
         for transport in ("stdio", "streamable-http"):
             n = now.get(transport) or {}
             if o := n.get("before"):
+                again = n.get("again")  # runs before the control was added have none
                 for op, floor, label in (("generate", "floorgen_p50", "generate_image"),
                                          ("check", "floor_p50", "check_prediction")):
                     rows.append((f"`{label}` p50 / raw requests' ({transport}, same rounds)",
-                                 n[op]["p50"] / n[floor], o[op]["p50"] / n[floor]))
+                                 n[op]["p50"] / n[floor], o[op]["p50"] / n[floor],
+                                 again[op]["p50"] / n[op]["p50"] if again else None))
     if (now := r.get("concurrency")) and (old := b.get("concurrency")):
         paired = "paired" in now and "paired" in old
         n, o = (now["paired"], old["paired"]) if paired else (figures(now), figures(old))  # older runs: one each
         turns = f" (median of {n['turns']} turns each)" if paired else ""
-        rows.append((f"concurrency (held submits), wall / job{turns}", n["ratio_to_job"], o["ratio_to_job"]))
-        rows.append((f"concurrency (polled), wall / job{turns}", n["polled_ratio_to_job"], o["polled_ratio_to_job"]))
+        rows.append((f"concurrency (held submits), wall / job{turns}", n["ratio_to_job"], o["ratio_to_job"], None))
+        rows.append((f"concurrency (polled), wall / job{turns}", n["polled_ratio_to_job"], o["polled_ratio_to_job"],
+                     None))
         rows.append((f"concurrency (held), server CPU per call / floor's{turns}", n["cpu_to_floor"],
-                     o["cpu_to_floor"]))
+                     o["cpu_to_floor"], None))
     if (now := r.get("preview")) and (old := b.get("preview")):
         for n, o in zip(now["rows"], old.get("rows", [])):
             rows.append((f"preview {n['side']}² {n['format']}, time / one decode + encode (median of "
-                         f"{old.get('turns', 1)} turns each)", n.get("paired_ratio", n["ratio"]), o["ratio"]))
+                         f"{old.get('turns', 1)} turns each)", n.get("paired_ratio", n["ratio"]), o["ratio"], None))
     out = [
         "",
         f"### Against {b['rev']}, same run",
@@ -339,14 +343,17 @@ def against(r: dict[str, Any]) -> list[str]:
         f"`{b['rev']}`'s package (`--before`) measured in the same rounds (cold start, call overhead) or in "
         f"turns, this revision's and the other's in alternation (concurrency, previews), "
         f"each as the ratio to the baseline measured with it; lower "
-        f"is better. Within {SAME:g}x counts as the same.",
+        f"is better. Within {SAME:g}x counts as the same. The control, where there is one: a second server of this "
+        f"revision in the same rounds, its p50 over this one's — how far two runs of the same code drift apart "
+        f"here and now.",
         "",
-        f"| figure | this revision | {b['rev']} | this / {b['rev']} | |",
-        "| --- | --- | --- | --- | --- |",
+        f"| figure | this revision | {b['rev']} | this / {b['rev']} | | control: this again / this |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for label, n, o in rows:
+    for label, n, o, control in rows:
         ratio = n / o if o else float("nan")
-        out.append(f"| {label} | {n:.2f} | {o:.2f} | {ratio:.2f} | {'not worse' if ratio <= SAME else '**worse**'} |")
+        out.append(f"| {label} | {n:.2f} | {o:.2f} | {ratio:.2f} | {'not worse' if ratio <= SAME else '**worse**'} "
+                   f"| {'' if control is None else f'{control:.2f}'} |")
     return out
 
 
